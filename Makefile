@@ -1,0 +1,51 @@
+# Everything a newcomer or CI needs: `make run`, `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+INTEROP_VENV := .venv-interop
+INTEROP_STAMP := $(INTEROP_VENV)/.installed
+# The stock SDK we prove wire compatibility with (separate venv: its protos clash with ours).
+VIAM_SDK := viam-sdk==0.85.1
+
+.PHONY: venv run test lint type unit proto interop bench clean
+
+venv: $(STAMP)
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+$(INTEROP_STAMP):
+	$(PY) -m venv $(INTEROP_VENV)
+	$(INTEROP_VENV)/bin/pip install --quiet --upgrade pip
+	$(INTEROP_VENV)/bin/pip install --quiet '$(VIAM_SDK)'
+	touch $(INTEROP_STAMP)
+
+run: $(STAMP)
+	$(BIN)/edged run -c config/edged.yaml
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+type: $(STAMP)
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/pytest -m "not interop"
+
+test: lint type unit
+
+proto: $(STAMP)
+	$(BIN)/python protos/generate.py
+
+interop: $(STAMP) $(INTEROP_STAMP)
+	EDGED_INTEROP_PYTHON=$(abspath $(INTEROP_VENV))/bin/python $(BIN)/pytest -m interop tests/interop
+
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) $(INTEROP_VENV) .mypy_cache .ruff_cache .pytest_cache

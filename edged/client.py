@@ -1,0 +1,578 @@
+"""Async upload client for the DataSync API.
+
+Two layers on one connection:
+- the seed `DataClient`'s five upload calls, same names, parameters and return values,
+  so scripts written for it keep working;
+- what the daemon needs underneath: pre-encoded `SensorData` batches (encoded once, at
+  enqueue) and streamed binaries/files read in `chunk_size` pieces from a path, a file
+  slice or an async byte source, so memory never holds a whole payload.
+
+Every failure surfaces as `UploadError` (or `AuthError`) carrying a gRPC status;
+transport faults map to UNAVAILABLE and local deadlines to DEADLINE_EXCEEDED, so
+callers classify one type only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeAlias, TypeVar, cast
+
+from google.protobuf.any_pb2 import Any as AnyPb
+from google.protobuf.struct_pb2 import Struct
+from google.protobuf.timestamp_pb2 import Timestamp
+from grpclib.client import Channel, Stream
+from grpclib.const import Cardinality, Status
+from grpclib.encoding.proto import ProtoCodec
+from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
+
+from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
+from edged._proto.proto.rpc.v1 import auth_pb2
+from edged.capture import encode_varint
+from edged.errors import AuthError, UploadError
+
+DEFAULT_CHUNK = 64 * 1024
+UNARY_BINARY_MAX = 1_000_000
+ITEM_ID_KEY = "edged-item-id"
+_SVC = "/viam.app.datasync.v1.DataSyncService/"
+_AUTH = "/proto.rpc.v1.AuthService/Authenticate"
+_AUTH_STATUSES = (Status.UNAUTHENTICATED, Status.PERMISSION_DENIED)
+
+_Req = TypeVar("_Req")
+_Resp = TypeVar("_Resp")
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    file_id: str
+    binary_data_id: str
+
+
+@dataclass(frozen=True)
+class FileSlice:
+    """Bytes [offset, offset+length) of a file; length None = to the end."""
+
+    path: Path
+    offset: int = 0
+    length: int | None = None
+
+
+ByteSource: TypeAlias = bytes | Path | FileSlice | Callable[[], AsyncIterator[bytes]]
+"""Replayable payloads: a retry (e.g. after re-authentication) starts again from byte 0."""
+
+
+class _Raw:
+    """An already-encoded message body; the codec passes it through untouched."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+class _Codec(ProtoCodec):
+    def encode(self, message: Any, message_type: Any) -> bytes:
+        if isinstance(message, _Raw):
+            return message.data
+        return super().encode(message, message_type)
+
+
+def encode_capture_request(metadata: pb.UploadMetadata, readings: Sequence[bytes]) -> bytes:
+    """DataCaptureUploadRequest bytes from pre-encoded SensorData, without re-encoding them."""
+    meta = metadata.SerializeToString()
+    parts = [b"\x0a", encode_varint(len(meta)), meta]
+    for blob in readings:
+        parts += (b"\x12", encode_varint(len(blob)), blob)
+    return b"".join(parts)
+
+
+def parse_address(address: str, default_port: int = 443) -> tuple[str, int]:
+    """`host:port`, `[v6]:port` or bare host; a scheme prefix is tolerated."""
+    rest = address.split("://", 1)[-1].rstrip("/")
+    if rest.startswith("["):
+        host, _, port = rest[1:].partition("]")
+        port = port.lstrip(":")
+    elif rest.count(":") == 1:
+        host, port = rest.split(":")
+    else:
+        host, port = rest, ""
+    if not host:
+        raise ValueError(f"address {address!r} has no host")
+    try:
+        return host, int(port) if port else default_port
+    except ValueError:
+        raise ValueError(f"address {address!r} has a port that is not a number") from None
+
+
+def client_tls_context(ca_file: Path | None = None) -> ssl.SSLContext:
+    """Verifying context (system roots, or `ca_file`); gRPC needs ALPN h2."""
+    ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(["h2"])
+    return ctx
+
+
+def _timestamp(value: dt.datetime) -> Timestamp:
+    ts = Timestamp()
+    ts.FromDatetime(value if value.tzinfo else value.astimezone())
+    return ts
+
+
+def sensor_metadata(
+    times: tuple[dt.datetime, dt.datetime] | None, mime_type: int = 0
+) -> pb.SensorMetadata:
+    meta = pb.SensorMetadata(mime_type=cast(Any, mime_type))
+    if times is not None:
+        meta.time_requested.CopyFrom(_timestamp(times[0]))
+        meta.time_received.CopyFrom(_timestamp(times[1]))
+    return meta
+
+
+def method_parameters(params: Mapping[str, Any] | None) -> dict[str, AnyPb]:
+    """Each value packed as an Any holding a google.protobuf.Value, as robots send them."""
+    out: dict[str, AnyPb] = {}
+    if params:
+        holder = Struct()
+        holder.update(dict(params))
+        for key, value in holder.fields.items():
+            packed = AnyPb()
+            packed.Pack(value)
+            out[key] = packed
+    return out
+
+
+def upload_metadata(
+    part_id: str,
+    data_type: int,
+    *,
+    component_type: str | None = None,
+    component_name: str | None = None,
+    method_name: str | None = None,
+    method_params: Mapping[str, Any] | None = None,
+    tags: Sequence[str] | None = None,
+    dataset_ids: Sequence[str] | None = None,
+    file_name: str | None = None,
+    file_extension: str | None = None,
+    mime_type: str | None = None,
+) -> pb.UploadMetadata:
+    meta = pb.UploadMetadata(
+        part_id=part_id,
+        component_type=component_type or "",
+        component_name=component_name or "",
+        method_name=method_name or "",
+        type=cast(Any, data_type),
+        file_name=file_name or "",
+        file_extension=file_extension or "",
+        tags=list(tags or ()),
+        dataset_ids=list(dataset_ids or ()),
+        mime_type=mime_type or "",
+    )
+    for key, value in method_parameters(method_params).items():
+        meta.method_parameters[key].CopyFrom(value)
+    return meta
+
+
+async def iter_source(source: ByteSource, chunk_size: int = DEFAULT_CHUNK) -> AsyncIterator[bytes]:
+    """Yield a payload in pieces of at most `chunk_size` bytes; never reads it whole."""
+    if isinstance(source, bytes):
+        view = memoryview(source)
+        for start in range(0, len(view), chunk_size):
+            yield bytes(view[start : start + chunk_size])
+        return
+    if isinstance(source, Path | FileSlice):
+        piece = source if isinstance(source, FileSlice) else FileSlice(source)
+        with open(piece.path, "rb") as f:
+            f.seek(piece.offset)
+            remaining = piece.length
+            while remaining is None or remaining > 0:
+                want = chunk_size if remaining is None else min(chunk_size, remaining)
+                chunk = f.read(want)
+                if not chunk:
+                    if remaining:
+                        raise OSError(f"{piece.path} ended {remaining} bytes early")
+                    return
+                if remaining is not None:
+                    remaining -= len(chunk)
+                yield chunk
+        return
+    async for chunk in source():
+        for start in range(0, len(chunk), chunk_size):
+            yield chunk[start : start + chunk_size]
+
+
+def _as_upload_error(exc: BaseException, item_id: str | None) -> UploadError:
+    if isinstance(exc, GRPCError):
+        cls = AuthError if exc.status in _AUTH_STATUSES else UploadError
+        return cls(exc.status, exc.message or exc.status.name, item_id=item_id)
+    if isinstance(exc, asyncio.TimeoutError):
+        return UploadError(Status.DEADLINE_EXCEEDED, "call deadline exceeded", item_id=item_id)
+    detail = str(exc) or type(exc).__name__
+    return UploadError(Status.UNAVAILABLE, f"transport error: {detail}", item_id=item_id)
+
+
+_TRANSPORT_ERRORS = (
+    GRPCError,
+    asyncio.TimeoutError,
+    StreamTerminatedError,
+    ProtocolError,
+    ConnectionError,
+    OSError,
+)
+
+
+class UploadClient:
+    """One connection to a DataSync server; safe for concurrent calls from many tasks."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        api_key_id: str | None = None,
+        api_key: str | None = None,
+        tls: bool = True,
+        ca_file: Path | None = None,
+        timeout: float | None = 60.0,
+        chunk_size: int = DEFAULT_CHUNK,
+    ) -> None:
+        if (api_key_id is None) != (api_key is None):
+            raise ValueError("api_key_id and api_key go together")
+        self.address = address
+        host, port = parse_address(address)
+        ctx = client_tls_context(ca_file) if tls else None
+        self._channel = Channel(host, port, ssl=ctx, codec=_Codec())
+        self._key_id = api_key_id
+        self._key = api_key
+        self._token: str | None = None
+        self._auth_lock = asyncio.Lock()
+        self.timeout = timeout
+        self.chunk_size = chunk_size
+
+    async def __aenter__(self) -> UploadClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    # -- auth ---------------------------------------------------------------------------
+
+    async def authenticate(self) -> None:
+        """Trade the API key for a bearer token (done lazily before the first call)."""
+        if self._key_id is None or self._key is None:
+            return
+        req = auth_pb2.AuthenticateRequest(
+            entity=self._key_id,
+            credentials=auth_pb2.Credentials(type="api-key", payload=self._key),
+        )
+        try:
+            async with self._channel.request(
+                _AUTH,
+                Cardinality.UNARY_UNARY,
+                auth_pb2.AuthenticateRequest,
+                auth_pb2.AuthenticateResponse,
+                timeout=self.timeout,
+            ) as stream:
+                await stream.send_message(req, end=True)
+                reply = await stream.recv_message()
+        except _TRANSPORT_ERRORS as exc:
+            raise _as_upload_error(exc, None) from exc
+        if reply is None or not reply.access_token:
+            raise AuthError(Status.UNAUTHENTICATED, "server returned no access token")
+        self._token = reply.access_token
+
+    async def _metadata(self, item_id: str | None) -> dict[str, str]:
+        md: dict[str, str] = {}
+        if self._key_id is not None:
+            async with self._auth_lock:
+                if self._token is None:
+                    await self.authenticate()
+            md["authorization"] = f"Bearer {self._token}"
+        if item_id:
+            md[ITEM_ID_KEY] = item_id
+        return md
+
+    async def _call(
+        self,
+        method: str,
+        cardinality: Cardinality,
+        req_type: type[_Req],
+        resp_type: type[_Resp],
+        send: Callable[[Stream[_Req, _Resp]], Awaitable[None]],
+        *,
+        item_id: str | None,
+        timeout: float | None,
+    ) -> _Resp:
+        """One call; on UNAUTHENTICATED with a stale token, re-authenticate and replay once."""
+        for attempt in (1, 2):
+            token_used = self._token
+            md = await self._metadata(item_id)
+            try:
+                async with self._channel.request(
+                    _SVC + method,
+                    cardinality,
+                    req_type,
+                    resp_type,
+                    timeout=timeout,
+                    metadata=md,
+                ) as stream:
+                    await send(stream)
+                    reply = await stream.recv_message()
+                if reply is None:
+                    raise UploadError(Status.UNKNOWN, "server sent no reply", item_id=item_id)
+                return reply
+            except GRPCError as exc:
+                if exc.status is Status.UNAUTHENTICATED and attempt == 1 and token_used:
+                    async with self._auth_lock:
+                        if self._token == token_used:
+                            self._token = None
+                    continue
+                raise _as_upload_error(exc, item_id) from exc
+            except _TRANSPORT_ERRORS as exc:
+                raise _as_upload_error(exc, item_id) from exc
+        raise AssertionError("unreachable")
+
+    # -- daemon layer -------------------------------------------------------------------
+
+    async def upload_readings(
+        self,
+        metadata: pb.UploadMetadata,
+        readings: Sequence[bytes],
+        *,
+        item_id: str | None = None,
+        timeout: float | None = None,
+    ) -> UploadResult:
+        """Unary DataCaptureUpload of pre-encoded SensorData messages."""
+        body = _Raw(encode_capture_request(metadata, readings))
+
+        async def send(stream: Stream[Any, pb.DataCaptureUploadResponse]) -> None:
+            await stream.send_message(body, end=True)
+
+        reply = await self._call(
+            "DataCaptureUpload",
+            Cardinality.UNARY_UNARY,
+            pb.DataCaptureUploadRequest,
+            pb.DataCaptureUploadResponse,
+            send,
+            item_id=item_id,
+            timeout=timeout if timeout is not None else self.timeout,
+        )
+        return UploadResult(reply.file_id, reply.binary_data_id)
+
+    async def upload_binary_stream(
+        self,
+        metadata: pb.UploadMetadata,
+        sensor: pb.SensorMetadata,
+        source: ByteSource,
+        *,
+        item_id: str | None = None,
+        timeout: float | None = None,
+    ) -> UploadResult:
+        """StreamingDataCaptureUpload: metadata first, then `chunk_size` data messages."""
+        first = pb.StreamingDataCaptureUploadRequest(
+            metadata=pb.DataCaptureUploadMetadata(upload_metadata=metadata, sensor_metadata=sensor)
+        )
+
+        async def send(stream: Stream[Any, pb.StreamingDataCaptureUploadResponse]) -> None:
+            await stream.send_message(first)
+            async for chunk in iter_source(source, self.chunk_size):
+                await stream.send_message(pb.StreamingDataCaptureUploadRequest(data=chunk))
+            await stream.end()
+
+        reply = await self._call(
+            "StreamingDataCaptureUpload",
+            Cardinality.STREAM_UNARY,
+            pb.StreamingDataCaptureUploadRequest,
+            pb.StreamingDataCaptureUploadResponse,
+            send,
+            item_id=item_id,
+            timeout=timeout,
+        )
+        return UploadResult(reply.file_id, reply.binary_data_id)
+
+    async def upload_file(
+        self,
+        metadata: pb.UploadMetadata,
+        source: ByteSource,
+        *,
+        item_id: str | None = None,
+        timeout: float | None = None,
+    ) -> UploadResult:
+        """FileUpload: metadata first, then `chunk_size` file_contents messages."""
+        first = pb.FileUploadRequest(metadata=metadata)
+
+        async def send(stream: Stream[Any, pb.FileUploadResponse]) -> None:
+            await stream.send_message(first)
+            async for chunk in iter_source(source, self.chunk_size):
+                await stream.send_message(
+                    pb.FileUploadRequest(file_contents=pb.FileData(data=chunk))
+                )
+            await stream.end()
+
+        reply = await self._call(
+            "FileUpload",
+            Cardinality.STREAM_UNARY,
+            pb.FileUploadRequest,
+            pb.FileUploadResponse,
+            send,
+            item_id=item_id,
+            timeout=timeout,
+        )
+        return UploadResult(reply.file_id, reply.binary_data_id)
+
+    # -- the seed DataClient's upload calls --------------------------------------------
+
+    async def binary_data_capture_upload(
+        self,
+        binary_data: bytes,
+        part_id: str,
+        component_type: str,
+        component_name: str,
+        method_name: str,
+        file_extension: str,
+        method_parameters: Mapping[str, Any] | None = None,
+        tags: list[str] | None = None,
+        data_request_times: tuple[dt.datetime, dt.datetime] | None = None,
+    ) -> str:
+        """Upload one binary reading; returns its binary_data_id."""
+        meta = upload_metadata(
+            part_id,
+            pb.DATA_TYPE_BINARY_SENSOR,
+            component_type=component_type,
+            component_name=component_name,
+            method_name=method_name,
+            method_params=method_parameters,
+            tags=tags,
+            file_extension=file_extension,
+        )
+        reading = pb.SensorData(metadata=sensor_metadata(data_request_times), binary=binary_data)
+        result = await self.upload_readings(meta, [reading.SerializeToString()])
+        return result.binary_data_id
+
+    async def tabular_data_capture_upload(
+        self,
+        tabular_data: list[Mapping[str, Any]],
+        part_id: str,
+        component_type: str,
+        component_name: str,
+        method_name: str,
+        method_parameters: Mapping[str, Any] | None = None,
+        tags: list[str] | None = None,
+        data_request_times: list[tuple[dt.datetime, dt.datetime]] | None = None,
+    ) -> str:
+        """Upload readings that share one metadata; returns the upload's file_id."""
+        if data_request_times is not None and len(data_request_times) != len(tabular_data):
+            raise ValueError(
+                f"data_request_times has {len(data_request_times)} entries but tabular_data"
+                f" has {len(tabular_data)}; they must match"
+            )
+        meta = upload_metadata(
+            part_id,
+            pb.DATA_TYPE_TABULAR_SENSOR,
+            component_type=component_type,
+            component_name=component_name,
+            method_name=method_name,
+            method_params=method_parameters,
+            tags=tags,
+        )
+        readings = []
+        for i, row in enumerate(tabular_data):
+            reading = pb.SensorData(
+                metadata=sensor_metadata(data_request_times[i] if data_request_times else None)
+            )
+            reading.struct.update(dict(row))
+            readings.append(reading.SerializeToString())
+        result = await self.upload_readings(meta, readings)
+        return result.file_id
+
+    async def streaming_data_capture_upload(
+        self,
+        data: bytes,
+        part_id: str,
+        file_ext: str,
+        component_type: str | None = None,
+        component_name: str | None = None,
+        method_name: str | None = None,
+        method_parameters: Mapping[str, Any] | None = None,
+        data_request_times: tuple[dt.datetime, dt.datetime] | None = None,
+        tags: list[str] | None = None,
+    ) -> str:
+        """Stream a large binary reading in chunks; returns its binary_data_id."""
+        meta = upload_metadata(
+            part_id,
+            pb.DATA_TYPE_BINARY_SENSOR,
+            component_type=component_type,
+            component_name=component_name,
+            method_name=method_name,
+            method_params=method_parameters,
+            tags=tags,
+            file_extension=file_ext,
+        )
+        result = await self.upload_binary_stream(meta, sensor_metadata(data_request_times), data)
+        return result.binary_data_id
+
+    async def file_upload(
+        self,
+        part_id: str,
+        data: bytes,
+        component_type: str | None = None,
+        component_name: str | None = None,
+        method_name: str | None = None,
+        file_name: str | None = None,
+        method_parameters: Mapping[str, Any] | None = None,
+        file_extension: str | None = None,
+        tags: list[str] | None = None,
+    ) -> str:
+        """Upload a file held in memory; returns its binary_data_id."""
+        meta = upload_metadata(
+            part_id,
+            pb.DATA_TYPE_FILE,
+            component_type=component_type,
+            component_name=component_name,
+            method_name=method_name,
+            method_params=method_parameters,
+            tags=tags,
+            file_name=file_name,
+            file_extension=file_extension,
+        )
+        return (await self.upload_file(meta, data)).binary_data_id
+
+    async def file_upload_from_path(
+        self,
+        filepath: str,
+        part_id: str,
+        component_type: str | None = None,
+        component_name: str | None = None,
+        method_name: str | None = None,
+        method_parameters: Mapping[str, Any] | None = None,
+        tags: list[str] | None = None,
+    ) -> str:
+        """Stream a file from disk in chunks (never read whole); returns its binary_data_id."""
+        path = Path(filepath)
+        if not path.is_file():
+            raise FileNotFoundError(f"{filepath} is not a file")
+        stem, ext = os.path.splitext(path.name)
+        meta = upload_metadata(
+            part_id,
+            pb.DATA_TYPE_FILE,
+            component_type=component_type,
+            component_name=component_name,
+            method_name=method_name,
+            method_params=method_parameters,
+            tags=tags,
+            file_name=stem,
+            file_extension=ext,
+        )
+        return (await self.upload_file(meta, path)).binary_data_id

@@ -1,0 +1,46 @@
+"""Every exception edged raises on purpose, in one hierarchy.
+
+Callers catch `EdgedError` at the edges (CLI, status socket) and print its one-line
+message; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+from grpclib.const import Status
+
+
+class EdgedError(Exception):
+    """Base of all deliberate edged failures; `str()` is a one-sentence user message."""
+
+
+class ConfigError(EdgedError):
+    """A config file or command-line value is invalid (message names key, file and line)."""
+
+
+class CaptureFormatError(EdgedError):
+    """A capture file does not follow the robot's on-disk format."""
+
+    def __init__(self, path: str, offset: int, reason: str) -> None:
+        self.path = path
+        self.offset = offset
+        self.reason = reason
+        super().__init__(f"{path}: bad capture data at byte offset {offset}: {reason}")
+
+
+class UploadError(EdgedError):
+    """An upload call failed; `status` is the gRPC status (transport faults map to UNAVAILABLE)."""
+
+    def __init__(self, status: Status, message: str, *, item_id: str | None = None) -> None:
+        self.status = status
+        self.message = message
+        self.item_id = item_id
+        where = f" for item {item_id}" if item_id else ""
+        super().__init__(f"upload{where} failed with {status.name}: {message}")
+
+
+class AuthError(UploadError):
+    """The server refused our credentials (UNAUTHENTICATED or PERMISSION_DENIED)."""
+
+
+class OutboxFull(EdgedError):
+    """The outbox is at its size or free-disk limit; the source should leave data in place."""

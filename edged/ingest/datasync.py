@@ -1,0 +1,159 @@
+"""DataSyncService: validate, de-duplicate and store uploads.
+
+De-duplication key: request metadata `edged-item-id`. A repeat returns the ids of the
+first upload and stores nothing, which turns at-least-once delivery from the daemon
+into exactly-once storage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+from grpclib.server import Stream
+
+from edged._proto.app.datasync.v1 import data_sync_grpc
+from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
+from edged.ingest.auth import KeyStore
+from edged.ingest.storage import KIND_BINARY, KIND_FILE, BlobWriter, IngestStore, UploadIds
+from edged.ingest.validate import (
+    check_capture_upload,
+    check_upload_metadata,
+    invalid,
+    mime_type_for,
+)
+
+ITEM_ID_KEY = "edged-item-id"
+
+
+def _item_id(stream: Stream[Any, Any]) -> str | None:
+    value = stream.metadata.get(ITEM_ID_KEY) if stream.metadata else None
+    return value if isinstance(value, str) and value else None
+
+
+class DataSyncService(data_sync_grpc.DataSyncServiceBase):
+    def __init__(self, store: IngestStore, keys: KeyStore, *, max_upload_bytes: int) -> None:
+        self._store = store
+        self._keys = keys
+        self._max_upload = max_upload_bytes
+
+    def _org(self, stream: Stream[Any, Any]) -> str:
+        auth = stream.metadata.get("authorization") if stream.metadata else None
+        key = self._keys.check(auth if isinstance(auth, str) else None)
+        return key.org_id if key else ""
+
+    async def DataCaptureUpload(
+        self, stream: Stream[pb.DataCaptureUploadRequest, pb.DataCaptureUploadResponse]
+    ) -> None:
+        org = self._org(stream)
+        req = await stream.recv_message()
+        assert req is not None
+        check_capture_upload(req)
+        item_id = _item_id(stream)
+        ids = await self._store.find_upload(org, item_id)
+        if ids is None and req.metadata.type == pb.DATA_TYPE_TABULAR_SENSOR:
+            ids = await self._store.store_tabular(org, item_id, req.metadata, req.sensor_contents)
+        elif ids is None:
+            reading = req.sensor_contents[0]
+            blob = self._store.new_blob()
+            try:
+                blob.write(reading.binary)
+                ids = await self._store.store_blob(
+                    org,
+                    item_id,
+                    KIND_BINARY,
+                    req.metadata,
+                    reading.metadata,
+                    blob,
+                    mime_type_for(req.metadata, reading.metadata),
+                )
+            finally:
+                blob.discard()
+        await stream.send_message(
+            pb.DataCaptureUploadResponse(file_id=ids.file_id, binary_data_id=ids.binary_data_id)
+        )
+
+    async def StreamingDataCaptureUpload(
+        self,
+        stream: Stream[pb.StreamingDataCaptureUploadRequest, pb.StreamingDataCaptureUploadResponse],
+    ) -> None:
+        org = self._org(stream)
+        first = await stream.recv_message()
+        if first is None or first.WhichOneof("upload_packet") != "metadata":
+            raise invalid("the first message of StreamingDataCaptureUpload must be metadata")
+        meta = first.metadata.upload_metadata
+        check_upload_metadata(
+            meta,
+            (pb.DATA_TYPE_BINARY_SENSOR, pb.DATA_TYPE_UNSPECIFIED),
+            "metadata.upload_metadata",
+        )
+        sensor = first.metadata.sensor_metadata
+
+        async def chunks() -> AsyncIterator[bytes]:
+            async for msg in stream:
+                if msg.WhichOneof("upload_packet") != "data":
+                    raise invalid("metadata may only be sent once, in the first message")
+                yield msg.data
+
+        ids = await self._receive_blob(
+            stream, org, KIND_BINARY, meta, sensor, chunks(), mime_type_for(meta, sensor)
+        )
+        await stream.send_message(
+            pb.StreamingDataCaptureUploadResponse(
+                file_id=ids.file_id, binary_data_id=ids.binary_data_id
+            )
+        )
+
+    async def FileUpload(self, stream: Stream[pb.FileUploadRequest, pb.FileUploadResponse]) -> None:
+        org = self._org(stream)
+        first = await stream.recv_message()
+        if first is None or first.WhichOneof("upload_packet") != "metadata":
+            raise invalid("the first message of FileUpload must be metadata")
+        meta = first.metadata
+        check_upload_metadata(meta, (pb.DATA_TYPE_FILE, pb.DATA_TYPE_UNSPECIFIED))
+
+        async def chunks() -> AsyncIterator[bytes]:
+            async for msg in stream:
+                if msg.WhichOneof("upload_packet") != "file_contents":
+                    raise invalid("metadata may only be sent once, in the first message")
+                yield msg.file_contents.data
+
+        ids = await self._receive_blob(
+            stream, org, KIND_FILE, meta, None, chunks(), mime_type_for(meta, None)
+        )
+        await stream.send_message(
+            pb.FileUploadResponse(file_id=ids.file_id, binary_data_id=ids.binary_data_id)
+        )
+
+    async def _receive_blob(
+        self,
+        stream: Stream[Any, Any],
+        org: str,
+        kind: str,
+        meta: pb.UploadMetadata,
+        sensor: pb.SensorMetadata | None,
+        chunks: AsyncIterator[bytes],
+        mime_type: str,
+    ) -> UploadIds:
+        """Stream chunks to disk as they arrive; memory holds one message at a time."""
+        item_id = _item_id(stream)
+        known = await self._store.find_upload(org, item_id)
+        if known is not None:
+            async for _ in chunks:  # a repeat: read and drop the bytes, store nothing
+                pass
+            return known
+        blob: BlobWriter = self._store.new_blob()
+        try:
+            async for chunk in chunks:
+                blob.write(chunk)
+                if blob.size > self._max_upload:
+                    raise GRPCError(
+                        Status.INVALID_ARGUMENT,
+                        f"upload exceeds the server's limit of {self._max_upload} bytes"
+                        " (--max-upload-bytes)",
+                    )
+            return await self._store.store_blob(org, item_id, kind, meta, sensor, blob, mime_type)
+        finally:
+            blob.discard()

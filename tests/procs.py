@@ -1,0 +1,73 @@
+"""Real subprocesses for tests: `edged ingest` on an ephemeral port, peak RSS readers."""
+
+from __future__ import annotations
+
+import os
+import re
+import selectors
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+_LISTEN = re.compile(rb"listening on [^ ]+:(\d+)")
+
+
+def edged_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "edged", *args]
+
+
+def read_line(proc: subprocess.Popen[bytes], deadline_s: float) -> bytes:
+    """One stdout line from `proc`, or fail after `deadline_s` (never blocks forever)."""
+    assert proc.stdout is not None
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    end = time.monotonic() + deadline_s
+    buf = b""
+    while not buf.endswith(b"\n"):
+        left = end - time.monotonic()
+        if left <= 0 or not sel.select(left):
+            raise TimeoutError(f"no line from {proc.args!r} within {deadline_s}s (got {buf!r})")
+        chunk = os.read(proc.stdout.fileno(), 1)
+        if not chunk:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.wait()} before a line: {buf!r}")
+        buf += chunk
+    return buf
+
+
+@contextmanager
+def ingest_process(
+    data: Path, extra: Sequence[str] = ()
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """`edged ingest` on 127.0.0.1:0; yields (process, port); SIGTERM + wait on exit."""
+    proc = subprocess.Popen(
+        edged_cmd("ingest", "--listen", "127.0.0.1:0", "--data", str(data), *extra),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        line = read_line(proc, 30)
+        match = _LISTEN.search(line)
+        assert match, line
+        yield proc, int(match[1])
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream:
+                stream.close()
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """VmHWM: the high-water mark of resident memory of a live process."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmHWM for pid {pid}")

@@ -1,0 +1,124 @@
+"""`edged ingest` as operators run it: a real process, real signals, real exit codes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import KeyFile, make_key_file
+from tests.procs import edged_cmd, ingest_process, peak_rss_bytes
+
+MiB = 1024 * 1024
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(edged_cmd(*args), capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_key_file_readable_by_others_is_refused(tmp_path: Path) -> None:
+    key = make_key_file(tmp_path)
+    os.chmod(key.path, 0o644)
+    res = _run(
+        "ingest",
+        "--data",
+        str(tmp_path / "d"),
+        "--api-key-id",
+        key.key_id,
+        "--api-key-file",
+        str(key.path),
+    )
+    assert res.returncode == 2
+    assert f"API key file {key.path} has mode 0644" in res.stderr
+    assert key.secret not in res.stderr + res.stdout
+    assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--api-key-id", "abc"], "give them in pairs"),
+        (["--tls-cert", "/nonexistent.pem"], "--tls-cert and --tls-key go together"),
+        (["--listen", "nonsense"], "is not HOST:PORT"),
+        (["--max-message-bytes", "lots"], "is not a size"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_sentence(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    res = _run("ingest", "--data", str(tmp_path / "d"), *args)
+    assert res.returncode == 2
+    assert message in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+CLIENT_SCRIPT = """
+import asyncio, resource, sys
+from pathlib import Path
+from edged.client import UploadClient
+
+async def main() -> None:
+    addr, key_id, key, path = sys.argv[1:5]
+    async with UploadClient(addr, api_key_id=key_id, api_key=key, tls=False) as c:
+        bid = await c.file_upload_from_path(path, "part-1", tags=["big"])
+    print(bid, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, flush=True)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.slow
+def test_200mb_file_streams_with_flat_memory_and_sigterm_exits_0(
+    tmp_path: Path, key: KeyFile
+) -> None:
+    """Neither side may hold the file: peak RSS of both stays far below its size."""
+    size = 200 * MiB
+    big = tmp_path / "big.bin"
+    digest = hashlib.sha256()
+    with open(big, "wb") as f:
+        block = os.urandom(MiB)
+        for i in range(size // MiB):
+            piece = block[:-4] + i.to_bytes(4, "big")
+            f.write(piece)
+            digest.update(piece)
+    data = tmp_path / "ingest"
+    with ingest_process(data, ["--api-key-id", key.key_id, "--api-key-file", str(key.path)]) as (
+        server,
+        port,
+    ):
+        client = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                CLIENT_SCRIPT,
+                f"127.0.0.1:{port}",
+                key.key_id,
+                key.secret,
+                str(big),
+            ],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert client.returncode == 0, client.stderr
+        binary_id, client_peak = client.stdout.split()
+        server_peak = peak_rss_bytes(server.pid)
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(30) == 0
+    blobs = [p for p in (data / "blobs").rglob("*") if p.is_file() and p.name == binary_id]
+    assert len(blobs) == 1
+    assert blobs[0].stat().st_size == size
+    with open(blobs[0], "rb") as f:
+        assert hashlib.file_digest(f, "sha256").hexdigest() == digest.hexdigest()
+    # Flat memory: an implementation that buffers the file would exceed 200 MiB.
+    print(
+        f"\npeak RSS: client {int(client_peak) / MiB:.1f} MiB, server {server_peak / MiB:.1f} MiB"
+    )
+    assert int(client_peak) < 100 * MiB
+    assert server_peak < 100 * MiB
