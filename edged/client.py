@@ -9,7 +9,8 @@ Two layers on one connection:
 
 Every failure surfaces as `UploadError` (or `AuthError`) carrying a gRPC status;
 transport faults map to UNAVAILABLE and local deadlines to DEADLINE_EXCEEDED, so
-callers classify one type only.
+callers classify one type only. A payload that cannot be read locally raises
+`SourceError` instead: retrying the network would not help it.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged._proto.proto.rpc.v1 import auth_pb2
 from edged.capture import encode_varint
-from edged.errors import AuthError, UploadError
+from edged.errors import AuthError, SourceError, UploadError
 
 DEFAULT_CHUNK = 64 * 1024
 UNARY_BINARY_MAX = 1_000_000
@@ -187,15 +188,24 @@ async def iter_source(source: ByteSource, chunk_size: int = DEFAULT_CHUNK) -> As
         return
     if isinstance(source, Path | FileSlice):
         piece = source if isinstance(source, FileSlice) else FileSlice(source)
-        with open(piece.path, "rb") as f:
+        try:
+            f = open(piece.path, "rb")  # noqa: SIM115 - closed below; errors become SourceError
+        except OSError as exc:
+            raise SourceError(f"cannot read {piece.path}: {exc.strerror}") from exc
+        with f:
             f.seek(piece.offset)
             remaining = piece.length
             while remaining is None or remaining > 0:
                 want = chunk_size if remaining is None else min(chunk_size, remaining)
-                chunk = f.read(want)
+                try:
+                    chunk = f.read(want)
+                except OSError as exc:
+                    raise SourceError(f"cannot read {piece.path}: {exc.strerror}") from exc
                 if not chunk:
                     if remaining:
-                        raise OSError(f"{piece.path} ended {remaining} bytes early")
+                        raise SourceError(
+                            f"{piece.path} ended {remaining} bytes before the queued length"
+                        )
                     return
                 if remaining is not None:
                     remaining -= len(chunk)

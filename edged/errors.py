@@ -44,3 +44,19 @@ class AuthError(UploadError):
 
 class OutboxFull(EdgedError):
     """The outbox is at its size or free-disk limit; the source should leave data in place."""
+
+
+class SourceError(EdgedError):
+    """A queued item's source file vanished or changed before it was uploaded."""
+
+
+class ConfigErrors(ConfigError):
+    """Every problem found in one config file, so the operator can fix them in one edit.
+
+    `str()` is the problems one per line (`file:line: key.path: message`); `problems`
+    keeps them as a list.
+    """
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))

@@ -192,8 +192,8 @@ class IngestStore:
 
     @classmethod
     async def open(cls, root: Path, *, synchronous: str = "FULL") -> IngestStore:
-        root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        (root / "blobs" / ".tmp").mkdir(parents=True, exist_ok=True, mode=0o700)
+        for d in (root, root / "blobs", root / "blobs" / ".tmp"):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
         for leftover in (root / "blobs" / ".tmp").glob("*.part"):
             leftover.unlink()  # an upload cut short before it was acknowledged
         db = await aiosqlite.connect(root / "ingest.sqlite3", isolation_level=None)

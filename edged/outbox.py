@@ -1,0 +1,759 @@
+"""The durable outbox: every reading and file edged has taken responsibility for.
+
+All SQL of the daemon lives here. One aiosqlite connection (single writer, WAL,
+`synchronous=FULL` by default); each public write is one transaction under a lock.
+
+What is stored where:
+- tabular readings: one row each in `readings`, already encoded as SensorData bytes,
+  tied to an encoded UploadMetadata in `meta`. They are grouped into upload batches
+  only when leased, and a batch keeps its id across retries and restarts, so the
+  ingest side can de-duplicate a batch that was sent twice.
+- binary readings and files: one row each in `items`, the bytes inline (small), in a
+  private spool file, or left in the source file (path, offset, length) until acked.
+- `claims`: source files the outbox knows (committed and deletable, waiting for an
+  upload, or uploaded and kept), so a restart neither loses nor re-reads them.
+- `offsets`: how far a tailed file has been committed, written in the same
+  transaction as its readings.
+- `dead_letters`: items the server rejected for good, with status and message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import shutil
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from edged.durable import fsync_dir
+from edged.errors import OutboxFull
+from edged.policy import batch_take
+
+KIND_TABULAR = "tabular"
+KIND_BINARY = "binary"
+KIND_FILE = "file"
+KINDS = (KIND_TABULAR, KIND_BINARY, KIND_FILE)
+
+CLAIM_COMMITTED = "committed"  # readings copied in; the source file may be deleted
+CLAIM_PENDING = "pending"  # items still reference the file
+CLAIM_DONE = "done"  # uploaded and kept on disk: never send again
+
+INLINE_MAX = 256 * 1024  # larger payloads handed over as bytes go to a spool file
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(
+    id INTEGER PRIMARY KEY,
+    digest BLOB NOT NULL UNIQUE,
+    metadata BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS readings(
+    id INTEGER PRIMARY KEY,
+    meta_id INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    enqueued_at REAL NOT NULL,
+    batch_id INTEGER
+);
+CREATE INDEX IF NOT EXISTS readings_free ON readings(meta_id, id) WHERE batch_id IS NULL;
+CREATE INDEX IF NOT EXISTS readings_batch ON readings(batch_id) WHERE batch_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS items(
+    id INTEGER PRIMARY KEY,
+    uid TEXT NOT NULL UNIQUE,
+    kind TEXT NOT NULL,
+    meta_id INTEGER NOT NULL,
+    sensor BLOB,
+    inline BLOB,
+    path TEXT,
+    offset INTEGER NOT NULL DEFAULT 0,
+    length INTEGER NOT NULL DEFAULT 0,
+    stored INTEGER NOT NULL DEFAULT 0,
+    count INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    enqueued_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL DEFAULT 0,
+    lease_until REAL,
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS items_due ON items(next_attempt_at, id);
+CREATE INDEX IF NOT EXISTS items_path ON items(path) WHERE path IS NOT NULL;
+CREATE TABLE IF NOT EXISTS dead_letters(
+    item_id INTEGER PRIMARY KEY,
+    status TEXT NOT NULL,
+    message TEXT NOT NULL,
+    dead_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS claims(
+    path TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    delete_after INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS offsets(
+    source TEXT NOT NULL,
+    path TEXT NOT NULL,
+    inode INTEGER NOT NULL,
+    offset INTEGER NOT NULL,
+    line INTEGER NOT NULL,
+    PRIMARY KEY(source, path)
+);
+CREATE TABLE IF NOT EXISTS counters(
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+"""
+
+_ITEM_COLS = (
+    "i.id, i.uid, i.kind, m.metadata, i.sensor, i.inline, i.path, i.offset, i.length,"
+    " i.stored, i.count, i.bytes, i.enqueued_at, i.attempts"
+)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A source file handed to the outbox, identified by what it looked like then."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    delete_after: bool = True
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A tailed file's committed position, stored with the readings it covers."""
+
+    source: str
+    path: str
+    inode: int
+    offset: int
+    line: int
+
+
+@dataclass(frozen=True)
+class FileRef:
+    """Payload bytes left in a source file until the upload is acknowledged."""
+
+    path: str
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class Item:
+    """One upload call's worth of work, leased by one worker."""
+
+    id: int
+    uid: str
+    kind: str
+    metadata: bytes
+    sensor: bytes | None
+    inline: bytes | None
+    path: str | None
+    offset: int
+    length: int
+    stored: bool
+    count: int
+    bytes: int
+    enqueued_at: float
+    attempts: int
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    id: int
+    uid: str
+    kind: str
+    count: int
+    bytes: int
+    status: str
+    message: str
+    dead_at: float
+    path: str | None
+
+
+@dataclass(frozen=True)
+class KindStats:
+    items: int = 0
+    bytes: int = 0
+
+
+@dataclass(frozen=True)
+class OutboxStats:
+    items: int
+    readings: int
+    bytes: int
+    stored_bytes: int
+    oldest_age_s: float | None
+    per_kind: dict[str, KindStats]
+    dead_letters: int
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OutboxLimits:
+    max_bytes: int = 2 << 30
+    on_full: str = "backpressure"  # or "drop_oldest"
+    min_free_disk: int = 512 << 20
+    synchronous: str = "FULL"
+
+
+def _digest(metadata: bytes) -> bytes:
+    return hashlib.blake2b(metadata, digest_size=16).digest()
+
+
+class Outbox:
+    """Single-writer store; construct with `await Outbox.open(state_dir)`."""
+
+    def __init__(
+        self,
+        db: aiosqlite.Connection,
+        state_dir: Path,
+        limits: OutboxLimits,
+        clock: Callable[[], float],
+        free_disk: Callable[[Path], int],
+    ) -> None:
+        self._db = db
+        self.state_dir = state_dir
+        self.spool_dir = state_dir / "spool"
+        self.limits = limits
+        self._clock = clock
+        self._free_disk = free_disk
+        self._lock = asyncio.Lock()
+        self._meta_ids: dict[bytes, int] = {}
+        self._stored_bytes = 0
+        self.work_available = asyncio.Event()
+        self.space_available = asyncio.Event()
+
+    @classmethod
+    async def open(
+        cls,
+        state_dir: Path,
+        limits: OutboxLimits | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        free_disk: Callable[[Path], int] | None = None,
+    ) -> Outbox:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        (state_dir / "spool").mkdir(exist_ok=True, mode=0o700)
+        path = state_dir / "outbox.sqlite3"
+        db = await aiosqlite.connect(path, isolation_level=None)
+        try:
+            os.chmod(path, 0o600)
+            limits = limits or OutboxLimits()
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute(f"PRAGMA synchronous={limits.synchronous}")
+            await db.execute("PRAGMA foreign_keys=OFF")
+            await db.executescript(SCHEMA)
+        except BaseException:
+            await db.close()
+            raise
+        box = cls(db, state_dir, limits, clock, free_disk or _disk_free)
+        box._stored_bytes = await box._scalar(
+            "SELECT (SELECT coalesce(sum(size),0) FROM readings)"
+            " + (SELECT coalesce(sum(bytes),0) FROM items WHERE stored=1)"
+        )
+        return box
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    # -- helpers -----------------------------------------------------------------------
+
+    async def _scalar(self, sql: str, args: Sequence[Any] = ()) -> int:
+        async with self._db.execute(sql, args) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
+
+    @contextlib.asynccontextmanager
+    async def _tx(self) -> Any:
+        """One write transaction; ENOSPC and friends become OutboxFull (backpressure)."""
+        async with self._lock:
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                await self._db.execute("COMMIT")
+            except BaseException as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    await self._db.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower():
+                    raise OutboxFull(f"outbox database cannot grow: {exc}") from exc
+                raise
+
+    async def _meta_id(self, db: aiosqlite.Connection, metadata: bytes) -> int:
+        digest = _digest(metadata)
+        cached = self._meta_ids.get(digest)
+        if cached is not None:
+            return cached
+        await db.execute(
+            "INSERT INTO meta(digest, metadata) VALUES (?, ?) ON CONFLICT DO NOTHING",
+            (digest, metadata),
+        )
+        meta_id = await self._scalar("SELECT id FROM meta WHERE digest=?", (digest,))
+        self._meta_ids[digest] = meta_id
+        return meta_id
+
+    async def _make_room(self, db: aiosqlite.Connection, need: int) -> None:
+        """Apply the size and free-disk limits before a write (inside its transaction)."""
+        free = self._free_disk(self.state_dir)
+        if free - need < self.limits.min_free_disk:
+            raise OutboxFull(
+                f"free disk under {self.state_dir} is {free} bytes, below"
+                f" outbox.min_free_disk ({self.limits.min_free_disk})"
+            )
+        over = self._stored_bytes + need - self.limits.max_bytes
+        if over <= 0:
+            return
+        if self.limits.on_full != "drop_oldest":
+            self.space_available.clear()
+            raise OutboxFull(
+                f"outbox holds {self._stored_bytes} bytes; {need} more would pass"
+                f" outbox.max_bytes ({self.limits.max_bytes})"
+            )
+        await self._drop_oldest(db, over)
+
+    async def _drop_oldest(self, db: aiosqlite.Connection, need: int) -> None:
+        freed = dropped = 0
+        async with db.execute(
+            "SELECT id, size FROM readings WHERE batch_id IS NULL ORDER BY id LIMIT 100000"
+        ) as cur:
+            rows = await cur.fetchall()
+        last_id = None
+        for rid, size in rows:
+            if freed >= need:
+                break
+            freed += size
+            dropped += 1
+            last_id = rid
+        if last_id is not None:
+            await db.execute("DELETE FROM readings WHERE batch_id IS NULL AND id <= ?", (last_id,))
+        if freed < need:
+            raise OutboxFull(
+                f"outbox.max_bytes ({self.limits.max_bytes}) reached and nothing left to drop"
+            )
+        self._stored_bytes -= freed
+        await self._bump(db, dropped_readings=dropped, dropped_bytes=freed)
+
+    async def _bump(self, db: aiosqlite.Connection, **deltas: int) -> None:
+        await db.executemany(
+            "INSERT INTO counters(name, value) VALUES (?, ?)"
+            " ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+            [(k, v) for k, v in deltas.items() if v],
+        )
+
+    async def _put_claim(self, db: aiosqlite.Connection, claim: Claim | None, state: str) -> None:
+        if claim is not None:
+            await db.execute(
+                "INSERT INTO claims(path, size, mtime_ns, state, delete_after)"
+                " VALUES (?,?,?,?,?) ON CONFLICT(path) DO UPDATE SET size=excluded.size,"
+                " mtime_ns=excluded.mtime_ns, state=excluded.state,"
+                " delete_after=excluded.delete_after",
+                (claim.path, claim.size, claim.mtime_ns, state, int(claim.delete_after)),
+            )
+
+    async def _put_progress(self, db: aiosqlite.Connection, progress: Progress | None) -> None:
+        if progress is not None:
+            await db.execute(
+                "INSERT INTO offsets(source, path, inode, offset, line) VALUES (?,?,?,?,?)"
+                " ON CONFLICT(source, path) DO UPDATE SET inode=excluded.inode,"
+                " offset=excluded.offset, line=excluded.line",
+                (progress.source, progress.path, progress.inode, progress.offset, progress.line),
+            )
+
+    # -- enqueue -----------------------------------------------------------------------
+
+    async def enqueue_readings(
+        self,
+        metadata: bytes,
+        readings: Sequence[bytes],
+        *,
+        claim: Claim | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        """Commit tabular readings (encoded SensorData) durably, with the source's
+        claim or offset in the same transaction. Raises OutboxFull to push back."""
+        need = sum(len(r) for r in readings)
+        now = self._clock()
+        async with self._tx() as db:
+            await self._make_room(db, need)
+            if readings:
+                meta_id = await self._meta_id(db, metadata)
+                await db.executemany(
+                    "INSERT INTO readings(meta_id, data, size, enqueued_at) VALUES (?,?,?,?)",
+                    [(meta_id, r, len(r), now) for r in readings],
+                )
+            await self._put_claim(db, claim, CLAIM_COMMITTED)
+            await self._put_progress(db, progress)
+            await self._bump(db, enqueued_readings=len(readings))
+        self._stored_bytes += need
+        if readings:
+            self.work_available.set()
+
+    async def enqueue_item(
+        self,
+        kind: str,
+        metadata: bytes,
+        payload: bytes | FileRef,
+        *,
+        sensor: bytes | None = None,
+        claim: Claim | None = None,
+        progress: Progress | None = None,
+    ) -> str:
+        """Commit one binary reading or file. Small byte payloads are stored inline, large
+        ones in a spool file (fsync'd before the row commits); a FileRef stays in place."""
+        assert kind in (KIND_BINARY, KIND_FILE)
+        uid = uuid.uuid4().hex
+        inline: bytes | None = None
+        path: str | None = None
+        offset, stored = 0, False
+        if isinstance(payload, FileRef):
+            path, offset, length = payload.path, payload.offset, payload.length
+        elif len(payload) <= INLINE_MAX:
+            inline, length, stored = payload, len(payload), True
+        else:
+            length, stored = len(payload), True
+            path = str(await asyncio.to_thread(self._spool, uid, payload))
+            claim = Claim(path, length, 0, delete_after=True)
+        need = length if stored else 0
+        now = self._clock()
+        try:
+            async with self._tx() as db:
+                await self._make_room(db, need)
+                meta_id = await self._meta_id(db, metadata)
+                await db.execute(
+                    "INSERT INTO items(uid, kind, meta_id, sensor, inline, path, offset, length,"
+                    " stored, count, bytes, enqueued_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        uid,
+                        kind,
+                        meta_id,
+                        sensor,
+                        inline,
+                        path,
+                        offset,
+                        length,
+                        int(stored),
+                        1,
+                        length,
+                        now,
+                    ),
+                )
+                await self._put_claim(db, claim, CLAIM_PENDING)
+                await self._put_progress(db, progress)
+                await self._bump(db, enqueued_items=1)
+        except BaseException:
+            if stored and path:
+                Path(path).unlink(missing_ok=True)
+            raise
+        self._stored_bytes += need
+        self.work_available.set()
+        return uid
+
+    def _spool(self, uid: str, payload: bytes) -> Path:
+        path = self.spool_dir / uid
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(payload)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(self.spool_dir)
+        return path
+
+    # -- claims and offsets (sources ask these) ----------------------------------------
+
+    async def claim_of(self, path: str) -> tuple[str, int, int] | None:
+        """(state, size, mtime_ns) of a claimed source file, or None if unknown."""
+        async with self._db.execute(
+            "SELECT state, size, mtime_ns FROM claims WHERE path=?", (path,)
+        ) as cur:
+            row = await cur.fetchone()
+        return (str(row[0]), int(row[1]), int(row[2])) if row else None
+
+    async def forget_claim(self, path: str) -> None:
+        """The source deleted a committed file: nothing left to remember."""
+        async with self._tx() as db:
+            await db.execute("DELETE FROM claims WHERE path=? AND state=?", (path, CLAIM_COMMITTED))
+
+    async def progress_of(self, source: str, path: str) -> Progress | None:
+        async with self._db.execute(
+            "SELECT inode, offset, line FROM offsets WHERE source=? AND path=?", (source, path)
+        ) as cur:
+            row = await cur.fetchone()
+        return Progress(source, path, row[0], row[1], row[2]) if row else None
+
+    async def save_progress(self, progress: Progress) -> None:
+        async with self._tx() as db:
+            await self._put_progress(db, progress)
+
+    # -- leasing and outcomes ----------------------------------------------------------
+
+    async def recover(self) -> dict[str, int]:
+        """Start-up: a previous process's leases mean nothing now; settle half-done acks."""
+        async with self._tx() as db:
+            cur = await db.execute(
+                "UPDATE items SET lease_until=NULL WHERE lease_until IS NOT NULL"
+            )
+            released = cur.rowcount
+            async with db.execute(
+                "SELECT path, delete_after FROM claims c WHERE state=? AND NOT EXISTS"
+                " (SELECT 1 FROM items i WHERE i.path=c.path)",
+                (CLAIM_PENDING,),
+            ) as q:
+                orphans = await q.fetchall()
+            for path, delete_after in orphans:
+                await self._settle_claim(db, str(path), bool(delete_after))
+        for path, delete_after in orphans:
+            if delete_after:
+                Path(path).unlink(missing_ok=True)
+        self.work_available.set()
+        return {"leases_released": released, "claims_settled": len(orphans)}
+
+    async def lease(
+        self,
+        *,
+        lease_s: float,
+        max_readings: int,
+        max_bytes: int,
+    ) -> Item | None:
+        """The next due item, leased for `lease_s`; forms a new tabular batch if none is
+        waiting. None if nothing is due."""
+        now = self._clock()
+        async with self._tx() as db:
+            async with db.execute(
+                f"SELECT {_ITEM_COLS} FROM items i JOIN meta m ON m.id=i.meta_id"
+                " WHERE i.next_attempt_at <= ? AND (i.lease_until IS NULL OR i.lease_until < ?)"
+                " AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.item_id=i.id)"
+                " ORDER BY i.next_attempt_at, i.id LIMIT 1",
+                (now, now),
+            ) as cur:
+                row = await cur.fetchone()
+            async with db.execute(
+                "SELECT meta_id, enqueued_at FROM readings WHERE batch_id IS NULL"
+                " ORDER BY id LIMIT 1"
+            ) as cur:
+                free = await cur.fetchone()
+            if free is not None and (row is None or free[1] < row[12]):
+                row = await self._new_batch(db, free[0], max_readings, max_bytes)
+            if row is None:
+                return None
+            await db.execute("UPDATE items SET lease_until=? WHERE id=?", (now + lease_s, row[0]))
+        return Item(
+            id=row[0],
+            uid=row[1],
+            kind=row[2],
+            metadata=row[3],
+            sensor=row[4],
+            inline=row[5],
+            path=row[6],
+            offset=row[7],
+            length=row[8],
+            stored=bool(row[9]),
+            count=row[10],
+            bytes=row[11],
+            enqueued_at=row[12],
+            attempts=row[13],
+        )
+
+    async def _new_batch(
+        self, db: aiosqlite.Connection, meta_id: int, max_readings: int, max_bytes: int
+    ) -> Any:
+        """Bind the oldest unbatched readings of one metadata to a new item, for good."""
+        async with db.execute(
+            "SELECT id, size, enqueued_at FROM readings WHERE batch_id IS NULL AND meta_id=?"
+            " ORDER BY id LIMIT ?",
+            (meta_id, max_readings),
+        ) as cur:
+            rows = list(await cur.fetchall())
+        n = batch_take([r[1] for r in rows], max_readings, max_bytes)
+        rows = rows[:n]
+        size = sum(r[1] for r in rows)
+        uid = uuid.uuid4().hex
+        cur2 = await db.execute(
+            "INSERT INTO items(uid, kind, meta_id, stored, count, bytes, enqueued_at)"
+            " VALUES (?,?,?,0,?,?,?)",
+            (uid, KIND_TABULAR, meta_id, n, size, rows[0][2]),
+        )
+        batch_id = cur2.lastrowid
+        await db.execute(
+            "UPDATE readings SET batch_id=? WHERE batch_id IS NULL AND meta_id=? AND id<=?",
+            (batch_id, meta_id, rows[-1][0]),
+        )
+        async with db.execute(
+            f"SELECT {_ITEM_COLS} FROM items i JOIN meta m ON m.id=i.meta_id WHERE i.id=?",
+            (batch_id,),
+        ) as cur:
+            return await cur.fetchone()
+
+    async def readings_of(self, item: Item) -> list[bytes]:
+        async with self._db.execute(
+            "SELECT data FROM readings WHERE batch_id=? ORDER BY id", (item.id,)
+        ) as cur:
+            return [bytes(r[0]) for r in await cur.fetchall()]
+
+    async def ack(self, item: Item) -> None:
+        """The server acknowledged `item`: delete it (and its readings) in one transaction;
+        then delete a source or spool file no other item needs."""
+        delete_file: str | None = None
+        async with self._tx() as db:
+            if item.kind == KIND_TABULAR:
+                await db.execute("DELETE FROM readings WHERE batch_id=?", (item.id,))
+            await db.execute("DELETE FROM items WHERE id=?", (item.id,))
+            await db.execute("DELETE FROM dead_letters WHERE item_id=?", (item.id,))
+            if item.path is not None:
+                still = await self._scalar("SELECT count(*) FROM items WHERE path=?", (item.path,))
+                if not still:
+                    async with db.execute(
+                        "SELECT delete_after FROM claims WHERE path=?", (item.path,)
+                    ) as cur:
+                        row = await cur.fetchone()
+                    delete_after = bool(row[0]) if row else item.stored
+                    await self._settle_claim(db, item.path, delete_after)
+                    if delete_after:
+                        delete_file = item.path
+            await self._bump(
+                db, uploaded_items=1, uploaded_readings=item.count, uploaded_bytes=item.bytes
+            )
+        if item.stored or item.kind == KIND_TABULAR:
+            self._stored_bytes -= item.bytes
+            self.space_available.set()
+        if delete_file is not None:
+            Path(delete_file).unlink(missing_ok=True)
+
+    async def _settle_claim(self, db: aiosqlite.Connection, path: str, delete_after: bool) -> None:
+        if delete_after:
+            await db.execute("DELETE FROM claims WHERE path=?", (path,))
+        else:
+            await db.execute("UPDATE claims SET state=? WHERE path=?", (CLAIM_DONE, path))
+
+    async def retry_later(self, item: Item, delay_s: float, error: str) -> None:
+        async with self._tx() as db:
+            await db.execute(
+                "UPDATE items SET attempts=attempts+1, next_attempt_at=?, lease_until=NULL,"
+                " last_error=? WHERE id=?",
+                (self._clock() + delay_s, error, item.id),
+            )
+            await self._bump(db, retries=1)
+
+    async def release(self, item: Item) -> None:
+        """Give a leased item back untouched (pause, shutdown, auth stop)."""
+        async with self._tx() as db:
+            await db.execute("UPDATE items SET lease_until=NULL WHERE id=?", (item.id,))
+
+    async def dead_letter(self, item: Item, status: str, message: str) -> None:
+        async with self._tx() as db:
+            await db.execute(
+                "INSERT OR REPLACE INTO dead_letters(item_id, status, message, dead_at)"
+                " VALUES (?,?,?,?)",
+                (item.id, status, message, self._clock()),
+            )
+            await db.execute(
+                "UPDATE items SET attempts=attempts+1, lease_until=NULL, last_error=? WHERE id=?",
+                (f"{status}: {message}", item.id),
+            )
+            await self._bump(db, dead_lettered=1)
+
+    async def dead_letters(self) -> list[DeadLetter]:
+        async with self._db.execute(
+            "SELECT i.id, i.uid, i.kind, i.count, i.bytes, d.status, d.message, d.dead_at,"
+            " i.path FROM dead_letters d JOIN items i ON i.id=d.item_id ORDER BY d.dead_at"
+        ) as cur:
+            rows = await cur.fetchall()
+        return [DeadLetter(*r) for r in rows]
+
+    async def retry_dead(self, ids: Sequence[int] | None = None) -> int:
+        """Put dead letters back in the queue (all of them when `ids` is None)."""
+        async with self._tx() as db:
+            if ids is None:
+                cur = await db.execute(
+                    "UPDATE items SET attempts=0, next_attempt_at=0 WHERE id IN"
+                    " (SELECT item_id FROM dead_letters)"
+                )
+                n = cur.rowcount
+                await db.execute("DELETE FROM dead_letters")
+            else:
+                marks = ",".join("?" * len(ids))
+                cur = await db.execute(
+                    f"UPDATE items SET attempts=0, next_attempt_at=0 WHERE id IN ({marks})"
+                    f" AND id IN (SELECT item_id FROM dead_letters)",
+                    list(ids),
+                )
+                n = cur.rowcount
+                await db.execute(f"DELETE FROM dead_letters WHERE item_id IN ({marks})", list(ids))
+        if n:
+            self.work_available.set()
+        return int(n)
+
+    async def make_all_due(self) -> None:
+        """`sync-now`: forget every item's backoff."""
+        async with self._tx() as db:
+            await db.execute("UPDATE items SET next_attempt_at=0 WHERE next_attempt_at > 0")
+        self.work_available.set()
+
+    async def next_due_in(self) -> float | None:
+        """Seconds until the earliest waiting item is due (None: nothing waiting)."""
+        if await self._scalar("SELECT EXISTS(SELECT 1 FROM readings WHERE batch_id IS NULL)"):
+            return 0.0
+        async with self._db.execute(
+            "SELECT min(next_attempt_at) FROM items i WHERE NOT EXISTS"
+            " (SELECT 1 FROM dead_letters d WHERE d.item_id=i.id)"
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None or row[0] is None:
+            return None
+        return max(0.0, float(row[0]) - self._clock())
+
+    # -- status ------------------------------------------------------------------------
+
+    async def stats(self) -> OutboxStats:
+        """Backlog per kind; for tabular data `items` counts readings, batched or not."""
+        async with self._db.execute(
+            "SELECT count(*), coalesce(sum(size),0), min(enqueued_at) FROM readings"
+            " WHERE batch_id IS NULL"
+        ) as cur:
+            free = await cur.fetchone()
+        async with self._db.execute(
+            "SELECT kind, count(*), coalesce(sum(bytes),0), coalesce(sum(count),0),"
+            " min(enqueued_at) FROM items GROUP BY kind"
+        ) as cur:
+            kinds = await cur.fetchall()
+        assert free is not None
+        readings, tab_bytes, oldest = int(free[0]), int(free[1]), free[2]
+        per_kind: dict[str, KindStats] = {k: KindStats() for k in KINDS}
+        for kind, n, size, count, first in kinds:
+            if kind == KIND_TABULAR:
+                readings += count
+                tab_bytes += size
+            else:
+                per_kind[kind] = KindStats(n, size)
+            if first is not None and (oldest is None or first < oldest):
+                oldest = first
+        per_kind[KIND_TABULAR] = KindStats(readings, tab_bytes)
+        async with self._db.execute("SELECT name, value FROM counters") as cur:
+            counters = {str(k): int(v) for k, v in await cur.fetchall()}
+        return OutboxStats(
+            items=sum(k.items for k in per_kind.values()),
+            readings=readings,
+            bytes=sum(k.bytes for k in per_kind.values()),
+            stored_bytes=self._stored_bytes,
+            oldest_age_s=None if oldest is None else max(0.0, self._clock() - oldest),
+            per_kind=per_kind,
+            dead_letters=await self._scalar("SELECT count(*) FROM dead_letters"),
+            counters=counters,
+        )
+
+
+def _disk_free(path: Path) -> int:
+    return shutil.disk_usage(path).free

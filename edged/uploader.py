@@ -1,0 +1,356 @@
+"""Workers that lease outbox items and deliver them through a sink (the upload client).
+
+One global gate keeps a down server from being hammered: after a transient failure
+every worker waits, and only one probe call at a time goes out, spaced by the
+backoff schedule, until a call succeeds. Auth failures pause everything until
+`resume()` (or a config reload) because no item can succeed with bad credentials.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
+from edged.client import ByteSource, FileSlice, UploadResult
+from edged.errors import SourceError, UploadError
+from edged.outbox import KIND_BINARY, KIND_TABULAR, Item, Outbox
+from edged.policy import Verdict, backoff_delay, binary_route, classify, stream_deadline
+
+log = logging.getLogger("edged.uploader")
+
+STATE_RUNNING = "running"
+STATE_PAUSED = "paused"
+STATE_OFFLINE = "offline"
+STATE_AUTH_FAILED = "auth_failed"
+STATE_DRAINING = "draining"
+
+
+class Sink(Protocol):
+    """What the uploader needs from a DataSync client (UploadClient implements it)."""
+
+    async def upload_readings(
+        self,
+        metadata: pb.UploadMetadata,
+        readings: Sequence[bytes],
+        *,
+        item_id: str | None = None,
+        timeout: float | None = None,
+    ) -> UploadResult: ...
+
+    async def upload_binary_stream(
+        self,
+        metadata: pb.UploadMetadata,
+        sensor: pb.SensorMetadata,
+        source: ByteSource,
+        *,
+        item_id: str | None = None,
+        timeout: float | None = None,
+    ) -> UploadResult: ...
+
+    async def upload_file(
+        self,
+        metadata: pb.UploadMetadata,
+        source: ByteSource,
+        *,
+        item_id: str | None = None,
+        timeout: float | None = None,
+    ) -> UploadResult: ...
+
+
+@dataclass(frozen=True)
+class UploaderSettings:
+    workers: int = 4
+    batch_max_readings: int = 1000
+    batch_max_bytes: int = 1 << 20
+    backoff_initial: float = 0.2
+    backoff_max: float = 300.0
+    call_timeout: float = 60.0
+    lease_s: float = 300.0
+    idle_poll_s: float = 1.0
+
+
+class Gate:
+    """Global connectivity gate: open, or closed until `open_at` with one probe at a time."""
+
+    def __init__(
+        self, initial: float, maximum: float, rng: random.Random, clock: Callable[[], float]
+    ) -> None:
+        self._initial, self._max, self._rng, self._clock = initial, maximum, rng, clock
+        self.failures = 0
+        self.open_at = 0.0
+        self.probe = asyncio.Lock()
+        self._kick = asyncio.Event()
+
+    @property
+    def closed(self) -> bool:
+        return self.failures > 0
+
+    def wait_s(self) -> float:
+        return max(0.0, self.open_at - self._clock())
+
+    async def wait_open(self) -> None:
+        """Sleep until the next probe may go out (or `open_now` cuts the wait short)."""
+        while (left := self.wait_s()) > 0:
+            self._kick.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), left)
+
+    def success(self) -> None:
+        self.failures = 0
+        self.open_at = 0.0
+
+    def failure(self) -> float:
+        self.failures += 1
+        delay = backoff_delay(self.failures, self._initial, self._max, self._rng)
+        self.open_at = self._clock() + delay
+        return delay
+
+    def open_now(self) -> None:
+        self.open_at = 0.0
+        self._kick.set()
+
+
+class RateMeter:
+    """Readings and bytes per second over a sliding window, for status."""
+
+    def __init__(self, window_s: float = 10.0, clock: Callable[[], float] = time.monotonic):
+        self._window, self._clock = window_s, clock
+        self._events: collections.deque[tuple[float, int, int]] = collections.deque()
+
+    def add(self, readings: int, nbytes: int) -> None:
+        self._events.append((self._clock(), readings, nbytes))
+        self._trim()
+
+    def _trim(self) -> None:
+        cutoff = self._clock() - self._window
+        while self._events and self._events[0][0] < cutoff:
+            self._events.popleft()
+
+    def rates(self) -> tuple[float, float]:
+        self._trim()
+        return (
+            sum(e[1] for e in self._events) / self._window,
+            sum(e[2] for e in self._events) / self._window,
+        )
+
+
+class Uploader:
+    def __init__(
+        self,
+        outbox: Outbox,
+        sink: Sink,
+        settings: UploaderSettings,
+        *,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.outbox = outbox
+        self.sink = sink
+        self.settings = settings
+        self._rng = rng or random.Random()
+        self._wall = wall_clock
+        self.gate = Gate(settings.backoff_initial, settings.backoff_max, self._rng, clock)
+        self.rates = RateMeter(clock=clock)
+        self.paused = False
+        self.auth_failed = False
+        self.draining = False
+        self._resumed = asyncio.Event()
+        self._resumed.set()
+        self._stop = asyncio.Event()
+        self.inflight = 0
+        self.calls = 0
+        self.last_success_at: float | None = None
+        self.last_error: str | None = None
+
+    # -- control -------------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        if self.draining:
+            return STATE_DRAINING
+        if self.auth_failed:
+            return STATE_AUTH_FAILED
+        if self.paused:
+            return STATE_PAUSED
+        if self.gate.closed:
+            return STATE_OFFLINE
+        return STATE_RUNNING
+
+    def pause(self) -> None:
+        self.paused = True
+        self._resumed.clear()
+
+    def resume(self) -> None:
+        """Clears pause and auth stop (operators call it after fixing credentials)."""
+        self.paused = False
+        self.auth_failed = False
+        self._resumed.set()
+        self.gate.open_now()
+        self.outbox.work_available.set()
+
+    async def sync_now(self) -> None:
+        await self.outbox.make_all_due()
+        self.gate.open_now()
+
+    def stop(self) -> None:
+        """Stop taking new items; calls in flight finish (the caller bounds the wait)."""
+        self.draining = True
+        self._stop.set()
+        self._resumed.set()
+        self.gate.open_now()
+        self.outbox.work_available.set()
+
+    # -- running -------------------------------------------------------------------------
+
+    async def run(self, *, until_empty: bool = False) -> None:
+        """Run the workers until `stop()`; with `until_empty`, also stop once nothing is
+        left that could be sent now or later (dead letters excepted): arq's burst mode."""
+        self._until_empty = until_empty
+        async with asyncio.TaskGroup() as tg:
+            for n in range(self.settings.workers):
+                tg.create_task(self._worker(n), name=f"upload-worker-{n}")
+
+    async def _worker(self, n: int) -> None:
+        while not self._stop.is_set():
+            if self.paused or self.auth_failed:
+                await self._resumed.wait()
+                continue
+            if self.gate.closed:
+                async with self.gate.probe:
+                    await self.gate.wait_open()
+                    if not self._stop.is_set() and not self.paused and not self.auth_failed:
+                        await self._one()
+            else:
+                await self._one()
+
+    async def _one(self) -> None:
+        s = self.settings
+        self.outbox.work_available.clear()
+        item = await self.outbox.lease(
+            lease_s=s.lease_s, max_readings=s.batch_max_readings, max_bytes=s.batch_max_bytes
+        )
+        if item is None:
+            await self._idle()
+            return
+        self.inflight += 1
+        try:
+            await self._deliver(item)
+        finally:
+            self.inflight -= 1
+
+    async def _idle(self) -> None:
+        due = await self.outbox.next_due_in()
+        if self._until_empty and due is None and self.inflight == 0:
+            self.stop()
+            return
+        wait = self.settings.idle_poll_s if due is None else min(due, self.settings.idle_poll_s)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.outbox.work_available.wait(), max(wait, 0.01))
+
+    async def _deliver(self, item: Item) -> None:
+        try:
+            self.calls += 1
+            await self._send(item)
+        except UploadError as exc:
+            await self._failed(item, exc)
+            return
+        except SourceError as exc:
+            log.warning("item %s dead-lettered: %s", item.uid, exc)
+            await self.outbox.dead_letter(item, "SOURCE", str(exc))
+            return
+        await self.outbox.ack(item)
+        self.gate.success()
+        self.last_success_at = self._wall()
+        self.rates.add(item.count, item.bytes)
+
+    async def _failed(self, item: Item, exc: UploadError) -> None:
+        verdict = classify(exc.status)
+        self.last_error = f"{exc.status.name}: {exc.message}"
+        if verdict is Verdict.TRANSIENT:
+            delay = backoff_delay(
+                item.attempts + 1,
+                self.settings.backoff_initial,
+                self.settings.backoff_max,
+                self._rng,
+            )
+            await self.outbox.retry_later(item, delay, self.last_error)
+            gate_delay = self.gate.failure()
+            log.info(
+                "item %s: %s; retrying it in %.1fs, next probe in %.1fs",
+                item.uid,
+                self.last_error,
+                delay,
+                gate_delay,
+            )
+        elif verdict is Verdict.PERMANENT:
+            log.warning("item %s dead-lettered: %s", item.uid, self.last_error)
+            await self.outbox.dead_letter(item, exc.status.name, exc.message)
+        else:
+            await self.outbox.release(item)
+            if not self.auth_failed:
+                log.error(
+                    "uploads paused: the server refused our credentials (%s); fix the API key"
+                    " and run `edged resume` or reload the config",
+                    self.last_error,
+                )
+            self.auth_failed = True
+            self._resumed.clear()
+
+    async def _send(self, item: Item) -> UploadResult:
+        s = self.settings
+        meta = pb.UploadMetadata.FromString(item.metadata)
+        if item.kind == KIND_TABULAR:
+            readings = await self.outbox.readings_of(item)
+            return await self.sink.upload_readings(
+                meta, readings, item_id=item.uid, timeout=s.call_timeout
+            )
+        piece: FileSlice | None = None
+        payload: ByteSource
+        if item.inline is not None:
+            payload = item.inline
+        else:
+            payload = piece = FileSlice(_path(item), item.offset, item.length)
+        timeout = stream_deadline(item.length, s.call_timeout)
+        if item.kind == KIND_BINARY:
+            sensor = pb.SensorMetadata.FromString(item.sensor or b"")
+            if binary_route(item.length) == "unary":
+                data = item.inline if piece is None else await _read_slice(piece)
+                assert data is not None
+                reading = pb.SensorData(metadata=sensor, binary=data).SerializeToString()
+                return await self.sink.upload_readings(
+                    meta, [reading], item_id=item.uid, timeout=s.call_timeout
+                )
+            return await self.sink.upload_binary_stream(
+                meta, sensor, payload, item_id=item.uid, timeout=timeout
+            )
+        return await self.sink.upload_file(meta, payload, item_id=item.uid, timeout=timeout)
+
+
+def _path(item: Item) -> Path:
+    assert item.path is not None
+    return Path(item.path)
+
+
+async def _read_slice(piece: FileSlice) -> bytes:
+    def read() -> bytes:
+        try:
+            with open(piece.path, "rb") as f:
+                f.seek(piece.offset)
+                data = f.read(piece.length)
+        except OSError as exc:
+            raise SourceError(f"cannot read {piece.path}: {exc.strerror}") from exc
+        if len(data) != piece.length:
+            raise SourceError(f"{piece.path} holds {len(data)} of the {piece.length} queued bytes")
+        return data
+
+    return await asyncio.to_thread(read)

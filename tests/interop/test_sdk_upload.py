@@ -1,0 +1,308 @@
+"""Wire compatibility: the stock Python SDK (viam-sdk) uploads into a real `edged ingest`.
+
+Everything runs as real processes: `edged ingest` (the CLI, TLS with a throwaway CA,
+one API key) and `tests/interop/sdk_upload.py` under the interop interpreter
+(EDGED_INTEROP_PYTHON, set by `make interop`), which makes all five SDK upload calls.
+After the server stopped gracefully we open its SQLite index read-only and compare
+every stored field and blob with what the SDK was given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import selectors
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Certs, KeyFile, make_key_file
+from tests.interop import sdk_upload as sdk
+
+INTEROP_PYTHON = os.environ.get("EDGED_INTEROP_PYTHON", "")
+SCRIPT = Path(__file__).with_name("sdk_upload.py")
+ORG = "org-interop"
+START_DEADLINE_S = 30.0
+SDK_TIMEOUT_S = 90.0
+STOP_TIMEOUT_S = 30.0
+_LISTENING = re.compile(
+    r"edged ingest: listening on 127\.0\.0\.1:(\d+) \(tls, 1 API key\(s\)\), data in (.+)"
+)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+pytestmark = [
+    pytest.mark.interop,
+    pytest.mark.skipif(
+        not INTEROP_PYTHON,
+        reason="EDGED_INTEROP_PYTHON is not set; `make interop` installs the stock viam-sdk"
+        " in .venv-interop and runs these tests with it",
+    ),
+]
+
+
+def ns(dt: datetime) -> int:
+    return (dt - _EPOCH) // timedelta(microseconds=1) * 1000
+
+
+def edged_cmd() -> list[str]:
+    script = Path(sys.executable).with_name("edged")  # the console script users run
+    return [str(script)] if script.exists() else [sys.executable, "-m", "edged"]
+
+
+@dataclass
+class IngestProcess:
+    proc: subprocess.Popen[bytes]
+    port: int
+    data_dir: Path
+    stderr_path: Path
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def stop(self) -> tuple[int, str]:
+        """SIGTERM, then wait for the graceful exit; returns (exit code, rest of stdout)."""
+        self.proc.send_signal(signal.SIGTERM)
+        out, _ = self.proc.communicate(timeout=STOP_TIMEOUT_S)
+        return self.proc.returncode, out.decode(errors="replace")
+
+
+def _first_line(proc: subprocess.Popen[bytes], deadline_s: float) -> str:
+    """The first stdout line, or fail once the deadline passes or the process exits."""
+    assert proc.stdout is not None
+    buf = b""
+    end = time.monotonic() + deadline_s
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        while not buf.endswith(b"\n"):
+            left = end - time.monotonic()
+            if left <= 0 or not sel.select(left):
+                raise AssertionError(f"edged ingest printed no line within {deadline_s}s: {buf!r}")
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            if not chunk:
+                raise AssertionError(f"edged ingest exited ({proc.wait()}) before listening")
+            buf += chunk
+    first, _, _ = buf.partition(b"\n")
+    return first.decode()
+
+
+@contextlib.contextmanager
+def running_ingest(tmp_path: Path, key: KeyFile, certs: Certs) -> Iterator[IngestProcess]:
+    data_dir = tmp_path / "ingest-data"
+    stderr_path = tmp_path / "ingest.stderr"
+    args = [
+        *edged_cmd(), "ingest", "--listen", "127.0.0.1:0", "--data", str(data_dir),
+        "--api-key-id", key.key_id, "--api-key-file", str(key.path), "--org-id", ORG,
+        "--tls-cert", str(certs.cert_file), "--tls-key", str(certs.key_file),
+    ]  # fmt: skip
+    with stderr_path.open("wb") as err:
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, bufsize=0)
+    try:
+        try:
+            line = _first_line(proc, START_DEADLINE_S)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\nstderr:\n{stderr_path.read_text()}") from None
+        match = _LISTENING.fullmatch(line)
+        assert match, f"unexpected first line from edged ingest: {line!r}"
+        assert match[2] == str(data_dir)
+        yield IngestProcess(proc, int(match[1]), data_dir, stderr_path)
+    finally:
+        if proc.poll() is None:  # the test failed before stopping it
+            proc.kill()
+            proc.communicate()
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
+def run_sdk(server: IngestProcess, key_id: str, key_file: Path, work_dir: Path) -> Any:
+    work_dir.mkdir(exist_ok=True)
+    # -I: the SDK interpreter sees neither PYTHONPATH nor the dev venv, only its own packages.
+    cmd = [INTEROP_PYTHON, "-I", str(SCRIPT), server.address, key_id, str(key_file), str(work_dir)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=SDK_TIMEOUT_S, check=False)
+
+
+def read_index(data_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    """Every row of the stopped server's index, opened read-only."""
+    uri = (data_dir / "ingest.sqlite3").as_uri() + "?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
+        db.row_factory = sqlite3.Row
+        return {
+            table: [dict(row) for row in db.execute(f"SELECT * FROM {table} ORDER BY rowid")]
+            for table in ("uploads", "readings", "binaries")
+        }
+
+
+@pytest.fixture(scope="module")
+def interop_python() -> str:
+    path = Path(INTEROP_PYTHON)
+    assert path.is_file(), f"EDGED_INTEROP_PYTHON={INTEROP_PYTHON} does not exist"
+    version = "import importlib.metadata as m; print(m.version('viam-sdk'))"
+    probe = subprocess.run(
+        [INTEROP_PYTHON, "-I", "-c", version],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert probe.returncode == 0, f"viam-sdk is not installed in {INTEROP_PYTHON}: {probe.stderr}"
+    return probe.stdout.strip()
+
+
+def test_stock_sdk_uploads_all_five_kinds(
+    interop_python: str, tmp_path: Path, key: KeyFile, certs: Certs
+) -> None:
+    work = tmp_path / "sdk-work"
+    with running_ingest(tmp_path, key, certs) as server:
+        result = run_sdk(server, key.key_id, key.path, work)
+        rc, out = server.stop()
+    assert result.returncode == 0, (
+        f"viam-sdk {interop_python} failed (exit {result.returncode}):\n{result.stderr}\n"
+        f"server stderr:\n{server.stderr()}"
+    )
+    assert rc == 0, f"edged ingest exited {rc} on SIGTERM:\n{server.stderr()}"
+    assert "stopping" in out
+    assert "Traceback" not in server.stderr(), server.stderr()
+    assert "viam" not in sys.modules  # the product side never imports the SDK
+
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1, f"expected one JSON line on stdout, got {result.stdout!r}"
+    ids: dict[str, str] = json.loads(lines[0])
+    assert set(ids) == {"tabular", "binary", "streaming", "file", "from_path"}
+    assert all(ids.values()) and len(set(ids.values())) == 5, ids
+
+    index = read_index(server.data_dir)
+
+    # One upload row per SDK call, all in the key's organisation.
+    kinds = {row["upload_id"]: row["kind"] for row in index["uploads"]}
+    assert kinds == {
+        ids["tabular"]: "tabular",
+        ids["binary"]: "binary",
+        ids["streaming"]: "binary",
+        ids["file"]: "file",
+        ids["from_path"]: "file",
+    }
+    assert {row["org_id"] for row in index["uploads"]} == {ORG}
+    assert all(row["item_id"] is None for row in index["uploads"])  # the SDK sends no item id
+
+    # tabular_data_capture_upload: the returned file_id names the readings' upload.
+    readings = index["readings"]
+    assert len(readings) == len(sdk.TABULAR_READINGS)
+    for row, sent, (requested, received) in zip(
+        readings, sdk.TABULAR_READINGS, sdk.TABULAR_TIMES, strict=True
+    ):
+        assert row["upload_id"] == ids["tabular"]
+        assert row["org_id"] == ORG
+        assert row["part_id"] == sdk.PART_ID
+        assert row["component_type"] == sdk.TABULAR_COMPONENT_TYPE == "rdk:component:sensor"
+        assert row["component_name"] == sdk.TABULAR_COMPONENT_NAME
+        assert row["method_name"] == sdk.TABULAR_METHOD
+        assert json.loads(row["tags"]) == sdk.TABULAR_TAGS
+        assert json.loads(row["dataset_ids"]) == []
+        assert json.loads(row["method_parameters"]) == {}
+        assert row["time_requested_ns"] == ns(requested)
+        assert row["time_received_ns"] == ns(received)
+        assert json.loads(row["data"]) == sent
+    assert (
+        readings[0]["time_requested_ns"] == 1_714_979_289_123_456_000
+    )  # 2024-05-06T07:08:09.123456Z
+
+    # The four blob calls: the returned binary_data_id names the stored blob.
+    blobs = {row["binary_data_id"]: row for row in index["binaries"]}
+    assert set(blobs) == {ids["binary"], ids["streaming"], ids["file"], ids["from_path"]}
+    big_file = work / sdk.PATH_FILE_NAME
+    expected: dict[str, dict[str, Any]] = {
+        "binary": dict(
+            kind="binary", component_type=sdk.BINARY_COMPONENT_TYPE,
+            component_name=sdk.BINARY_COMPONENT_NAME, method_name=sdk.BINARY_METHOD,
+            file_name="", file_extension=".jpg", mime_type="image/jpeg",
+            tags=sdk.BINARY_TAGS, dataset_ids=sdk.BINARY_DATASETS,
+            time_requested_ns=ns(sdk.BINARY_TIMES[0]), time_received_ns=ns(sdk.BINARY_TIMES[1]),
+            payload=sdk.binary_payload(),
+        ),
+        "streaming": dict(
+            kind="binary", component_type=sdk.STREAM_COMPONENT_TYPE,
+            component_name=sdk.STREAM_COMPONENT_NAME, method_name=sdk.STREAM_METHOD,
+            file_name="", file_extension=".pcd", mime_type=sdk.STREAM_MIME,
+            tags=sdk.STREAM_TAGS, dataset_ids=sdk.STREAM_DATASETS,
+            time_requested_ns=ns(sdk.STREAM_TIMES[0]), time_received_ns=ns(sdk.STREAM_TIMES[1]),
+            payload=sdk.streaming_payload(),
+        ),
+        "file": dict(
+            kind="file", component_type=sdk.FILE_COMPONENT_TYPE,
+            component_name=sdk.FILE_COMPONENT_NAME, method_name=sdk.FILE_METHOD,
+            file_name="interop-notes", file_extension=".txt", mime_type="text/plain",
+            tags=sdk.FILE_TAGS, dataset_ids=sdk.FILE_DATASETS,
+            time_requested_ns=None, time_received_ns=None, payload=sdk.file_payload(),
+        ),
+        "from_path": dict(
+            kind="file", component_type="", component_name="", method_name="",
+            file_name="interop-big", file_extension=".bin", mime_type=sdk.PATH_MIME,
+            tags=sdk.PATH_TAGS, dataset_ids=[],
+            time_requested_ns=None, time_received_ns=None, payload=big_file.read_bytes(),
+        ),
+    }  # fmt: skip
+    assert expected["from_path"]["payload"] == sdk.path_payload()  # what the SDK read
+    assert len(sdk.streaming_payload()) > 3_000_000
+    assert len(sdk.path_payload()) > 20 * 1024 * 1024
+
+    for call, want in expected.items():
+        row = blobs[ids[call]]
+        payload: bytes = want.pop("payload")
+        got = {
+            **{k: row[k] for k in want if k not in ("tags", "dataset_ids")},
+            "tags": json.loads(row["tags"]),
+            "dataset_ids": json.loads(row["dataset_ids"]),
+        }
+        assert got == want, call
+        assert row["file_id"] == row["upload_id"] == ids[call], call
+        assert (row["org_id"], row["part_id"]) == (ORG, sdk.PART_ID), call
+        assert json.loads(row["method_parameters"]) == {}, call
+        assert row["size"] == len(payload), call
+        assert row["sha256"] == hashlib.sha256(payload).hexdigest(), call
+        stored = server.data_dir / row["blob_path"]
+        assert stored.read_bytes() == payload, f"{call}: blob on disk differs from what was sent"
+
+    # Nothing half-written left behind.
+    assert list((server.data_dir / "blobs" / ".tmp").iterdir()) == []
+
+
+@pytest.mark.parametrize("wrong", ["secret", "key-id"])
+def test_stock_sdk_with_a_wrong_key_is_refused(
+    interop_python: str, tmp_path: Path, key: KeyFile, certs: Certs, wrong: str
+) -> None:
+    if wrong == "secret":  # the right key id with a different key
+        (tmp_path / "bad").mkdir()
+        bad = make_key_file(tmp_path / "bad")
+        key_id, key_file = key.key_id, bad.path
+    else:  # an unknown key id (still a UUID, which the SDK insists on) with the right key
+        key_id, key_file = str(uuid.uuid4()), key.path
+    with running_ingest(tmp_path, key, certs) as server:
+        result = run_sdk(server, key_id, key_file, tmp_path / "sdk-work")
+        rc, _ = server.stop()
+    assert rc == 0, f"edged ingest exited {rc} on SIGTERM:\n{server.stderr()}"
+    assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
+    assert result.stdout == ""
+    assert "sdk_upload: connect (Authenticate) failed" in result.stderr, result.stderr
+    assert "UNAUTHENTICATED" in result.stderr, result.stderr
+    assert "invalid API key id or key" in result.stderr, result.stderr
+    assert key.secret not in result.stderr + server.stderr()
+
+    index = read_index(server.data_dir)
+    assert index == {"uploads": [], "readings": [], "binaries": []}
+    assert [p for p in (server.data_dir / "blobs").rglob("*") if p.is_file()] == []

@@ -1,0 +1,104 @@
+"""Table tests of the pure sync-engine decisions."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from grpclib.const import Status
+
+from edged.policy import (
+    Verdict,
+    backoff_cap,
+    backoff_delay,
+    batch_take,
+    binary_route,
+    classify,
+    stream_deadline,
+)
+
+CLASSIFY = [
+    (Status.UNAVAILABLE, Verdict.TRANSIENT),
+    (Status.DEADLINE_EXCEEDED, Verdict.TRANSIENT),
+    (Status.RESOURCE_EXHAUSTED, Verdict.TRANSIENT),
+    (Status.ABORTED, Verdict.TRANSIENT),
+    (Status.INTERNAL, Verdict.TRANSIENT),
+    (Status.UNKNOWN, Verdict.TRANSIENT),
+    (Status.CANCELLED, Verdict.TRANSIENT),
+    (Status.INVALID_ARGUMENT, Verdict.PERMANENT),
+    (Status.FAILED_PRECONDITION, Verdict.PERMANENT),
+    (Status.OUT_OF_RANGE, Verdict.PERMANENT),
+    (Status.UNIMPLEMENTED, Verdict.PERMANENT),
+    (Status.NOT_FOUND, Verdict.PERMANENT),
+    (Status.ALREADY_EXISTS, Verdict.PERMANENT),
+    (Status.DATA_LOSS, Verdict.PERMANENT),
+    (Status.UNAUTHENTICATED, Verdict.GLOBAL),
+    (Status.PERMISSION_DENIED, Verdict.GLOBAL),
+]
+
+
+@pytest.mark.parametrize("status,verdict", CLASSIFY, ids=[s.name for s, _ in CLASSIFY])
+def test_classify(status: Status, verdict: Verdict) -> None:
+    assert classify(status) is verdict
+
+
+def test_every_status_is_classified() -> None:
+    assert {s for s, _ in CLASSIFY} == set(Status) - {Status.OK}
+
+
+@pytest.mark.parametrize(
+    "attempt,initial,maximum,cap",
+    [
+        (0, 0.2, 300, 0.0),
+        (1, 0.2, 300, 0.2),
+        (2, 0.2, 300, 0.4),
+        (5, 0.2, 300, 3.2),
+        (11, 0.2, 300, 204.8),
+        (12, 0.2, 300, 300.0),
+        (10_000, 0.2, 300, 300.0),
+        (3, 1.0, 2.5, 2.5),
+    ],
+)
+def test_backoff_cap(attempt: int, initial: float, maximum: float, cap: float) -> None:
+    assert backoff_cap(attempt, initial, maximum) == pytest.approx(cap)
+
+
+def test_backoff_delay_is_full_jitter_and_seedable() -> None:
+    a = [backoff_delay(n, 0.2, 300, random.Random(7)) for n in range(1, 20)]
+    b = [backoff_delay(n, 0.2, 300, random.Random(7)) for n in range(1, 20)]
+    assert a == b
+    rng = random.Random(1)
+    samples = [backoff_delay(6, 0.2, 300, rng) for _ in range(2000)]
+    assert all(0 <= s <= 6.4 for s in samples)
+    # Full jitter spreads over the whole range (a fleet does not retry in lock-step).
+    assert min(samples) < 0.5 and max(samples) > 5.9
+    assert 2.9 < sum(samples) / len(samples) < 3.5
+
+
+@pytest.mark.parametrize(
+    "sizes,max_readings,max_bytes,n",
+    [
+        ([], 1000, 1 << 20, 0),
+        ([10] * 5, 1000, 1 << 20, 5),
+        ([10] * 5, 3, 1 << 20, 3),
+        ([10] * 5, 1000, 35, 3),
+        ([100, 10], 1000, 50, 1),  # an over-size reading still goes, alone
+        ([10, 100], 1000, 50, 1),
+        ([25, 25, 1], 1000, 50, 2),
+        ([50], 1000, 50, 1),
+    ],
+)
+def test_batch_take(sizes: list[int], max_readings: int, max_bytes: int, n: int) -> None:
+    assert batch_take(sizes, max_readings, max_bytes) == n
+
+
+@pytest.mark.parametrize(
+    "size,route", [(0, "unary"), (1_000_000, "unary"), (1_000_001, "stream"), (10**9, "stream")]
+)
+def test_binary_route(size: int, route: str) -> None:
+    assert binary_route(size) == route
+
+
+def test_stream_deadline_grows_with_size() -> None:
+    assert stream_deadline(0, 60) == 60
+    assert stream_deadline(128 * 1024 * 100, 60) == pytest.approx(160)
