@@ -111,6 +111,51 @@ def frame(body: bytes) -> bytes:
     return encode_varint(len(body)) + body
 
 
+def field_span(body: bytes, field_number: int) -> tuple[int, int] | None:
+    """(offset, length) of the last length-delimited `field_number` inside an encoded
+    message, found by walking tags only; lets a binary payload be uploaded straight
+    from the capture file without copying it."""
+    pos, found = 0, None
+    while pos < len(body):
+        tag = _read_varint(body, pos)
+        if tag is None:
+            return None
+        key, pos = tag
+        wire = key & 7
+        if wire == 0:
+            skipped = _read_varint(body, pos)
+            if skipped is None:
+                return None
+            pos = skipped[1]
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            length = _read_varint(body, pos)
+            if length is None:
+                return None
+            size, pos = length
+            if key >> 3 == field_number:
+                found = (pos, size)
+            pos += size
+        else:
+            return None
+    return found if pos == len(body) else None
+
+
+def _read_varint(buf: bytes, pos: int) -> tuple[int, int] | None:
+    value = shift = 0
+    while pos < len(buf) and shift < 64:
+        byte = buf[pos]
+        value |= (byte & 0x7F) << shift
+        pos += 1
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+    return None
+
+
 # ---------------------------------------------------------------------------- reader
 
 

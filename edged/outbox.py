@@ -482,10 +482,12 @@ class Outbox:
             row = await cur.fetchone()
         return (str(row[0]), int(row[1]), int(row[2])) if row else None
 
-    async def forget_claim(self, path: str) -> None:
-        """The source deleted a committed file: nothing left to remember."""
+    async def forget_claim(self, path: str, source: str | None = None) -> None:
+        """The source deleted a committed file: nothing left to remember (nor its offset)."""
         async with self._tx() as db:
             await db.execute("DELETE FROM claims WHERE path=? AND state=?", (path, CLAIM_COMMITTED))
+            if source is not None:
+                await db.execute("DELETE FROM offsets WHERE source=? AND path=?", (source, path))
 
     async def progress_of(self, source: str, path: str) -> Progress | None:
         async with self._db.execute(

@@ -1,0 +1,106 @@
+"""What every source shares: its context, status counters, quarantine, backpressure.
+
+A source's contract (the same contract suite runs against each): a file appears →
+its readings are committed to the outbox → only then is the file retired. Bad input
+is moved to quarantine with a reason, never dropped and never retried forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from edged.durable import fsync_dir
+from edged.outbox import Outbox
+
+log = logging.getLogger("edged.sources")
+
+IGNORED_SUFFIXES = (".tmp", ".part", "~")
+
+
+@dataclass
+class SourceStats:
+    files_seen: int = 0
+    files_done: int = 0
+    readings: int = 0
+    quarantined: int = 0
+    truncated: int = 0
+    last_event_at: float | None = None
+    last_error: str | None = None
+    backpressure: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class SourceContext:
+    part_id: str
+    outbox: Outbox
+    state_dir: Path
+    clock: Callable[[], float] = time.time
+    rescan_s: float = 60.0
+    quarantine_dir: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.quarantine_dir = self.state_dir / "quarantine"
+
+
+class Source(Protocol):
+    name: str
+    kind: str
+    stats: SourceStats
+
+    async def run(self) -> None:
+        """Scan, watch and commit until cancelled."""
+
+    async def scan_once(self) -> None:
+        """One full pass over the source's files (start-up, rescans, tests)."""
+
+
+def is_ignored_name(name: str) -> bool:
+    """Hidden and temporary names are work in progress by convention, never input."""
+    return name.startswith(".") or name.endswith(IGNORED_SUFFIXES)
+
+
+def quarantine(ctx: SourceContext, path: Path, reason: str) -> Path:
+    """Move `path` aside with a `.reason` file next to it; never lose the bytes."""
+    ctx.quarantine_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(ctx.clock()))
+    target = ctx.quarantine_dir / f"{stamp}-{path.name}"
+    n = 1
+    while target.exists() or target.with_name(target.name + ".reason").exists():
+        target = ctx.quarantine_dir / f"{stamp}-{n}-{path.name}"
+        n += 1
+    reason_file = target.with_name(target.name + ".reason")
+    fd = os.open(reason_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"path: {path}\nreason: {reason}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.replace(path, target)
+    except OSError:
+        # Another filesystem: copy bytes, then remove the original.
+        import shutil
+
+        shutil.copy2(path, target)
+        path.unlink()
+    fsync_dir(ctx.quarantine_dir)
+    log.warning("quarantined %s: %s (moved to %s)", path, reason, target)
+    return target
+
+
+async def wait_for_space(ctx: SourceContext, stats: SourceStats, max_wait_s: float = 5.0) -> None:
+    """Backpressure: the outbox refused a write; leave the data where it is and wait."""
+    stats.backpressure = True
+    ctx.outbox.space_available.clear()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(ctx.outbox.space_available.wait(), max_wait_s)

@@ -1,0 +1,329 @@
+"""The `capture` source: robot `.capture` files (and orphaned `.prog` files).
+
+Per file: tabular readings are copied into the outbox in chunks, each chunk committed
+with the file offset it reached, so a crash resumes exactly where it stopped; the
+last chunk also records a claim, and only then is the file deleted. Binary readings
+are queued by reference (path, offset, length of the payload inside the file): the
+outbox deletes the file once the last of them is acknowledged. A truncated file
+(power cut) delivers every whole record and is retired; a corrupt one is moved to
+quarantine with the path, byte offset and cause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
+from edged.capture import CaptureReader, field_span, open_capture, split_legacy_images
+from edged.config import SourceConfig
+from edged.errors import CaptureFormatError, OutboxFull
+from edged.outbox import (
+    CLAIM_COMMITTED,
+    KIND_BINARY,
+    Claim,
+    FileRef,
+    Progress,
+)
+from edged.sources.base import SourceContext, SourceStats, quarantine, wait_for_space
+from edged.sources.watch import DirWatcher
+
+log = logging.getLogger("edged.sources.capture")
+
+ROBOT_DIRS = frozenset({"failed", "datasetUpload", "sequences"})
+CHUNK_READINGS = 1000
+CHUNK_BYTES = 1 << 20
+
+
+def boot_time() -> float:
+    """When this machine booted: a `.prog` older than that has no live writer."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/stat").read_text().splitlines():
+            if line.startswith("btime "):
+                return float(line.split()[1])
+    return 0.0
+
+
+def prog_is_orphaned(mtime: float, now: float, grace_s: float, booted_at: float) -> bool:
+    """A `.prog` is recovered once its writer must be gone: untouched for the grace
+    period, or last written before this boot."""
+    return mtime < booted_at or now - mtime >= grace_s
+
+
+def upload_metadata_for(
+    header: pb.DataCaptureMetadata, part_id: str, config: SourceConfig
+) -> pb.UploadMetadata:
+    meta = pb.UploadMetadata(
+        part_id=part_id,
+        component_type=header.component_type,
+        component_name=header.component_name,
+        method_name=header.method_name,
+        type=header.type,
+        file_extension=header.file_extension,
+        tags=[*header.tags, *(t for t in config.tags if t not in header.tags)],
+        dataset_ids=list(config.dataset_ids),
+        mime_type=header.mime_type,
+    )
+    for key, value in header.method_parameters.items():
+        meta.method_parameters[key].CopyFrom(value)
+    return meta
+
+
+class CaptureSource:
+    kind = "capture"
+
+    def __init__(self, config: SourceConfig, ctx: SourceContext) -> None:
+        self.config = config
+        self.ctx = ctx
+        self.name = config.name or f"capture:{config.path}"
+        self.root = config.path
+        self.stats = SourceStats()
+        self._booted_at = boot_time()
+        self._prog_waiting: dict[Path, float] = {}  # .prog path -> when to look again
+
+    # -- loop ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        with DirWatcher(self.root) as watcher:
+            await self.scan_once()
+            next_scan = self.ctx.clock() + self.ctx.rescan_s
+            while True:
+                now = self.ctx.clock()
+                wake = min([next_scan, *self._prog_waiting.values()])
+                changed = await watcher.wait(max(0.0, wake - now))
+                watcher.start()  # the root may have appeared since
+                if changed is None or self.ctx.clock() >= next_scan:
+                    await self.scan_once()
+                    next_scan = self.ctx.clock() + self.ctx.rescan_s
+                    continue
+                due = [p for p, t in self._prog_waiting.items() if t <= self.ctx.clock()]
+                for path in sorted({*changed, *due}):
+                    if path.suffix in (".capture", ".prog") and self._inside(path):
+                        await self.consider(path)
+
+    async def scan_once(self) -> None:
+        """Every capture file under the root, oldest name first (names are timestamps)."""
+        for path in await asyncio.to_thread(self._walk):
+            await self.consider(path)
+
+    def _walk(self) -> list[Path]:
+        found: list[Path] = []
+        stack = [self.root]
+        while stack:
+            directory = stack.pop()
+            try:
+                entries = list(os.scandir(directory))
+            except OSError:
+                continue
+            for entry in entries:
+                if entry.is_symlink():
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    if entry.name not in ROBOT_DIRS and not entry.name.startswith("."):
+                        stack.append(Path(entry.path))
+                elif entry.name.endswith((".capture", ".prog")):
+                    found.append(Path(entry.path))
+        found.sort()
+        return found
+
+    def _inside(self, path: Path) -> bool:
+        try:
+            rel = path.relative_to(self.root)
+        except ValueError:
+            return False
+        return not any(part in ROBOT_DIRS or part.startswith(".") for part in rel.parts[:-1])
+
+    # -- one file -----------------------------------------------------------------------
+
+    async def consider(self, path: Path) -> None:
+        """Commit whatever `path` holds that the outbox does not have yet."""
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            self._prog_waiting.pop(path, None)
+            return
+        if not path.is_file() or path.is_symlink():
+            return
+        claim = await self.ctx.outbox.claim_of(str(path))
+        if claim is not None:
+            if claim[0] == CLAIM_COMMITTED:  # crashed between commit and delete
+                await self._retire(path)
+            return
+        if path.suffix == ".prog":
+            now = self.ctx.clock()
+            if not prog_is_orphaned(st.st_mtime, now, self.config.prog_grace, self._booted_at):
+                self._prog_waiting[path] = st.st_mtime + self.config.prog_grace + 0.01
+                return
+            self._prog_waiting.pop(path, None)
+            log.info("recovering orphaned %s (writer gone)", path)
+        self.stats.files_seen += 1
+        self.stats.last_event_at = self.ctx.clock()
+        while True:
+            try:
+                await self._commit_file(path, st)
+                return
+            except OutboxFull as exc:
+                self.stats.last_error = str(exc)
+                await wait_for_space(self.ctx, self.stats)
+            except FileNotFoundError:
+                return
+
+    async def _commit_file(self, path: Path, st: os.stat_result) -> None:
+        try:
+            reader = open_capture(path)
+        except CaptureFormatError as exc:
+            self._quarantine(path, str(exc), keep_original=False)
+            return
+        with reader:
+            meta = upload_metadata_for(reader.metadata, self.ctx.part_id, self.config)
+            progress = await self.ctx.outbox.progress_of(self.name, str(path))
+            start = reader.data_offset
+            if progress is not None and progress.inode == st.st_ino:
+                start = max(start, progress.offset)
+            claim = Claim(str(path), st.st_size, st.st_mtime_ns, delete_after=True)
+            if reader.metadata.type == pb.DATA_TYPE_BINARY_SENSOR:
+                referenced = await self._commit_binary(path, st, reader, meta, start, claim)
+            else:
+                referenced = False
+                await self._commit_tabular(path, st, reader, meta, start, claim)
+            self.stats.backpressure = False
+            if reader.truncated_at is not None:
+                self.stats.truncated += 1
+                log.info(
+                    "%s ends mid-record at byte %d (power cut?): delivered every whole"
+                    " reading before it",
+                    path,
+                    reader.truncated_at,
+                )
+        if not referenced:
+            await self._retire(path)
+        self.stats.files_done += 1
+
+    async def _commit_tabular(
+        self,
+        path: Path,
+        st: os.stat_result,
+        reader: CaptureReader,
+        meta: pb.UploadMetadata,
+        start: int,
+        claim: Claim,
+    ) -> None:
+        outbox, meta_bytes = self.ctx.outbox, meta.SerializeToString()
+        chunk: list[bytes] = []
+        size, end = 0, start
+        try:
+            for record in reader.read_from(start):
+                chunk.append(record.raw)
+                size += len(record.raw)
+                end = record.end
+                if len(chunk) >= CHUNK_READINGS or size >= CHUNK_BYTES:
+                    await outbox.enqueue_readings(
+                        meta_bytes, chunk, progress=self._progress(path, st, end)
+                    )
+                    self.stats.readings += len(chunk)
+                    chunk, size = [], 0
+        except CaptureFormatError as exc:
+            if chunk:
+                await outbox.enqueue_readings(
+                    meta_bytes, chunk, progress=self._progress(path, st, end)
+                )
+                self.stats.readings += len(chunk)
+            self._quarantine(path, str(exc), keep_original=False)
+            raise FileNotFoundError from exc  # nothing left to retire
+        await outbox.enqueue_readings(meta_bytes, chunk, claim=claim)
+        self.stats.readings += len(chunk)
+
+    async def _commit_binary(
+        self,
+        path: Path,
+        st: os.stat_result,
+        reader: CaptureReader,
+        meta: pb.UploadMetadata,
+        start: int,
+        claim: Claim,
+    ) -> bool:
+        """Queue each binary reading; True if any item still reads from this file."""
+        outbox, meta_bytes = self.ctx.outbox, meta.SerializeToString()
+        referenced = start > reader.data_offset  # an earlier run queued references
+        try:
+            for record in reader.read_from(start):
+                progress = self._progress(path, st, record.end)
+                sensor = record.reading.metadata.SerializeToString()
+                kind = record.reading.WhichOneof("data")
+                if kind == "binary":
+                    span = field_span(record.raw, 3)
+                    assert span is not None
+                    body_start = record.end - len(record.raw)
+                    ref = FileRef(str(path), body_start + span[0], span[1])
+                    await outbox.enqueue_item(
+                        KIND_BINARY,
+                        meta_bytes,
+                        ref,
+                        sensor=sensor,
+                        claim=claim,
+                        progress=progress,
+                    )
+                    referenced = True
+                elif kind == "struct":
+                    await self._commit_legacy(path, reader, record.reading, meta, progress)
+                self.stats.readings += 1
+        except CaptureFormatError as exc:
+            self._quarantine(path, str(exc), keep_original=referenced)
+            if not referenced:
+                raise FileNotFoundError from exc
+            return True
+        if not referenced:
+            await outbox.enqueue_readings(meta_bytes, [], claim=claim)  # header-only
+        return referenced
+
+    async def _commit_legacy(
+        self,
+        path: Path,
+        reader: CaptureReader,
+        reading: pb.SensorData,
+        meta: pb.UploadMetadata,
+        progress: Progress,
+    ) -> None:
+        """Old GetImages captures: one struct holding several images → one upload each."""
+        try:
+            images = split_legacy_images(reader.metadata, reading) or []
+        except ValueError as exc:
+            raise CaptureFormatError(str(path), progress.offset, str(exc)) from exc
+        for image in images:
+            sensor = pb.SensorMetadata()
+            sensor.CopyFrom(reading.metadata)
+            sensor.mime_type = image.mime_type_enum
+            img_meta = pb.UploadMetadata()
+            img_meta.CopyFrom(meta)
+            if image.mime_type:
+                img_meta.mime_type = image.mime_type
+            await self.ctx.outbox.enqueue_item(
+                KIND_BINARY,
+                img_meta.SerializeToString(),
+                image.data,
+                sensor=sensor.SerializeToString(),
+                progress=progress,
+            )
+
+    def _progress(self, path: Path, st: os.stat_result, offset: int) -> Progress:
+        return Progress(self.name, str(path), st.st_ino, offset, 0)
+
+    async def _retire(self, path: Path) -> None:
+        """Every reading is committed: delete the file, then forget it."""
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        await self.ctx.outbox.forget_claim(str(path), self.name)
+
+    def _quarantine(self, path: Path, reason: str, *, keep_original: bool) -> None:
+        self.stats.quarantined += 1
+        self.stats.last_error = reason
+        if keep_original:  # queued readings still read from it: quarantine a copy
+            copy = path.with_name(f".{path.name}.quarantine")
+            shutil.copy2(path, copy)
+            quarantine(self.ctx, copy, reason)
+        else:
+            quarantine(self.ctx, path, reason)

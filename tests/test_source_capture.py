@@ -1,0 +1,223 @@
+"""The capture source end to end: robot-made fixtures → outbox → real ingest.
+
+The fixtures were written by an independent implementation; the manifest says what
+must arrive. Everything runs for real: files on disk, SQLite outbox, loopback server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edged.capture import CaptureWriter
+from edged.client import UploadClient
+from edged.config import SourceConfig
+from edged.ingest import IngestServer, IngestSettings
+from edged.outbox import Outbox
+from edged.sources.base import SourceContext
+from edged.sources.capture import CaptureSource, prog_is_orphaned
+from edged.uploader import Uploader, UploaderSettings
+from tests.procs import read_line
+from tests.test_capture import FIXTURES, copy_tree, tabular_metadata, tabular_reading
+
+FAST = UploaderSettings(workers=2, backoff_initial=0.01, backoff_max=0.05, idle_poll_s=0.05)
+needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"no fixtures at {FIXTURES}")
+
+
+def ns(text: str) -> int:
+    t = dt.datetime.fromisoformat(text)
+    return int(t.timestamp()) * 10**9 + t.microsecond * 1000
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[tuple[Outbox, IngestServer, SourceContext]]:
+    box = await Outbox.open(tmp_path / "state")
+    async with IngestServer(
+        IngestSettings(data_dir=tmp_path / "ingest", synchronous="NORMAL")
+    ) as server:
+        yield box, server, SourceContext("robot-1", box, tmp_path / "state")
+    await box.close()
+
+
+async def drain(box: Outbox, server: IngestServer) -> None:
+    async with UploadClient(server.address, tls=False) as client:
+        await asyncio.wait_for(
+            Uploader(box, client, FAST, rng=random.Random(0)).run(until_empty=True), 60
+        )
+
+
+@pytest.mark.parametrize(
+    "mtime,now,grace,booted,orphaned",
+    [
+        (1000.0, 1030.0, 60.0, 0.0, False),
+        (1000.0, 1060.0, 60.0, 0.0, True),
+        (1000.0, 1001.0, 60.0, 1500.0, True),  # written before this boot
+        (2000.0, 2001.0, 60.0, 1500.0, False),
+    ],
+)
+def test_prog_orphan_rule(
+    mtime: float, now: float, grace: float, booted: float, orphaned: bool
+) -> None:
+    assert prog_is_orphaned(mtime, now, grace, booted) is orphaned
+
+
+@needs_fixtures
+async def test_robot_fixtures_arrive_as_the_manifest_says(
+    env: tuple[Outbox, IngestServer, SourceContext], tmp_path: Path
+) -> None:
+    box, server, ctx = env
+    copy_tree(FIXTURES, tmp_path / "robot")
+    root = tmp_path / "robot" / "capture"
+    hour_ago = time.time() - 3600  # the orphan's writer "died an hour ago"
+    for prog in root.rglob("*.prog"):
+        os.utime(prog, (hour_ago, hour_ago))
+    manifest: dict[str, Any] = json.loads((FIXTURES / "manifest.json").read_text())
+    source = CaptureSource(SourceConfig(kind="capture", path=root, tags=("edge",)), ctx)
+    await source.scan_once()
+    await drain(box, server)
+
+    tabular = [e for e in manifest["entries"] if e["kind"] == "tabular"]
+    binary = [e for e in manifest["entries"] if e["kind"] == "binary"]
+    readings = await server.store.readings()
+    key = lambda r: (r[0], r[1])  # noqa: E731
+    got = sorted(
+        (
+            (
+                r.component_name,
+                r.time_requested_ns,
+                r.time_received_ns,
+                r.method_name,
+                r.component_type,
+                tuple(r.tags),
+                json.dumps(r.data, sort_keys=True),
+            )
+            for r in readings
+        ),
+        key=key,
+    )
+    want = sorted(
+        (
+            (
+                e["component_name"],
+                ns(e["time_requested"]),
+                ns(e["time_received"]),
+                e["method"],
+                e["component_type"],
+                (*e["tags"], "edge"),
+                json.dumps(e["struct"], sort_keys=True),
+            )
+            for e in tabular
+        ),
+        key=key,
+    )
+    assert len(readings) == len(tabular) == 50 * 3 + 7 + 9
+    assert got == want
+    assert {r.part_id for r in readings} == {"robot-1"}
+    stored = await server.store.binaries()
+    assert sorted((b.sha256, b.size) for b in stored) == sorted(
+        (e["sha256"], e["length"]) for e in binary
+    )
+    for b in stored:
+        assert hashlib.sha256(b.path.read_bytes()).hexdigest() == b.sha256
+        assert (b.component_name, b.method_name) == ("cam1", "ReadImage")
+    # Every source file is retired; the corrupt one is in quarantine with its reason.
+    assert [p for p in root.rglob("*") if p.is_file()] == []
+    quarantined = sorted((ctx.quarantine_dir).iterdir())
+    reasons = [p for p in quarantined if p.name.endswith(".reason")]
+    assert len(reasons) == 1 and len(quarantined) == 2
+    text = reasons[0].read_text()
+    assert "2026-01-01T07_00_08.600000Z.capture" in text and "byte offset" in text
+    assert source.stats.quarantined == 1 and source.stats.truncated >= 1
+    # A rescan finds nothing more to do, and the outbox is empty.
+    await source.scan_once()
+    assert (await box.stats()).items == 0
+
+
+async def test_thousands_of_files_appearing_while_running(
+    env: tuple[Outbox, IngestServer, SourceContext], tmp_path: Path
+) -> None:
+    box, _, ctx = env
+    root = tmp_path / "capture"
+    source = CaptureSource(SourceConfig(kind="capture", path=root), ctx)
+    task = asyncio.create_task(source.run())
+    try:
+        seq = 0
+        for n in range(2000):
+            meta = tabular_metadata(component_name=f"s{n % 4}")
+            with CaptureWriter(root, meta) as writer:
+                for _ in range(3):
+                    writer.write(tabular_reading(seq))
+                    seq += 1
+        deadline = time.monotonic() + 60
+        while (await box.stats()).readings < seq:
+            assert time.monotonic() < deadline, f"only {(await box.stats()).readings}/{seq}"
+            await asyncio.sleep(0.05)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert (await box.stats()).readings == seq  # exactly once
+    assert [p for p in root.rglob("*.capture")] == []
+
+
+WRITER_CHILD = """
+import sys
+from pathlib import Path
+from edged.capture import CaptureWriter
+from tests.test_capture import tabular_metadata, tabular_reading
+
+writer = CaptureWriter(Path(sys.argv[1]), tabular_metadata(), max_file_bytes=2048)
+for seq in range(10**7):
+    writer.write(tabular_reading(seq))
+    if seq % 50 == 49:
+        writer.flush()
+        print(seq, flush=True)
+"""
+
+
+def _kill_writer_midway(root: Path) -> int:
+    """Run a CaptureWriter in a child, SIGKILL it after some flushes; last flushed seq."""
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER_CHILD, str(root)],
+        stdout=subprocess.PIPE,
+        cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+    )
+    flushed = 0
+    for _ in range(8):
+        flushed = int(read_line(proc, 30))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    assert proc.stdout is not None
+    proc.stdout.close()
+    return flushed
+
+
+async def test_writer_killed_mid_write_every_whole_reading_arrives_once(
+    env: tuple[Outbox, IngestServer, SourceContext], tmp_path: Path
+) -> None:
+    box, server, ctx = env
+    root = tmp_path / "capture"
+    flushed = await asyncio.to_thread(_kill_writer_midway, root)
+    # After "a restart": the .prog is older than its grace period.
+    source = CaptureSource(SourceConfig(kind="capture", path=root, prog_grace=0.0), ctx)
+    await source.scan_once()
+    await drain(box, server)
+    seqs = sorted(int(r.data["seq"]) for r in await server.store.readings())
+    assert seqs == list(range(len(seqs)))  # no gaps, no duplicates
+    assert len(seqs) > flushed  # at least everything flushed before the kill
+    assert [p for p in root.rglob("*") if p.is_file()] == []
