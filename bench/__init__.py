@@ -1,0 +1,1 @@
+"""`make bench` / `python -m bench [NAME ...] [--quick]`: one module per benchmark."""

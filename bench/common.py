@@ -1,0 +1,231 @@
+"""Shared bench helpers: child processes, CPU%/peak RSS, medians, machine info, JSON + tables.
+
+Every figure is a median over N runs (the machine is shared and noisy). CPU% is process
+CPU time (user+system, all threads) over wall time of the timed region, so 100 = one core
+busy. Peak RSS is the kernel's high-water mark (VmHWM) of a fresh process per run.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import re
+import selectors
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+MiB = 1024 * 1024
+_LISTEN = re.compile(rb"listening on [^ ]+:(\d+)")
+
+Figures = dict[str, float]
+
+
+# -- statistics ----------------------------------------------------------------------------
+
+
+def median_figures(runs: Sequence[Mapping[str, float]]) -> Figures:
+    """Per-key median over runs (each key independently)."""
+    keys = [k for k in runs[0] if all(k in r for r in runs)]
+    return {k: float(statistics.median(r[k] for r in runs)) for k in keys}
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty sample."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+def run_n(n: int, once: Callable[[int], Figures], label: str = "") -> tuple[Figures, list[Figures]]:
+    """Call `once(i)` n times; return (median figures, all runs)."""
+    runs: list[Figures] = []
+    for i in range(n):
+        runs.append(once(i))
+        if label:
+            print(f"  {label}: run {i + 1}/{n} done", file=sys.stderr, flush=True)
+    return median_figures(runs), runs
+
+
+# -- processes -----------------------------------------------------------------------------
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """VmHWM: the resident-memory high-water mark of a live process."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmHWM for pid {pid}")
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU seconds of a process (all its threads); None = this process."""
+    t = psutil.Process(pid).cpu_times()
+    return float(t.user + t.system)
+
+
+@dataclass
+class CpuMeter:
+    """CPU% of a set of processes over a region: start(), then stop() -> {name: percent}."""
+
+    pids: dict[str, int | None]
+    _t0: float = 0.0
+    _cpu0: dict[str, float] | None = None
+
+    def start(self) -> None:
+        self._cpu0 = {k: cpu_seconds(p) for k, p in self.pids.items()}
+        self._t0 = time.perf_counter()
+
+    def stop(self) -> tuple[float, dict[str, float]]:
+        """(wall seconds, {name: CPU% of one core})."""
+        wall = time.perf_counter() - self._t0
+        assert self._cpu0 is not None, "start() first"
+        pct = {k: 100 * (cpu_seconds(p) - self._cpu0[k]) / wall for k, p in self.pids.items()}
+        return wall, pct
+
+
+def _read_line(proc: subprocess.Popen[bytes], deadline_s: float) -> bytes:
+    """One stdout line from `proc`, or fail after `deadline_s` (never blocks forever)."""
+    assert proc.stdout is not None
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    end = time.monotonic() + deadline_s
+    buf = b""
+    while not buf.endswith(b"\n"):
+        left = end - time.monotonic()
+        if left <= 0 or not sel.select(left):
+            raise TimeoutError(f"no line from {proc.args!r} within {deadline_s}s (got {buf!r})")
+        chunk = os.read(proc.stdout.fileno(), 1)
+        if not chunk:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.wait()} before a line: {buf!r}")
+        buf += chunk
+    return buf
+
+
+def stop_process(proc: subprocess.Popen[bytes], grace_s: float = 30) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@contextmanager
+def ingest_server(
+    data: Path, extra: Sequence[str] = (), log: Path | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """`edged ingest` as a child on 127.0.0.1:0; yields (process, port); SIGTERM on exit."""
+    data.mkdir(parents=True, exist_ok=True)
+    err = open(log or os.devnull, "wb")  # noqa: SIM115 - closed in finally
+    cmd = [sys.executable, "-m", "edged", "ingest", "--listen", "127.0.0.1:0", "--data", str(data)]
+    proc = subprocess.Popen(
+        [*cmd, *extra],
+        stdout=subprocess.PIPE,
+        stderr=err,
+        cwd=REPO,
+    )
+    try:
+        line = _read_line(proc, 30)
+        match = _LISTEN.search(line)
+        if not match:
+            raise RuntimeError(f"unexpected first line from edged ingest: {line!r}")
+        yield proc, int(match[1])
+    finally:
+        stop_process(proc)
+        if proc.stdout:
+            proc.stdout.close()
+        err.close()
+
+
+def run_worker(module: str, spec: Mapping[str, Any], timeout_s: float = 900) -> dict[str, Any]:
+    """`python -m MODULE --worker JSON` as a fresh child; its last stdout line is JSON."""
+    done = subprocess.run(
+        [sys.executable, "-m", module, "--worker", json.dumps(spec)],
+        capture_output=True,
+        cwd=REPO,
+        timeout=timeout_s,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"bench worker {module} failed ({done.returncode}):\n{done.stderr.decode()[-4000:]}"
+        )
+    result: dict[str, Any] = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    return result
+
+
+# -- reporting -----------------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    return {
+        "cores": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+    }
+
+
+def write_result(
+    name: str, payload: Mapping[str, Any], machine: Mapping[str, Any] | None = None
+) -> Path:
+    """bench/results/<name>.json; pass `machine` taken at the start (load average then)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "name": name,
+        "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": dict(machine) if machine is not None else machine_info(),
+        **payload,
+    }
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    return path
+
+
+Column = tuple[str, str, str]
+"""(key in the row, header, format spec such as ',.0f')."""
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column]) -> str:
+    """A Markdown table (readable as plain text too)."""
+    cells = [[head for _, head, _ in columns]]
+    for row in rows:
+        line = []
+        for key, _, spec in columns:
+            value = row.get(key, "")
+            line.append(format(value, spec) if isinstance(value, int | float) else str(value))
+        cells.append(line)
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+
+    def fmt(r: list[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) + " |"
+
+    sep = "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|"
+    return "\n".join([fmt(cells[0]), sep, *(fmt(r) for r in cells[1:])])
