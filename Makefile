@@ -23,7 +23,12 @@ $(INTEROP_STAMP):
 	$(INTEROP_VENV)/bin/pip install --quiet '$(VIAM_SDK)'
 	touch $(INTEROP_STAMP)
 
+# The demo robot writes capture files into var/capture while the daemon uploads them to
+# its embedded ingest server; `.venv/bin/edged status -c config/edged.yaml` shows it move.
 run: $(STAMP)
+	mkdir -p var/capture var/uploads
+	@$(BIN)/python -m edged.demo var/capture & demo=$$!; \
+	trap 'kill $$demo 2>/dev/null' EXIT INT TERM; \
 	$(BIN)/edged run -c config/edged.yaml
 
 lint: $(STAMP)

@@ -11,23 +11,20 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from edged import __version__
+from edged.config import load_config, parse_size
 from edged.errors import ConfigError, EdgedError
 from edged.ingest import ApiKey, IngestServer, IngestSettings
 from edged.keyfile import read_secret_file
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+DEFAULT_CONFIG = Path("/etc/edged/edged.yaml")
 
 
-def parse_size(text: str) -> int:
-    """`64KiB`, `1MiB`, `2GiB`, or a plain byte count."""
-    units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40, "B": 1}
-    raw = text.strip().upper()
-    for suffix, mult in units.items():
-        if raw.endswith(suffix) and raw[: -len(suffix)].strip().isdigit():
-            return int(raw[: -len(suffix)]) * mult
-    if raw.isdigit():
-        return int(raw)
-    raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 4096, 64KiB, 1MiB or 2GiB")
+def _size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -91,11 +88,142 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from edged.app import run_daemon
+
+    return asyncio.run(run_daemon(args.config, until_empty=args.until_empty))
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    config = load_config(args.config)
+    print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+    return EXIT_OK
+
+
+def _socket_of(args: argparse.Namespace) -> Path:
+    if args.socket is not None:
+        return Path(args.socket)
+    return load_config(args.config).status.socket
+
+
+def _ask(args: argparse.Namespace, req: dict[str, object]) -> dict[str, object]:
+    from edged.status import request
+
+    answer = request(_socket_of(args), req)
+    if not answer.get("ok"):
+        raise EdgedError(str(answer.get("error", "the daemon refused the request")))
+    return answer
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from edged.status_view import render
+
+    for n in range(1_000_000 if args.watch else 1):
+        answer = _ask(args, {"cmd": "status"})
+        if args.json:
+            print(json.dumps(answer, indent=None if args.watch else 2), flush=True)
+        else:
+            if args.watch:
+                print("\x1b[2J\x1b[H", end="")
+            print(render(answer), flush=True)
+        if args.watch and n < 999_999:
+            time.sleep(args.interval)
+    return EXIT_OK
+
+
+def _cmd_simple(args: argparse.Namespace) -> int:
+    answer = _ask(args, {"cmd": args.command})
+    state = answer.get("state")
+    print(f"{args.command}: ok" + (f" (state: {state})" if state else ""))
+    return EXIT_OK
+
+
+def _cmd_dead_letters(args: argparse.Namespace) -> int:
+    import json
+
+    from edged.status_view import render_dead_letters
+
+    answer = _ask(args, {"cmd": "dead-letters"})
+    letters = answer.get("dead_letters", [])
+    assert isinstance(letters, list)
+    print(json.dumps(letters, indent=2) if args.json else render_dead_letters(letters))
+    return EXIT_OK
+
+
+def _cmd_retry_dead(args: argparse.Namespace) -> int:
+    if not args.all and not args.ids:
+        raise ConfigError("retry-dead needs item ids or --all")
+    req: dict[str, object] = {"cmd": "retry-dead"}
+    if args.all:
+        req["all"] = True
+    else:
+        req["ids"] = args.ids
+    answer = _ask(args, req)
+    print(f"requeued {answer.get('requeued', 0)} item(s)")
+    return EXIT_OK
+
+
+def _add_target(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG,
+        help=f"config file naming the status socket (default {DEFAULT_CONFIG})",
+    )
+    p.add_argument("--socket", help="status socket path (overrides the config's)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edged", description="Edge data-sync daemon.")
     parser.add_argument("--version", action="version", version=f"edged {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the daemon in the foreground (what systemd starts)")
+    run.add_argument("-c", "--config", type=Path, default=DEFAULT_CONFIG)
+    run.add_argument(
+        "--until-empty",
+        action="store_true",
+        help="scan every source once, upload everything, then exit",
+    )
+    run.set_defaults(func=_cmd_run)
+
+    chk = sub.add_parser("check-config", help="validate a config file and print it resolved")
+    chk.add_argument("-c", "--config", type=Path, default=DEFAULT_CONFIG)
+    chk.set_defaults(func=_cmd_check_config)
+
+    st = sub.add_parser("status", help="state, backlog, rates, last error of a running daemon")
+    _add_target(st)
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.add_argument("--watch", action="store_true", help="refresh until interrupted")
+    st.add_argument("--interval", type=float, default=1.0, help="--watch refresh seconds")
+    st.set_defaults(func=_cmd_status)
+
+    for name, text in (
+        ("sync-now", "scan sources and retry everything now (skip backoff)"),
+        ("pause", "stop uploading (capture continues into the outbox)"),
+        ("resume", "resume uploading (also after an auth failure)"),
+    ):
+        p = sub.add_parser(name, help=text)
+        _add_target(p)
+        p.set_defaults(func=_cmd_simple)
+
+    dl = sub.add_parser("dead-letters", help="list items the server rejected")
+    _add_target(dl)
+    dl.add_argument("--json", action="store_true")
+    dl.set_defaults(func=_cmd_dead_letters)
+
+    rd = sub.add_parser("retry-dead", help="requeue dead letters")
+    _add_target(rd)
+    rd.add_argument("ids", nargs="*", type=int, help="item ids (see dead-letters)")
+    rd.add_argument("--all", action="store_true", help="requeue every dead letter")
+    rd.set_defaults(func=_cmd_retry_dead)
 
     ing = sub.add_parser("ingest", help="run the reference DataSync + auth server")
     ing.add_argument(
@@ -117,13 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
     ing.add_argument(
         "--max-message-bytes",
-        type=parse_size,
+        type=_size_arg,
         default=512 << 20,
         help="largest single gRPC message accepted (default 512MiB)",
     )
     ing.add_argument(
         "--max-upload-bytes",
-        type=parse_size,
+        type=_size_arg,
         default=64 << 30,
         help="largest streamed upload accepted (default 64GiB)",
     )

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
+import logging
 import os
 import shutil
 import sqlite3
@@ -37,6 +39,8 @@ import aiosqlite
 from edged.durable import fsync_dir
 from edged.errors import OutboxFull
 from edged.policy import batch_take
+
+log = logging.getLogger("edged.outbox")
 
 KIND_TABULAR = "tabular"
 KIND_BINARY = "binary"
@@ -232,6 +236,7 @@ class Outbox:
         self._lock = asyncio.Lock()
         self._meta_ids: dict[bytes, int] = {}
         self._stored_bytes = 0
+        self._page = 0
         self.work_available = asyncio.Event()
         self.space_available = asyncio.Event()
 
@@ -290,6 +295,11 @@ class Outbox:
                     raise OutboxFull(f"outbox database cannot grow: {exc}") from exc
                 raise
 
+    async def _page_size(self) -> int:
+        if not self._page:
+            self._page = await self._scalar("PRAGMA page_size")
+        return self._page
+
     async def _meta_id(self, db: aiosqlite.Connection, metadata: bytes) -> int:
         digest = _digest(metadata)
         cached = self._meta_ids.get(digest)
@@ -306,6 +316,9 @@ class Outbox:
     async def _make_room(self, db: aiosqlite.Connection, need: int) -> None:
         """Apply the size and free-disk limits before a write (inside its transaction)."""
         free = self._free_disk(self.state_dir)
+        if free - need < self.limits.min_free_disk:
+            # Pages freed by acked items are reused before the file grows: count them.
+            free += await self._scalar("PRAGMA freelist_count") * await self._page_size()
         if free - need < self.limits.min_free_disk:
             raise OutboxFull(
                 f"free disk under {self.state_dir} is {free} bytes, below"
@@ -422,7 +435,12 @@ class Outbox:
             inline, length, stored = payload, len(payload), True
         else:
             length, stored = len(payload), True
-            path = str(await asyncio.to_thread(self._spool, uid, payload))
+            try:
+                path = str(await asyncio.to_thread(self._spool, uid, payload))
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise OutboxFull(f"spool directory {self.spool_dir} is full") from exc
+                raise
             claim = Claim(path, length, 0, delete_after=True)
         need = length if stored else 0
         now = self._clock()
@@ -467,6 +485,9 @@ class Outbox:
             while view:
                 view = view[os.write(fd, view) :]
             os.fsync(fd)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
         finally:
             os.close(fd)
         fsync_dir(self.spool_dir)
@@ -618,13 +639,20 @@ class Outbox:
                 still = await self._scalar("SELECT count(*) FROM items WHERE path=?", (item.path,))
                 if not still:
                     async with db.execute(
-                        "SELECT delete_after FROM claims WHERE path=?", (item.path,)
+                        "SELECT delete_after, size, mtime_ns FROM claims WHERE path=?",
+                        (item.path,),
                     ) as cur:
                         row = await cur.fetchone()
                     delete_after = bool(row[0]) if row else item.stored
-                    await self._settle_claim(db, item.path, delete_after)
-                    if delete_after:
-                        delete_file = item.path
+                    if row and row[2] and _changed_since(item.path, row[1], row[2]):
+                        # Rewritten after it was queued: keep the new bytes; forgetting the
+                        # claim lets its source queue the new version.
+                        log.warning("%s changed after it was queued; keeping it", item.path)
+                        await db.execute("DELETE FROM claims WHERE path=?", (item.path,))
+                    else:
+                        await self._settle_claim(db, item.path, delete_after)
+                        if delete_after:
+                            delete_file = item.path
             await self._bump(
                 db, uploaded_items=1, uploaded_readings=item.count, uploaded_bytes=item.bytes
             )
@@ -755,6 +783,14 @@ class Outbox:
             dead_letters=await self._scalar("SELECT count(*) FROM dead_letters"),
             counters=counters,
         )
+
+
+def _changed_since(path: str, size: int, mtime_ns: int) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (st.st_size, st.st_mtime_ns) != (size, mtime_ns)
 
 
 def _disk_free(path: Path) -> int:

@@ -13,6 +13,7 @@ import collections
 import contextlib
 import logging
 import random
+import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from typing import Protocol
 
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.client import ByteSource, FileSlice, UploadResult
-from edged.errors import SourceError, UploadError
+from edged.errors import OutboxFull, SourceError, UploadError
 from edged.outbox import KIND_BINARY, KIND_TABULAR, Item, Outbox
 from edged.policy import Verdict, backoff_delay, binary_route, classify, stream_deadline
 
@@ -225,13 +226,20 @@ class Uploader:
             if self.paused or self.auth_failed:
                 await self._resumed.wait()
                 continue
-            if self.gate.closed:
-                async with self.gate.probe:
-                    await self.gate.wait_open()
-                    if not self._stop.is_set() and not self.paused and not self.auth_failed:
-                        await self._one()
-            else:
-                await self._one()
+            try:
+                if self.gate.closed:
+                    async with self.gate.probe:
+                        await self.gate.wait_open()
+                        if not self._stop.is_set() and not self.paused and not self.auth_failed:
+                            await self._one()
+                else:
+                    await self._one()
+            except (OutboxFull, sqlite3.Error) as exc:
+                # The outbox could not record an outcome (disk full): the item's lease runs
+                # out and it is sent again under the same id, which the server de-duplicates.
+                self.last_error = f"outbox: {exc}"
+                log.warning("worker %d: %s; pausing this worker for 1s", n, exc)
+                await asyncio.sleep(1.0)
 
     async def _one(self) -> None:
         s = self.settings

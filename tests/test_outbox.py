@@ -324,3 +324,24 @@ def test_sigkill_mid_transaction_loses_nothing_committed(tmp_path: Path) -> None
         assert len(mine) % 100 == 0, "a batch was committed in part"
         assert mine == list(range(len(mine))), "a committed reading is missing"
         assert len(mine) >= reported, "a batch reported committed was lost"
+
+
+async def test_file_rewritten_after_queueing_is_kept_and_forgotten(
+    box: Outbox, tmp_path: Path
+) -> None:
+    source = tmp_path / "log.bin"
+    source.write_bytes(b"v1" * 10)
+    st = source.stat()
+    await box.enqueue_item(
+        KIND_FILE,
+        meta(),
+        FileRef(str(source), 0, 20),
+        claim=Claim(str(source), 20, st.st_mtime_ns, delete_after=True),
+    )
+    item = await take(box)
+    assert item is not None
+    source.write_bytes(b"v2" * 30)  # the writer was not done after all
+    os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    await box.ack(item)
+    assert source.read_bytes() == b"v2" * 30  # new bytes not deleted
+    assert await box.claim_of(str(source)) is None  # so the source sends the new version

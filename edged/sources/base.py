@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from edged.config import SourceConfig
 from edged.durable import fsync_dir
 from edged.outbox import Outbox
 
@@ -56,6 +57,7 @@ class SourceContext:
 class Source(Protocol):
     name: str
     kind: str
+    config: SourceConfig
     stats: SourceStats
 
     async def run(self) -> None:

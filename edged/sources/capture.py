@@ -73,6 +73,14 @@ def upload_metadata_for(
     return meta
 
 
+def _changed(path: Path, before: os.stat_result) -> bool:
+    try:
+        now = path.stat()
+    except FileNotFoundError:
+        return False
+    return (now.st_size, now.st_mtime_ns) != (before.st_size, before.st_mtime_ns)
+
+
 class CaptureSource:
     kind = "capture"
 
@@ -94,9 +102,11 @@ class CaptureSource:
             while True:
                 now = self.ctx.clock()
                 wake = min([next_scan, *self._prog_waiting.values()])
-                changed = await watcher.wait(max(0.0, wake - now))
-                watcher.start()  # the root may have appeared since
-                if changed is None or self.ctx.clock() >= next_scan:
+                was_active = watcher.active
+                timeout = watcher.timeout(max(0.0, wake - now))
+                appeared = not was_active and watcher.active  # root just created: scan it
+                changed = await watcher.wait(0.0 if appeared else timeout)
+                if changed is None or appeared or self.ctx.clock() >= next_scan:
                     await self.scan_once()
                     next_scan = self.ctx.clock() + self.ctx.rescan_s
                     continue
@@ -150,9 +160,14 @@ class CaptureSource:
             return
         claim = await self.ctx.outbox.claim_of(str(path))
         if claim is not None:
-            if claim[0] == CLAIM_COMMITTED:  # crashed between commit and delete
-                await self._retire(path)
-            return
+            if claim[0] != CLAIM_COMMITTED:
+                return  # binary readings still queued by reference
+            if (st.st_size, st.st_mtime_ns) == claim[1:]:
+                await self._retire(path)  # crashed between commit and delete
+                return
+            # A .prog that grew after we committed it: its writer was alive after all.
+            # Keep the offset, drop the claim, and commit what was appended.
+            await self.ctx.outbox.forget_claim(str(path))
         if path.suffix == ".prog":
             now = self.ctx.clock()
             if not prog_is_orphaned(st.st_mtime, now, self.config.prog_grace, self._booted_at):
@@ -200,6 +215,9 @@ class CaptureSource:
                     reader.truncated_at,
                 )
         if not referenced:
+            if path.suffix == ".prog" and _changed(path, st):
+                log.warning("%s changed while it was recovered; its writer is alive", path)
+                return
             await self._retire(path)
         self.stats.files_done += 1
 
@@ -234,7 +252,9 @@ class CaptureSource:
                 self.stats.readings += len(chunk)
             self._quarantine(path, str(exc), keep_original=False)
             raise FileNotFoundError from exc  # nothing left to retire
-        await outbox.enqueue_readings(meta_bytes, chunk, claim=claim)
+        await outbox.enqueue_readings(
+            meta_bytes, chunk, claim=claim, progress=self._progress(path, st, end)
+        )
         self.stats.readings += len(chunk)
 
     async def _commit_binary(

@@ -45,6 +45,17 @@ class DirWatcher:
         self._event = asyncio.Event()
         self._observer: Observer | None = None  # type: ignore[valid-type]
 
+    @property
+    def active(self) -> bool:
+        """False while the root is missing: callers then poll for it (see `timeout`)."""
+        return self._observer is not None
+
+    def timeout(self, wanted: float, missing_root_poll_s: float = 1.0) -> float:
+        """How long to wait: as asked, or briefly while the root does not exist yet."""
+        if not self.active:
+            self.start()
+        return wanted if self.active else min(wanted, missing_root_poll_s)
+
     def note(self, path: Path) -> None:
         if len(self._pending) >= MAX_PENDING:
             self._overflow = True

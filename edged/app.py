@@ -1,0 +1,440 @@
+"""The daemon: the only place that wires config, outbox, sources, uploader and status.
+
+Start-up order matters for the invariants: open the outbox and recover (release old
+leases, settle half-done acks) before READY=1; sources start only after that.
+Shutdown is two-stage: stop taking new input, let calls in flight finish within the
+grace period, then close the outbox cleanly. A second signal cancels at once, which
+still loses nothing: every item not yet acked is in the outbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import signal
+import time
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from edged import __version__
+from edged.client import UploadClient
+from edged.config import Config, SourceConfig, load_config
+from edged.errors import ConfigError, EdgedError
+from edged.ingest import ApiKey, IngestServer, IngestSettings
+from edged.keyfile import resolve_api_key
+from edged.notify import Notifier
+from edged.outbox import Outbox, OutboxLimits
+from edged.sources.base import Source, SourceContext
+from edged.sources.capture import CaptureSource
+from edged.status import StatusServer
+from edged.uploader import Uploader, UploaderSettings
+
+log = logging.getLogger("edged")
+
+SHUTDOWN_GRACE_S = 20.0
+
+
+def make_source(config: SourceConfig, ctx: SourceContext) -> Source:
+    if config.kind == "capture":
+        return CaptureSource(config, ctx)
+    if config.kind == "jsonl":
+        from edged.sources.jsonl import JsonlSource
+
+        return JsonlSource(config, ctx)
+    from edged.sources.files import FilesSource
+
+    return FilesSource(config, ctx)
+
+
+def uploader_settings(config: Config) -> UploaderSettings:
+    u = config.upload
+    return UploaderSettings(
+        workers=u.workers,
+        batch_max_readings=u.batch_max_readings,
+        batch_max_bytes=u.batch_max_bytes,
+        backoff_initial=u.backoff.initial,
+        backoff_max=u.backoff.max,
+        call_timeout=u.call_timeout,
+        lease_s=u.lease,
+    )
+
+
+def outbox_limits(config: Config) -> OutboxLimits:
+    o = config.outbox
+    return OutboxLimits(o.max_bytes, o.on_full, o.min_free_disk, o.synchronous)
+
+
+@dataclass
+class _Running:
+    source: Source
+    task: asyncio.Task[None]
+
+
+class Daemon:
+    def __init__(self, config: Config, *, until_empty: bool = False) -> None:
+        self.config = config
+        self.until_empty = until_empty
+        self.started = time.monotonic()
+        self.notifier = Notifier()
+        self._stop = asyncio.Event()
+        self._signals = 0
+        self._sources: dict[str, _Running] = {}
+        self._ingest: IngestServer | None = None
+        self._client: UploadClient | None = None
+        self.outbox: Outbox | None = None
+        self.uploader: Uploader | None = None
+        self.cloud_address = config.cloud.address
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        cfg = self.config
+        self.outbox = await Outbox.open(cfg.state_dir, outbox_limits(cfg))
+        try:
+            recovered = await self.outbox.recover()
+            log.info(
+                "outbox open at %s (%s)",
+                cfg.state_dir / "outbox.sqlite3",
+                ", ".join(f"{k}={v}" for k, v in recovered.items()),
+            )
+            self._client = await self._connect()
+            self.uploader = Uploader(self.outbox, self._client, uploader_settings(cfg))
+            status = StatusServer(cfg.status.socket, self.handle)
+            await status.start()
+            try:
+                return await self._serve()
+            finally:
+                await status.stop()
+        finally:
+            await self._close()
+
+    async def _serve(self) -> int:
+        assert self.uploader is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop_signal)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        uploads = asyncio.create_task(self.uploader.run(), name="uploader")
+        for source_cfg in self.config.sources:
+            self._start_source(source_cfg)
+        self.notifier.send(READY="1", STATUS=self._status_line())
+        log.info(
+            "edged %s running: part %s, %d source(s), uploading to %s",
+            __version__,
+            self.config.part_id,
+            len(self._sources),
+            self.cloud_address,
+        )
+        pinger = asyncio.create_task(self._keepalive(), name="watchdog")
+        try:
+            if self.until_empty:
+                await self._wait_until_empty(uploads)
+            else:
+                await self._stop.wait()
+        finally:
+            self.notifier.send(STOPPING="1", STATUS="stopping")
+            log.info("stopping: no new input; finishing uploads in flight")
+            for running in self._sources.values():
+                running.task.cancel()
+            await asyncio.gather(*(r.task for r in self._sources.values()), return_exceptions=True)
+            self.uploader.stop()
+            try:
+                await asyncio.wait_for(asyncio.shield(uploads), SHUTDOWN_GRACE_S)
+            except TimeoutError:
+                log.warning(
+                    "uploads still in flight after %gs; leaving them queued", SHUTDOWN_GRACE_S
+                )
+                uploads.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await uploads
+            pinger.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pinger
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+        if uploads.done() and not uploads.cancelled() and uploads.exception():
+            raise uploads.exception()  # type: ignore[misc]
+        stats = await self.outbox.stats() if self.outbox else None
+        log.info("stopped cleanly; %s item(s) stay queued", stats.items if stats else "?")
+        return 0
+
+    async def _wait_until_empty(self, uploads: asyncio.Task[None]) -> None:
+        """`--until-empty`: one scan of every source, then drain (arq's burst mode)."""
+        for running in list(self._sources.values()):
+            running.task.cancel()
+        await asyncio.gather(*(r.task for r in self._sources.values()), return_exceptions=True)
+        for running in self._sources.values():
+            await running.source.scan_once()
+        assert self.uploader is not None and self.outbox is not None
+        stop = asyncio.create_task(self._stop.wait())
+        while not self._stop.is_set():
+            stats = await self.outbox.stats()
+            if stats.items <= stats.dead_letters and self.uploader.inflight == 0:
+                break
+            await asyncio.wait({stop, uploads}, timeout=0.1, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+
+    def _on_stop_signal(self) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            log.info("signal received: shutting down (send again to stop at once)")
+            self._stop.set()
+            return
+        log.warning("second signal: stopping now; unacknowledged items stay queued")
+        for task in asyncio.all_tasks():
+            if task is not asyncio.current_task():
+                task.cancel()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def _close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+        if self._ingest is not None:
+            await self._ingest.stop(grace_s=2.0)
+        if self.outbox is not None:
+            await self.outbox.close()
+
+    async def _connect(self) -> UploadClient:
+        cloud = self.config.cloud
+        if cloud.embedded:
+            key = ApiKey(str(uuid.uuid4()), secrets.token_urlsafe(32), "local")
+            self._ingest = IngestServer(
+                IngestSettings(data_dir=self.config.state_dir / "ingest", keys=(key,))
+            )
+            await self._ingest.start()
+            self.cloud_address = f"embedded ({self._ingest.address})"
+            log.info(
+                "embedded ingest server on %s, data in %s",
+                self._ingest.address,
+                self.config.state_dir / "ingest",
+            )
+            return UploadClient(
+                self._ingest.address,
+                api_key_id=key.key_id,
+                api_key=key.secret,
+                tls=False,
+                timeout=self.config.upload.call_timeout,
+                chunk_size=self.config.upload.chunk_size,
+            )
+        secret = resolve_api_key(cloud.api_key_file)
+        if cloud.api_key_id and secret is None:
+            raise ConfigError(
+                "cloud.api_key_id is set but no key was found: set cloud.api_key_file or"
+                " EDGED_API_KEY"
+            )
+        return UploadClient(
+            cloud.address,
+            api_key_id=cloud.api_key_id if secret else None,
+            api_key=secret,
+            tls=cloud.use_tls(),
+            ca_file=cloud.ca_file,
+            timeout=self.config.upload.call_timeout,
+            chunk_size=self.config.upload.chunk_size,
+        )
+
+    def _context(self) -> SourceContext:
+        assert self.outbox is not None
+        return SourceContext(self.config.part_id, self.outbox, self.config.state_dir)
+
+    def _start_source(self, source_cfg: SourceConfig) -> None:
+        source = make_source(source_cfg, self._context())
+        task = asyncio.create_task(self._guard(source), name=f"source {source.name}")
+        self._sources[source.name] = _Running(source, task)
+
+    async def _guard(self, source: Source) -> None:
+        """A source that crashes is logged and restarted after a pause, never crash-loops
+        the daemon (its files stay on disk, so nothing is lost)."""
+        for attempt in range(1, 1_000_000):
+            try:
+                await source.run()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the guard's whole job
+                source.stats.last_error = f"{type(exc).__name__}: {exc}"
+                delay = min(60.0, 2.0**attempt)
+                log.exception("source %s failed; restarting it in %.0fs", source.name, delay)
+                await asyncio.sleep(delay)
+
+    async def _keepalive(self) -> None:
+        """WATCHDOG=1 from the event loop itself, so a wedged loop gets us restarted."""
+        interval = self.notifier.watchdog_interval_s or 10.0
+        while True:
+            if self.notifier.watchdog_interval_s:
+                self.notifier.send(WATCHDOG="1")
+            with contextlib.suppress(EdgedError):
+                self.notifier.send(STATUS=await self._status_line_async())
+            await asyncio.sleep(interval)
+
+    # -- reload ------------------------------------------------------------------------------
+
+    async def reload(self) -> None:
+        """SIGHUP: re-read the config; add/remove sources and apply limits; a bad file
+        keeps the running config."""
+        path = self.config.source_file
+        if path is None:
+            return
+        self.notifier.send(RELOADING="1")
+        try:
+            new = await asyncio.to_thread(load_config, path)
+        except ConfigError as exc:
+            log.error("config reload failed; keeping the running config:\n%s", exc)
+            self.notifier.send(READY="1")
+            return
+        if new.cloud != self.config.cloud or new.state_dir != self.config.state_dir:
+            log.warning("cloud/state_dir changes take effect after a restart")
+        if new.part_id != self.config.part_id:
+            log.warning("part_id changes take effect after a restart")
+        old_names = set(self._sources)
+        wanted = {s.name: s for s in new.sources}
+        for name in old_names - set(wanted):
+            running = self._sources.pop(name)
+            running.task.cancel()
+            log.info("source %s removed", name)
+        for name, source_cfg in wanted.items():
+            current = self._sources.get(name)
+            if current is not None and current.source.config == source_cfg:
+                continue
+            if current is not None:
+                current.task.cancel()
+            self._start_source(source_cfg)
+            log.info("source %s %s", name, "restarted" if current else "added")
+        assert self.outbox is not None and self.uploader is not None
+        self.outbox.limits = outbox_limits(new)
+        self.uploader.settings = replace(
+            uploader_settings(new), workers=self.uploader.settings.workers
+        )
+        self.config = replace(
+            new,
+            part_id=self.config.part_id,
+            cloud=self.config.cloud,
+            state_dir=self.config.state_dir,
+        )
+        self.uploader.resume()  # a reload is the documented way out of auth_failed
+        self.notifier.send(READY="1", STATUS=self._status_line())
+        log.info("config reloaded from %s", path)
+
+    # -- status --------------------------------------------------------------------------
+
+    def _status_line(self) -> str:
+        state = self.uploader.state if self.uploader else "starting"
+        return f"{state}; uploading to {self.cloud_address}"
+
+    async def _status_line_async(self) -> str:
+        assert self.outbox is not None and self.uploader is not None
+        stats = await self.outbox.stats()
+        readings_s, _ = self.uploader.rates.rates()
+        return (
+            f"{self.uploader.state}; backlog {stats.items} items / {stats.bytes} bytes;"
+            f" {readings_s:.0f} readings/s"
+        )
+
+    async def status(self) -> dict[str, Any]:
+        assert self.outbox is not None and self.uploader is not None
+        stats = await self.outbox.stats()
+        up = self.uploader
+        readings_s, bytes_s = up.rates.rates()
+        c = stats.counters
+        sources = []
+        for running in self._sources.values():
+            s = running.source
+            sources.append(
+                {
+                    "name": s.name,
+                    "kind": s.kind,
+                    "path": str(s.config.path),
+                    **s.stats.as_dict(),
+                }
+            )
+        wait = up.gate.wait_s() if up.gate.closed else None
+        return {
+            "ok": True,
+            "version": __version__,
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "state": up.state,
+            "part_id": self.config.part_id,
+            "outbox": {
+                "items": stats.items,
+                "readings": stats.readings,
+                "bytes": stats.bytes,
+                "stored_bytes": stats.stored_bytes,
+                "oldest_age_s": stats.oldest_age_s,
+                "per_kind": {
+                    k: {"items": v.items, "bytes": v.bytes} for k, v in stats.per_kind.items()
+                },
+                "max_bytes": self.config.outbox.max_bytes,
+            },
+            "uploaded": {
+                "items": c.get("uploaded_items", 0),
+                "readings": c.get("uploaded_readings", 0),
+                "bytes": c.get("uploaded_bytes", 0),
+            },
+            "rates": {"readings_per_s": round(readings_s, 3), "bytes_per_s": round(bytes_s, 1)},
+            "cloud": {
+                "address": self.cloud_address,
+                "last_success_at": up.last_success_at,
+                "last_error": up.last_error,
+                "next_retry_in_s": wait,
+                "calls": up.calls,
+                "inflight": up.inflight,
+            },
+            "dead_letters": stats.dead_letters,
+            "quarantined": sum(r.source.stats.quarantined for r in self._sources.values()),
+            "dropped": {
+                "readings": c.get("dropped_readings", 0),
+                "bytes": c.get("dropped_bytes", 0),
+            },
+            "sources": sources,
+        }
+
+    async def handle(self, req: dict[str, Any]) -> dict[str, Any]:
+        """One status-socket request (see design.md's protocol)."""
+        assert self.outbox is not None and self.uploader is not None
+        cmd = req["cmd"]
+        if cmd == "status":
+            return await self.status()
+        if cmd == "sync-now":
+            await self.uploader.sync_now()
+            for running in self._sources.values():
+                await running.source.scan_once()
+            return {"ok": True}
+        if cmd == "pause":
+            self.uploader.pause()
+            return {"ok": True, "state": self.uploader.state}
+        if cmd == "resume":
+            self.uploader.resume()
+            return {"ok": True, "state": self.uploader.state}
+        if cmd == "dead-letters":
+            letters = await self.outbox.dead_letters()
+            return {"ok": True, "dead_letters": [d.__dict__ for d in letters]}
+        if cmd == "retry-dead":
+            ids = req.get("ids")
+            if req.get("all"):
+                n = await self.outbox.retry_dead(None)
+            elif isinstance(ids, list) and all(isinstance(i, int) for i in ids):
+                n = await self.outbox.retry_dead(ids)
+            else:
+                return {"ok": False, "error": 'retry-dead needs "ids": [int, ...] or "all": true'}
+            return {"ok": True, "requeued": n}
+        known = "status, sync-now, pause, resume, dead-letters, retry-dead"
+        return {"ok": False, "error": f"unknown cmd {cmd!r}; known: {known}"}
+
+
+async def run_daemon(config_path: Path, *, until_empty: bool = False) -> int:
+    config = load_config(config_path)
+    from edged.logs import setup_logging
+
+    setup_logging(config.log.level, config.log.format)
+    daemon = Daemon(config, until_empty=until_empty)
+    return await daemon.run()
+
+
+def config_for_status(path: Path) -> Path:
+    """The socket a config file names (for `edged status -c FILE`)."""
+    return load_config(path).status.socket

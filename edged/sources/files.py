@@ -1,0 +1,364 @@
+"""The `files` source: arbitrary files, uploaded whole (by reference) once they settle.
+
+A file is queued when it is non-empty and its (size, mtime) has stayed the same for
+`settle` seconds and on two observations, so a file still being written is not taken.
+The outbox keeps a claim per file: `pending` until acknowledged, then the outbox deletes
+it (`delete_after_upload`, the default) or marks it `done`, and a later scan sends it
+again only if its size or mtime changed.
+
+Walking never follows symlinks (a link to a file or directory is skipped), so nothing
+outside `path` is ever uploaded; a root that is itself a symlink is resolved once.
+Hidden and temporary names, the robot's `failed/`, `datasetUpload/` and `sequences/`
+directories, and `.capture`/`.prog` files (the capture source owns those, also when both
+sources watch one directory) are never taken.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fnmatch
+import logging
+import mimetypes
+import os
+import stat
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
+from edged.config import SourceConfig
+from edged.errors import OutboxFull
+from edged.outbox import CLAIM_DONE, KIND_FILE, Claim, FileRef
+from edged.sources.base import SourceContext, SourceStats, is_ignored_name, wait_for_space
+from edged.sources.watch import DirWatcher
+
+log = logging.getLogger("edged.sources.files")
+
+ROBOT_DIRS = frozenset({"failed", "datasetUpload", "sequences"})
+CAPTURE_SUFFIXES = (".capture", ".prog")
+RECHECK_MAX_S = 1.0  # a file seen once is looked at again within this, settle permitting
+MIN_WAIT_S = 0.05  # never spin: the loop always waits at least this long
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def wanted_dir(name: str) -> bool:
+    return not is_ignored_name(name) and name not in ROBOT_DIRS
+
+
+def wanted_file(name: str, patterns: Iterable[str]) -> bool:
+    """Name-only decision: not hidden/temporary, not a capture file, matches a pattern."""
+    if is_ignored_name(name) or name.endswith(CAPTURE_SUFFIXES):
+        return False
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def path_labels(rel: PurePosixPath) -> tuple[list[str], list[str]]:
+    """Tags and dataset ids from `tag=<name>` / `dataset=<id>` directory components."""
+    tags: list[str] = []
+    datasets: list[str] = []
+    for part in rel.parts[:-1]:
+        key, sep, value = part.partition("=")
+        if sep and value and key == "tag":
+            tags.append(value)
+        elif sep and value and key == "dataset":
+            datasets.append(value)
+    return tags, datasets
+
+
+def _merge(first: Iterable[str], second: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys([*first, *second]))
+
+
+def _ts(ns: int) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(ns)
+    return ts
+
+
+def file_metadata(
+    part_id: str, config: SourceConfig, rel: PurePosixPath, st: os.stat_result
+) -> pb.UploadMetadata:
+    """`file_name` is the path relative to the root without its last suffix (unique per
+    source and readable on the server); `file_extension` is that suffix, dot included.
+    Linux has no birth time in stat: the create time falls back to the mtime."""
+    tags, datasets = path_labels(rel)
+    suffix = rel.suffix
+    name = rel.as_posix()[: -len(suffix)] if suffix else rel.as_posix()
+    created = getattr(st, "st_birthtime", None)
+    return pb.UploadMetadata(
+        part_id=part_id,
+        type=pb.DATA_TYPE_FILE,
+        file_name=name,
+        file_extension=suffix,
+        tags=_merge(config.tags, tags),
+        dataset_ids=_merge(config.dataset_ids, datasets),
+        mime_type=mimetypes.guess_type(rel.name)[0] or "",
+        file_modify_time=_ts(st.st_mtime_ns),
+        file_create_time=_ts(int(created * 1e9) if created else st.st_mtime_ns),
+    )
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One observation of a candidate file: what it looked like and when we looked."""
+
+    size: int
+    mtime_ns: int
+    at: float
+
+
+def is_settled(prev: Seen | None, now: Seen, settle_s: float) -> bool:
+    """Ready: non-empty, the same (size, mtime) as the previous look, and old enough."""
+    return (
+        prev is not None
+        and now.size > 0
+        and (prev.size, prev.mtime_ns) == (now.size, now.mtime_ns)
+        and now.at - now.mtime_ns / 1e9 >= settle_s
+    )
+
+
+def recheck_at(seen: Seen, settle_s: float) -> float:
+    """When a not-yet-settled file deserves another look (ctx.clock seconds)."""
+    return max(seen.mtime_ns / 1e9 + settle_s, seen.at + min(settle_s, RECHECK_MAX_S))
+
+
+# --------------------------------------------------------------------------- the source
+
+
+class FilesSource:
+    kind = "files"
+
+    def __init__(self, config: SourceConfig, ctx: SourceContext) -> None:
+        self.config = config
+        self.ctx = ctx
+        self.name = config.name or f"files:{config.path}"
+        self.stats = SourceStats()
+        self.patterns = config.patterns or ("*",)
+        self._root: Path | None = None
+        # All bounded by the files/dirs present: pruned on every full scan.
+        self._pending: dict[Path, Seen] = {}  # candidates not yet settled (or refused)
+        self._known: dict[Path, tuple[int, int]] = {}  # in the outbox as (size, mtime_ns)
+        self._dirs: set[Path] = set()
+        self._warned: set[Path] = set()
+        self._blocked = False
+
+    # -- loop ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        with DirWatcher(self._watch_root()) as watcher:
+            await self.scan_once()
+            next_rescan = time.monotonic() + self.ctx.rescan_s
+            while True:
+                if self._blocked:
+                    await wait_for_space(self.ctx, self.stats)
+                changed = await watcher.wait(watcher.timeout(self._timeout(next_rescan)))
+                try:
+                    if changed is None or self._root is None or time.monotonic() >= next_rescan:
+                        next_rescan = time.monotonic() + self.ctx.rescan_s
+                        await self.scan_once()
+                    else:
+                        await self._check_changed(changed)
+                except OSError as exc:  # EIO and the like: say so, try again next round
+                    self.stats.last_error = f"{exc.filename or self.config.path}: {exc}"
+                    log.warning("%s: %s", self.name, self.stats.last_error)
+
+    def _timeout(self, next_rescan: float) -> float:
+        wait = next_rescan - time.monotonic()
+        if self._blocked:
+            wait = min(wait, MIN_WAIT_S)
+        if self._pending:
+            now = self.ctx.clock()
+            settle = self.config.settle
+            wait = min(wait, min(recheck_at(s, settle) for s in self._pending.values()) - now)
+        return min(max(wait, MIN_WAIT_S), self.ctx.rescan_s)
+
+    async def scan_once(self) -> None:
+        root = self._resolve_root()
+        if root is None:
+            return
+        files, dirs = self._walk(root)
+        present = set(files)
+        self._dirs = dirs
+        self._known = {p: v for p, v in self._known.items() if p in present}
+        self._pending = {p: s for p, s in self._pending.items() if p in present}
+        self._warned &= present | dirs
+        await self._consider(files)
+
+    async def _check_changed(self, changed: set[Path]) -> None:
+        """Watcher paths plus pending files that are due; new directories are walked."""
+        root = self._resolve_root()
+        if root is None:
+            return
+        now = self.ctx.clock()
+        todo = [p for p, s in self._pending.items() if recheck_at(s, self.config.settle) <= now]
+        for raw in changed:
+            path = self._under_root(raw, root)
+            if path is None:
+                continue
+            try:
+                mode = path.lstat().st_mode
+            except OSError:
+                self._forget(path)
+                continue
+            if stat.S_ISDIR(mode):
+                if path in self._dirs or path == root or not wanted_dir(path.name):
+                    continue
+                files, dirs = self._walk(path)  # a new (or moved-in) directory
+                self._dirs |= dirs
+                todo += files
+            elif stat.S_ISREG(mode) and wanted_file(path.name, self.patterns):
+                todo.append(path)
+        await self._consider(dict.fromkeys(todo))
+
+    def _forget(self, path: Path) -> None:
+        self._pending.pop(path, None)
+        self._known.pop(path, None)
+        self._dirs.discard(path)
+
+    # -- paths ---------------------------------------------------------------------------
+
+    def _watch_root(self) -> Path:
+        return self._resolve_root() or self.config.path
+
+    def _resolve_root(self) -> Path | None:
+        """The root, with a symlinked root resolved once (when it first exists)."""
+        if self._root is None and self.config.path.is_dir():
+            self._root = self.config.path.resolve()
+        return self._root
+
+    def _under_root(self, raw: Path, root: Path) -> Path | None:
+        """A watcher path mapped under the resolved root; None if outside or unwanted."""
+        for base in (root, self.config.path):
+            with contextlib.suppress(ValueError):
+                rel = raw.relative_to(base)
+                if rel.parts and all(wanted_dir(p) for p in rel.parts[:-1]):
+                    if is_ignored_name(rel.parts[-1]):
+                        return None
+                    return root / rel
+                return None
+        return None
+
+    def _inside(self, path: Path, root: Path) -> bool:
+        """No symlink anywhere between the (resolved) root and `path`."""
+        return os.path.realpath(path) == str(path) and path.is_relative_to(root)
+
+    def _walk(self, top: Path) -> tuple[dict[Path, None], set[Path]]:
+        """Wanted regular files and directories under `top`, never through a symlink."""
+        files: dict[Path, None] = {}
+        dirs: set[Path] = set()
+        stack = [top]
+        while stack:
+            d = stack.pop()
+            dirs.add(d)
+            for entry in self._entries(d):
+                if entry.is_dir(follow_symlinks=False):
+                    if wanted_dir(entry.name):
+                        stack.append(Path(entry.path))
+                elif entry.is_file(follow_symlinks=False) and wanted_file(
+                    entry.name, self.patterns
+                ):
+                    files[Path(entry.path)] = None
+        return files, dirs
+
+    def _entries(self, d: Path) -> Iterator[os.DirEntry[str]]:
+        try:
+            with os.scandir(d) as it:
+                yield from it
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            self._warn(d, f"cannot list {d}: {exc.strerror or exc}")
+
+    def _warn(self, path: Path, message: str) -> None:
+        self.stats.last_error = message
+        if path not in self._warned:
+            self._warned.add(path)
+            log.warning("%s: %s", self.name, message)
+
+    # -- settle and enqueue --------------------------------------------------------------
+
+    async def _consider(self, paths: Iterable[Path]) -> None:
+        """Observe each file; queue the settled ones. After OutboxFull the rest are only
+        observed: the run loop waits for space and the next round tries again."""
+        root = self._root
+        assert root is not None
+        self._blocked = False
+        for path in paths:
+            try:
+                st = path.lstat()
+            except FileNotFoundError:
+                self._forget(path)
+                continue
+            except OSError as exc:
+                self._warn(path, f"cannot stat {path}: {exc.strerror or exc}")
+                continue
+            seen = Seen(st.st_size, st.st_mtime_ns, self.ctx.clock())
+            if seen.size == 0 or self._known.get(path) == (seen.size, seen.mtime_ns):
+                self._pending.pop(path, None)  # empty files come back on their next event
+                continue
+            prev = self._pending.get(path)
+            if prev is None:
+                if await self._in_outbox(path, seen):
+                    continue
+                self.stats.files_seen += 1
+            self._pending[path] = seen
+            if not self._blocked and is_settled(prev, seen, self.config.settle):
+                await self._enqueue(path, root, st)
+
+    async def _in_outbox(self, path: Path, seen: Seen) -> bool:
+        claim = await self.ctx.outbox.claim_of(str(path))
+        if claim is None:
+            return False
+        state, size, mtime_ns = claim
+        if state == CLAIM_DONE and (size, mtime_ns) != (seen.size, seen.mtime_ns):
+            return False  # uploaded and kept, then changed: a new version to send
+        self._known[path] = (size, mtime_ns)
+        return True
+
+    async def _enqueue(self, path: Path, root: Path, st: os.stat_result) -> None:
+        if not self._inside(path, root):
+            log.debug("%s: %s leads outside %s; skipped", self.name, path, root)
+            self._pending.pop(path, None)
+            return
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            os.close(fd)
+        except FileNotFoundError:
+            log.debug("%s: %s vanished before it was queued", self.name, path)
+            self._forget(path)
+            return
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                self._warn(path, f"cannot read {path}: {exc.strerror}; retrying on rescan")
+                self._pending.pop(path, None)  # the next full scan looks again
+                return
+            raise
+        meta = file_metadata(
+            self.ctx.part_id, self.config, PurePosixPath(path.relative_to(root)), st
+        )
+        claim = Claim(str(path), st.st_size, st.st_mtime_ns, self.config.delete_after_upload)
+        try:
+            await self.ctx.outbox.enqueue_item(
+                KIND_FILE,
+                meta.SerializeToString(),
+                FileRef(str(path), 0, st.st_size),
+                claim=claim,
+            )
+        except OutboxFull as exc:
+            self._blocked = True
+            self.stats.backpressure = True
+            self.stats.last_error = str(exc)
+            log.debug("%s: outbox full; %s stays where it is", self.name, path)
+            return
+        self._pending.pop(path, None)
+        self._known[path] = (st.st_size, st.st_mtime_ns)
+        self._warned.discard(path)
+        self.stats.files_done += 1
+        self.stats.backpressure = False
+        self.stats.last_event_at = self.ctx.clock()

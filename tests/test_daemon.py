@@ -1,0 +1,303 @@
+"""`edged run` as operators run it: a real subprocess, a real ingest subprocess, real
+files, real signals, the real status socket and a fake systemd notify socket."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edged.capture import CaptureWriter
+from tests.conftest import KeyFile
+from tests.procs import edged_cmd, ingest_process
+from tests.test_capture import tabular_metadata, tabular_reading
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def ingest_count(data: Path, table: str) -> int:
+    db_path = data / "ingest.sqlite3"
+    if not db_path.exists():
+        return 0
+    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        return int(db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+    finally:
+        db.close()
+
+
+def ingest_seqs(data: Path) -> list[int]:
+    db = sqlite3.connect(f"file:{data / 'ingest.sqlite3'}?mode=ro", uri=True)
+    try:
+        return sorted(int(json.loads(r[0])["seq"]) for r in db.execute("SELECT data FROM readings"))
+    finally:
+        db.close()
+
+
+def write_config(path: Path, body: str) -> Path:
+    path.write_text(body)
+    return path
+
+
+def base_config(tmp: Path, port: int, key: KeyFile, extra_sources: str = "") -> str:
+    return f"""\
+part_id: robot-e2e
+state_dir: {tmp / "state"}
+cloud:
+  address: 127.0.0.1:{port}
+  api_key_id: {key.key_id}
+  api_key_file: {key.path}
+  tls: false
+sources:
+  - kind: capture
+    path: {tmp / "capture"}
+  - kind: files
+    path: {tmp / "uploads"}
+    settle: 0s
+{extra_sources}upload:
+  backoff: {{initial: 50ms, max: 500ms}}
+status:
+  socket: {tmp / "edged.sock"}
+"""
+
+
+@contextmanager
+def daemon(
+    config: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+) -> Iterator[subprocess.Popen[bytes]]:
+    log = config.with_suffix(".log").open("ab")
+    proc = subprocess.Popen(
+        edged_cmd("run", "-c", str(config), *args),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(30)
+        log.close()
+
+
+def status(config: Path) -> dict[str, Any]:
+    """`edged status --json` against the socket next to `config` (named explicitly, so a
+    test may break the config file while the daemon runs)."""
+    out = subprocess.run(
+        edged_cmd("status", "--socket", str(config.parent / "edged.sock"), "--json"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
+
+
+def socket_up(path: Path) -> bool:
+    return path.exists()
+
+
+def write_capture(root: Path, start: int, n: int, per_file: int = 500) -> None:
+    for first in range(start, start + n, per_file):
+        with CaptureWriter(root, tabular_metadata()) as w:
+            for seq in range(first, min(first + per_file, start + n)):
+                w.write(tabular_reading(seq))
+
+
+def test_files_in_data_stored_sources_deleted_status_true(tmp_path: Path, key: KeyFile) -> None:
+    (tmp_path / "uploads" / "tag=field").mkdir(parents=True)
+    with ingest_process(
+        tmp_path / "ingest", ["--api-key-id", key.key_id, "--api-key-file", str(key.path)]
+    ) as (_, port):
+        cfg = write_config(tmp_path / "edged.yaml", base_config(tmp_path, port, key))
+        with daemon(cfg) as proc:
+            wait_for("status socket", lambda: socket_up(tmp_path / "edged.sock"))
+            write_capture(tmp_path / "capture", 0, 1200)
+            (tmp_path / "uploads" / "tag=field" / "run1.bag").write_bytes(b"b" * 100_000)
+            wait_for(
+                "readings at ingest", lambda: ingest_count(tmp_path / "ingest", "readings") == 1200
+            )
+            wait_for("file at ingest", lambda: ingest_count(tmp_path / "ingest", "binaries") == 1)
+            wait_for(
+                "capture files retired", lambda: not list((tmp_path / "capture").rglob("*.capture"))
+            )
+            wait_for(
+                "plain file deleted after ack",
+                lambda: not (tmp_path / "uploads" / "tag=field" / "run1.bag").exists(),
+            )
+            st = status(cfg)
+            assert st["ok"] is True and st["state"] == "running"
+            for key_name in (
+                "version",
+                "uptime_s",
+                "outbox",
+                "uploaded",
+                "rates",
+                "cloud",
+                "dead_letters",
+                "quarantined",
+                "dropped",
+                "sources",
+            ):
+                assert key_name in st
+            assert st["uploaded"]["readings"] == 1200 + 1
+            assert st["outbox"]["items"] == 0 and st["dead_letters"] == 0
+            assert st["cloud"]["last_success_at"] is not None
+            assert {s["kind"] for s in st["sources"]} == {"capture", "files"}
+            assert all("files_seen" in s and "last_event_at" in s for s in st["sources"])
+            sock_mode = (tmp_path / "edged.sock").stat().st_mode & 0o777
+            assert sock_mode == 0o660
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+        log = cfg.with_suffix(".log").read_text()
+        assert key.secret not in log
+        assert ingest_seqs(tmp_path / "ingest") == list(range(1200))
+
+
+def test_sigterm_mid_drain_exit_0_then_restart_loses_nothing(tmp_path: Path, key: KeyFile) -> None:
+    write_capture(tmp_path / "capture", 0, 30_000, per_file=1000)
+    with ingest_process(
+        tmp_path / "ingest", ["--api-key-id", key.key_id, "--api-key-file", str(key.path)]
+    ) as (_, port):
+        cfg = write_config(tmp_path / "edged.yaml", base_config(tmp_path, port, key))
+        with daemon(cfg) as proc:
+            wait_for("some uploads", lambda: ingest_count(tmp_path / "ingest", "readings") > 0)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+        partial = ingest_count(tmp_path / "ingest", "readings")
+        with daemon(cfg, args=("--until-empty",)) as proc:
+            assert proc.wait(120) == 0
+    seqs = ingest_seqs(tmp_path / "ingest")
+    assert seqs == list(range(30_000)), f"after {partial} before the restart"
+    assert not list((tmp_path / "capture").rglob("*.capture"))
+
+
+def test_sighup_adds_a_source_and_bad_reload_keeps_running(tmp_path: Path, key: KeyFile) -> None:
+    with ingest_process(
+        tmp_path / "ingest", ["--api-key-id", key.key_id, "--api-key-file", str(key.path)]
+    ) as (_, port):
+        cfg = write_config(tmp_path / "edged.yaml", base_config(tmp_path, port, key))
+        with daemon(cfg) as proc:
+            wait_for("status socket", lambda: socket_up(tmp_path / "edged.sock"))
+            extra = f"""\
+  - kind: files
+    path: {tmp_path / "more"}
+    settle: 0s
+    name: more
+"""
+            (tmp_path / "more").mkdir()
+            write_config(cfg, base_config(tmp_path, port, key, extra))
+            proc.send_signal(signal.SIGHUP)
+            wait_for("new source", lambda: any(s["name"] == "more" for s in status(cfg)["sources"]))
+            (tmp_path / "more" / "x.txt").write_bytes(b"hello")
+            wait_for(
+                "file via new source", lambda: ingest_count(tmp_path / "ingest", "binaries") == 1
+            )
+            cfg.write_text("part_id: [broken\n")
+            proc.send_signal(signal.SIGHUP)
+            wait_for(
+                "reload error logged",
+                lambda: "keeping the running config" in cfg.with_suffix(".log").read_text(),
+            )
+            assert status(cfg)["state"] == "running"
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+
+
+def test_bad_config_exits_2_naming_key_and_line(tmp_path: Path) -> None:
+    cfg = write_config(
+        tmp_path / "bad.yaml", "part_id: r\nstate_dir: /tmp/x\nupload:\n  wokers: 4\n"
+    )
+    for cmd in ("run", "check-config"):
+        res = subprocess.run(
+            edged_cmd(cmd, "-c", str(cfg)), capture_output=True, text=True, timeout=30, check=False
+        )
+        assert res.returncode == 2
+        assert "bad.yaml:4" in res.stderr and "upload.wokers" in res.stderr
+        assert "did you mean 'workers'" in res.stderr
+        assert "Traceback" not in res.stderr
+
+
+def test_notify_socket_ready_watchdog_stopping_and_garbage_on_status_socket(tmp_path: Path) -> None:
+    notify_path = tmp_path / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(notify_path))
+    listener.settimeout(30)
+    cfg = write_config(
+        tmp_path / "edged.yaml",
+        f"""\
+part_id: robot-notify
+state_dir: {tmp_path / "state"}
+cloud: {{address: embedded}}
+status: {{socket: {tmp_path / "edged.sock"}}}
+""",
+    )
+    try:
+        env = {"NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "200000"}
+        with daemon(cfg, env=env) as proc:
+            seen: list[str] = []
+
+            def expect(field: str) -> None:
+                while not any(line == field for msg in seen for line in msg.split("\n")):
+                    seen.append(listener.recv(4096).decode())
+
+            expect("READY=1")
+            expect("WATCHDOG=1")
+            # Garbage on the status socket: an error line back, the daemon keeps serving.
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(10)
+                s.connect(str(tmp_path / "edged.sock"))
+                s.sendall(b'\xff\xfenot json\n{"cmd": 3}\n{"cmd": "explode"}\n')
+                answers = b""
+                while answers.count(b"\n") < 3:
+                    answers += s.recv(4096)
+            replies = [json.loads(line) for line in answers.splitlines()]
+            assert [r["ok"] for r in replies] == [False, False, False]
+            assert "unknown cmd 'explode'" in replies[2]["error"]
+            assert status(cfg)["ok"] is True
+            proc.send_signal(signal.SIGTERM)
+            expect("STOPPING=1")
+            assert proc.wait(30) == 0
+        order = [line for msg in seen for line in msg.split("\n") if line.endswith("=1")]
+        assert order.index("READY=1") < order.index("WATCHDOG=1") < order.index("STOPPING=1")
+    finally:
+        listener.close()
+
+
+@pytest.mark.skipif(
+    not Path("/usr/bin/systemd-analyze").exists(), reason="systemd-analyze not installed"
+)
+def test_unit_file_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    repo = Path(__file__).resolve().parents[1]
+    unit = tmp_path / "edged.service"
+    text = (repo / "systemd" / "edged.service").read_text()
+    # verify checks that the binaries exist: point them at this venv's edged.
+    unit.write_text(text.replace("/usr/bin/edged", str(Path(sys.executable).parent / "edged")))
+    res = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    problems = [ln for ln in res.stderr.splitlines() if "edged.service" in ln]
+    assert not problems, res.stderr
