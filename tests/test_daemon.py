@@ -301,3 +301,60 @@ def test_unit_file_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     )
     problems = [ln for ln in res.stderr.splitlines() if "edged.service" in ln]
     assert not problems, res.stderr
+
+
+def edged_ctl(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        edged_cmd(*args, "--socket", str(cfg.parent / "edged.sock")),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_control_commands_and_stale_socket(tmp_path: Path, key: KeyFile) -> None:
+    """pause/resume/sync-now/dead-letters/retry-dead through the real CLI, JSON logs,
+    and a stale socket file from a crashed daemon replaced on start."""
+    (tmp_path / "uploads").mkdir()
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(tmp_path / "edged.sock"))  # bound, never listening: a crash leftover
+    stale.close()
+    with ingest_process(
+        tmp_path / "ingest",
+        ["--api-key-id", key.key_id, "--api-key-file", str(key.path), "--max-upload-bytes", "1000"],
+    ) as (_, port):
+        body = base_config(tmp_path, port, key).replace(
+            "status:", "log: {level: info, format: json}\nstatus:"
+        )
+        cfg = write_config(tmp_path / "edged.yaml", body)
+        with daemon(cfg) as proc:
+            wait_for("daemon up", lambda: edged_ctl(cfg, "status").returncode == 0)
+            assert "state: PAUSED" in (
+                edged_ctl(cfg, "pause").stdout + edged_ctl(cfg, "status").stdout
+            )
+            (tmp_path / "uploads" / "small.txt").write_bytes(b"x" * 10)
+            (tmp_path / "uploads" / "big.txt").write_bytes(b"y" * 5000)  # over the server cap
+            wait_for("queued while paused", lambda: status(cfg)["outbox"]["items"] == 2)
+            assert status(cfg)["uploaded"]["items"] == 0
+            assert edged_ctl(cfg, "resume").returncode == 0
+            wait_for("dead letter", lambda: status(cfg)["dead_letters"] == 1)
+            wait_for("small uploaded", lambda: status(cfg)["uploaded"]["items"] == 1)
+            listing = edged_ctl(cfg, "dead-letters", "--json")
+            [dead] = json.loads(listing.stdout)
+            assert dead["status"] == "INVALID_ARGUMENT" and "--max-upload-bytes" in dead["message"]
+            assert "INVALID_ARGUMENT" in edged_ctl(cfg, "dead-letters").stdout
+            assert "requeued 1 item" in edged_ctl(cfg, "retry-dead", str(dead["id"])).stdout
+            wait_for("dead again", lambda: status(cfg)["dead_letters"] == 1)
+            assert edged_ctl(cfg, "sync-now").returncode == 0
+            bad = edged_ctl(cfg, "retry-dead")
+            assert bad.returncode == 2 and "needs item ids or --all" in bad.stderr
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+        log_lines = cfg.with_suffix(".log").read_text().splitlines()
+        events = [json.loads(line) for line in log_lines if line.startswith("{")]
+        assert events and all({"ts", "level", "logger", "msg"} <= set(e) for e in events)
+        assert any("dead-lettered" in e["msg"] for e in events)
+        assert key.secret not in "\n".join(log_lines)
+    down = edged_ctl(cfg, "status")
+    assert down.returncode == 1 and "is edged running?" in down.stderr
