@@ -7,10 +7,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import wire
+from bench import outbox, sources, wire
 
 BENCHMARKS: dict[str, Callable[[bool, int | None], Path]] = {
     wire.NAME: wire.run,
+    outbox.NAME: outbox.run,
+    sources.NAME: sources.run,
 }
 
 

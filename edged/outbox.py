@@ -6,8 +6,11 @@ All SQL of the daemon lives here. One aiosqlite connection (single writer, WAL,
 What is stored where:
 - tabular readings: one row each in `readings`, already encoded as SensorData bytes,
   tied to an encoded UploadMetadata in `meta`. They are grouped into upload batches
-  only when leased, and a batch keeps its id across retries and restarts, so the
-  ingest side can de-duplicate a batch that was sent twice.
+  only when leased: a batch is an id range [lo, hi] of one metadata, recorded once
+  (no per-reading rewrite) and moving the metadata's `batched_upto` watermark. A
+  batch keeps its id across retries and restarts, so the ingest side can de-duplicate
+  a batch that was sent twice. Reading ids only grow (AUTOINCREMENT), so a range never
+  takes in a reading enqueued later.
 - binary readings and files: one row each in `items`, the bytes inline (small), in a
   private spool file, or left in the source file (path, offset, length) until acked.
 - `claims`: source files the outbox knows (committed and deletable, waiting for an
@@ -29,10 +32,10 @@ import shutil
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
@@ -41,6 +44,7 @@ from edged.errors import OutboxFull
 from edged.policy import batch_take
 
 log = logging.getLogger("edged.outbox")
+_T = TypeVar("_T")
 
 KIND_TABULAR = "tabular"
 KIND_BINARY = "binary"
@@ -52,23 +56,24 @@ CLAIM_PENDING = "pending"  # items still reference the file
 CLAIM_DONE = "done"  # uploaded and kept on disk: never send again
 
 INLINE_MAX = 256 * 1024  # larger payloads handed over as bytes go to a spool file
+WAL_LIMIT = 1 << 20
+WRITE_AMPLIFICATION = 3  # bytes on disk per payload byte (WAL, then table and index)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(
     id INTEGER PRIMARY KEY,
     digest BLOB NOT NULL UNIQUE,
-    metadata BLOB NOT NULL
+    metadata BLOB NOT NULL,
+    batched_upto INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS readings(
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     meta_id INTEGER NOT NULL,
     data BLOB NOT NULL,
     size INTEGER NOT NULL,
-    enqueued_at REAL NOT NULL,
-    batch_id INTEGER
+    enqueued_at REAL NOT NULL
 );
-CREATE INDEX IF NOT EXISTS readings_free ON readings(meta_id, id) WHERE batch_id IS NULL;
-CREATE INDEX IF NOT EXISTS readings_batch ON readings(batch_id) WHERE batch_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS readings_meta ON readings(meta_id, id);
 CREATE TABLE IF NOT EXISTS items(
     id INTEGER PRIMARY KEY,
     uid TEXT NOT NULL UNIQUE,
@@ -80,6 +85,8 @@ CREATE TABLE IF NOT EXISTS items(
     offset INTEGER NOT NULL DEFAULT 0,
     length INTEGER NOT NULL DEFAULT 0,
     stored INTEGER NOT NULL DEFAULT 0,
+    lo INTEGER,
+    hi INTEGER,
     count INTEGER NOT NULL,
     bytes INTEGER NOT NULL,
     enqueued_at REAL NOT NULL,
@@ -236,6 +243,8 @@ class Outbox:
         self._lock = asyncio.Lock()
         self._meta_ids: dict[bytes, int] = {}
         self._stored_bytes = 0
+        self._readings = 0
+        self._reading_bytes = 0
         self._page = 0
         self.work_available = asyncio.Event()
         self.space_available = asyncio.Event()
@@ -258,15 +267,23 @@ class Outbox:
             limits = limits or OutboxLimits()
             await db.execute("PRAGMA journal_mode=WAL")
             await db.execute(f"PRAGMA synchronous={limits.synchronous}")
+            # Keep the WAL small: on a nearly full disk it must not balloon before a
+            # checkpoint, and it shrinks back after one.
+            await db.execute("PRAGMA wal_autocheckpoint=256")
+            await db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
             await db.execute("PRAGMA foreign_keys=OFF")
             await db.executescript(SCHEMA)
         except BaseException:
             await db.close()
             raise
         box = cls(db, state_dir, limits, clock, free_disk or _disk_free)
-        box._stored_bytes = await box._scalar(
-            "SELECT (SELECT coalesce(sum(size),0) FROM readings)"
-            " + (SELECT coalesce(sum(bytes),0) FROM items WHERE stored=1)"
+        box.ensure_reserve()
+        async with db.execute("SELECT count(*), coalesce(sum(size),0) FROM readings") as cur:
+            row = await cur.fetchone()
+        assert row is not None
+        box._readings, box._reading_bytes = int(row[0]), int(row[1])
+        box._stored_bytes = box._reading_bytes + await box._scalar(
+            "SELECT coalesce(sum(bytes),0) FROM items WHERE stored=1"
         )
         return box
 
@@ -295,6 +312,43 @@ class Outbox:
                     raise OutboxFull(f"outbox database cannot grow: {exc}") from exc
                 raise
 
+    @property
+    def reserve_bytes(self) -> int:
+        return min(max(self.limits.min_free_disk // 4, 256 * 1024), 16 << 20)
+
+    def ensure_reserve(self) -> None:
+        """Keep a small file of disk space aside: when the disk fills up anyway, deleting
+        it lets uploads and acks (which also write) go on, and acks free space."""
+        path = self.state_dir / "reserve"
+        if path.exists():
+            return
+        if self._free_disk(self.state_dir) - self.reserve_bytes < self.limits.min_free_disk:
+            return
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, self.reserve_bytes)
+        except OSError:
+            path.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+
+    def _release_reserve(self) -> bool:
+        path = self.state_dir / "reserve"
+        if not path.exists():
+            return False
+        path.unlink()
+        log.warning("disk full under %s: released the reserve so uploads can go on", self.state_dir)
+        return True
+
+    async def _drain_path(self, op: Callable[[], Awaitable[_T]]) -> _T:
+        """Run an upload-path write; on a full disk spend the reserve and try once more."""
+        try:
+            return await op()
+        except OutboxFull:
+            if not self._release_reserve():
+                raise
+            return await op()
+
     async def _page_size(self) -> int:
         if not self._page:
             self._page = await self._scalar("PRAGMA page_size")
@@ -313,49 +367,59 @@ class Outbox:
         self._meta_ids[digest] = meta_id
         return meta_id
 
-    async def _make_room(self, db: aiosqlite.Connection, need: int) -> None:
+    async def _make_room(self, db: aiosqlite.Connection, need: int) -> tuple[int, int]:
         """Apply the size and free-disk limits before a write (inside its transaction)."""
+        on_disk = need * WRITE_AMPLIFICATION
         free = self._free_disk(self.state_dir)
-        if free - need < self.limits.min_free_disk:
+        if free - on_disk < self.limits.min_free_disk:
             # Pages freed by acked items are reused before the file grows: count them.
             free += await self._scalar("PRAGMA freelist_count") * await self._page_size()
-        if free - need < self.limits.min_free_disk:
+        if free - on_disk < self.limits.min_free_disk:
+            self.space_available.clear()
             raise OutboxFull(
                 f"free disk under {self.state_dir} is {free} bytes, below"
                 f" outbox.min_free_disk ({self.limits.min_free_disk})"
             )
+        self.ensure_reserve()
         over = self._stored_bytes + need - self.limits.max_bytes
         if over <= 0:
-            return
+            return 0, 0
         if self.limits.on_full != "drop_oldest":
             self.space_available.clear()
             raise OutboxFull(
                 f"outbox holds {self._stored_bytes} bytes; {need} more would pass"
                 f" outbox.max_bytes ({self.limits.max_bytes})"
             )
-        await self._drop_oldest(db, over)
+        return await self._drop_oldest(db, over)
 
-    async def _drop_oldest(self, db: aiosqlite.Connection, need: int) -> None:
-        freed = dropped = 0
+    async def _drop_oldest(self, db: aiosqlite.Connection, need: int) -> tuple[int, int]:
+        """Delete the oldest readings in no batch; (readings, bytes) dropped, which the
+        caller books once its transaction commits."""
+        freed = 0
         async with db.execute(
-            "SELECT id, size FROM readings WHERE batch_id IS NULL ORDER BY id LIMIT 100000"
+            "SELECT r.id, r.size FROM readings r JOIN meta m ON m.id=r.meta_id"
+            " WHERE r.id > m.batched_upto ORDER BY r.id LIMIT 100000"
         ) as cur:
             rows = await cur.fetchall()
-        last_id = None
+        doomed: list[tuple[int]] = []
         for rid, size in rows:
             if freed >= need:
                 break
             freed += size
-            dropped += 1
-            last_id = rid
-        if last_id is not None:
-            await db.execute("DELETE FROM readings WHERE batch_id IS NULL AND id <= ?", (last_id,))
+            doomed.append((rid,))
+        dropped = len(doomed)
+        await db.executemany("DELETE FROM readings WHERE id=?", doomed)
         if freed < need:
             raise OutboxFull(
                 f"outbox.max_bytes ({self.limits.max_bytes}) reached and nothing left to drop"
             )
-        self._stored_bytes -= freed
         await self._bump(db, dropped_readings=dropped, dropped_bytes=freed)
+        return dropped, freed
+
+    def _book_drop(self, dropped: int, freed: int) -> None:
+        self._stored_bytes -= freed
+        self._readings -= dropped
+        self._reading_bytes -= freed
 
     async def _bump(self, db: aiosqlite.Connection, **deltas: int) -> None:
         await db.executemany(
@@ -398,7 +462,7 @@ class Outbox:
         need = sum(len(r) for r in readings)
         now = self._clock()
         async with self._tx() as db:
-            await self._make_room(db, need)
+            dropped = await self._make_room(db, need)
             if readings:
                 meta_id = await self._meta_id(db, metadata)
                 await db.executemany(
@@ -408,7 +472,10 @@ class Outbox:
             await self._put_claim(db, claim, CLAIM_COMMITTED)
             await self._put_progress(db, progress)
             await self._bump(db, enqueued_readings=len(readings))
+        self._book_drop(*dropped)
         self._stored_bytes += need
+        self._readings += len(readings)
+        self._reading_bytes += need
         if readings:
             self.work_available.set()
 
@@ -446,7 +513,7 @@ class Outbox:
         now = self._clock()
         try:
             async with self._tx() as db:
-                await self._make_room(db, need)
+                dropped = await self._make_room(db, need)
                 meta_id = await self._meta_id(db, metadata)
                 await db.execute(
                     "INSERT INTO items(uid, kind, meta_id, sensor, inline, path, offset, length,"
@@ -473,6 +540,7 @@ class Outbox:
             if stored and path:
                 Path(path).unlink(missing_ok=True)
             raise
+        self._book_drop(*dropped)
         self._stored_bytes += need
         self.work_available.set()
         return uid
@@ -553,6 +621,9 @@ class Outbox:
     ) -> Item | None:
         """The next due item, leased for `lease_s`; forms a new tabular batch if none is
         waiting. None if nothing is due."""
+        return await self._drain_path(lambda: self._lease(lease_s, max_readings, max_bytes))
+
+    async def _lease(self, lease_s: float, max_readings: int, max_bytes: int) -> Item | None:
         now = self._clock()
         async with self._tx() as db:
             async with db.execute(
@@ -563,11 +634,7 @@ class Outbox:
                 (now, now),
             ) as cur:
                 row = await cur.fetchone()
-            async with db.execute(
-                "SELECT meta_id, enqueued_at FROM readings WHERE batch_id IS NULL"
-                " ORDER BY id LIMIT 1"
-            ) as cur:
-                free = await cur.fetchone()
+            free = await self._oldest_unbatched(db)
             if free is not None and (row is None or free[1] < row[12]):
                 row = await self._new_batch(db, free[0], max_readings, max_bytes)
             if row is None:
@@ -590,13 +657,29 @@ class Outbox:
             attempts=row[13],
         )
 
+    async def _oldest_unbatched(self, db: aiosqlite.Connection) -> tuple[int, float] | None:
+        """(meta_id, enqueued_at) of the oldest reading in no batch; one index probe per
+        metadata (there are few: one per component and method)."""
+        async with db.execute(
+            "SELECT m.id, (SELECT r.id FROM readings r WHERE r.meta_id=m.id"
+            " AND r.id > m.batched_upto ORDER BY r.id LIMIT 1) AS first FROM meta m"
+        ) as cur:
+            firsts = [(int(mid), int(first)) for mid, first in await cur.fetchall() if first]
+        if not firsts:
+            return None
+        meta_id, first = min(firsts, key=lambda f: f[1])
+        async with db.execute("SELECT enqueued_at FROM readings WHERE id=?", (first,)) as cur:
+            row = await cur.fetchone()
+        assert row is not None
+        return meta_id, float(row[0])
+
     async def _new_batch(
         self, db: aiosqlite.Connection, meta_id: int, max_readings: int, max_bytes: int
     ) -> Any:
         """Bind the oldest unbatched readings of one metadata to a new item, for good."""
         async with db.execute(
-            "SELECT id, size, enqueued_at FROM readings WHERE batch_id IS NULL AND meta_id=?"
-            " ORDER BY id LIMIT ?",
+            "SELECT r.id, r.size, r.enqueued_at FROM readings r JOIN meta m ON m.id=r.meta_id"
+            " WHERE r.meta_id=? AND r.id > m.batched_upto ORDER BY r.id LIMIT ?",
             (meta_id, max_readings),
         ) as cur:
             rows = list(await cur.fetchall())
@@ -605,15 +688,12 @@ class Outbox:
         size = sum(r[1] for r in rows)
         uid = uuid.uuid4().hex
         cur2 = await db.execute(
-            "INSERT INTO items(uid, kind, meta_id, stored, count, bytes, enqueued_at)"
-            " VALUES (?,?,?,0,?,?,?)",
-            (uid, KIND_TABULAR, meta_id, n, size, rows[0][2]),
+            "INSERT INTO items(uid, kind, meta_id, stored, lo, hi, count, bytes, enqueued_at)"
+            " VALUES (?,?,?,0,?,?,?,?,?)",
+            (uid, KIND_TABULAR, meta_id, rows[0][0], rows[-1][0], n, size, rows[0][2]),
         )
         batch_id = cur2.lastrowid
-        await db.execute(
-            "UPDATE readings SET batch_id=? WHERE batch_id IS NULL AND meta_id=? AND id<=?",
-            (batch_id, meta_id, rows[-1][0]),
-        )
+        await db.execute("UPDATE meta SET batched_upto=? WHERE id=?", (rows[-1][0], meta_id))
         async with db.execute(
             f"SELECT {_ITEM_COLS} FROM items i JOIN meta m ON m.id=i.meta_id WHERE i.id=?",
             (batch_id,),
@@ -622,17 +702,26 @@ class Outbox:
 
     async def readings_of(self, item: Item) -> list[bytes]:
         async with self._db.execute(
-            "SELECT data FROM readings WHERE batch_id=? ORDER BY id", (item.id,)
+            "SELECT r.data FROM items i JOIN readings r ON r.meta_id=i.meta_id"
+            " AND r.id BETWEEN i.lo AND i.hi WHERE i.id=? ORDER BY r.id",
+            (item.id,),
         ) as cur:
             return [bytes(r[0]) for r in await cur.fetchall()]
 
     async def ack(self, item: Item) -> None:
         """The server acknowledged `item`: delete it (and its readings) in one transaction;
         then delete a source or spool file no other item needs."""
+        await self._drain_path(lambda: self._ack(item))
+
+    async def _ack(self, item: Item) -> None:
         delete_file: str | None = None
         async with self._tx() as db:
             if item.kind == KIND_TABULAR:
-                await db.execute("DELETE FROM readings WHERE batch_id=?", (item.id,))
+                await db.execute(
+                    "DELETE FROM readings WHERE id IN (SELECT r.id FROM items i JOIN readings r"
+                    " ON r.meta_id=i.meta_id AND r.id BETWEEN i.lo AND i.hi WHERE i.id=?)",
+                    (item.id,),
+                )
             await db.execute("DELETE FROM items WHERE id=?", (item.id,))
             await db.execute("DELETE FROM dead_letters WHERE item_id=?", (item.id,))
             if item.path is not None:
@@ -656,6 +745,9 @@ class Outbox:
             await self._bump(
                 db, uploaded_items=1, uploaded_readings=item.count, uploaded_bytes=item.bytes
             )
+        if item.kind == KIND_TABULAR:
+            self._readings -= item.count
+            self._reading_bytes -= item.bytes
         if item.stored or item.kind == KIND_TABULAR:
             self._stored_bytes -= item.bytes
             self.space_available.set()
@@ -734,7 +826,7 @@ class Outbox:
 
     async def next_due_in(self) -> float | None:
         """Seconds until the earliest waiting item is due (None: nothing waiting)."""
-        if await self._scalar("SELECT EXISTS(SELECT 1 FROM readings WHERE batch_id IS NULL)"):
+        if await self._oldest_unbatched(self._db) is not None:
             return 0.0
         async with self._db.execute(
             "SELECT min(next_attempt_at) FROM items i WHERE NOT EXISTS"
@@ -748,29 +840,24 @@ class Outbox:
     # -- status ------------------------------------------------------------------------
 
     async def stats(self) -> OutboxStats:
-        """Backlog per kind; for tabular data `items` counts readings, batched or not."""
+        """Backlog per kind; for tabular data `items` counts readings, batched or not.
+        Cheap at any backlog: reading totals are kept in memory, the rest is indexed."""
         async with self._db.execute(
-            "SELECT count(*), coalesce(sum(size),0), min(enqueued_at) FROM readings"
-            " WHERE batch_id IS NULL"
-        ) as cur:
-            free = await cur.fetchone()
-        async with self._db.execute(
-            "SELECT kind, count(*), coalesce(sum(bytes),0), coalesce(sum(count),0),"
-            " min(enqueued_at) FROM items GROUP BY kind"
+            "SELECT kind, count(*), coalesce(sum(bytes),0), min(enqueued_at) FROM items"
+            " WHERE kind != ? GROUP BY kind",
+            (KIND_TABULAR,),
         ) as cur:
             kinds = await cur.fetchall()
-        assert free is not None
-        readings, tab_bytes, oldest = int(free[0]), int(free[1]), free[2]
+        async with self._db.execute("SELECT enqueued_at FROM readings ORDER BY id LIMIT 1") as cur:
+            first = await cur.fetchone()
+        oldest = float(first[0]) if first else None
         per_kind: dict[str, KindStats] = {k: KindStats() for k in KINDS}
-        for kind, n, size, count, first in kinds:
-            if kind == KIND_TABULAR:
-                readings += count
-                tab_bytes += size
-            else:
-                per_kind[kind] = KindStats(n, size)
-            if first is not None and (oldest is None or first < oldest):
-                oldest = first
-        per_kind[KIND_TABULAR] = KindStats(readings, tab_bytes)
+        per_kind[KIND_TABULAR] = KindStats(self._readings, self._reading_bytes)
+        for kind, n, size, enq in kinds:
+            per_kind[kind] = KindStats(n, size)
+            if enq is not None and (oldest is None or enq < oldest):
+                oldest = enq
+        readings = self._readings
         async with self._db.execute("SELECT name, value FROM counters") as cur:
             counters = {str(k): int(v) for k, v in await cur.fetchall()}
         return OutboxStats(
