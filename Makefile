@@ -8,7 +8,7 @@ INTEROP_STAMP := $(INTEROP_VENV)/.installed
 # The stock SDK we prove wire compatibility with (separate venv: its protos clash with ours).
 VIAM_SDK := viam-sdk==0.85.1
 
-.PHONY: venv run test lint type unit proto interop bench clean
+.PHONY: venv run test lint type unit proto interop bench torture reliability clean
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
@@ -51,6 +51,19 @@ interop: $(STAMP) $(INTEROP_STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# Reliability suite: `reliability` = quick profile, `torture` = full (200 SIGKILL cycles);
+# both rewrite docs/reliability.md with the figures of the run.
+reliability: $(STAMP)
+	rm -f bench/results/reliability.jsonl
+	EDGED_RELIABILITY_OUT=bench/results/reliability.jsonl $(BIN)/pytest tests/reliability -q
+	$(BIN)/python -m bench.reliability_report bench/results/reliability.jsonl docs/reliability.md
+
+torture: $(STAMP)
+	rm -f bench/results/reliability.jsonl
+	EDGED_TORTURE=1 EDGED_RELIABILITY_OUT=bench/results/reliability.jsonl \
+		$(BIN)/pytest tests/reliability -q --timeout 3600
+	$(BIN)/python -m bench.reliability_report bench/results/reliability.jsonl docs/reliability.md
 
 clean:
 	rm -rf $(VENV) $(INTEROP_VENV) .mypy_cache .ruff_cache .pytest_cache

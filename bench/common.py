@@ -96,7 +96,7 @@ class CpuMeter:
         return wall, pct
 
 
-def _read_line(proc: subprocess.Popen[bytes], deadline_s: float) -> bytes:
+def read_line(proc: subprocess.Popen[bytes], deadline_s: float) -> bytes:
     """One stdout line from `proc`, or fail after `deadline_s` (never blocks forever)."""
     assert proc.stdout is not None
     sel = selectors.DefaultSelector()
@@ -139,7 +139,7 @@ def ingest_server(
         cwd=REPO,
     )
     try:
-        line = _read_line(proc, 30)
+        line = read_line(proc, 30)
         match = _LISTEN.search(line)
         if not match:
             raise RuntimeError(f"unexpected first line from edged ingest: {line!r}")

@@ -47,6 +47,7 @@ _AUTH_STATUSES = (Status.UNAUTHENTICATED, Status.PERMISSION_DENIED)
 
 _Req = TypeVar("_Req")
 _Resp = TypeVar("_Resp")
+_StreamResp = TypeVar("_StreamResp", pb.StreamingDataCaptureUploadResponse, pb.FileUploadResponse)
 
 
 @dataclass(frozen=True)
@@ -394,23 +395,15 @@ class UploadClient:
         first = pb.StreamingDataCaptureUploadRequest(
             metadata=pb.DataCaptureUploadMetadata(upload_metadata=metadata, sensor_metadata=sensor)
         )
-
-        async def send(stream: Stream[Any, pb.StreamingDataCaptureUploadResponse]) -> None:
-            await stream.send_message(first)
-            async for chunk in iter_source(source, self.chunk_size):
-                await stream.send_message(pb.StreamingDataCaptureUploadRequest(data=chunk))
-            await stream.end()
-
-        reply = await self._call(
+        return await self._stream(
             "StreamingDataCaptureUpload",
-            Cardinality.STREAM_UNARY,
-            pb.StreamingDataCaptureUploadRequest,
+            first,
+            lambda chunk: pb.StreamingDataCaptureUploadRequest(data=chunk),
             pb.StreamingDataCaptureUploadResponse,
-            send,
+            source,
             item_id=item_id,
             timeout=timeout,
         )
-        return UploadResult(reply.file_id, reply.binary_data_id)
 
     async def upload_file(
         self,
@@ -421,21 +414,41 @@ class UploadClient:
         timeout: float | None = None,
     ) -> UploadResult:
         """FileUpload: metadata first, then `chunk_size` file_contents messages."""
-        first = pb.FileUploadRequest(metadata=metadata)
+        return await self._stream(
+            "FileUpload",
+            pb.FileUploadRequest(metadata=metadata),
+            lambda chunk: pb.FileUploadRequest(file_contents=pb.FileData(data=chunk)),
+            pb.FileUploadResponse,
+            source,
+            item_id=item_id,
+            timeout=timeout,
+        )
 
-        async def send(stream: Stream[Any, pb.FileUploadResponse]) -> None:
+    async def _stream(
+        self,
+        method: str,
+        first: _Req,
+        wrap: Callable[[bytes], _Req],
+        resp_type: type[_StreamResp],
+        source: ByteSource,
+        *,
+        item_id: str | None,
+        timeout: float | None,
+    ) -> UploadResult:
+        """A client stream: the metadata message, then the payload in `chunk_size` pieces
+        (grpclib's flow control keeps at most a window of it in flight)."""
+
+        async def send(stream: Stream[_Req, _StreamResp]) -> None:
             await stream.send_message(first)
             async for chunk in iter_source(source, self.chunk_size):
-                await stream.send_message(
-                    pb.FileUploadRequest(file_contents=pb.FileData(data=chunk))
-                )
+                await stream.send_message(wrap(chunk))
             await stream.end()
 
         reply = await self._call(
-            "FileUpload",
+            method,
             Cardinality.STREAM_UNARY,
-            pb.FileUploadRequest,
-            pb.FileUploadResponse,
+            type(first),
+            resp_type,
             send,
             item_id=item_id,
             timeout=timeout,

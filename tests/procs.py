@@ -2,39 +2,22 @@
 
 from __future__ import annotations
 
-import os
 import re
-import selectors
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+
+from bench.common import read_line
+
+__all__ = ["edged_cmd", "ingest_process", "peak_rss_bytes", "read_line"]
 
 _LISTEN = re.compile(rb"listening on [^ ]+:(\d+)")
 
 
 def edged_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "edged", *args]
-
-
-def read_line(proc: subprocess.Popen[bytes], deadline_s: float) -> bytes:
-    """One stdout line from `proc`, or fail after `deadline_s` (never blocks forever)."""
-    assert proc.stdout is not None
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    end = time.monotonic() + deadline_s
-    buf = b""
-    while not buf.endswith(b"\n"):
-        left = end - time.monotonic()
-        if left <= 0 or not sel.select(left):
-            raise TimeoutError(f"no line from {proc.args!r} within {deadline_s}s (got {buf!r})")
-        chunk = os.read(proc.stdout.fileno(), 1)
-        if not chunk:
-            raise RuntimeError(f"{proc.args!r} exited with {proc.wait()} before a line: {buf!r}")
-        buf += chunk
-    return buf
 
 
 @contextmanager
