@@ -81,6 +81,7 @@ class Daemon:
         self.started = time.monotonic()
         self.notifier = Notifier()
         self._stop = asyncio.Event()
+        self._hard_stop = asyncio.Event()
         self._signals = 0
         self._sources: dict[str, _Running] = {}
         self._ingest: IngestServer | None = None
@@ -142,21 +143,21 @@ class Daemon:
                 running.task.cancel()
             await asyncio.gather(*(r.task for r in self._sources.values()), return_exceptions=True)
             self.uploader.stop()
-            try:
-                await asyncio.wait_for(asyncio.shield(uploads), SHUTDOWN_GRACE_S)
-            except TimeoutError:
-                log.warning(
-                    "uploads still in flight after %gs; leaving them queued", SHUTDOWN_GRACE_S
-                )
+            hard = asyncio.create_task(self._hard_stop.wait())
+            await asyncio.wait(
+                {uploads, hard}, timeout=SHUTDOWN_GRACE_S, return_when=asyncio.FIRST_COMPLETED
+            )
+            hard.cancel()
+            if not uploads.done():
+                log.warning("uploads still in flight; leaving them queued (they will be resent)")
                 uploads.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await uploads
+                await asyncio.gather(uploads, return_exceptions=True)
             pinger.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await pinger
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
-        if uploads.done() and not uploads.cancelled() and uploads.exception():
+        if uploads.done() and not uploads.cancelled() and uploads.exception() is not None:
             raise uploads.exception()  # type: ignore[misc]
         stats = await self.outbox.stats() if self.outbox else None
         log.info("stopped cleanly; %s item(s) stay queued", stats.items if stats else "?")
@@ -185,9 +186,8 @@ class Daemon:
             self._stop.set()
             return
         log.warning("second signal: stopping now; unacknowledged items stay queued")
-        for task in asyncio.all_tasks():
-            if task is not asyncio.current_task():
-                task.cancel()
+        self._stop.set()
+        self._hard_stop.set()
 
     def stop(self) -> None:
         self._stop.set()

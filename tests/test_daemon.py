@@ -358,3 +358,30 @@ def test_control_commands_and_stale_socket(tmp_path: Path, key: KeyFile) -> None
         assert key.secret not in "\n".join(log_lines)
     down = edged_ctl(cfg, "status")
     assert down.returncode == 1 and "is edged running?" in down.stderr
+
+
+def test_second_signal_exits_at_once_and_loses_nothing(tmp_path: Path, key: KeyFile) -> None:
+    """A server that accepts TCP but never answers keeps an upload in flight; the first
+    SIGTERM waits for it, the second exits at once with everything still queued."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    port = silent.getsockname()[1]
+    try:
+        write_capture(tmp_path / "capture", 0, 100)
+        cfg = write_config(tmp_path / "edged.yaml", base_config(tmp_path, port, key))
+        with daemon(cfg) as proc:
+            wait_for("status socket", lambda: socket_up(tmp_path / "edged.sock"))
+            wait_for("upload in flight", lambda: status(cfg)["cloud"]["inflight"] > 0)
+            proc.send_signal(signal.SIGTERM)
+            wait_for(
+                "first signal seen", lambda: "shutting down" in cfg.with_suffix(".log").read_text()
+            )
+            assert proc.poll() is None  # still waiting for the call in flight
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(10) == 0
+        db = sqlite3.connect(tmp_path / "state" / "outbox.sqlite3")
+        assert db.execute("SELECT count(*) FROM readings").fetchone() == (100,)
+        db.close()
+    finally:
+        silent.close()
