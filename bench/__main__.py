@@ -7,12 +7,13 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import outbox, sources, wire
+from bench import e2e, outbox, sources, wire
 
 BENCHMARKS: dict[str, Callable[[bool, int | None], Path]] = {
     wire.NAME: wire.run,
     outbox.NAME: outbox.run,
     sources.NAME: sources.run,
+    e2e.NAME: e2e.run,
 }
 
 

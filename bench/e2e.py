@@ -1,0 +1,417 @@
+"""e2e: a capture writer → `edged run` → loopback `edged ingest`, all real processes.
+
+Scenarios (each figure is the median of runs; CPU% and peak RSS are per process):
+- fixed load: a writer thread in this process closes a 1000-reading capture file every
+  0.1 s (10k readings/s offered) for T s; latency = ingest `received_at_ns` of a file's
+  last reading minus the moment its writer closed it (same machine, same clock);
+- saturation: N readings already on disk when edged starts; readings/s until the last
+  one is stored;
+- per call: the same readings sent one per `tabular_data_capture_upload` call (the seed
+  client's way), for the ratio edged / per-call;
+- file: one large file in a `files` source; MB/s from start to ack, RSS of both sides;
+- backlog: N readings committed to the outbox while the server is down, then edged is
+  restarted with the server up: time to READY=1 (sd_notify), RSS, drain rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench.common import (
+    REPO,
+    CpuMeter,
+    Figures,
+    format_table,
+    ingest_server,
+    machine_info,
+    peak_rss_bytes,
+    percentile,
+    run_n,
+    stop_process,
+    write_result,
+)
+from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
+from edged.capture import CaptureWriter
+
+NAME = "e2e"
+MiB = 1 << 20
+META = pb.DataCaptureMetadata(
+    component_type="rdk:component:sensor",
+    component_name="bench",
+    method_name="Readings",
+    type=pb.DATA_TYPE_TABULAR_SENSOR,
+    file_extension=".dat",
+)
+QUICK = {"load_s": 6.0, "saturation": 100_000, "file_mib": 200, "backlog": 100_000, "runs": 1}
+FULL = {"load_s": 20.0, "saturation": 500_000, "file_mib": 1024, "backlog": 1_000_000, "runs": 3}
+
+
+def _key(tmp: Path) -> tuple[str, str, Path]:
+    key_id, secret = str(uuid.uuid4()), uuid.uuid4().hex
+    path = tmp / "key"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret)
+    return key_id, secret, path
+
+
+def _config(tmp: Path, port: int, key_id: str, key_file: Path, sources: str) -> Path:
+    cfg = tmp / "edged.yaml"
+    cfg.write_text(f"""\
+part_id: bench
+state_dir: {tmp / "state"}
+cloud: {{address: "127.0.0.1:{port}", api_key_id: {key_id}, api_key_file: {key_file}, tls: false}}
+sources:
+{sources}
+upload: {{backoff: {{initial: 50ms, max: 1s}}}}
+status: {{socket: {tmp / "edged.sock"}}}
+log: {{level: warning}}
+""")
+    return cfg
+
+
+@contextlib.contextmanager
+def _edged(cfg: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    log = open(cfg.with_suffix(".log"), "ab")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edged", "run", "-c", str(cfg)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+    )
+    try:
+        yield proc
+    finally:
+        stop_process(proc)
+        log.close()
+
+
+def _count(data: Path, table: str = "readings") -> int:
+    db_path = data / "ingest.sqlite3"
+    if not db_path.exists():
+        return 0
+    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        return int(db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0
+    finally:
+        db.close()
+
+
+def _wait(what: str, check: Any, timeout: float, poll: float = 0.05) -> float:
+    end = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > end:
+            raise TimeoutError(f"e2e: timed out waiting for {what}")
+        time.sleep(poll)
+    return time.monotonic()
+
+
+def _write_backlog(root: Path, n: int, per_file: int = 1000) -> None:
+    now = datetime.now(UTC)
+    for first in range(0, n, per_file):
+        with CaptureWriter(root, META) as w:
+            for seq in range(first, min(n, first + per_file)):
+                w.write_tabular({"seq": seq, "v": 1.5}, time_requested=now, time_received=now)
+
+
+# -- scenarios -----------------------------------------------------------------------------
+
+
+def fixed_load(tmp: Path, seconds: float, rate: int = 10_000, per_file: int = 1000) -> Figures:
+    key_id, _, key_file = _key(tmp)
+    capture = tmp / "capture"
+    capture.mkdir()
+    closes: list[tuple[int, int]] = []  # (last seq of a file, close time ns)
+    with ingest_server(
+        tmp / "ingest", ["--api-key-id", key_id, "--api-key-file", str(key_file)]
+    ) as (ing, port):
+        cfg = _config(tmp, port, key_id, key_file, f"  - {{kind: capture, path: {capture}}}")
+        with _edged(cfg) as proc:
+            _wait("status socket", (tmp / "edged.sock").exists, 30)
+            meter = CpuMeter({"edged": proc.pid, "ingest": ing.pid})
+            meter.start()
+
+            def writer() -> None:
+                w = CaptureWriter(capture, META, max_file_bytes=1 << 30)
+                seq, period, start = 0, per_file / rate, time.monotonic()
+                for n in range(int(seconds * rate / per_file)):
+                    now = datetime.now(UTC)
+                    for _ in range(per_file):
+                        w.write_tabular(
+                            {"seq": seq, "v": 1.5}, time_requested=now, time_received=now
+                        )
+                        seq += 1
+                    w.rotate()
+                    closes.append((seq - 1, time.time_ns()))
+                    time.sleep(max(0.0, start + (n + 1) * period - time.monotonic()))
+                w.close()
+
+            t = threading.Thread(target=writer)
+            t.start()
+            t.join()
+            total = closes[-1][0] + 1
+            _wait("all readings stored", lambda: _count(tmp / "ingest") >= total, 120)
+            wall, cpu = meter.stop()
+            rss_edged, rss_ingest = peak_rss_bytes(proc.pid), peak_rss_bytes(ing.pid)
+    db = sqlite3.connect(f"file:{tmp / 'ingest' / 'ingest.sqlite3'}?mode=ro", uri=True)
+    received = dict(
+        db.execute(
+            "SELECT CAST(json_extract(data, '$.seq') AS INTEGER), received_at_ns FROM readings"
+        ).fetchall()
+    )
+    db.close()
+    lat = [(received[last] - closed) / 1e6 for last, closed in closes]
+    return {
+        "offered_readings_per_s": rate,
+        "readings": total,
+        "readings_per_s": total / wall,
+        "latency_p50_ms": percentile(lat, 50),
+        "latency_p99_ms": percentile(lat, 99),
+        "latency_max_ms": max(lat),
+        "cpu_edged": cpu["edged"],
+        "cpu_ingest": cpu["ingest"],
+        "rss_edged_mib": rss_edged / MiB,
+        "rss_ingest_mib": rss_ingest / MiB,
+    }
+
+
+def saturation(tmp: Path, n: int) -> Figures:
+    key_id, _, key_file = _key(tmp)
+    _write_backlog(tmp / "capture", n)
+    with ingest_server(
+        tmp / "ingest", ["--api-key-id", key_id, "--api-key-file", str(key_file)]
+    ) as (ing, port):
+        cfg = _config(
+            tmp, port, key_id, key_file, f"  - {{kind: capture, path: {tmp / 'capture'}}}"
+        )
+        t0 = time.monotonic()
+        with _edged(cfg) as proc:
+            meter = CpuMeter({"edged": proc.pid, "ingest": ing.pid})
+            meter.start()
+            t1 = _wait("all stored", lambda: _count(tmp / "ingest") >= n, 600, 0.2)
+            _, cpu = meter.stop()
+            rss = peak_rss_bytes(proc.pid)
+    return {
+        "readings": n,
+        "readings_per_s": n / (t1 - t0),
+        "cpu_edged": cpu["edged"],
+        "cpu_ingest": cpu["ingest"],
+        "rss_edged_mib": rss / MiB,
+    }
+
+
+def per_call(tmp: Path, seconds: float = 3.0) -> Figures:
+    key_id, secret, key_file = _key(tmp)
+    with ingest_server(
+        tmp / "ingest", ["--api-key-id", key_id, "--api-key-file", str(key_file)]
+    ) as (_, port):
+        from edged.client import UploadClient
+
+        async def go() -> int:
+            async with UploadClient(
+                f"127.0.0.1:{port}", api_key_id=key_id, api_key=secret, tls=False
+            ) as c:
+                n, end = 0, time.monotonic() + seconds
+                now = datetime.now(UTC)
+                while time.monotonic() < end:
+                    await c.tabular_data_capture_upload(
+                        [{"seq": n, "v": 1.5}],
+                        "bench",
+                        "rdk:component:sensor",
+                        "bench",
+                        "Readings",
+                        data_request_times=[(now, now)],
+                    )
+                    n += 1
+                return n
+
+        t0 = time.monotonic()
+        n = asyncio.run(go())
+        wall = time.monotonic() - t0
+    return {"readings": n, "readings_per_s": n / wall}
+
+
+def file_drain(tmp: Path, mib: int) -> Figures:
+    key_id, _, key_file = _key(tmp)
+    drop = tmp / "drop"
+    drop.mkdir()
+    big = drop / "big.bin"
+    with open(big, "wb") as f:
+        block = os.urandom(MiB)
+        for _ in range(mib):
+            f.write(block)
+    with ingest_server(
+        tmp / "ingest", ["--api-key-id", key_id, "--api-key-file", str(key_file)]
+    ) as (ing, port):
+        cfg = _config(tmp, port, key_id, key_file, f"  - {{kind: files, path: {drop}, settle: 0s}}")
+        t0 = time.monotonic()
+        with _edged(cfg) as proc:
+            meter = CpuMeter({"edged": proc.pid, "ingest": ing.pid})
+            meter.start()
+            t1 = _wait("file acked and deleted", lambda: not big.exists(), 600, 0.1)
+            _, cpu = meter.stop()
+            rss_e, rss_i = peak_rss_bytes(proc.pid), peak_rss_bytes(ing.pid)
+    return {
+        "mib": mib,
+        "mib_per_s": mib / (t1 - t0),
+        "cpu_edged": cpu["edged"],
+        "cpu_ingest": cpu["ingest"],
+        "rss_edged_mib": rss_e / MiB,
+        "rss_ingest_mib": rss_i / MiB,
+    }
+
+
+def backlog(tmp: Path, n: int) -> Figures:
+    key_id, _, key_file = _key(tmp)
+    _write_backlog(tmp / "capture", n)
+    with socket.socket() as s:  # a port nobody listens on: the server is "down"
+        s.bind(("127.0.0.1", 0))
+        down = s.getsockname()[1]
+    src = f"  - {{kind: capture, path: {tmp / 'capture'}}}"
+    cfg = _config(tmp, down, key_id, key_file, src)
+    with _edged(cfg):
+        _wait(
+            "all committed to the outbox",
+            lambda: not any((tmp / "capture").rglob("*.capture")),
+            900,
+            0.2,
+        )
+    with ingest_server(
+        tmp / "ingest", ["--api-key-id", key_id, "--api-key-file", str(key_file)]
+    ) as (_, port):
+        cfg = _config(tmp, port, key_id, key_file, src)
+        notify = tmp / "notify.sock"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+            listener.bind(str(notify))
+            listener.settimeout(120)
+            t0 = time.monotonic()
+            with _edged(cfg, {"NOTIFY_SOCKET": str(notify)}) as proc:
+                while b"READY=1" not in listener.recv(4096):
+                    pass
+                ready = time.monotonic() - t0
+                t1 = time.monotonic()
+                t2 = _wait("drained", lambda: _count(tmp / "ingest") >= n, 900, 0.2)
+                rss = peak_rss_bytes(proc.pid)
+                rss_now = psutil.Process(proc.pid).memory_info().rss
+    return {
+        "readings": n,
+        "ready_s": ready,
+        "drain_readings_per_s": n / (t2 - t1),
+        "rss_edged_mib": rss / MiB,
+        "rss_edged_end_mib": rss_now / MiB,
+    }
+
+
+# -- driver --------------------------------------------------------------------------------
+
+
+def _in_tmp(fn: Any, *args: Any) -> Figures:
+    with tempfile.TemporaryDirectory(prefix="edged-e2e-") as d:
+        result: Figures = fn(Path(d), *args)
+        return result
+
+
+def run(quick: bool = False, runs: int | None = None) -> Path:
+    p = QUICK if quick else FULL
+    reps = runs or int(p["runs"])
+    machine = machine_info()
+    load, load_runs = run_n(reps, lambda _: _in_tmp(fixed_load, p["load_s"]), "e2e fixed load")
+    sat, sat_runs = run_n(
+        reps, lambda _: _in_tmp(saturation, int(p["saturation"])), "e2e saturation"
+    )
+    call, call_runs = run_n(reps, lambda _: _in_tmp(per_call), "e2e per-call")
+    big, big_runs = run_n(1, lambda _: _in_tmp(file_drain, int(p["file_mib"])), "e2e file")
+    back, back_runs = run_n(1, lambda _: _in_tmp(backlog, int(p["backlog"])), "e2e backlog")
+    ratio = sat["readings_per_s"] / call["readings_per_s"]
+    print("\n## e2e: capture writer → edged → edged ingest\n")
+    print(
+        format_table(
+            [load],
+            [
+                ("offered_readings_per_s", "offered/s", ",.0f"),
+                ("readings_per_s", "delivered/s", ",.0f"),
+                ("latency_p50_ms", "p50 ms", ".0f"),
+                ("latency_p99_ms", "p99 ms", ".0f"),
+                ("cpu_edged", "CPU% edged", ".0f"),
+                ("cpu_ingest", "CPU% ingest", ".0f"),
+                ("rss_edged_mib", "RSS edged MiB", ".1f"),
+                ("rss_ingest_mib", "RSS ingest MiB", ".1f"),
+            ],
+        )
+    )
+    print()
+    print(
+        format_table(
+            [{**sat, "per_call": call["readings_per_s"], "ratio": ratio}],
+            [
+                ("readings", "readings", ",.0f"),
+                ("readings_per_s", "edged readings/s", ",.0f"),
+                ("per_call", "one per call/s", ",.0f"),
+                ("ratio", "ratio", ".0f"),
+                ("cpu_edged", "CPU% edged", ".0f"),
+                ("rss_edged_mib", "RSS edged MiB", ".1f"),
+            ],
+        )
+    )
+    print()
+    print(
+        format_table(
+            [big],
+            [
+                ("mib", "MiB", ",.0f"),
+                ("mib_per_s", "MiB/s", ".1f"),
+                ("cpu_edged", "CPU% edged", ".0f"),
+                ("rss_edged_mib", "RSS edged MiB", ".1f"),
+                ("rss_ingest_mib", "RSS ingest MiB", ".1f"),
+            ],
+        )
+    )
+    print()
+    print(
+        format_table(
+            [back],
+            [
+                ("readings", "backlog", ",.0f"),
+                ("ready_s", "READY s", ".2f"),
+                ("drain_readings_per_s", "drain readings/s", ",.0f"),
+                ("rss_edged_mib", "RSS edged MiB", ".1f"),
+            ],
+        )
+    )
+    return write_result(
+        f"{NAME}-quick" if quick else NAME,
+        {
+            "quick": quick,
+            "fixed_load": {**load, "runs": load_runs},
+            "saturation": {**sat, "runs": sat_runs},
+            "per_call": {**call, "runs": call_runs},
+            "ratio_edged_per_call": ratio,
+            "file": {**big, "runs": big_runs},
+            "backlog": {**back, "runs": back_runs},
+        },
+        machine,
+    )
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(quick="--quick" in sys.argv).name))
