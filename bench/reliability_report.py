@@ -25,6 +25,50 @@ SCENARIOS = {
         " up and everything drains.",
         "tests/reliability/test_disk_full.py",
     ),
+    "fault-unavailable": (
+        "Half of all calls UNAVAILABLE",
+        "A real `edged run` uploads to `faulty_ingest.py` (the real ingest with a seeded"
+        " injector answering 50% of DataSync calls UNAVAILABLE) while a writer produces"
+        " numbered readings and files: all delivered, failures at most 4x successes + 20,"
+        " the daemon's call counter agrees with the server's, RSS flat.",
+        "tests/reliability/test_faults.py",
+    ),
+    "fault-down-then-up": (
+        "Server down, then up",
+        "edged starts with nothing listening on its port (backoff 50 ms..500 ms, full"
+        " jitter) and stays `offline` for the outage: it may only probe, 0.5-12 calls/s"
+        " (about 4/s expected), counted with `edged status --json` `cloud.calls`; then the"
+        " server comes up on that port: first success within one capped backoff, all"
+        " delivered, RSS flat.",
+        "tests/reliability/test_faults.py",
+    ),
+    "fault-slow-server": (
+        "Slow server (DEADLINE_EXCEEDED)",
+        "`upload.call_timeout: 1s`; the server holds 30% of calls for 1.5 s before handling"
+        " them (the late handler still stores, so the ingest's de-duplication by item id is"
+        " exercised): all delivered exactly once, held calls at most 4x successes + 20,"
+        " RSS flat.",
+        "tests/reliability/test_faults.py",
+    ),
+    "bad-inputs": (
+        "Bad inputs",
+        "Against a running daemon: corrupt, truncated and zero-length capture files; a 5 GiB"
+        " sparse file (queued by reference, streamed until the server's --max-upload-bytes"
+        " refuses it: dead letter, flat RSS); unreadable plain and capture files (as root the"
+        " daemon runs under setpriv without CAP_DAC_OVERRIDE); FIFOs, directories named like"
+        " files; non-UTF-8 names; symlink loops. Each ends as documented and `edged status`"
+        " keeps answering.",
+        "tests/reliability/test_bad_inputs.py",
+    ),
+    "security": (
+        "Secrets and modes",
+        "Wrong key in the key file (state auth_failed, input still committed), then the file"
+        " is fixed and `edged resume` drains everything. Neither secret appears in the daemon"
+        " log, ingest stdout/stderr, status/dead-letter output or state files; raw calls"
+        " without a token, with a forged token, a wrong key or an unknown key id get"
+        " UNAUTHENTICATED; state, socket and ingest files have their documented modes.",
+        "tests/reliability/test_security.py",
+    ),
 }
 
 HEADER = """# Reliability

@@ -238,6 +238,20 @@ class Daemon:
             chunk_size=self.config.upload.chunk_size,
         )
 
+    def _reload_api_key(self) -> None:
+        """Re-read the API key (EDGED_API_KEY or the key file): after an auth failure the
+        operator fixes the key, then resumes or reloads, as the log and README say."""
+        cloud = self.config.cloud
+        if cloud.embedded or self._client is None or not cloud.api_key_id:
+            return
+        try:
+            secret = resolve_api_key(cloud.api_key_file)
+        except ConfigError as exc:
+            log.error("keeping the API key in use: %s", exc)
+            return
+        if secret:
+            self._client.set_api_key(cloud.api_key_id, secret)
+
     def _context(self) -> SourceContext:
         assert self.outbox is not None
         return SourceContext(self.config.part_id, self.outbox, self.config.state_dir)
@@ -316,6 +330,7 @@ class Daemon:
             cloud=self.config.cloud,
             state_dir=self.config.state_dir,
         )
+        self._reload_api_key()
         self.uploader.resume()  # a reload is the documented way out of auth_failed
         self.notifier.send(READY="1", STATUS=self._status_line())
         log.info("config reloaded from %s", path)
@@ -408,6 +423,7 @@ class Daemon:
             self.uploader.pause()
             return {"ok": True, "state": self.uploader.state}
         if cmd == "resume":
+            self._reload_api_key()
             self.uploader.resume()
             return {"ok": True, "state": self.uploader.state}
         if cmd == "dead-letters":

@@ -435,7 +435,7 @@ class Outbox:
                 " VALUES (?,?,?,?,?) ON CONFLICT(path) DO UPDATE SET size=excluded.size,"
                 " mtime_ns=excluded.mtime_ns, state=excluded.state,"
                 " delete_after=excluded.delete_after",
-                (claim.path, claim.size, claim.mtime_ns, state, int(claim.delete_after)),
+                (_db_path(claim.path), claim.size, claim.mtime_ns, state, int(claim.delete_after)),
             )
 
     async def _put_progress(self, db: aiosqlite.Connection, progress: Progress | None) -> None:
@@ -444,7 +444,13 @@ class Outbox:
                 "INSERT INTO offsets(source, path, inode, offset, line) VALUES (?,?,?,?,?)"
                 " ON CONFLICT(source, path) DO UPDATE SET inode=excluded.inode,"
                 " offset=excluded.offset, line=excluded.line",
-                (progress.source, progress.path, progress.inode, progress.offset, progress.line),
+                (
+                    progress.source,
+                    _db_path(progress.path),
+                    progress.inode,
+                    progress.offset,
+                    progress.line,
+                ),
             )
 
     # -- enqueue -----------------------------------------------------------------------
@@ -524,7 +530,7 @@ class Outbox:
                         meta_id,
                         sensor,
                         inline,
-                        path,
+                        None if path is None else _db_path(path),
                         offset,
                         length,
                         int(stored),
@@ -566,7 +572,7 @@ class Outbox:
     async def claim_of(self, path: str) -> tuple[str, int, int] | None:
         """(state, size, mtime_ns) of a claimed source file, or None if unknown."""
         async with self._db.execute(
-            "SELECT state, size, mtime_ns FROM claims WHERE path=?", (path,)
+            "SELECT state, size, mtime_ns FROM claims WHERE path=?", (_db_path(path),)
         ) as cur:
             row = await cur.fetchone()
         return (str(row[0]), int(row[1]), int(row[2])) if row else None
@@ -574,13 +580,15 @@ class Outbox:
     async def forget_claim(self, path: str, source: str | None = None) -> None:
         """The source deleted a committed file: nothing left to remember (nor its offset)."""
         async with self._tx() as db:
-            await db.execute("DELETE FROM claims WHERE path=? AND state=?", (path, CLAIM_COMMITTED))
+            key = _db_path(path)
+            await db.execute("DELETE FROM claims WHERE path=? AND state=?", (key, CLAIM_COMMITTED))
             if source is not None:
-                await db.execute("DELETE FROM offsets WHERE source=? AND path=?", (source, path))
+                await db.execute("DELETE FROM offsets WHERE source=? AND path=?", (source, key))
 
     async def progress_of(self, source: str, path: str) -> Progress | None:
         async with self._db.execute(
-            "SELECT inode, offset, line FROM offsets WHERE source=? AND path=?", (source, path)
+            "SELECT inode, offset, line FROM offsets WHERE source=? AND path=?",
+            (source, _db_path(path)),
         ) as cur:
             row = await cur.fetchone()
         return Progress(source, path, row[0], row[1], row[2]) if row else None
@@ -605,10 +613,10 @@ class Outbox:
             ) as q:
                 orphans = await q.fetchall()
             for path, delete_after in orphans:
-                await self._settle_claim(db, str(path), bool(delete_after))
+                await self._settle_claim(db, _fs_path(path), bool(delete_after))
         for path, delete_after in orphans:
             if delete_after:
-                Path(path).unlink(missing_ok=True)
+                Path(_fs_path(path)).unlink(missing_ok=True)
         self.work_available.set()
         return {"leases_released": released, "claims_settled": len(orphans)}
 
@@ -647,7 +655,7 @@ class Outbox:
             metadata=row[3],
             sensor=row[4],
             inline=row[5],
-            path=row[6],
+            path=None if row[6] is None else _fs_path(row[6]),
             offset=row[7],
             length=row[8],
             stored=bool(row[9]),
@@ -725,11 +733,12 @@ class Outbox:
             await db.execute("DELETE FROM items WHERE id=?", (item.id,))
             await db.execute("DELETE FROM dead_letters WHERE item_id=?", (item.id,))
             if item.path is not None:
-                still = await self._scalar("SELECT count(*) FROM items WHERE path=?", (item.path,))
+                key = _db_path(item.path)
+                still = await self._scalar("SELECT count(*) FROM items WHERE path=?", (key,))
                 if not still:
                     async with db.execute(
                         "SELECT delete_after, size, mtime_ns FROM claims WHERE path=?",
-                        (item.path,),
+                        (key,),
                     ) as cur:
                         row = await cur.fetchone()
                     delete_after = bool(row[0]) if row else item.stored
@@ -737,7 +746,7 @@ class Outbox:
                         # Rewritten after it was queued: keep the new bytes; forgetting the
                         # claim lets its source queue the new version.
                         log.warning("%s changed after it was queued; keeping it", item.path)
-                        await db.execute("DELETE FROM claims WHERE path=?", (item.path,))
+                        await db.execute("DELETE FROM claims WHERE path=?", (key,))
                     else:
                         await self._settle_claim(db, item.path, delete_after)
                         if delete_after:
@@ -755,17 +764,18 @@ class Outbox:
             Path(delete_file).unlink(missing_ok=True)
 
     async def _settle_claim(self, db: aiosqlite.Connection, path: str, delete_after: bool) -> None:
+        key = _db_path(path)
         if delete_after:
-            await db.execute("DELETE FROM claims WHERE path=?", (path,))
+            await db.execute("DELETE FROM claims WHERE path=?", (key,))
         else:
-            await db.execute("UPDATE claims SET state=? WHERE path=?", (CLAIM_DONE, path))
+            await db.execute("UPDATE claims SET state=? WHERE path=?", (CLAIM_DONE, key))
 
     async def retry_later(self, item: Item, delay_s: float, error: str) -> None:
         async with self._tx() as db:
             await db.execute(
                 "UPDATE items SET attempts=attempts+1, next_attempt_at=?, lease_until=NULL,"
                 " last_error=? WHERE id=?",
-                (self._clock() + delay_s, error, item.id),
+                (self._clock() + delay_s, _text(error), item.id),
             )
             await self._bump(db, retries=1)
 
@@ -775,6 +785,7 @@ class Outbox:
             await db.execute("UPDATE items SET lease_until=NULL WHERE id=?", (item.id,))
 
     async def dead_letter(self, item: Item, status: str, message: str) -> None:
+        message = _text(message)
         async with self._tx() as db:
             await db.execute(
                 "INSERT OR REPLACE INTO dead_letters(item_id, status, message, dead_at)"
@@ -793,7 +804,12 @@ class Outbox:
             " i.path FROM dead_letters d JOIN items i ON i.id=d.item_id ORDER BY d.dead_at"
         ) as cur:
             rows = await cur.fetchall()
-        return [DeadLetter(*r) for r in rows]
+        return [
+            DeadLetter(
+                r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], _fs_path(r[8]) if r[8] else None
+            )
+            for r in rows
+        ]
 
     async def retry_dead(self, ids: Sequence[int] | None = None) -> int:
         """Put dead letters back in the queue (all of them when `ids` is None)."""
@@ -870,6 +886,27 @@ class Outbox:
             dead_letters=await self._scalar("SELECT count(*) FROM dead_letters"),
             counters=counters,
         )
+
+
+def _db_path(path: str) -> str | bytes:
+    """A path as the outbox stores it: text, or, for a name that is not valid UTF-8
+    (Linux names are bytes; SQLite text must be UTF-8), its raw bytes as a BLOB. The same
+    path always maps to the same value, so lookups and joins match."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(path)
+    return path
+
+
+def _fs_path(value: str | bytes) -> str:
+    """Inverse of `_db_path`."""
+    return os.fsdecode(value) if isinstance(value, bytes) else str(value)
+
+
+def _text(message: str) -> str:
+    """Free text (errors naming odd paths) made storable as SQLite text."""
+    return message.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _changed_since(path: str, size: int, mtime_ns: int) -> bool:

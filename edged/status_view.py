@@ -60,7 +60,9 @@ def render(s: dict[str, Any]) -> str:
                 f"  {src['name']:<40} seen {src['files_seen']:>7}  last {last}"
                 + (f"  error: {src['last_error']}" if src.get("last_error") else "")
             )
-    return "\n".join(lines)
+    # Paths that are not UTF-8 arrive as lone surrogates: show their bytes as \xNN
+    # rather than fail to print.
+    return "\n".join(lines).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def render_dead_letters(letters: list[dict[str, Any]]) -> str:

@@ -83,7 +83,8 @@ def quarantine(ctx: SourceContext, path: Path, reason: str) -> Path:
         n += 1
     reason_file = target.with_name(target.name + ".reason")
     fd = os.open(reason_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "w") as f:
+    # surrogateescape: a name that is not UTF-8 is written as the bytes it really has.
+    with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as f:
         f.write(f"path: {path}\nreason: {reason}\n")
         f.flush()
         os.fsync(f.fileno())

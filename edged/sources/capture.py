@@ -92,6 +92,7 @@ class CaptureSource:
         self.stats = SourceStats()
         self._booted_at = boot_time()
         self._prog_waiting: dict[Path, float] = {}  # .prog path -> when to look again
+        self._unreadable: set[Path] = set()  # warned about once; pruned on every scan
 
     # -- loop ---------------------------------------------------------------------------
 
@@ -117,7 +118,9 @@ class CaptureSource:
 
     async def scan_once(self) -> None:
         """Every capture file under the root, oldest name first (names are timestamps)."""
-        for path in await asyncio.to_thread(self._walk):
+        found = await asyncio.to_thread(self._walk)
+        self._unreadable &= set(found)
+        for path in found:
             await self.consider(path)
 
     def _walk(self) -> list[Path]:
@@ -186,6 +189,15 @@ class CaptureSource:
                 await wait_for_space(self.ctx, self.stats)
             except FileNotFoundError:
                 return
+            except OSError as exc:
+                # EACCES (the robot wrote it with a mode we may not read), EIO: nothing is
+                # wrong with the data, so no quarantine; it stays put, the next scan looks
+                # again, and the other files go on.
+                self.stats.last_error = f"cannot read {path}: {exc.strerror or exc}"
+                if path not in self._unreadable:
+                    self._unreadable.add(path)
+                    log.warning("%s; retrying on rescan", self.stats.last_error)
+                return
 
     async def _commit_file(self, path: Path, st: os.stat_result) -> None:
         try:
@@ -214,6 +226,7 @@ class CaptureSource:
                     path,
                     reader.truncated_at,
                 )
+        self._unreadable.discard(path)
         if not referenced:
             if path.suffix == ".prog" and _changed(path, st):
                 log.warning("%s changed while it was recovered; its writer is alive", path)

@@ -86,7 +86,9 @@ def file_metadata(
 ) -> pb.UploadMetadata:
     """`file_name` is the path relative to the root without its last suffix (unique per
     source and readable on the server); `file_extension` is that suffix, dot included.
-    Linux has no birth time in stat: the create time falls back to the mtime."""
+    Linux has no birth time in stat: the create time falls back to the mtime. Names are
+    bytes on Linux but strings on the wire: a byte that is not UTF-8 is sent as `\\xNN`."""
+    rel = PurePosixPath(os.fsencode(rel.as_posix()).decode("utf-8", "backslashreplace"))
     tags, datasets = path_labels(rel)
     suffix = rel.suffix
     name = rel.as_posix()[: -len(suffix)] if suffix else rel.as_posix()

@@ -1,0 +1,329 @@
+"""A faulty server, end to end: a real `edged run` uploads to `faulty_ingest.py` (the real
+ingest with injected faults) while a writer produces uniquely numbered readings and files.
+
+(a) 50% of DataSync calls answered UNAVAILABLE;
+(b) server down at first (nothing listens on the port), then up;
+(c) slow server: a share of calls held past the daemon's 1 s call deadline
+    (DEADLINE_EXCEEDED on the client; the late handler still stores, so the ingest's
+    de-duplication by item id is exercised too).
+
+Each ends with everything delivered (zero missing; duplicates counted), a call count
+consistent with the backoff schedule, and edged's RSS flat.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from tests.conftest import KeyFile
+from tests.procs import read_line
+from tests.reliability.common import TORTURE, WRITER, cycles, record
+from tests.reliability.test_disk_full import free_port
+from tests.test_daemon import base_config, daemon, status, wait_for, write_config
+
+REPO = Path(__file__).resolve().parents[2]
+_LISTEN = re.compile(rb"listening on [^ ]+:(\d+)")
+BACKOFF_INITIAL, BACKOFF_MAX = 0.05, 0.5  # base_config's upload.backoff
+WORKERS = 4
+
+
+@dataclass
+class Faulty:
+    proc: subprocess.Popen[bytes]
+    port: int
+    counts_file: Path
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+@contextmanager
+def faulty_ingest(data: Path, key: KeyFile, args: Sequence[str] = ()) -> Iterator[Faulty]:
+    """faulty_ingest.py as a subprocess; on exit SIGTERM, wait, and read its call counts."""
+    counts = data.with_name(data.name + "-counts.json")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.reliability.faulty_ingest",
+            "--data",
+            str(data),
+            "--api-key-id",
+            key.key_id,
+            "--api-key-file",
+            str(key.path),
+            "--counts",
+            str(counts),
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        match = _LISTEN.search(read_line(proc, 30))
+        assert match
+        server = Faulty(proc, int(match[1]), counts)
+        yield server
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()
+    server.counts = json.loads(counts.read_text())
+
+
+def start_writer(tmp: Path, files: int, per_file: int, plain: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            WRITER,
+            str(tmp / "capture"),
+            str(tmp / "uploads"),
+            str(files),
+            str(per_file),
+            str(plain),
+        ],
+        stdout=subprocess.PIPE,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+
+
+def finish_writer(writer: subprocess.Popen[bytes]) -> int:
+    try:
+        written = int(read_line(writer, 120).split()[1])
+        assert writer.wait(30) == 0
+        return written
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+        assert writer.stdout is not None
+        writer.stdout.close()
+
+
+class RssProbe:
+    """Samples edged's RSS whenever the test polls (no sampling thread)."""
+
+    def __init__(self, pid: int) -> None:
+        self.proc = psutil.Process(pid)
+        self.samples: list[int] = []
+
+    def sample(self) -> None:
+        self.samples.append(self.proc.memory_info().rss)
+
+    def restart(self) -> None:
+        """Forget start-up samples: growth is measured from a running daemon on."""
+        self.samples.clear()
+
+    def poll(self, what: str, check: Any, timeout: float) -> None:
+        def probe() -> bool:
+            self.sample()
+            return bool(check())
+
+        wait_for(what, probe, timeout)
+
+    @property
+    def max_mib(self) -> float:
+        return round(max(self.samples) / 2**20, 1)
+
+    def growth_mib(self) -> float:
+        """Last quarter's peak over the first quarter's peak: backlog must not show up here."""
+        q = max(1, len(self.samples) // 4)
+        return round((max(self.samples[-q:]) - max(self.samples[:q])) / 2**20, 1)
+
+
+def delivered(data: Path) -> tuple[list[int], list[str]]:
+    db = sqlite3.connect(f"file:{data / 'ingest.sqlite3'}?mode=ro", uri=True)
+    try:
+        seqs = [int(json.loads(r[0])["seq"]) for r in db.execute("SELECT data FROM readings")]
+        names = [str(r[0]) for r in db.execute("SELECT file_name FROM binaries")]
+    finally:
+        db.close()
+    return seqs, names
+
+
+def fault_config(tmp: Path, port: int, key: KeyFile, call_timeout: str = "60s") -> Path:
+    body = base_config(tmp, port, key).replace(
+        "upload:\n", f"upload:\n  workers: {WORKERS}\n  call_timeout: {call_timeout}\n"
+    )
+    return write_config(tmp / "edged.yaml", body)
+
+
+def sizes() -> tuple[int, int, int]:
+    """(capture files, readings per file, plain files) of the writer."""
+    return (200, 100, 40) if TORTURE else (20, 100, 5)
+
+
+def drain(cfg: Path, rss: RssProbe, capture: Path, written: int, timeout: float) -> dict[str, Any]:
+    rss.poll("capture files retired", lambda: not list(capture.rglob("*.capture")), timeout)
+    rss.poll("outbox drained", lambda: status(cfg)["outbox"]["items"] == 0, timeout)
+    st = status(cfg)
+    assert st["uploaded"]["readings"] >= written
+    return st
+
+
+def check_delivery(data: Path, written: int, plain: int) -> tuple[int, int]:
+    seqs, names = delivered(data)
+    missing = set(range(written)) - set(seqs)
+    assert not missing, f"{len(missing)} readings lost, e.g. {sorted(missing)[:10]}"
+    assert sorted(set(names)) == sorted(f"file-{n}" for n in range(plain))
+    return len(seqs) - len(set(seqs)), len(names) - len(set(names))
+
+
+def test_half_of_calls_unavailable(tmp_path: Path, key: KeyFile) -> None:
+    files, per_file, plain = sizes()
+    data = tmp_path / "ingest"
+    with faulty_ingest(data, key, ["--unavailable", "0.5", "--seed", "7"]) as server:
+        cfg = fault_config(tmp_path, server.port, key)
+        writer = start_writer(tmp_path, files, per_file, plain)
+        with daemon(cfg) as proc:
+            rss = RssProbe(proc.pid)
+            rss.poll("status socket", (tmp_path / "edged.sock").exists, 30)
+            rss.restart()
+            written = finish_writer(writer)
+            st = drain(cfg, rss, tmp_path / "capture", written, timeout=cycles(60, 600))
+            assert proc.poll() is None
+            proc.terminate()
+            assert proc.wait(30) == 0
+    counts = server.counts
+    duplicates, file_duplicates = check_delivery(data, written, plain)
+    successes = counts["calls"] - counts["unavailable"]
+    # Each success is preceded by a geometric number of failures (p = 0.5, mean 1);
+    # 4x plus slack is far past any seeded run, yet a retry storm would break it.
+    assert counts["unavailable"] <= 4 * successes + 20, counts
+    # The daemon's own attempt counter agrees with what reached the server (every
+    # attempt connects; a refused connection would show up as a difference).
+    assert abs(st["cloud"]["calls"] - counts["calls"]) <= WORKERS, (st["cloud"], counts)
+    assert rss.growth_mib() < 40
+    record(
+        "fault-unavailable",
+        readings_offered=written,
+        files_offered=plain,
+        missing=0,
+        duplicates=duplicates,
+        file_duplicates=file_duplicates,
+        server_calls=counts["calls"],
+        unavailable=counts["unavailable"],
+        successes=successes,
+        calls_per_success=round(counts["calls"] / max(1, successes), 2),
+        max_rss_mib=rss.max_mib,
+        rss_growth_mib=rss.growth_mib(),
+    )
+
+
+def test_server_down_then_up(tmp_path: Path, key: KeyFile) -> None:
+    files, per_file, plain = sizes()
+    down_s = cycles(4, 30)
+    port = free_port()  # nothing listens here until the server comes up below
+    data = tmp_path / "ingest"
+    cfg = fault_config(tmp_path, port, key)
+    writer = start_writer(tmp_path, files, per_file, plain)
+    with daemon(cfg) as proc:
+        rss = RssProbe(proc.pid)
+        rss.poll("status socket", (tmp_path / "edged.sock").exists, 30)
+        rss.restart()
+        rss.poll("first failed call", lambda: status(cfg)["state"] == "offline", 30)
+        calls_0, t0 = status(cfg)["cloud"]["calls"], time.monotonic()
+        # The outage itself: a deliberate wall-clock window in which edged may only probe.
+        deadline = t0 + down_s
+        while time.monotonic() < deadline:
+            rss.sample()
+            st = status(cfg)
+            assert st["state"] == "offline" and proc.poll() is None
+            time.sleep(0.2)
+        calls_down = status(cfg)["cloud"]["calls"] - calls_0
+        elapsed = time.monotonic() - t0
+        rate = calls_down / elapsed
+        written = finish_writer(writer)
+        with faulty_ingest(data, key, ["--listen", f"127.0.0.1:{port}"]) as server:
+            up_at = time.monotonic()
+            rss.poll("first success", lambda: status(cfg)["cloud"]["last_success_at"], 30)
+            recovered_s = time.monotonic() - up_at
+            st = drain(cfg, rss, tmp_path / "capture", written, timeout=cycles(60, 300))
+            proc.terminate()
+            assert proc.wait(30) == 0
+    duplicates, file_duplicates = check_delivery(data, written, plain)
+    # Full jitter, capped at 0.5 s: one probe at a time, mean gap 0.25 s once capped,
+    # so about 4 calls/s. 12/s means a hammering client; under 0.5/s means no probing.
+    assert 0.5 <= rate <= 12, f"{calls_down} calls in {elapsed:.1f}s while down"
+    # The next probe is at most one capped backoff away when the server returns.
+    assert recovered_s < BACKOFF_MAX + 5
+    assert rss.growth_mib() < 40
+    record(
+        "fault-down-then-up",
+        down_s=round(elapsed, 1),
+        calls_while_down=calls_down,
+        calls_per_s_down=round(rate, 2),
+        recovered_after_s=round(recovered_s, 2),
+        readings_offered=written,
+        files_offered=plain,
+        missing=0,
+        duplicates=duplicates,
+        file_duplicates=file_duplicates,
+        server_calls=server.counts["calls"],
+        total_calls=st["cloud"]["calls"],
+        max_rss_mib=rss.max_mib,
+        rss_growth_mib=rss.growth_mib(),
+    )
+
+
+def test_slow_server_deadline_exceeded(tmp_path: Path, key: KeyFile) -> None:
+    files, per_file, plain = sizes()
+    data = tmp_path / "ingest"
+    args = ["--delay", "1.5", "--delay-share", "0.3", "--seed", "3"]
+    with faulty_ingest(data, key, args) as server:
+        cfg = fault_config(tmp_path, server.port, key, call_timeout="1s")
+        writer = start_writer(tmp_path, files, per_file, plain)
+        with daemon(cfg) as proc:
+            rss = RssProbe(proc.pid)
+            rss.poll("status socket", (tmp_path / "edged.sock").exists, 30)
+            rss.restart()
+            written = finish_writer(writer)
+            st = drain(cfg, rss, tmp_path / "capture", written, timeout=cycles(90, 900))
+            proc.terminate()
+            assert proc.wait(30) == 0
+    counts = server.counts
+    log = cfg.with_suffix(".log").read_text()
+    assert "DEADLINE_EXCEEDED" in log, "no call ran into its deadline: the delay did not bite"
+    duplicates, file_duplicates = check_delivery(data, written, plain)
+    # A held call counts once on each side; successes are the calls not held, and each
+    # item needs one of those. 30% held: 4x the successes plus slack is a loose ceiling.
+    successes = counts["calls"] - counts["delayed"]
+    assert counts["delayed"] <= 4 * successes + 20, counts
+    assert abs(st["cloud"]["calls"] - counts["calls"]) <= WORKERS, (st["cloud"], counts)
+    assert rss.growth_mib() < 40
+    record(
+        "fault-slow-server",
+        call_timeout_s=1,
+        server_delay_s=1.5,
+        delayed_share=0.3,
+        readings_offered=written,
+        files_offered=plain,
+        missing=0,
+        duplicates=duplicates,
+        file_duplicates=file_duplicates,
+        server_calls=counts["calls"],
+        deadline_exceeded=counts["delayed"],
+        successes=successes,
+        max_rss_mib=rss.max_mib,
+        rss_growth_mib=rss.growth_mib(),
+    )
