@@ -7,13 +7,14 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import e2e, outbox, sources, wire
+from bench import e2e, outbox, query, sources, wire
 
 BENCHMARKS: dict[str, Callable[[bool, int | None], Path]] = {
     wire.NAME: wire.run,
     outbox.NAME: outbox.run,
     sources.NAME: sources.run,
     e2e.NAME: e2e.run,
+    query.NAME: query.run,
 }
 
 

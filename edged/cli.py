@@ -45,8 +45,16 @@ def _ingest_settings(args: argparse.Namespace) -> IngestSettings:
     orgs: list[str] = args.org_id or []
     if orgs and len(orgs) != len(ids):
         raise ConfigError("--org-id must be given once per --api-key-id, or not at all")
+    locations: list[str] = args.location_id or []
+    if locations and len(locations) != len(ids):
+        raise ConfigError("--location-id must be given once per --api-key-id, or not at all")
     keys = tuple(
-        ApiKey(key_id, read_secret_file(path), orgs[i] if orgs else "")
+        ApiKey(
+            key_id,
+            read_secret_file(path),
+            orgs[i] if orgs else "",
+            locations[i] if locations else "",
+        )
         for i, (key_id, path) in enumerate(zip(ids, files, strict=True))
     )
     if (args.tls_cert is None) != (args.tls_key is None):
@@ -240,7 +248,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="file (mode 0600) holding the key for the matching --api-key-id",
     )
-    ing.add_argument("--org-id", action="append", help="organisation of the matching key")
+    ing.add_argument(
+        "--org-id",
+        action="append",
+        help="organisation of the matching key: its uploads and queries are scoped to it"
+        ' (an open server, without keys, serves organisation "")',
+    )
+    ing.add_argument(
+        "--location-id", action="append", help="location stamped on the matching key's uploads"
+    )
     ing.add_argument("--tls-cert", type=Path, help="PEM certificate chain (enables TLS)")
     ing.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
     ing.add_argument(
@@ -262,7 +278,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to let in-flight uploads finish on SIGTERM (default 10)",
     )
     ing.set_defaults(func=_cmd_ingest)
+
+    from edged import query_cli
+
+    query_cli.add_parser(sub).set_defaults(func=_cmd_query)
     return parser
+
+
+def _cmd_query(args: argparse.Namespace) -> int:
+    from edged import query_cli
+
+    return asyncio.run(query_cli.run(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -278,7 +278,22 @@ class UploadClient:
     def close(self) -> None:
         self._channel.close()
 
+    @property
+    def channel(self) -> Channel:
+        """The connection, for stubs of other services on the same server (query API)."""
+        return self._channel
+
+    async def metadata(self) -> dict[str, str]:
+        """Call metadata carrying the bearer token (authenticating first if needed)."""
+        return await self._metadata(None)
+
     # -- auth ---------------------------------------------------------------------------
+
+    def set_api_key(self, api_key_id: str, api_key: str) -> None:
+        """Use this key from the next call on (the daemon re-reads its key on resume and
+        reload); a changed key drops the old key's token."""
+        if (api_key_id, api_key) != (self._key_id, self._key):
+            self._key_id, self._key, self._token = api_key_id, api_key, None
 
     async def authenticate(self) -> None:
         """Trade the API key for a bearer token (done lazily before the first call)."""

@@ -12,6 +12,7 @@ import hmac
 import secrets
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from grpclib.const import Status
 from grpclib.events import RecvRequest
@@ -27,9 +28,16 @@ TOKEN_TTL_S = 24 * 3600.0
 
 @dataclass(frozen=True)
 class ApiKey:
+    """A key and what it may reach: one organisation (queries are scoped to it) and the
+    location stamped on what it uploads. An open server (no keys) serves org "" only."""
+
     key_id: str
     secret: str
     org_id: str = ""
+    location_id: str = ""
+
+
+OPEN_KEY = ApiKey("", "", "", "")
 
 
 class KeyStore:
@@ -65,6 +73,11 @@ class KeyStore:
         if entry is None or entry[1] < time.monotonic():
             raise GRPCError(Status.UNAUTHENTICATED, "unknown or expired token; authenticate again")
         return entry[0]
+
+    def caller(self, stream: Stream[Any, Any]) -> ApiKey:
+        """The key behind a call's bearer token (OPEN_KEY on an open server)."""
+        auth = stream.metadata.get("authorization") if stream.metadata else None
+        return self.check(auth if isinstance(auth, str) else None) or OPEN_KEY
 
     def _prune(self) -> None:
         now = time.monotonic()

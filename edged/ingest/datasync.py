@@ -40,9 +40,10 @@ class DataSyncService(data_sync_grpc.DataSyncServiceBase):
         self._max_upload = max_upload_bytes
 
     def _org(self, stream: Stream[Any, Any]) -> str:
-        auth = stream.metadata.get("authorization") if stream.metadata else None
-        key = self._keys.check(auth if isinstance(auth, str) else None)
-        return key.org_id if key else ""
+        return self._keys.caller(stream).org_id
+
+    def _location(self, stream: Stream[Any, Any]) -> str:
+        return self._keys.caller(stream).location_id
 
     async def DataCaptureUpload(
         self, stream: Stream[pb.DataCaptureUploadRequest, pb.DataCaptureUploadResponse]
@@ -54,7 +55,9 @@ class DataSyncService(data_sync_grpc.DataSyncServiceBase):
         item_id = _item_id(stream)
         ids = await self._store.find_upload(org, item_id)
         if ids is None and req.metadata.type == pb.DATA_TYPE_TABULAR_SENSOR:
-            ids = await self._store.store_tabular(org, item_id, req.metadata, req.sensor_contents)
+            ids = await self._store.store_tabular(
+                org, item_id, req.metadata, req.sensor_contents, location_id=self._location(stream)
+            )
         elif ids is None:
             reading = req.sensor_contents[0]
             blob = self._store.new_blob()
@@ -68,6 +71,7 @@ class DataSyncService(data_sync_grpc.DataSyncServiceBase):
                     reading.metadata,
                     blob,
                     mime_type_for(req.metadata, reading.metadata),
+                    location_id=self._location(stream),
                 )
             finally:
                 blob.discard()
@@ -154,6 +158,15 @@ class DataSyncService(data_sync_grpc.DataSyncServiceBase):
                         f"upload exceeds the server's limit of {self._max_upload} bytes"
                         " (--max-upload-bytes)",
                     )
-            return await self._store.store_blob(org, item_id, kind, meta, sensor, blob, mime_type)
+            return await self._store.store_blob(
+                org,
+                item_id,
+                kind,
+                meta,
+                sensor,
+                blob,
+                mime_type,
+                location_id=self._location(stream),
+            )
         finally:
             blob.discard()

@@ -1,4 +1,5 @@
-"""`edged ingest`: the reference DataSync + auth server on grpclib.
+"""`edged ingest`: the reference DataSync + auth server on grpclib, with the query API
+(DataService, DatasetService) over what it stored.
 
 Shutdown is two-stage like grpclib's own advice: refuse new calls with UNAVAILABLE
 (clients retry elsewhere or later), let in-flight uploads finish within a grace
@@ -24,7 +25,9 @@ from grpclib.exceptions import GRPCError
 from grpclib.server import Server
 
 from edged.ingest.auth import ApiKey, AuthService, KeyStore
+from edged.ingest.datasets import DatasetService
 from edged.ingest.datasync import DataSyncService
+from edged.ingest.query import DataQueryService
 from edged.ingest.storage import IngestStore
 
 MiB = 1024 * 1024
@@ -122,6 +125,8 @@ class IngestServer:
         handlers: list[Any] = [
             AuthService(self.keys),
             DataSyncService(self._store, self.keys, max_upload_bytes=s.max_upload_bytes),
+            DataQueryService(self._store, self.keys, lambda: self.address),
+            DatasetService(self._store, self.keys),
         ]
         self._server = _Server(handlers, _LimitedCodec(s.max_message_bytes))
         listen(self._server, RecvRequest, self._on_request)

@@ -4,6 +4,14 @@ Tabular readings are rows (one per reading, data as JSON so SQL can reach into i
 binary readings and files are blobs written to a temp name, fsync'd, renamed, and only
 then indexed, so an acknowledged upload survives a power cut and a crash leaves at
 worst an orphaned temp file, never an index row without its bytes.
+
+The query API adds curation state beside the upload rows: live tags (`binary_tags`,
+seeded from the upload's tags; `binaries.tags` stays "as uploaded"), bounding boxes
+(`bboxes`, seeded from upload annotations), datasets and their members (seeded from the
+upload's dataset_ids), and database users. `time_captured_ns` (time requested, else
+received, else arrival) is the one sort and interval key, indexed per organisation.
+Queries read through their own read-only connection in a worker thread (`read`);
+curation writes go through `write`, serialised with uploads by the store's lock.
 """
 
 from __future__ import annotations
@@ -13,12 +21,13 @@ import base64
 import hashlib
 import json
 import os
+import sqlite3
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import aiosqlite
 from google.protobuf import json_format
@@ -58,7 +67,8 @@ CREATE TABLE IF NOT EXISTS readings(
     time_requested_ns INTEGER,
     time_received_ns INTEGER,
     data TEXT NOT NULL,
-    received_at_ns INTEGER NOT NULL
+    received_at_ns INTEGER NOT NULL,
+    time_captured_ns INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS binaries(
     binary_data_id TEXT PRIMARY KEY,
@@ -82,9 +92,93 @@ CREATE TABLE IF NOT EXISTS binaries(
     size INTEGER NOT NULL,
     sha256 TEXT NOT NULL,
     blob_path TEXT NOT NULL,
-    received_at_ns INTEGER NOT NULL
+    received_at_ns INTEGER NOT NULL,
+    location_id TEXT NOT NULL DEFAULT '',
+    robot_id TEXT NOT NULL DEFAULT '',
+    robot_name TEXT NOT NULL DEFAULT '',
+    part_name TEXT NOT NULL DEFAULT '',
+    time_captured_ns INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS binary_tags(
+    binary_data_id TEXT NOT NULL,
+    tag TEXT NOT NULL,
+    PRIMARY KEY (binary_data_id, tag)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS bboxes(
+    id TEXT PRIMARY KEY,
+    binary_data_id TEXT NOT NULL,
+    label TEXT NOT NULL,
+    x_min REAL NOT NULL,
+    y_min REAL NOT NULL,
+    x_max REAL NOT NULL,
+    y_max REAL NOT NULL,
+    confidence REAL
+);
+CREATE TABLE IF NOT EXISTS datasets(
+    id TEXT PRIMARY KEY,
+    org_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    created_on INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS dataset_members(
+    dataset_id TEXT NOT NULL,
+    binary_data_id TEXT NOT NULL,
+    PRIMARY KEY (dataset_id, binary_data_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS database_users(
+    org_id TEXT PRIMARY KEY,
+    salt BLOB NOT NULL,
+    password_hash BLOB NOT NULL,
+    updated_at_ns INTEGER NOT NULL
 );
 """
+
+# Columns added after the first release of the schema: ALTERed into an older index.
+ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("readings", "location_id", "TEXT NOT NULL DEFAULT ''"),
+    ("readings", "robot_id", "TEXT NOT NULL DEFAULT ''"),
+    ("readings", "robot_name", "TEXT NOT NULL DEFAULT ''"),
+    ("readings", "part_name", "TEXT NOT NULL DEFAULT ''"),
+    ("readings", "time_captured_ns", "INTEGER NOT NULL DEFAULT 0"),
+    ("binaries", "location_id", "TEXT NOT NULL DEFAULT ''"),
+    ("binaries", "robot_id", "TEXT NOT NULL DEFAULT ''"),
+    ("binaries", "robot_name", "TEXT NOT NULL DEFAULT ''"),
+    ("binaries", "part_name", "TEXT NOT NULL DEFAULT ''"),
+    ("binaries", "time_captured_ns", "INTEGER NOT NULL DEFAULT 0"),
+)
+CAPTURED = "coalesce(time_requested_ns, time_received_ns, received_at_ns)"
+
+# Every filter is scoped to one organisation and pages in (time_captured_ns, rowid) order;
+# the implicit rowid suffix of each index serves the tie-break without a sort.
+INDEXES = """
+CREATE INDEX IF NOT EXISTS readings_org_time ON readings(org_id, time_captured_ns);
+CREATE INDEX IF NOT EXISTS readings_org_component
+    ON readings(org_id, component_name, time_captured_ns);
+CREATE INDEX IF NOT EXISTS readings_org_part ON readings(org_id, part_id, time_captured_ns);
+CREATE INDEX IF NOT EXISTS binaries_org_time ON binaries(org_id, time_captured_ns);
+CREATE INDEX IF NOT EXISTS binaries_org_component
+    ON binaries(org_id, component_name, time_captured_ns);
+CREATE INDEX IF NOT EXISTS binaries_file_id ON binaries(file_id);
+CREATE INDEX IF NOT EXISTS binary_tags_tag ON binary_tags(tag, binary_data_id);
+CREATE INDEX IF NOT EXISTS bboxes_binary ON bboxes(binary_data_id);
+CREATE INDEX IF NOT EXISTS bboxes_label ON bboxes(label, binary_data_id);
+CREATE UNIQUE INDEX IF NOT EXISTS datasets_org_name ON datasets(org_id, name);
+CREATE INDEX IF NOT EXISTS dataset_members_binary ON dataset_members(binary_data_id);
+"""
+
+_T = TypeVar("_T")
+
+
+def migrate(db: sqlite3.Connection) -> None:
+    """Add columns an older index lacks (backfilling the capture time), then indexes."""
+    for table, column, decl in ADDED_COLUMNS:
+        have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        if column not in have:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+            if column == "time_captured_ns":
+                db.execute(f"UPDATE {table} SET time_captured_ns = {CAPTURED}")
+    db.executescript(INDEXES)
+
 
 KIND_TABULAR = "tabular"
 KIND_BINARY = "binary"
@@ -140,6 +234,25 @@ def ts_ns(msg: Any, field: str) -> int | None:
     return ts.seconds * 1_000_000_000 + ts.nanos
 
 
+def _captured(requested: int | None, received: int | None, arrived: int) -> int:
+    """The capture time queries sort and filter by: requested, else received, else arrival."""
+    if requested is not None:
+        return requested
+    return received if received is not None else arrived
+
+
+def _prepare(path: Path) -> None:
+    """Create or upgrade the index (plain sqlite3: ALTERs and backfills run in one go)."""
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        os.chmod(path, 0o600)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.executescript(SCHEMA)
+        migrate(db)
+    finally:
+        db.close()
+
+
 def _params_json(params: Any) -> str:
     out: dict[str, Any] = {}
     for key, value in params.items():
@@ -187,12 +300,15 @@ class BlobWriter:
 class IngestStore:
     """Single-connection store; a lock keeps each upload's transaction whole."""
 
-    def __init__(self, root: Path, db: aiosqlite.Connection) -> None:
+    def __init__(self, root: Path, db: aiosqlite.Connection, *, synchronous: str = "FULL") -> None:
         self.root = root
         self.blob_dir = root / "blobs"
         self.tmp_dir = root / "blobs" / ".tmp"
+        self.db_path = root / "ingest.sqlite3"
         self._db = db
         self._lock = asyncio.Lock()
+        self._synchronous = synchronous
+        self._writer: sqlite3.Connection | None = None
 
     @classmethod
     async def open(cls, root: Path, *, synchronous: str = "FULL") -> IngestStore:
@@ -200,15 +316,54 @@ class IngestStore:
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         for leftover in (root / "blobs" / ".tmp").glob("*.part"):
             leftover.unlink()  # an upload cut short before it was acknowledged
+        await asyncio.to_thread(_prepare, root / "ingest.sqlite3")
         db = await aiosqlite.connect(root / "ingest.sqlite3", isolation_level=None)
-        os.chmod(root / "ingest.sqlite3", 0o600)
-        await db.execute("PRAGMA journal_mode=WAL")
         await db.execute(f"PRAGMA synchronous={synchronous}")
-        await db.executescript(SCHEMA)
-        return cls(root, db)
+        return cls(root, db, synchronous=synchronous)
 
     async def close(self) -> None:
+        async with self._lock:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
         await self._db.close()
+
+    # -- query-side access ----------------------------------------------------------------
+
+    async def read(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run `fn` on a fresh read-only connection in a worker thread (a WAL snapshot)."""
+        return await asyncio.to_thread(self._read, fn)
+
+    def _read(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        conn = sqlite3.connect(f"{self.db_path.as_uri()}?mode=ro", uri=True)
+        try:
+            conn.execute("BEGIN")  # one snapshot for every statement fn runs
+            return fn(conn)
+        finally:
+            conn.close()
+
+    async def write(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run `fn` in one IMMEDIATE transaction in a worker thread, serialised with uploads."""
+        async with self._lock:
+            return await asyncio.to_thread(self._write, fn)
+
+    def _write(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        if self._writer is None:
+            conn = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
+            conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            conn.execute("PRAGMA busy_timeout=10000")
+            self._writer = conn
+        conn = self._writer
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return result
+
+    # -- uploads --------------------------------------------------------------------------
 
     def new_blob(self) -> BlobWriter:
         return BlobWriter(self.tmp_dir)
@@ -246,12 +401,15 @@ class IngestStore:
         item_id: str | None,
         meta: pb.UploadMetadata,
         readings: Sequence[pb.SensorData],
+        *,
+        location_id: str = "",
     ) -> UploadIds:
         ids = UploadIds(file_id=uuid.uuid4().hex, binary_data_id="")
         now = time.time_ns()
         common = (
             ids.file_id,
             org_id,
+            location_id,
             meta.part_id,
             meta.component_type,
             meta.component_name,
@@ -260,16 +418,20 @@ class IngestStore:
             json.dumps(list(meta.tags)),
             json.dumps(list(meta.dataset_ids)),
         )
-        rows = [
-            (
-                *common,
-                ts_ns(r.metadata, "time_requested"),
-                ts_ns(r.metadata, "time_received"),
-                json.dumps(json_format.MessageToDict(r.struct)),
-                now,
+        rows = []
+        for r in readings:
+            requested = ts_ns(r.metadata, "time_requested")
+            received = ts_ns(r.metadata, "time_received")
+            rows.append(
+                (
+                    *common,
+                    requested,
+                    received,
+                    json.dumps(json_format.MessageToDict(r.struct)),
+                    now,
+                    _captured(requested, received, now),
+                )
             )
-            for r in readings
-        ]
         async with self._lock:
             await self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -279,10 +441,10 @@ class IngestStore:
                     assert found is not None
                     return found
                 await self._db.executemany(
-                    "INSERT INTO readings(upload_id, org_id, part_id, component_type,"
+                    "INSERT INTO readings(upload_id, org_id, location_id, part_id, component_type,"
                     " component_name, method_name, method_parameters, tags, dataset_ids,"
-                    " time_requested_ns, time_received_ns, data, received_at_ns)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    " time_requested_ns, time_received_ns, data, received_at_ns,"
+                    " time_captured_ns) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     rows,
                 )
                 await self._db.execute("COMMIT")
@@ -300,6 +462,8 @@ class IngestStore:
         sensor: pb.SensorMetadata | None,
         blob: BlobWriter,
         mime_type: str,
+        *,
+        location_id: str = "",
     ) -> UploadIds:
         """Make the blob durable under its final name, then index it in one transaction."""
         file_id = uuid.uuid4().hex
@@ -310,11 +474,15 @@ class IngestStore:
         final = final_dir / file_id
         os.replace(blob.path, final)
         await asyncio.to_thread(fsync_dir, final_dir)
+        now = time.time_ns()
+        requested = ts_ns(sensor, "time_requested") if sensor else None
+        received = ts_ns(sensor, "time_received") if sensor else None
         row = (
             ids.binary_data_id,
             ids.file_id,
             ids.file_id,
             org_id,
+            location_id,
             kind,
             meta.part_id,
             meta.component_type,
@@ -326,14 +494,31 @@ class IngestStore:
             mime_type,
             json.dumps(list(meta.tags)),
             json.dumps(list(meta.dataset_ids)),
-            ts_ns(sensor, "time_requested") if sensor else None,
-            ts_ns(sensor, "time_received") if sensor else None,
+            requested,
+            received,
             sensor.annotations.SerializeToString() if sensor else None,
             blob.size,
             blob.sha256,
             str(final.relative_to(self.root)),
-            time.time_ns(),
+            now,
+            _captured(requested, received, now),
         )
+        bid = ids.binary_data_id
+        tags = [(bid, t) for t in dict.fromkeys(meta.tags) if t]
+        members = [(d, bid) for d in dict.fromkeys(meta.dataset_ids) if d]
+        boxes = [
+            (
+                box.id or uuid.uuid4().hex,
+                bid,
+                box.label,
+                box.x_min_normalized,
+                box.y_min_normalized,
+                box.x_max_normalized,
+                box.y_max_normalized,
+                box.confidence if box.HasField("confidence") else None,
+            )
+            for box in (sensor.annotations.bboxes if sensor else ())
+        ]
         async with self._lock:
             await self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -344,13 +529,26 @@ class IngestStore:
                     assert found is not None
                     return found
                 await self._db.execute(
-                    "INSERT INTO binaries(binary_data_id, file_id, upload_id, org_id, kind,"
-                    " part_id, component_type, component_name, method_name, method_parameters,"
-                    " file_name, file_extension, mime_type, tags, dataset_ids,"
+                    "INSERT INTO binaries(binary_data_id, file_id, upload_id, org_id, location_id,"
+                    " kind, part_id, component_type, component_name, method_name,"
+                    " method_parameters, file_name, file_extension, mime_type, tags, dataset_ids,"
                     " time_requested_ns, time_received_ns, annotations, size, sha256,"
-                    " blob_path, received_at_ns)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    " blob_path, received_at_ns, time_captured_ns)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     row,
+                )
+                await self._db.executemany(
+                    "INSERT OR IGNORE INTO binary_tags(binary_data_id, tag) VALUES (?,?)", tags
+                )
+                await self._db.executemany(
+                    "INSERT OR IGNORE INTO dataset_members(dataset_id, binary_data_id)"
+                    " VALUES (?,?)",
+                    members,
+                )
+                await self._db.executemany(
+                    "INSERT OR IGNORE INTO bboxes(id, binary_data_id, label, x_min, y_min,"
+                    " x_max, y_max, confidence) VALUES (?,?,?,?,?,?,?,?)",
+                    boxes,
                 )
                 await self._db.execute("COMMIT")
             except BaseException:

@@ -1,0 +1,437 @@
+"""The query API's SQL: synchronous functions over one sqlite3 connection.
+
+`IngestStore.read` runs the readers on a read-only snapshot in a worker thread;
+`IngestStore.write` runs the mutators inside one IMMEDIATE transaction. Nothing here
+knows about gRPC: lookups of ids outside the caller's organisation raise `NotFound`
+naming the id, exactly as ids that never existed (no existence leak across orgs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from edged.ingest.filters import BINARIES, READINGS, Cursor, Where, page_clause
+
+_CHUNK = 500  # ids per IN (...) list, far below SQLite's variable limit
+
+
+class NotFound(LookupError):
+    """An id the caller's organisation does not have; the message names it."""
+
+
+@dataclass(frozen=True)
+class ReadingRow:
+    rowid: int
+    time_captured_ns: int
+    org_id: str
+    location_id: str
+    robot_name: str
+    robot_id: str
+    part_name: str
+    part_id: str
+    component_type: str
+    component_name: str
+    method_name: str
+    method_parameters: str
+    tags: str
+    time_requested_ns: int | None
+    time_received_ns: int | None
+    data: str
+
+
+_READING_COLS = (
+    "rowid, time_captured_ns, org_id, location_id, robot_name, robot_id, part_name, part_id,"
+    " component_type, component_name, method_name, method_parameters, tags,"
+    " time_requested_ns, time_received_ns, data"
+)
+
+
+@dataclass
+class BinaryRow:
+    rowid: int
+    time_captured_ns: int
+    binary_data_id: str
+    file_id: str
+    org_id: str
+    location_id: str
+    robot_name: str
+    robot_id: str
+    part_name: str
+    part_id: str
+    component_type: str
+    component_name: str
+    method_name: str
+    method_parameters: str
+    file_name: str
+    file_extension: str
+    mime_type: str
+    time_requested_ns: int | None
+    time_received_ns: int | None
+    annotations: bytes | None
+    size: int
+    blob_path: str
+    tags: list[str] = field(default_factory=list)
+    bboxes: list[tuple[str, str, float, float, float, float, float | None]] = field(
+        default_factory=list
+    )
+    dataset_ids: list[str] = field(default_factory=list)
+
+
+_BINARY_COLS = (
+    "rowid, time_captured_ns, binary_data_id, file_id, org_id, location_id, robot_name,"
+    " robot_id, part_name, part_id, component_type, component_name, method_name,"
+    " method_parameters, file_name, file_extension, mime_type, time_requested_ns,"
+    " time_received_ns, annotations, size, blob_path"
+)
+
+
+def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), _CHUNK):
+        yield items[start : start + _CHUNK]
+
+
+def _marks(n: int) -> str:
+    return ",".join("?" * n)
+
+
+# -- readers --------------------------------------------------------------------------------
+
+
+def page_readings(
+    conn: sqlite3.Connection, where: Where, order: int, cursor: Cursor | None, limit: int
+) -> list[ReadingRow]:
+    extra, extra_params, order_by = page_clause(READINGS, order, cursor)
+    sql = f"SELECT {_READING_COLS} FROM readings WHERE {where.sql}"
+    if extra:
+        sql += f" AND {extra}"
+    sql += f" ORDER BY {order_by} LIMIT ?"
+    rows = conn.execute(sql, (*where.params, *extra_params, limit)).fetchall()
+    return [ReadingRow(*r) for r in rows]
+
+
+def count_readings(conn: sqlite3.Connection, where: Where) -> tuple[int, int]:
+    """(matching readings, their data size in bytes as stored JSON)."""
+    row = conn.execute(
+        f"SELECT count(*), coalesce(sum(length(data)), 0) FROM readings WHERE {where.sql}",
+        where.params,
+    ).fetchone()
+    return int(row[0]), int(row[1])
+
+
+def page_binaries(
+    conn: sqlite3.Connection, where: Where, order: int, cursor: Cursor | None, limit: int
+) -> list[BinaryRow]:
+    extra, extra_params, order_by = page_clause(BINARIES, order, cursor)
+    sql = f"SELECT {_BINARY_COLS} FROM binaries WHERE {where.sql}"
+    if extra:
+        sql += f" AND {extra}"
+    sql += f" ORDER BY {order_by} LIMIT ?"
+    rows = [BinaryRow(*r) for r in conn.execute(sql, (*where.params, *extra_params, limit))]
+    _enrich(conn, rows)
+    return rows
+
+
+def count_binaries(conn: sqlite3.Connection, where: Where) -> tuple[int, int]:
+    """(matching binaries, their total size in bytes)."""
+    row = conn.execute(
+        f"SELECT count(*), coalesce(sum(size), 0) FROM binaries WHERE {where.sql}", where.params
+    ).fetchone()
+    return int(row[0]), int(row[1])
+
+
+def binaries_by_ids(conn: sqlite3.Connection, org_id: str, ids: Sequence[str]) -> list[BinaryRow]:
+    """Rows in the order asked (repeats once); NotFound for any id outside the org."""
+    wanted = list(dict.fromkeys(ids))
+    found: dict[str, BinaryRow] = {}
+    for part in _chunks(wanted):
+        sql = (
+            f"SELECT {_BINARY_COLS} FROM binaries WHERE org_id = ?"
+            f" AND binary_data_id IN ({_marks(len(part))})"
+        )
+        for r in conn.execute(sql, (org_id, *part)):
+            row = BinaryRow(*r)
+            found[row.binary_data_id] = row
+    missing = [i for i in wanted if i not in found]
+    if missing:
+        raise NotFound(f"binary data id {missing[0]!r} not found")
+    rows = [found[i] for i in wanted]
+    _enrich(conn, rows)
+    return rows
+
+
+def resolve_file_ids(conn: sqlite3.Connection, org_id: str, file_ids: Sequence[str]) -> list[str]:
+    """Legacy BinaryID.file_id -> binary_data_id within the org; NotFound otherwise."""
+    out: list[str] = []
+    for file_id in file_ids:
+        row = conn.execute(
+            "SELECT binary_data_id FROM binaries WHERE org_id = ? AND file_id = ?",
+            (org_id, file_id),
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"binary id with file_id {file_id!r} not found")
+        out.append(str(row[0]))
+    return out
+
+
+def check_binaries(conn: sqlite3.Connection, org_id: str, ids: Sequence[str]) -> None:
+    """NotFound unless every id is binary data of the org."""
+    wanted = list(dict.fromkeys(ids))
+    have: set[str] = set()
+    for part in _chunks(wanted):
+        sql = (
+            f"SELECT binary_data_id FROM binaries WHERE org_id = ?"
+            f" AND binary_data_id IN ({_marks(len(part))})"
+        )
+        have.update(r[0] for r in conn.execute(sql, (org_id, *part)))
+    for i in wanted:
+        if i not in have:
+            raise NotFound(f"binary data id {i!r} not found")
+
+
+def _enrich(conn: sqlite3.Connection, rows: list[BinaryRow]) -> None:
+    """Attach live tags, boxes and dataset memberships to a page of rows."""
+    by_id = {r.binary_data_id: r for r in rows}
+    ids = list(by_id)
+    for part in _chunks(ids):
+        marks = _marks(len(part))
+        for bid, tag in conn.execute(
+            f"SELECT binary_data_id, tag FROM binary_tags WHERE binary_data_id IN ({marks})"
+            " ORDER BY binary_data_id, tag",
+            part,
+        ):
+            by_id[bid].tags.append(tag)
+        for bid, *box in conn.execute(
+            f"SELECT binary_data_id, id, label, x_min, y_min, x_max, y_max, confidence"
+            f" FROM bboxes WHERE binary_data_id IN ({marks}) ORDER BY binary_data_id, rowid",
+            part,
+        ):
+            by_id[bid].bboxes.append(tuple(box))
+        for bid, ds in conn.execute(
+            f"SELECT binary_data_id, dataset_id FROM dataset_members"
+            f" WHERE binary_data_id IN ({marks}) ORDER BY binary_data_id, dataset_id",
+            part,
+        ):
+            by_id[bid].dataset_ids.append(ds)
+
+
+def tags_where(conn: sqlite3.Connection, where: Where) -> list[str]:
+    sql = (
+        "SELECT DISTINCT tag FROM binary_tags WHERE binary_data_id IN"
+        f" (SELECT binary_data_id FROM binaries WHERE {where.sql}) ORDER BY tag"
+    )
+    return [r[0] for r in conn.execute(sql, where.params)]
+
+
+def labels_where(conn: sqlite3.Connection, where: Where) -> list[str]:
+    sql = (
+        "SELECT DISTINCT label FROM bboxes WHERE binary_data_id IN"
+        f" (SELECT binary_data_id FROM binaries WHERE {where.sql}) ORDER BY label"
+    )
+    return [r[0] for r in conn.execute(sql, where.params)]
+
+
+# -- curation (inside IngestStore.write) ---------------------------------------------------
+
+
+def add_tags(conn: sqlite3.Connection, ids: Iterable[str], tags: Sequence[str]) -> None:
+    conn.executemany(
+        "INSERT OR IGNORE INTO binary_tags(binary_data_id, tag) VALUES (?, ?)",
+        [(i, t) for i in ids for t in tags],
+    )
+
+
+def remove_tags(conn: sqlite3.Connection, ids: Sequence[str], tags: Sequence[str]) -> int:
+    removed = 0
+    for part in _chunks(list(ids)):
+        cur = conn.execute(
+            f"DELETE FROM binary_tags WHERE binary_data_id IN ({_marks(len(part))})"
+            f" AND tag IN ({_marks(len(tags))})",
+            (*part, *tags),
+        )
+        removed += cur.rowcount
+    return removed
+
+
+def add_tags_where(conn: sqlite3.Connection, where: Where, tags: Sequence[str]) -> None:
+    for tag in tags:
+        conn.execute(
+            "INSERT OR IGNORE INTO binary_tags(binary_data_id, tag)"
+            f" SELECT binary_data_id, ? FROM binaries WHERE {where.sql}",
+            (tag, *where.params),
+        )
+
+
+def remove_tags_where(conn: sqlite3.Connection, where: Where, tags: Sequence[str]) -> int:
+    cur = conn.execute(
+        f"DELETE FROM binary_tags WHERE tag IN ({_marks(len(tags))}) AND binary_data_id IN"
+        f" (SELECT binary_data_id FROM binaries WHERE {where.sql})",
+        (*tags, *where.params),
+    )
+    return cur.rowcount
+
+
+def add_bbox(
+    conn: sqlite3.Connection,
+    binary_data_id: str,
+    label: str,
+    box: tuple[float, float, float, float],
+    confidence: float | None,
+) -> str:
+    bbox_id = uuid.uuid4().hex
+    conn.execute(
+        "INSERT INTO bboxes(id, binary_data_id, label, x_min, y_min, x_max, y_max, confidence)"
+        " VALUES (?,?,?,?,?,?,?,?)",
+        (bbox_id, binary_data_id, label, *box, confidence),
+    )
+    return bbox_id
+
+
+def remove_bbox(conn: sqlite3.Connection, binary_data_id: str, bbox_id: str) -> None:
+    cur = conn.execute(
+        "DELETE FROM bboxes WHERE id = ? AND binary_data_id = ?", (bbox_id, binary_data_id)
+    )
+    if cur.rowcount == 0:
+        raise NotFound(f"bbox_id {bbox_id!r} not found on binary data {binary_data_id!r}")
+
+
+def _delete_binary_rows(conn: sqlite3.Connection, ids: Sequence[str]) -> None:
+    for part in _chunks(list(ids)):
+        marks = _marks(len(part))
+        for table in ("binary_tags", "bboxes", "dataset_members", "binaries"):
+            conn.execute(f"DELETE FROM {table} WHERE binary_data_id IN ({marks})", part)
+
+
+def delete_binaries(conn: sqlite3.Connection, org_id: str, ids: Sequence[str]) -> list[str]:
+    """Delete the rows; return the blob paths (relative to the store root) to unlink."""
+    paths: list[str] = []
+    for part in _chunks(list(dict.fromkeys(ids))):
+        paths += [
+            r[0]
+            for r in conn.execute(
+                f"SELECT blob_path FROM binaries WHERE org_id = ?"
+                f" AND binary_data_id IN ({_marks(len(part))})",
+                (org_id, *part),
+            )
+        ]
+    _delete_binary_rows(conn, ids)
+    return paths
+
+
+def delete_binaries_where(conn: sqlite3.Connection, where: Where) -> list[str]:
+    rows = conn.execute(
+        f"SELECT binary_data_id, blob_path FROM binaries WHERE {where.sql}", where.params
+    ).fetchall()
+    _delete_binary_rows(conn, [r[0] for r in rows])
+    return [r[1] for r in rows]
+
+
+def delete_readings_where(conn: sqlite3.Connection, where: Where) -> int:
+    return conn.execute(f"DELETE FROM readings WHERE {where.sql}", where.params).rowcount
+
+
+# -- datasets -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DatasetRow:
+    id: str
+    org_id: str
+    name: str
+    created_on_ns: int
+
+
+def create_dataset(conn: sqlite3.Connection, org_id: str, name: str) -> str:
+    """A new dataset id; raises sqlite3.IntegrityError if the org has the name already."""
+    dataset_id = uuid.uuid4().hex
+    conn.execute(
+        "INSERT INTO datasets(id, org_id, name, created_on) VALUES (?,?,?,?)",
+        (dataset_id, org_id, name, time.time_ns()),
+    )
+    return dataset_id
+
+
+def get_dataset(conn: sqlite3.Connection, org_id: str, dataset_id: str) -> DatasetRow:
+    row = conn.execute(
+        "SELECT id, org_id, name, created_on FROM datasets WHERE id = ? AND org_id = ?",
+        (dataset_id, org_id),
+    ).fetchone()
+    if row is None:
+        raise NotFound(f"dataset id {dataset_id!r} not found")
+    return DatasetRow(*row)
+
+
+def list_datasets(conn: sqlite3.Connection, org_id: str) -> list[DatasetRow]:
+    rows = conn.execute(
+        "SELECT id, org_id, name, created_on FROM datasets WHERE org_id = ?"
+        " ORDER BY created_on, id",
+        (org_id,),
+    )
+    return [DatasetRow(*r) for r in rows]
+
+
+def rename_dataset(conn: sqlite3.Connection, org_id: str, dataset_id: str, name: str) -> None:
+    get_dataset(conn, org_id, dataset_id)
+    conn.execute("UPDATE datasets SET name = ? WHERE id = ?", (name, dataset_id))
+
+
+def delete_dataset(conn: sqlite3.Connection, org_id: str, dataset_id: str) -> None:
+    get_dataset(conn, org_id, dataset_id)
+    conn.execute("DELETE FROM dataset_members WHERE dataset_id = ?", (dataset_id,))
+    conn.execute("DELETE FROM datasets WHERE id = ?", (dataset_id,))
+
+
+def add_members(conn: sqlite3.Connection, dataset_id: str, ids: Iterable[str]) -> None:
+    conn.executemany(
+        "INSERT OR IGNORE INTO dataset_members(dataset_id, binary_data_id) VALUES (?,?)",
+        [(dataset_id, i) for i in ids],
+    )
+
+
+def remove_members(conn: sqlite3.Connection, dataset_id: str, ids: Iterable[str]) -> None:
+    conn.executemany(
+        "DELETE FROM dataset_members WHERE dataset_id = ? AND binary_data_id = ?",
+        [(dataset_id, i) for i in ids],
+    )
+
+
+# -- database users -------------------------------------------------------------------------
+
+_SCRYPT: dict[str, Any] = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
+
+
+def hash_password(password: str, salt: bytes) -> bytes:
+    """scrypt: slow on purpose, so a copied index does not give the password away."""
+    return hashlib.scrypt(password.encode(), salt=salt, **_SCRYPT)
+
+
+def new_password_hash(password: str) -> tuple[bytes, bytes]:
+    """(salt, hash) for a password; run it outside the write lock, it takes ~50 ms."""
+    salt = secrets.token_bytes(16)
+    return salt, hash_password(password, salt)
+
+
+def set_database_user(conn: sqlite3.Connection, org_id: str, salted: tuple[bytes, bytes]) -> None:
+    conn.execute(
+        "INSERT INTO database_users(org_id, salt, password_hash, updated_at_ns) VALUES (?,?,?,?)"
+        " ON CONFLICT(org_id) DO UPDATE SET salt = excluded.salt,"
+        " password_hash = excluded.password_hash, updated_at_ns = excluded.updated_at_ns",
+        (org_id, *salted, time.time_ns()),
+    )
+
+
+def has_database_user(conn: sqlite3.Connection, org_id: str) -> bool:
+    row = conn.execute("SELECT 1 FROM database_users WHERE org_id = ?", (org_id,)).fetchone()
+    return row is not None
+
+
+def params_dict(text: str) -> dict[str, Any]:
+    value = json.loads(text)
+    return value if isinstance(value, dict) else {}

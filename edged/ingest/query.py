@@ -1,0 +1,740 @@
+"""DataService: read back, curate and delete what `edged ingest` stored.
+
+Every call is scoped to the organisation of the caller's API key (org "" on an open
+server). Ids of another organisation answer NOT_FOUND like ids that never existed; a
+request naming another organisation_id answers PERMISSION_DENIED.
+
+Paging: `limit` defaults to 50 and is capped at 10 000; `last` is an opaque token of
+(capture time, rowid), stable while uploads continue; an empty page echoes the token it
+was given. `count` is the number of items in the page, or with `count_only` the number
+of all matches (and `total_size_bytes` their size). With `include_binary` a page stops
+early once it holds 64 MiB of payload (at least one item), so responses stay bounded.
+
+What BinaryMetadata carries, from what we store:
+- id = file_id (legacy BinaryID.file_id), binary_data_id = our id (equal for blobs);
+- capture_metadata: organization_id = the uploader's org, location_id = its key's
+  location, robot_name/robot_id/part_name = "" (uploads do not carry them), part_id,
+  component_type/name, method_name, method_parameters, live tags, mime_type;
+- time_requested/time_received as the robot sent them (unset for plain files);
+- file_name and file_ext exactly as uploaded; uri = "" (blobs are served only through
+  this API); annotations = live bounding boxes + uploaded classifications;
+  dataset_ids = live memberships; file_size_bytes = stored size.
+
+GetDatabaseConnection's local meaning: hostname = this server's listen address,
+mongodb_uri = "" (there is no MongoDB; TabularDataBySQL/MQL run on the SQLite index),
+has_database_user = whether ConfigureDatabaseUser was called for the org (we keep a
+salted scrypt hash, never the password).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import importlib
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import bson
+from google.protobuf import json_format
+from google.protobuf.any_pb2 import Any as AnyPb
+from google.protobuf.timestamp_pb2 import Timestamp
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+from grpclib.server import Stream
+
+from edged._proto.app.data.v1 import data_grpc
+from edged._proto.app.data.v1 import data_pb2 as dpb
+from edged.ingest import catalog
+from edged.ingest.auth import ApiKey, KeyStore
+from edged.ingest.catalog import BinaryRow, NotFound, ReadingRow
+from edged.ingest.filters import (
+    Cursor,
+    FilterError,
+    binary_where,
+    decode_token,
+    delete_tabular_where,
+    encode_token,
+    reading_where,
+)
+from edged.ingest.storage import IngestStore
+
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 10_000
+MAX_PAGE_BINARY_BYTES = 64 * 1024 * 1024
+DAY_NS = 86_400 * 1_000_000_000
+
+
+def invalid(message: str) -> GRPCError:
+    return GRPCError(Status.INVALID_ARGUMENT, message)
+
+
+@contextlib.contextmanager
+def translate_errors() -> Iterator[None]:
+    """Map the catalog's and the filters' errors onto gRPC statuses."""
+    try:
+        yield
+    except NotFound as exc:
+        raise GRPCError(Status.NOT_FOUND, str(exc)) from None
+    except FilterError as exc:
+        raise invalid(str(exc)) from None
+
+
+def check_org(keys: KeyStore, caller: ApiKey, requested: str, where: str) -> str:
+    """The org to act on: the caller's. Naming another one is PERMISSION_DENIED."""
+    if keys.enabled and requested and requested != caller.org_id:
+        raise GRPCError(
+            Status.PERMISSION_DENIED,
+            f"{where} {requested!r} is not the organisation of this API key",
+        )
+    return caller.org_id
+
+
+def ts(ns: int | None) -> Timestamp | None:
+    if ns is None:
+        return None
+    return Timestamp(seconds=ns // 1_000_000_000, nanos=ns % 1_000_000_000)
+
+
+def _method_parameters(text: str) -> dict[str, AnyPb]:
+    """Stored JSON (json_format of each Any) back into Any messages."""
+    out: dict[str, AnyPb] = {}
+    for key, value in catalog.params_dict(text).items():
+        packed = AnyPb()
+        try:
+            json_format.ParseDict(value, packed)
+        except (json_format.ParseError, TypeError, KeyError):
+            if isinstance(value, dict) and isinstance(value.get("value"), str):
+                packed = AnyPb(
+                    type_url=str(value.get("@type", "")), value=base64.b64decode(value["value"])
+                )
+        out[key] = packed
+    return out
+
+
+def capture_metadata(
+    row: ReadingRow | BinaryRow, tags: Sequence[str], mime_type: str = ""
+) -> dpb.CaptureMetadata:
+    meta = dpb.CaptureMetadata(
+        organization_id=row.org_id,
+        location_id=row.location_id,
+        robot_name=row.robot_name,
+        robot_id=row.robot_id,
+        part_name=row.part_name,
+        part_id=row.part_id,
+        component_type=row.component_type,
+        component_name=row.component_name,
+        method_name=row.method_name,
+        tags=list(tags),
+        mime_type=mime_type,
+    )
+    for key, packed in _method_parameters(row.method_parameters).items():
+        meta.method_parameters[key].CopyFrom(packed)
+    return meta
+
+
+def tabular_page(rows: list[ReadingRow]) -> dpb.TabularDataByFilterResponse:
+    """Readings share CaptureMetadata entries by index, one per distinct metadata."""
+    resp = dpb.TabularDataByFilterResponse(count=len(rows))
+    index: dict[tuple[Any, ...], int] = {}
+    size = 0
+    for row in rows:
+        key = (
+            row.org_id,
+            row.location_id,
+            row.robot_name,
+            row.robot_id,
+            row.part_name,
+            row.part_id,
+            row.component_type,
+            row.component_name,
+            row.method_name,
+            row.method_parameters,
+            row.tags,
+        )
+        if key not in index:
+            index[key] = len(resp.metadata)
+            resp.metadata.append(capture_metadata(row, json.loads(row.tags)))
+        item = dpb.TabularData(metadata_index=index[key])
+        item.data.update(json.loads(row.data))
+        if (t := ts(row.time_requested_ns)) is not None:
+            item.time_requested.CopyFrom(t)
+        if (t := ts(row.time_received_ns)) is not None:
+            item.time_received.CopyFrom(t)
+        resp.data.append(item)
+        size += len(row.data)
+    resp.total_size_bytes = size
+    if rows:
+        resp.last = encode_token(Cursor(rows[-1].time_captured_ns, rows[-1].rowid))
+    return resp
+
+
+def binary_metadata(row: BinaryRow) -> dpb.BinaryMetadata:
+    meta = dpb.BinaryMetadata(
+        id=row.file_id,
+        binary_data_id=row.binary_data_id,
+        capture_metadata=capture_metadata(row, row.tags, row.mime_type),
+        file_name=row.file_name,
+        file_ext=row.file_extension,
+        uri="",
+        dataset_ids=row.dataset_ids,
+        file_size_bytes=row.size,
+    )
+    if (t := ts(row.time_requested_ns)) is not None:
+        meta.time_requested.CopyFrom(t)
+    if (t := ts(row.time_received_ns)) is not None:
+        meta.time_received.CopyFrom(t)
+    if row.annotations:
+        uploaded = dpb.Annotations.FromString(row.annotations)
+        meta.annotations.classifications.extend(uploaded.classifications)
+    for bbox_id, label, x0, y0, x1, y1, conf in row.bboxes:
+        box = dpb.BoundingBox(
+            id=bbox_id,
+            label=label,
+            x_min_normalized=x0,
+            y_min_normalized=y0,
+            x_max_normalized=x1,
+            y_max_normalized=y1,
+        )
+        if conf is not None:
+            box.confidence = conf
+        meta.annotations.bboxes.append(box)
+    return meta
+
+
+def binary_items(
+    root: Path, rows: list[BinaryRow], include_binary: bool
+) -> tuple[list[dpb.BinaryData], list[BinaryRow]]:
+    """BinaryData for rows, reading payloads from disk up to the page byte budget."""
+    out: list[dpb.BinaryData] = []
+    used: list[BinaryRow] = []
+    budget = 0
+    for row in rows:
+        item = dpb.BinaryData(metadata=binary_metadata(row))
+        if include_binary:
+            if used and budget + row.size > MAX_PAGE_BINARY_BYTES:
+                break
+            item.binary = (root / row.blob_path).read_bytes()
+            budget += row.size
+        out.append(item)
+        used.append(row)
+    return out, used
+
+
+def _limit(value: int) -> int:
+    return min(value or DEFAULT_LIMIT, MAX_LIMIT)
+
+
+def _engine(module: str, name: str) -> tuple[Callable[..., list[dict[str, Any]]], type[Exception]]:
+    """The SQL/MQL engines load lazily: a build without them answers UNIMPLEMENTED."""
+    try:
+        mod = importlib.import_module(f"edged.ingest.{module}")
+    except ImportError:
+        raise GRPCError(Status.UNIMPLEMENTED, f"{name} is not available in this build") from None
+    rejected = getattr(mod, "SqlRejected" if module == "sql" else "MqlRejected")
+    run = getattr(mod, f"run_{module}")
+    return run, rejected
+
+
+def _unimplemented(method: str) -> GRPCError:
+    return GRPCError(Status.UNIMPLEMENTED, f"{method} is not implemented by edged ingest")
+
+
+class DataQueryService(data_grpc.DataServiceBase):
+    def __init__(self, store: IngestStore, keys: KeyStore, address: Callable[[], str]) -> None:
+        self._store = store
+        self._keys = keys
+        self._address = address
+
+    async def _request(self, stream: Stream[Any, Any]) -> tuple[ApiKey, Any]:
+        caller = self._keys.caller(stream)
+        req = await stream.recv_message()
+        assert req is not None
+        return caller, req
+
+    # -- tabular --------------------------------------------------------------------------
+
+    async def TabularDataByFilter(
+        self, stream: Stream[dpb.TabularDataByFilterRequest, dpb.TabularDataByFilterResponse]
+    ) -> None:
+        caller, req = await self._request(stream)
+        dr = req.data_request
+        with translate_errors():
+            where = reading_where(dr.filter if dr.HasField("filter") else None, caller.org_id)
+            cursor = decode_token(dr.last)
+            if req.count_only:
+                count, size = await self._store.read(lambda c: catalog.count_readings(c, where))
+                resp = dpb.TabularDataByFilterResponse(count=count, total_size_bytes=size)
+            else:
+                limit = _limit(dr.limit)
+                resp = await self._store.read(
+                    lambda c: tabular_page(
+                        catalog.page_readings(c, where, dr.sort_order, cursor, limit)
+                    )
+                )
+                resp.last = resp.last or dr.last
+        await stream.send_message(resp)
+
+    async def TabularDataBySQL(
+        self, stream: Stream[dpb.TabularDataBySQLRequest, dpb.TabularDataBySQLResponse]
+    ) -> None:
+        caller, req = await self._request(stream)
+        org = check_org(self._keys, caller, req.organization_id, "organization_id")
+        if not req.sql_query.strip():
+            raise invalid("sql_query is required")
+        run, rejected = _engine("sql", "TabularDataBySQL")
+        try:
+            rows = await asyncio.to_thread(run, self._store.db_path, org, req.sql_query)
+        except rejected as exc:
+            raise invalid(str(exc)) from None
+        await stream.send_message(
+            dpb.TabularDataBySQLResponse(raw_data=[bson.encode(r) for r in rows])
+        )
+
+    async def TabularDataByMQL(
+        self, stream: Stream[dpb.TabularDataByMQLRequest, dpb.TabularDataByMQLResponse]
+    ) -> None:
+        caller, req = await self._request(stream)
+        org = check_org(self._keys, caller, req.organization_id, "organization_id")
+        if req.HasField("query_prefix_name") and req.query_prefix_name:
+            raise invalid("query_prefix_name: saved queries are not supported by edged ingest")
+        source = req.data_source.type if req.HasField("data_source") else 0
+        if source == dpb.TABULAR_DATA_SOURCE_TYPE_PIPELINE_SINK:
+            raise invalid("data_source.type PIPELINE_SINK: edged ingest has no data pipelines")
+        if not req.mql_binary:
+            raise invalid("mql_binary is empty; send at least one pipeline stage")
+        pipeline: list[dict[str, Any]] = []
+        for i, raw in enumerate(req.mql_binary):
+            try:
+                pipeline.append(dict(bson.decode(raw)))
+            except Exception:  # bson raises several types for malformed input
+                raise invalid(f"mql_binary[{i}] is not a BSON document") from None
+        run, rejected = _engine("mql", "TabularDataByMQL")
+        try:
+            rows = await asyncio.to_thread(run, self._store.db_path, org, pipeline)
+        except rejected as exc:
+            raise invalid(str(exc)) from None
+        await stream.send_message(
+            dpb.TabularDataByMQLResponse(raw_data=[bson.encode(r) for r in rows])
+        )
+
+    async def DeleteTabularData(
+        self, stream: Stream[dpb.DeleteTabularDataRequest, dpb.DeleteTabularDataResponse]
+    ) -> None:
+        caller, req = await self._request(stream)
+        org = check_org(self._keys, caller, req.organization_id, "organization_id")
+        days = req.delete_older_than_days
+        cutoff = time.time_ns() - days * DAY_NS if days else None
+        with translate_errors():
+            where = delete_tabular_where(
+                req.filter if req.HasField("filter") else None, org, cutoff
+            )
+            deleted = await self._store.write(lambda c: catalog.delete_readings_where(c, where))
+        await stream.send_message(dpb.DeleteTabularDataResponse(deleted_count=deleted))
+
+    # -- binary ---------------------------------------------------------------------------
+
+    async def BinaryDataByFilter(
+        self, stream: Stream[dpb.BinaryDataByFilterRequest, dpb.BinaryDataByFilterResponse]
+    ) -> None:
+        caller, req = await self._request(stream)
+        dr = req.data_request
+        root = self._store.root
+        with translate_errors():
+            where = binary_where(dr.filter if dr.HasField("filter") else None, caller.org_id)
+            cursor = decode_token(dr.last)
+            if req.count_only:
+                count, size = await self._store.read(lambda c: catalog.count_binaries(c, where))
+                await stream.send_message(
+                    dpb.BinaryDataByFilterResponse(count=count, total_size_bytes=size)
+                )
+                return
+            limit = _limit(dr.limit)
+
+            def page(conn: sqlite3.Connection) -> dpb.BinaryDataByFilterResponse:
+                rows = catalog.page_binaries(conn, where, dr.sort_order, cursor, limit)
+                items, used = binary_items(root, rows, req.include_binary)
+                resp = dpb.BinaryDataByFilterResponse(
+                    data=items, count=len(items), total_size_bytes=sum(r.size for r in used)
+                )
+                resp.last = (
+                    encode_token(Cursor(used[-1].time_captured_ns, used[-1].rowid))
+                    if used
+                    else dr.last
+                )
+                return resp
+
+            resp = await self._store.read(page)
+        await stream.send_message(resp)
+
+    async def BinaryDataByIDs(
+        self, stream: Stream[dpb.BinaryDataByIDsRequest, dpb.BinaryDataByIDsResponse]
+    ) -> None:
+        caller, req = await self._request(stream)
+        org, root = caller.org_id, self._store.root
+
+        def fetch(conn: sqlite3.Connection) -> dpb.BinaryDataByIDsResponse:
+            ids = resolve_ids(conn, org, req.binary_data_ids, req.binary_ids)
+            rows = catalog.binaries_by_ids(conn, org, ids)
+            items, _ = binary_items(root, rows, False)
+            if req.include_binary:
+                for item, row in zip(items, rows, strict=True):
+                    item.binary = (root / row.blob_path).read_bytes()
+            return dpb.BinaryDataByIDsResponse(data=items, count=len(items))
+
+        with translate_errors():
+            resp = await self._store.read(fetch)
+        await stream.send_message(resp)
+
+    async def DeleteBinaryDataByFilter(
+        self,
+        stream: Stream[dpb.DeleteBinaryDataByFilterRequest, dpb.DeleteBinaryDataByFilterResponse],
+    ) -> None:
+        caller, req = await self._request(stream)
+        with translate_errors():
+            where = binary_where(req.filter if req.HasField("filter") else None, caller.org_id)
+            paths = await self._store.write(lambda c: catalog.delete_binaries_where(c, where))
+        await self._unlink(paths)
+        await stream.send_message(dpb.DeleteBinaryDataByFilterResponse(deleted_count=len(paths)))
+
+    async def DeleteBinaryDataByIDs(
+        self, stream: Stream[dpb.DeleteBinaryDataByIDsRequest, dpb.DeleteBinaryDataByIDsResponse]
+    ) -> None:
+        caller, req = await self._request(stream)
+        org = caller.org_id
+
+        def delete(conn: sqlite3.Connection) -> list[str]:
+            ids = resolve_ids(conn, org, req.binary_data_ids, req.binary_ids)
+            catalog.check_binaries(conn, org, ids)
+            return catalog.delete_binaries(conn, org, ids)
+
+        with translate_errors():
+            paths = await self._store.write(delete)
+        await self._unlink(paths)
+        await stream.send_message(dpb.DeleteBinaryDataByIDsResponse(deleted_count=len(paths)))
+
+    async def _unlink(self, paths: list[str]) -> None:
+        """Blobs go after their rows are committed: a crash leaves an orphan, never a row
+        pointing at nothing."""
+        root = self._store.root
+
+        def unlink() -> None:
+            for p in paths:
+                (root / p).unlink(missing_ok=True)
+
+        await asyncio.to_thread(unlink)
+
+    # -- tags -----------------------------------------------------------------------------
+
+    async def AddTagsToBinaryDataByIDs(
+        self,
+        stream: Stream[dpb.AddTagsToBinaryDataByIDsRequest, dpb.AddTagsToBinaryDataByIDsResponse],
+    ) -> None:
+        caller, req = await self._request(stream)
+        tags = required_tags(req.tags)
+
+        def add(conn: sqlite3.Connection) -> None:
+            ids = resolve_ids(conn, caller.org_id, req.binary_data_ids, req.binary_ids)
+            catalog.check_binaries(conn, caller.org_id, ids)
+            catalog.add_tags(conn, ids, tags)
+
+        with translate_errors():
+            await self._store.write(add)
+        await stream.send_message(dpb.AddTagsToBinaryDataByIDsResponse())
+
+    async def AddTagsToBinaryDataByFilter(
+        self,
+        stream: Stream[
+            dpb.AddTagsToBinaryDataByFilterRequest, dpb.AddTagsToBinaryDataByFilterResponse
+        ],
+    ) -> None:
+        caller, req = await self._request(stream)
+        tags = required_tags(req.tags)
+        with translate_errors():
+            where = binary_where(req.filter if req.HasField("filter") else None, caller.org_id)
+            await self._store.write(lambda c: catalog.add_tags_where(c, where, tags))
+        await stream.send_message(dpb.AddTagsToBinaryDataByFilterResponse())
+
+    async def RemoveTagsFromBinaryDataByIDs(
+        self,
+        stream: Stream[
+            dpb.RemoveTagsFromBinaryDataByIDsRequest, dpb.RemoveTagsFromBinaryDataByIDsResponse
+        ],
+    ) -> None:
+        caller, req = await self._request(stream)
+        tags = required_tags(req.tags)
+
+        def remove(conn: sqlite3.Connection) -> int:
+            ids = resolve_ids(conn, caller.org_id, req.binary_data_ids, req.binary_ids)
+            catalog.check_binaries(conn, caller.org_id, ids)
+            return catalog.remove_tags(conn, ids, tags)
+
+        with translate_errors():
+            removed = await self._store.write(remove)
+        await stream.send_message(dpb.RemoveTagsFromBinaryDataByIDsResponse(deleted_count=removed))
+
+    async def RemoveTagsFromBinaryDataByFilter(
+        self,
+        stream: Stream[
+            dpb.RemoveTagsFromBinaryDataByFilterRequest,
+            dpb.RemoveTagsFromBinaryDataByFilterResponse,
+        ],
+    ) -> None:
+        caller, req = await self._request(stream)
+        tags = required_tags(req.tags)
+        with translate_errors():
+            where = binary_where(req.filter if req.HasField("filter") else None, caller.org_id)
+            removed = await self._store.write(lambda c: catalog.remove_tags_where(c, where, tags))
+        await stream.send_message(
+            dpb.RemoveTagsFromBinaryDataByFilterResponse(deleted_count=removed)
+        )
+
+    async def TagsByFilter(
+        self, stream: Stream[dpb.TagsByFilterRequest, dpb.TagsByFilterResponse]
+    ) -> None:
+        caller, req = await self._request(stream)
+        with translate_errors():
+            where = binary_where(req.filter if req.HasField("filter") else None, caller.org_id)
+            tags = await self._store.read(lambda c: catalog.tags_where(c, where))
+        await stream.send_message(dpb.TagsByFilterResponse(tags=tags))
+
+    # -- bounding boxes -------------------------------------------------------------------
+
+    async def AddBoundingBoxToImageByID(
+        self,
+        stream: Stream[dpb.AddBoundingBoxToImageByIDRequest, dpb.AddBoundingBoxToImageByIDResponse],
+    ) -> None:
+        caller, req = await self._request(stream)
+        box = check_bbox(req)
+        confidence = req.confidence if req.HasField("confidence") else None
+
+        def add(conn: sqlite3.Connection) -> str:
+            [bid] = one_binary_id(conn, caller.org_id, req)
+            catalog.check_binaries(conn, caller.org_id, [bid])
+            return catalog.add_bbox(conn, bid, req.label, box, confidence)
+
+        with translate_errors():
+            bbox_id = await self._store.write(add)
+        await stream.send_message(dpb.AddBoundingBoxToImageByIDResponse(bbox_id=bbox_id))
+
+    async def RemoveBoundingBoxFromImageByID(
+        self,
+        stream: Stream[
+            dpb.RemoveBoundingBoxFromImageByIDRequest, dpb.RemoveBoundingBoxFromImageByIDResponse
+        ],
+    ) -> None:
+        caller, req = await self._request(stream)
+        if not req.bbox_id:
+            raise invalid("bbox_id is required")
+
+        def remove(conn: sqlite3.Connection) -> None:
+            [bid] = one_binary_id(conn, caller.org_id, req)
+            catalog.check_binaries(conn, caller.org_id, [bid])
+            catalog.remove_bbox(conn, bid, req.bbox_id)
+
+        with translate_errors():
+            await self._store.write(remove)
+        await stream.send_message(dpb.RemoveBoundingBoxFromImageByIDResponse())
+
+    async def BoundingBoxLabelsByFilter(
+        self,
+        stream: Stream[dpb.BoundingBoxLabelsByFilterRequest, dpb.BoundingBoxLabelsByFilterResponse],
+    ) -> None:
+        caller, req = await self._request(stream)
+        with translate_errors():
+            where = binary_where(req.filter if req.HasField("filter") else None, caller.org_id)
+            labels = await self._store.read(lambda c: catalog.labels_where(c, where))
+        await stream.send_message(dpb.BoundingBoxLabelsByFilterResponse(labels=labels))
+
+    # -- database access ------------------------------------------------------------------
+
+    async def GetDatabaseConnection(
+        self, stream: Stream[dpb.GetDatabaseConnectionRequest, dpb.GetDatabaseConnectionResponse]
+    ) -> None:
+        caller, req = await self._request(stream)
+        org = check_org(self._keys, caller, req.organization_id, "organization_id")
+        has_user = await self._store.read(lambda c: catalog.has_database_user(c, org))
+        await stream.send_message(
+            dpb.GetDatabaseConnectionResponse(
+                hostname=self._address(), mongodb_uri="", has_database_user=has_user
+            )
+        )
+
+    async def ConfigureDatabaseUser(
+        self, stream: Stream[dpb.ConfigureDatabaseUserRequest, dpb.ConfigureDatabaseUserResponse]
+    ) -> None:
+        caller, req = await self._request(stream)
+        org = check_org(self._keys, caller, req.organization_id, "organization_id")
+        if not req.password:
+            raise invalid("password is required")
+        salted = await asyncio.to_thread(catalog.new_password_hash, req.password)
+        await self._store.write(lambda c: catalog.set_database_user(c, org, salted))
+        await stream.send_message(dpb.ConfigureDatabaseUserResponse())
+
+    # -- dataset membership ---------------------------------------------------------------
+
+    async def AddBinaryDataToDatasetByIDs(
+        self,
+        stream: Stream[
+            dpb.AddBinaryDataToDatasetByIDsRequest, dpb.AddBinaryDataToDatasetByIDsResponse
+        ],
+    ) -> None:
+        caller, req = await self._request(stream)
+        await self._membership(caller, req, catalog.add_members)
+        await stream.send_message(dpb.AddBinaryDataToDatasetByIDsResponse())
+
+    async def RemoveBinaryDataFromDatasetByIDs(
+        self,
+        stream: Stream[
+            dpb.RemoveBinaryDataFromDatasetByIDsRequest,
+            dpb.RemoveBinaryDataFromDatasetByIDsResponse,
+        ],
+    ) -> None:
+        caller, req = await self._request(stream)
+        await self._membership(caller, req, catalog.remove_members)
+        await stream.send_message(dpb.RemoveBinaryDataFromDatasetByIDsResponse())
+
+    async def _membership(
+        self,
+        caller: ApiKey,
+        req: Any,
+        change: Callable[[sqlite3.Connection, str, list[str]], None],
+    ) -> None:
+        if not req.dataset_id:
+            raise invalid("dataset_id is required")
+        org = caller.org_id
+
+        def apply(conn: sqlite3.Connection) -> None:
+            catalog.get_dataset(conn, org, req.dataset_id)
+            ids = resolve_ids(conn, org, req.binary_data_ids, req.binary_ids)
+            catalog.check_binaries(conn, org, ids)
+            change(conn, req.dataset_id, ids)
+
+        with translate_errors():
+            await self._store.write(apply)
+
+    # -- not offered by edged ingest ------------------------------------------------------
+
+    async def ExportTabularData(self, stream: Stream[Any, Any]) -> None:
+        raise _unimplemented("ExportTabularData")
+
+    async def GetLatestTabularData(self, stream: Stream[Any, Any]) -> None:
+        raise _unimplemented("GetLatestTabularData")
+
+    async def UpdateBoundingBox(self, stream: Stream[Any, Any]) -> None:
+        raise _unimplemented("UpdateBoundingBox")
+
+    async def AddSequencesToDataset(self, stream: Stream[Any, Any]) -> None:
+        raise _unimplemented("AddSequencesToDataset")
+
+    async def RemoveSequencesFromDataset(self, stream: Stream[Any, Any]) -> None:
+        raise _unimplemented("RemoveSequencesFromDataset")
+
+    async def CreateIndex(self, stream: Stream[Any, Any]) -> None:
+        raise _unimplemented("CreateIndex")
+
+    async def ListIndexes(self, stream: Stream[Any, Any]) -> None:
+        raise _unimplemented("ListIndexes")
+
+    async def DeleteIndex(self, stream: Stream[Any, Any]) -> None:
+        raise _unimplemented("DeleteIndex")
+
+    async def CreateSavedQuery(self, stream: Stream[Any, Any]) -> None:
+        raise _unimplemented("CreateSavedQuery")
+
+    async def UpdateSavedQuery(self, stream: Stream[Any, Any]) -> None:
+        raise _unimplemented("UpdateSavedQuery")
+
+    async def GetSavedQuery(self, stream: Stream[Any, Any]) -> None:
+        raise _unimplemented("GetSavedQuery")
+
+    async def DeleteSavedQuery(self, stream: Stream[Any, Any]) -> None:
+        raise _unimplemented("DeleteSavedQuery")
+
+    async def ListSavedQueries(self, stream: Stream[Any, Any]) -> None:
+        raise _unimplemented("ListSavedQueries")
+
+    async def CreateBinaryDataSignedURL(self, stream: Stream[Any, Any]) -> None:
+        raise _unimplemented("CreateBinaryDataSignedURL")
+
+    async def CreateSequence(self, stream: Stream[Any, Any]) -> None:
+        raise _unimplemented("CreateSequence")
+
+    async def GetSequence(self, stream: Stream[Any, Any]) -> None:
+        raise _unimplemented("GetSequence")
+
+    async def UpdateSequence(self, stream: Stream[Any, Any]) -> None:
+        raise _unimplemented("UpdateSequence")
+
+    async def DeleteSequence(self, stream: Stream[Any, Any]) -> None:
+        raise _unimplemented("DeleteSequence")
+
+    async def ListSequences(self, stream: Stream[Any, Any]) -> None:
+        raise _unimplemented("ListSequences")
+
+    async def SequencesByDatasetID(self, stream: Stream[Any, Any]) -> None:
+        raise _unimplemented("SequencesByDatasetID")
+
+    async def GetSequenceBinaryData(self, stream: Stream[Any, Any]) -> None:
+        raise _unimplemented("GetSequenceBinaryData")
+
+
+# -- request checks (pure) ------------------------------------------------------------------
+
+
+def required_tags(tags: Sequence[str]) -> list[str]:
+    out = list(dict.fromkeys(t for t in tags if t))
+    if not out:
+        raise invalid("tags is empty; give at least one non-empty tag")
+    return out
+
+
+def resolve_ids(
+    conn: sqlite3.Connection, org: str, data_ids: Sequence[str], legacy: Sequence[dpb.BinaryID]
+) -> list[str]:
+    """binary_data_ids, or legacy BinaryIDs (file id + org + location), as our ids."""
+    if data_ids:
+        if not all(data_ids):
+            raise FilterError("binary_data_ids contains an empty id")
+        return list(data_ids)
+    if not legacy:
+        raise FilterError("binary_data_ids is empty; give at least one id")
+    for b in legacy:
+        if not b.file_id:
+            raise FilterError("binary_ids[].file_id is required")
+        if b.organization_id and b.organization_id != org:
+            raise NotFound(f"binary id with file_id {b.file_id!r} not found")
+    return catalog.resolve_file_ids(conn, org, [b.file_id for b in legacy])
+
+
+def one_binary_id(conn: sqlite3.Connection, org: str, req: Any) -> list[str]:
+    if req.binary_data_id:
+        return [req.binary_data_id]
+    if req.HasField("binary_id") and req.binary_id.file_id:
+        return resolve_ids(conn, org, [], [req.binary_id])
+    raise FilterError("binary_data_id is required")
+
+
+def check_bbox(req: dpb.AddBoundingBoxToImageByIDRequest) -> tuple[float, float, float, float]:
+    """0 <= min < max <= 1 on both axes, a label, confidence within [0, 1] if given."""
+    if not req.label:
+        raise invalid("label is required")
+    values = {
+        "x_min_normalized": req.x_min_normalized,
+        "y_min_normalized": req.y_min_normalized,
+        "x_max_normalized": req.x_max_normalized,
+        "y_max_normalized": req.y_max_normalized,
+    }
+    for name, value in values.items():
+        if not 0.0 <= value <= 1.0:
+            raise invalid(f"{name} must be within [0, 1], got {value}")
+    for axis in ("x", "y"):
+        if not values[f"{axis}_min_normalized"] < values[f"{axis}_max_normalized"]:
+            raise invalid(f"{axis}_min_normalized must be less than {axis}_max_normalized")
+    if req.HasField("confidence") and not 0.0 <= req.confidence <= 1.0:
+        raise invalid(f"confidence must be within [0, 1], got {req.confidence}")
+    return (req.x_min_normalized, req.y_min_normalized, req.x_max_normalized, req.y_max_normalized)

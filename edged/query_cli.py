@@ -1,0 +1,272 @@
+"""`edged query`: read back what an ingest server stored, from the command line.
+
+Thin on purpose: the stock DataService/DatasetService stubs on `UploadClient`'s
+connection (same address, TLS and API-key handshake as uploads). Everything pages with
+the server's `last` token, so memory is bounded by one page whatever the result size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import mimetypes
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import bson
+from google.protobuf import json_format
+from google.protobuf.timestamp_pb2 import Timestamp
+from grpclib.exceptions import GRPCError
+
+from edged._proto.app.data.v1 import data_pb2 as dpb
+from edged._proto.app.data.v1.data_grpc import DataServiceStub
+from edged.client import UploadClient
+from edged.errors import ConfigError, EdgedError
+from edged.keyfile import API_KEY_ENV, resolve_api_key
+
+PAGE = 1000
+EXPORT_PAGE = 16  # binaries per page while exporting: bounds memory to 16 payloads
+
+
+def parse_time(text: str) -> Timestamp:
+    """RFC 3339 (a trailing Z is fine; naive = UTC) or epoch seconds."""
+    try:
+        when = dt.datetime.fromtimestamp(float(text), dt.UTC)
+    except ValueError:
+        try:
+            when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is neither RFC 3339 nor epoch seconds"
+            ) from None
+    ts = Timestamp()
+    ts.FromDatetime(when if when.tzinfo else when.replace(tzinfo=dt.UTC))
+    return ts
+
+
+def build_filter(args: argparse.Namespace) -> dpb.Filter:
+    f = dpb.Filter(
+        component_name=args.component_name or "",
+        component_type=args.component_type or "",
+        method=args.method or "",
+        part_id=args.part_id or "",
+    )
+    if args.tag:
+        f.tags_filter.CopyFrom(dpb.TagsFilter(type=dpb.TAGS_FILTER_TYPE_MATCH_BY_OR, tags=args.tag))
+    if args.start is not None:
+        f.interval.start.CopyFrom(args.start)
+    if args.end is not None:
+        f.interval.end.CopyFrom(args.end)
+    return f
+
+
+def _client(args: argparse.Namespace) -> UploadClient:
+    key = resolve_api_key(args.api_key_file)
+    if (key is None) != (args.api_key_id is None):
+        raise ConfigError(
+            f"--api-key-id needs a key (--api-key-file or {API_KEY_ENV}), and a key needs"
+            " --api-key-id"
+        )
+    return UploadClient(
+        args.address,
+        api_key_id=args.api_key_id,
+        api_key=key,
+        tls=not args.insecure,
+        ca_file=args.ca_file,
+    )
+
+
+def _ts_text(ts: Timestamp, present: bool) -> str:
+    return ts.ToDatetime(dt.UTC).isoformat() if present else "-"
+
+
+async def _pages(
+    stub: DataServiceStub, md: dict[str, str], args: argparse.Namespace, *, binary: bool
+) -> AsyncIterator[Any]:
+    """Each item of every page, up to --limit items in all."""
+    want = args.limit or None
+    page_size = EXPORT_PAGE if getattr(args, "dir", None) else PAGE
+    dr = dpb.DataRequest(filter=build_filter(args), limit=page_size)
+    got = 0
+    while want is None or got < want:
+        dr.limit = min(page_size, want - got) if want is not None else page_size
+        resp: Any
+        if binary:
+            include = getattr(args, "dir", None) is not None
+            resp = await stub.BinaryDataByFilter(
+                dpb.BinaryDataByFilterRequest(data_request=dr, include_binary=include),
+                metadata=md,
+            )
+        else:
+            resp = await stub.TabularDataByFilter(
+                dpb.TabularDataByFilterRequest(data_request=dr), metadata=md
+            )
+        if not resp.data:
+            return
+        for item in resp.data:
+            yield resp, item
+        got += len(resp.data)
+        dr.last = resp.last
+
+
+async def tabular(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        stub, md = DataServiceStub(client.channel), await client.metadata()
+        async for resp, item in _pages(stub, md, args, binary=False):
+            meta = resp.metadata[item.metadata_index]
+            data = json_format.MessageToDict(item.data)
+            when = _ts_text(item.time_requested, item.HasField("time_requested"))
+            if args.json:
+                row = {
+                    "time_requested": when,
+                    "part_id": meta.part_id,
+                    "component_name": meta.component_name,
+                    "method_name": meta.method_name,
+                    "tags": list(meta.tags),
+                    "data": data,
+                }
+                print(json.dumps(row))
+            else:
+                print(f"{when}  {meta.component_name}/{meta.method_name}  {json.dumps(data)}")
+    return 0
+
+
+async def binary(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        stub, md = DataServiceStub(client.channel), await client.metadata()
+        async for _, item in _pages(stub, md, args, binary=True):
+            m = item.metadata
+            when = _ts_text(m.time_requested, m.HasField("time_requested"))
+            cm = m.capture_metadata
+            if args.json:
+                row = {
+                    "binary_data_id": m.binary_data_id,
+                    "time_requested": when,
+                    "component_name": cm.component_name,
+                    "mime_type": cm.mime_type,
+                    "file_name": m.file_name + m.file_ext,
+                    "size": m.file_size_bytes,
+                    "tags": list(cm.tags),
+                    "dataset_ids": list(m.dataset_ids),
+                }
+                print(json.dumps(row))
+            else:
+                print(
+                    f"{m.binary_data_id}  {when}  {cm.component_name}  {cm.mime_type}"
+                    f"  {m.file_size_bytes} B  {m.file_name}{m.file_ext}"
+                )
+    return 0
+
+
+async def sql(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        stub, md = DataServiceStub(client.channel), await client.metadata()
+        resp = await stub.TabularDataBySQL(
+            dpb.TabularDataBySQLRequest(organization_id=args.org_id or "", sql_query=args.query),
+            metadata=md,
+        )
+        for raw in resp.raw_data:
+            print(json.dumps(bson.decode(raw), default=str))
+    return 0
+
+
+def _progress(done: int, total: int, nbytes: int) -> None:
+    width = 30
+    filled = width * done // total if total else width
+    bar = "#" * filled + "-" * (width - filled)
+    print(f"\r[{bar}] {done}/{total}  {nbytes / 1048576:.1f} MiB", end="", file=sys.stderr)
+
+
+def export_name(meta: dpb.BinaryMetadata) -> str:
+    """<binary_data_id><ext>: unique, and never a path the server could steer."""
+    ext = meta.file_ext or mimetypes.guess_extension(meta.capture_metadata.mime_type) or ""
+    ext = ext if ext.startswith(".") or not ext else f".{ext}"
+    safe = "".join(c for c in ext if c.isalnum() or c == ".")
+    return f"{meta.binary_data_id}{safe}"
+
+
+async def export_binaries(args: argparse.Namespace) -> int:
+    out: Path = args.dir
+    out.mkdir(parents=True, exist_ok=True)
+    async with _client(args) as client:
+        stub, md = DataServiceStub(client.channel), await client.metadata()
+        count = await stub.BinaryDataByFilter(
+            dpb.BinaryDataByFilterRequest(
+                data_request=dpb.DataRequest(filter=build_filter(args)), count_only=True
+            ),
+            metadata=md,
+        )
+        total = min(count.count, args.limit) if args.limit else count.count
+        done = nbytes = 0
+        _progress(done, total, nbytes)
+        async for _, item in _pages(stub, md, args, binary=True):
+            name = export_name(item.metadata)
+            if "/" in name or name.startswith("."):
+                raise EdgedError(f"server sent an unusable binary data id {name!r}")
+            (out / name).write_bytes(item.binary)
+            done += 1
+            nbytes += len(item.binary)
+            _progress(done, max(total, done), nbytes)
+        print(file=sys.stderr)
+    print(f"exported {done} file(s), {nbytes} bytes, to {out}")
+    return 0
+
+
+COMMANDS = {
+    "tabular": tabular,
+    "binary": binary,
+    "sql": sql,
+    "export-binaries": export_binaries,
+}
+
+
+async def run(args: argparse.Namespace) -> int:
+    try:
+        return await COMMANDS[args.query_command](args)
+    except GRPCError as exc:
+        raise EdgedError(f"query failed: {exc.status.name}: {exc.message}") from exc
+    finally:
+        await asyncio.sleep(0.05)  # let the closed connection's TLS transport finish closing
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    """`edged query ...`; the caller sets the handler."""
+    q: argparse.ArgumentParser = sub.add_parser(
+        "query", help="read back what an ingest server stored"
+    )
+    qs = q.add_subparsers(dest="query_command", required=True)
+
+    def common(p: argparse.ArgumentParser, *, filters: bool = True) -> None:
+        p.add_argument("--address", required=True, help="HOST:PORT of the ingest server")
+        p.add_argument("--api-key-id", help="API key id")
+        p.add_argument(
+            "--api-key-file", type=Path, help=f"file (0600) with the key; or set {API_KEY_ENV}"
+        )
+        p.add_argument("--insecure", action="store_true", help="plaintext (no TLS)")
+        p.add_argument("--tls", action="store_false", dest="insecure", help="TLS (the default)")
+        p.add_argument("--ca-file", type=Path, help="CA bundle to verify the server with")
+        p.add_argument("--json", action="store_true", help="one JSON object per line")
+        if filters:
+            p.add_argument("--component-name")
+            p.add_argument("--component-type")
+            p.add_argument("--method")
+            p.add_argument("--part-id")
+            p.add_argument("--tag", action="append", help="match any of these tags (repeatable)")
+            p.add_argument("--start", type=parse_time, help="captured at or after (RFC 3339)")
+            p.add_argument("--end", type=parse_time, help="captured before (RFC 3339)")
+            p.add_argument("--limit", type=int, default=0, help="stop after N items (default all)")
+
+    common(qs.add_parser("tabular", help="readings matching the filters"))
+    common(qs.add_parser("binary", help="binary data (metadata) matching the filters"))
+    s = qs.add_parser("sql", help="run a SQL query over the organisation's readings")
+    s.add_argument("query", help='e.g. "SELECT * FROM readings LIMIT 5"')
+    s.add_argument("--org-id", help="organisation (default: the API key's)")
+    common(s, filters=False)
+    e = qs.add_parser("export-binaries", help="download matching binary data into DIR")
+    e.add_argument("dir", type=Path, help="directory to write <binary_data_id><ext> files into")
+    common(e)
+    return q
