@@ -7,6 +7,7 @@ busy. Peak RSS is the kernel's high-water mark (VmHWM) of a fresh process per ru
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import os
@@ -229,3 +230,22 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column]) -
 
     sep = "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|"
     return "\n".join([fmt(cells[0]), sep, *(fmt(r) for r in cells[1:])])
+
+
+def module_main(
+    prog: str,
+    worker: Callable[[dict[str, Any]], None],
+    run: Callable[[bool], Path],
+    argv: list[str] | None = None,
+) -> int:
+    """`python -m bench.X [--quick]` runs the benchmark; `--worker SPEC` is one child
+    measurement (so its CPU% and RSS are its own)."""
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument("--worker", metavar="SPEC", help="internal: run one measurement")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(json.loads(args.worker))
+    else:
+        run(args.quick)
+    return 0

@@ -18,7 +18,6 @@ Scenarios:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import datetime as dt
 import functools
@@ -41,6 +40,7 @@ from bench.common import (
     format_table,
     ingest_server,
     machine_info,
+    module_main,
     peak_rss_bytes,
     run_n,
     run_worker,
@@ -312,15 +312,7 @@ def run(quick: bool = False, runs: int | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.outbox")
-    parser.add_argument("--worker", metavar="SPEC", help="internal: run one measurement")
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    if args.worker:
-        _worker(json.loads(args.worker))
-    else:
-        run(args.quick)
-    return 0
+    return module_main("python -m bench.outbox", _worker, run, argv)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ Scenarios:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import datetime as dt
@@ -41,6 +40,7 @@ from bench.common import (
     MiB,
     format_table,
     machine_info,
+    module_main,
     peak_rss_bytes,
     percentile,
     run_n,
@@ -360,15 +360,7 @@ def run(quick: bool = False, runs: int | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.sources")
-    parser.add_argument("--worker", metavar="SPEC", help="internal: run one measurement")
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    if args.worker:
-        _worker(json.loads(args.worker))
-    else:
-        run(args.quick)
-    return 0
+    return module_main("python -m bench.sources", _worker, run, argv)
 
 
 if __name__ == "__main__":

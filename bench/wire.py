@@ -16,7 +16,6 @@ Scenarios:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import datetime as dt
 import json
@@ -38,6 +37,7 @@ from bench.common import (
     format_table,
     ingest_server,
     machine_info,
+    module_main,
     peak_rss_bytes,
     percentile,
     run_n,
@@ -287,15 +287,7 @@ def run(quick: bool = False, runs: int | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.wire")
-    parser.add_argument("--worker", metavar="SPEC", help="internal: run one client measurement")
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    if args.worker:
-        _worker(json.loads(args.worker))
-    else:
-        run(args.quick)
-    return 0
+    return module_main("python -m bench.wire", _worker, run, argv)
 
 
 if __name__ == "__main__":
