@@ -1,11 +1,15 @@
-"""Async upload client for the DataSync API.
+"""Async client for an ingest server: the seed `DataClient`'s whole API, and the daemon's
+upload layer underneath.
 
 Two layers on one connection:
-- the seed `DataClient`'s five upload calls, same names, parameters and return values,
-  so scripts written for it keep working;
-- what the daemon needs underneath: pre-encoded `SensorData` batches (encoded once, at
-  enqueue) and streamed binaries/files read in `chunk_size` pieces from a path, a file
-  slice or an async byte source, so memory never holds a whole payload.
+- `DataClient`: the seed client's methods with the same names, parameters and return
+  values (the five uploads here, the query/curation/dataset calls in
+  `edged.data_client`), so scripts written for it keep working after changing their
+  imports and their connect call. `connect()` opens one; this module re-exports the
+  names such scripts import (`Filter`, `BinaryID`, `Order`, `create_filter`, ...);
+- `UploadClient`, what the daemon needs: pre-encoded `SensorData` batches (encoded
+  once, at enqueue) and streamed binaries/files read in `chunk_size` pieces from a
+  path, a file slice or an async byte source, so memory never holds a whole payload.
 
 Every failure surfaces as `UploadError` (or `AuthError`) carrying a gRPC status;
 transport faults map to UNAVAILABLE and local deadlines to DEADLINE_EXCEEDED, so
@@ -19,13 +23,14 @@ import asyncio
 import datetime as dt
 import os
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeAlias, TypeVar, cast
+from typing import Any, ClassVar, Self, TypeAlias, TypeVar, cast
 
 from google.protobuf.any_pb2 import Any as AnyPb
+from google.protobuf.message import Message
 from google.protobuf.struct_pb2 import Struct
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpclib.client import Channel, Stream
@@ -36,7 +41,56 @@ from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged._proto.proto.rpc.v1 import auth_pb2
 from edged.capture import encode_varint
-from edged.errors import AuthError, SourceError, UploadError
+from edged.config import load_config
+from edged.data_client import (
+    BinaryData,
+    BinaryID,
+    BinaryMetadata,
+    CaptureInterval,
+    CaptureMetadata,
+    DataQueries,
+    Dataset,
+    Filter,
+    Order,
+    TabularData,
+    TagsFilter,
+    TagsFilterType,
+    create_filter,
+)
+from edged.errors import AuthError, ConfigError, SourceError, UploadError
+from edged.keyfile import API_KEY_ENV, resolve_api_key
+
+__all__ = [
+    "DEFAULT_CHUNK",
+    "AuthError",
+    "BinaryData",
+    "BinaryID",
+    "BinaryMetadata",
+    "ByteSource",
+    "CaptureInterval",
+    "CaptureMetadata",
+    "Connecting",
+    "DataClient",
+    "Dataset",
+    "FileSlice",
+    "Filter",
+    "Order",
+    "TabularData",
+    "TagsFilter",
+    "TagsFilterType",
+    "UploadClient",
+    "UploadError",
+    "UploadResult",
+    "client_tls_context",
+    "connect",
+    "create_filter",
+    "encode_capture_request",
+    "iter_source",
+    "method_parameters",
+    "parse_address",
+    "sensor_metadata",
+    "upload_metadata",
+]
 
 DEFAULT_CHUNK = 64 * 1024
 UNARY_BINARY_MAX = 1_000_000
@@ -47,6 +101,7 @@ _AUTH_STATUSES = (Status.UNAUTHENTICATED, Status.PERMISSION_DENIED)
 
 _Req = TypeVar("_Req")
 _Resp = TypeVar("_Resp")
+_Msg = TypeVar("_Msg", bound=Message)
 _StreamResp = TypeVar("_StreamResp", pb.StreamingDataCaptureUploadResponse, pb.FileUploadResponse)
 
 
@@ -217,14 +272,16 @@ async def iter_source(source: ByteSource, chunk_size: int = DEFAULT_CHUNK) -> As
             yield chunk[start : start + chunk_size]
 
 
-def _as_upload_error(exc: BaseException, item_id: str | None) -> UploadError:
+def _as_upload_error(exc: BaseException, item_id: str | None, call: str = "upload") -> UploadError:
     if isinstance(exc, GRPCError):
         cls = AuthError if exc.status in _AUTH_STATUSES else UploadError
-        return cls(exc.status, exc.message or exc.status.name, item_id=item_id)
+        return cls(exc.status, exc.message or exc.status.name, item_id=item_id, call=call)
     if isinstance(exc, asyncio.TimeoutError):
-        return UploadError(Status.DEADLINE_EXCEEDED, "call deadline exceeded", item_id=item_id)
+        return UploadError(
+            Status.DEADLINE_EXCEEDED, "call deadline exceeded", item_id=item_id, call=call
+        )
     detail = str(exc) or type(exc).__name__
-    return UploadError(Status.UNAVAILABLE, f"transport error: {detail}", item_id=item_id)
+    return UploadError(Status.UNAVAILABLE, f"transport error: {detail}", item_id=item_id, call=call)
 
 
 _TRANSPORT_ERRORS = (
@@ -264,7 +321,7 @@ class UploadClient:
         self.timeout = timeout
         self.chunk_size = chunk_size
 
-    async def __aenter__(self) -> UploadClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(
@@ -341,13 +398,17 @@ class UploadClient:
         item_id: str | None,
         timeout: float | None,
     ) -> _Resp:
-        """One call; on UNAUTHENTICATED with a stale token, re-authenticate and replay once."""
+        """One call; on UNAUTHENTICATED with a stale token, re-authenticate and replay once.
+
+        `method` is a DataSync method name, or a full `/package.Service/Method` path."""
+        path = method if method.startswith("/") else _SVC + method
+        call = "upload" if path.startswith(_SVC) else path.rsplit("/", 1)[-1]
         for attempt in (1, 2):
             token_used = self._token
             md = await self._metadata(item_id)
             try:
                 async with self._channel.request(
-                    _SVC + method,
+                    path,
                     cardinality,
                     req_type,
                     resp_type,
@@ -357,7 +418,9 @@ class UploadClient:
                     await send(stream)
                     reply = await stream.recv_message()
                 if reply is None:
-                    raise UploadError(Status.UNKNOWN, "server sent no reply", item_id=item_id)
+                    raise UploadError(
+                        Status.UNKNOWN, "server sent no reply", item_id=item_id, call=call
+                    )
                 return reply
             except GRPCError as exc:
                 if exc.status is Status.UNAUTHENTICATED and attempt == 1 and token_used:
@@ -365,10 +428,29 @@ class UploadClient:
                         if self._token == token_used:
                             self._token = None
                     continue
-                raise _as_upload_error(exc, item_id) from exc
+                raise _as_upload_error(exc, item_id, call) from exc
             except _TRANSPORT_ERRORS as exc:
-                raise _as_upload_error(exc, item_id) from exc
+                raise _as_upload_error(exc, item_id, call) from exc
         raise AssertionError("unreachable")
+
+    async def _unary(
+        self, path: str, request: Message, resp_type: type[_Msg], *, timeout: float | None = None
+    ) -> _Msg:
+        """One unary call to any service on this server (the query API), with the same
+        authentication, replay and error mapping as uploads."""
+
+        async def send(stream: Stream[Message, _Msg]) -> None:
+            await stream.send_message(request, end=True)
+
+        return await self._call(
+            path,
+            Cardinality.UNARY_UNARY,
+            type(request),
+            resp_type,
+            send,
+            item_id=None,
+            timeout=timeout if timeout is not None else self.timeout,
+        )
 
     # -- daemon layer -------------------------------------------------------------------
 
@@ -484,7 +566,15 @@ class UploadClient:
         tags: list[str] | None = None,
         data_request_times: tuple[dt.datetime, dt.datetime] | None = None,
     ) -> str:
-        """Upload one binary reading; returns its binary_data_id."""
+        """Upload one binary reading (e.g. a camera frame); returns its binary_data_id.
+
+        Example::
+
+            binary_data_id = await data_client.binary_data_capture_upload(
+                jpeg_bytes, "part-1", "rdk:component:camera", "cam", "GetImages", ".jpg",
+                data_request_times=(requested_at, received_at),
+            )
+        """
         meta = upload_metadata(
             part_id,
             pb.DATA_TYPE_BINARY_SENSOR,
@@ -510,7 +600,17 @@ class UploadClient:
         tags: list[str] | None = None,
         data_request_times: list[tuple[dt.datetime, dt.datetime]] | None = None,
     ) -> str:
-        """Upload readings that share one metadata; returns the upload's file_id."""
+        """Upload readings that share one metadata (one per dict); returns the upload's
+        file_id. `data_request_times`, if given, has one (requested, received) pair per
+        reading.
+
+        Example::
+
+            file_id = await data_client.tabular_data_capture_upload(
+                [{"temp_c": 21.5}, {"temp_c": 21.7}], "part-1", "rdk:component:sensor",
+                "thermo", "Readings", tags=["lab"],
+            )
+        """
         if data_request_times is not None and len(data_request_times) != len(tabular_data):
             raise ValueError(
                 f"data_request_times has {len(data_request_times)} entries but tabular_data"
@@ -547,7 +647,15 @@ class UploadClient:
         data_request_times: tuple[dt.datetime, dt.datetime] | None = None,
         tags: list[str] | None = None,
     ) -> str:
-        """Stream a large binary reading in chunks; returns its binary_data_id."""
+        """Send a large binary reading in `chunk_size` messages rather than one (no
+        message-size limit applies); returns its binary_data_id.
+
+        Example::
+
+            binary_data_id = await data_client.streaming_data_capture_upload(
+                pointcloud_bytes, "part-1", ".pcd", component_name="lidar"
+            )
+        """
         meta = upload_metadata(
             part_id,
             pb.DATA_TYPE_BINARY_SENSOR,
@@ -573,7 +681,14 @@ class UploadClient:
         file_extension: str | None = None,
         tags: list[str] | None = None,
     ) -> str:
-        """Upload a file held in memory; returns its binary_data_id."""
+        """Upload a file held in memory; returns its binary_data_id.
+
+        Example::
+
+            binary_data_id = await data_client.file_upload(
+                "part-1", b"run notes", file_name="notes", file_extension=".txt"
+            )
+        """
         meta = upload_metadata(
             part_id,
             pb.DATA_TYPE_FILE,
@@ -597,7 +712,13 @@ class UploadClient:
         method_parameters: Mapping[str, Any] | None = None,
         tags: list[str] | None = None,
     ) -> str:
-        """Stream a file from disk in chunks (never read whole); returns its binary_data_id."""
+        """Stream a file from disk in chunks (never read whole, so any size works);
+        returns its binary_data_id. The file name and extension come from the path.
+
+        Example::
+
+            binary_data_id = await data_client.file_upload_from_path("/data/run.mp4", "part-1")
+        """
         path = Path(filepath)
         if not path.is_file():
             raise FileNotFoundError(f"{filepath} is not a file")
@@ -614,3 +735,142 @@ class UploadClient:
             file_extension=ext,
         )
         return (await self.upload_file(meta, path)).binary_data_id
+
+
+class DataClient(UploadClient, DataQueries):
+    """The seed `DataClient`'s API on one connection: uploads, queries, tags, bounding
+    boxes and datasets. Safe for concurrent calls from many tasks.
+
+    Open it with `connect()` (or construct it and call methods: it authenticates on the
+    first call). It also stands in for the seed's `ViamClient`: `data_client` returns
+    itself and `close()` closes the connection, so `client.data_client.method(...)` and
+    `client.close()` keep working.
+
+    Example::
+
+        async with connect("ingest.example.com:443", api_key_id=KEY_ID, api_key=KEY) as dc:
+            rows, count, last = await dc.tabular_data_by_filter(
+                create_filter(component_name="thermo"), limit=100
+            )
+    """
+
+    TabularData: ClassVar[type[TabularData]] = TabularData
+
+    @property
+    def data_client(self) -> DataClient:
+        """This client: seed code reaches the data API as `viam_client.data_client`.
+
+        Example::
+
+            data_client = (await connect(address, api_key_id=KEY_ID, api_key=KEY)).data_client
+        """
+        return self
+
+    @classmethod
+    def from_config(
+        cls, config_path: str | os.PathLike[str], *, timeout: float | None = 60.0
+    ) -> DataClient:
+        """A client for the server the daemon's config file uploads to, with its address,
+        API key (`cloud.api_key_file`, or EDGED_API_KEY which wins), TLS and CA file.
+        Raises `ConfigError` for an invalid file or for `cloud.address: embedded` (that
+        server lives inside the daemon's process; nothing else can connect to it).
+
+        Example::
+
+            async with DataClient.from_config("/etc/edged/edged.yaml") as dc:
+                print(await dc.tags_by_filter())
+        """
+        cloud = load_config(Path(config_path)).cloud
+        if cloud.embedded:
+            raise ConfigError(
+                f"{config_path}: cloud.address is 'embedded', which runs inside the daemon's"
+                " own process and takes no connections; point cloud.address at an"
+                " `edged ingest` or DataSync server (host:port) to query it"
+            )
+        secret = resolve_api_key(cloud.api_key_file) if cloud.api_key_id else None
+        if cloud.api_key_id and secret is None:
+            raise ConfigError(
+                f"{config_path}: cloud.api_key_id is set but no key was found: set"
+                f" cloud.api_key_file or {API_KEY_ENV}"
+            )
+        return cls(
+            cloud.address,
+            api_key_id=cloud.api_key_id if secret else None,
+            api_key=secret,
+            tls=cloud.use_tls(),
+            ca_file=cloud.ca_file,
+            timeout=timeout,
+        )
+
+
+class Connecting:
+    """What `connect()` returns: `await` it for an authenticated `DataClient`, or use it
+    in `async with`, which also closes the client at the end."""
+
+    def __init__(self, make: Callable[[], DataClient]) -> None:
+        self._make = make
+        self._client: DataClient | None = None
+
+    async def _open(self) -> DataClient:
+        client = self._make()
+        try:
+            await client.authenticate()  # fail here, not at the first call, on a bad key
+        except BaseException:
+            client.close()
+            raise
+        self._client = client
+        return client
+
+    def __await__(self) -> Generator[Any, None, DataClient]:
+        return self._open().__await__()
+
+    async def __aenter__(self) -> DataClient:
+        return await self._open()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._client is not None:
+            self._client.close()
+
+
+def connect(
+    address: str | None = None,
+    *,
+    api_key_id: str | None = None,
+    api_key: str | None = None,
+    tls: bool = True,
+    ca_file: str | os.PathLike[str] | None = None,
+    timeout: float | None = 60.0,
+    config_path: str | os.PathLike[str] | None = None,
+) -> Connecting:
+    """Open a `DataClient` to `address` (host:port), or to the server named in a daemon
+    config file (`config_path`, see `DataClient.from_config`). TLS with certificate
+    verification unless `tls=False`; `ca_file` trusts a private CA. With an API key the
+    client authenticates at once, so a wrong key fails here as `AuthError`.
+
+    Example::
+
+        async with connect("127.0.0.1:8080", api_key_id=KEY_ID, api_key=KEY) as data_client:
+            print(await data_client.list_datasets_by_organization_id("org-1"))
+
+        data_client = await connect(config_path="/etc/edged/edged.yaml")  # close() later
+    """
+    if (address is None) == (config_path is None):
+        raise ValueError("give either an address or config_path, not both or neither")
+    if config_path is not None:
+        if api_key_id or api_key or ca_file or not tls:
+            raise ValueError("config_path supplies the key and TLS settings; pass only timeout")
+        path = config_path
+        return Connecting(lambda: DataClient.from_config(path, timeout=timeout))
+    assert address is not None
+    where = address
+    ca = Path(ca_file) if ca_file is not None else None
+    return Connecting(
+        lambda: DataClient(
+            where, api_key_id=api_key_id, api_key=api_key, tls=tls, ca_file=ca, timeout=timeout
+        )
+    )

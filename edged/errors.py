@@ -28,14 +28,19 @@ class CaptureFormatError(EdgedError):
 
 
 class UploadError(EdgedError):
-    """An upload call failed; `status` is the gRPC status (transport faults map to UNAVAILABLE)."""
+    """A call to the server failed; `status` is the gRPC status (transport faults map to
+    UNAVAILABLE). Query calls raise it too, with `call` naming the RPC, so a client
+    script handles one error type whichever call it made."""
 
-    def __init__(self, status: Status, message: str, *, item_id: str | None = None) -> None:
+    def __init__(
+        self, status: Status, message: str, *, item_id: str | None = None, call: str = "upload"
+    ) -> None:
         self.status = status
         self.message = message
         self.item_id = item_id
+        self.call = call
         where = f" for item {item_id}" if item_id else ""
-        super().__init__(f"upload{where} failed with {status.name}: {message}")
+        super().__init__(f"{call}{where} failed with {status.name}: {message}")
 
 
 class AuthError(UploadError):
