@@ -121,7 +121,9 @@ class FileSlice:
 
 
 ByteSource: TypeAlias = bytes | Path | FileSlice | Callable[[], AsyncIterator[bytes]]
-"""Replayable payloads: a retry (e.g. after re-authentication) starts again from byte 0."""
+"""bytes, a path or a file slice are re-read from byte 0 if the call is replayed after a
+re-authentication; an async source (a callable returning an async iterator) is never
+replayed, since it may hand out the same, already consumed, iterator."""
 
 
 class _Raw:
@@ -397,8 +399,10 @@ class UploadClient:
         *,
         item_id: str | None,
         timeout: float | None,
+        replayable: bool = True,
     ) -> _Resp:
-        """One call; on UNAUTHENTICATED with a stale token, re-authenticate and replay once.
+        """One call; on UNAUTHENTICATED with a stale token, re-authenticate and replay once
+        (only when `send` can run again: a consumed async source cannot).
 
         `method` is a DataSync method name, or a full `/package.Service/Method` path."""
         path = method if method.startswith("/") else _SVC + method
@@ -427,6 +431,14 @@ class UploadClient:
                     async with self._auth_lock:
                         if self._token == token_used:
                             self._token = None
+                    if not replayable:
+                        raise UploadError(
+                            Status.UNAVAILABLE,
+                            "the access token expired mid-stream and an async source cannot be"
+                            " replayed; call again (a new token is fetched)",
+                            item_id=item_id,
+                            call=call,
+                        ) from exc
                     continue
                 raise _as_upload_error(exc, item_id, call) from exc
             except _TRANSPORT_ERRORS as exc:
@@ -549,6 +561,7 @@ class UploadClient:
             send,
             item_id=item_id,
             timeout=timeout,
+            replayable=not callable(source),
         )
         return UploadResult(reply.file_id, reply.binary_data_id)
 

@@ -32,10 +32,10 @@ import shutil
 import sqlite3
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import aiosqlite
 
@@ -52,7 +52,8 @@ KIND_FILE = "file"
 KINDS = (KIND_TABULAR, KIND_BINARY, KIND_FILE)
 
 CLAIM_COMMITTED = "committed"  # readings copied in; the source file may be deleted
-CLAIM_PENDING = "pending"  # items still reference the file
+CLAIM_COMMITTING = "committing"  # the source is still queuing readings of this file
+CLAIM_PENDING = "pending"  # fully queued; items still reference the file
 CLAIM_DONE = "done"  # uploaded and kept on disk: never send again
 
 INLINE_MAX = 256 * 1024  # larger payloads handed over as bytes go to a spool file
@@ -61,7 +62,7 @@ WRITE_AMPLIFICATION = 3  # bytes on disk per payload byte (WAL, then table and i
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     digest BLOB NOT NULL UNIQUE,
     metadata BLOB NOT NULL,
     batched_upto INTEGER NOT NULL DEFAULT 0
@@ -223,6 +224,29 @@ def _digest(metadata: bytes) -> bytes:
     return hashlib.blake2b(metadata, digest_size=16).digest()
 
 
+_P = ParamSpec("_P")
+
+
+def _atomic(
+    method: Callable[Concatenate[Outbox, _P], Coroutine[Any, Any, _T]],
+) -> Callable[Concatenate[Outbox, _P], Coroutine[Any, Any, _T]]:
+    """Run a write to completion even if its caller is cancelled (SIGTERM, reload):
+    the transaction and the bookkeeping after it then always agree with the file."""
+
+    async def run(self: Outbox, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        task = asyncio.ensure_future(method(self, *args, **kwargs))
+        self._writes.add(task)
+        task.add_done_callback(self._write_done)
+        return await asyncio.shield(task)
+
+    run.__name__, run.__qualname__, run.__doc__ = (
+        method.__name__,
+        method.__qualname__,
+        method.__doc__,
+    )
+    return run
+
+
 class Outbox:
     """Single-writer store; construct with `await Outbox.open(state_dir)`."""
 
@@ -241,6 +265,7 @@ class Outbox:
         self._clock = clock
         self._free_disk = free_disk
         self._lock = asyncio.Lock()
+        self._writes: set[asyncio.Future[Any]] = set()
         self._meta_ids: dict[bytes, int] = {}
         self._stored_bytes = 0
         self._readings = 0
@@ -288,7 +313,15 @@ class Outbox:
         return box
 
     async def close(self) -> None:
+        """Let shielded writes finish (a cancelled caller does not wait for them), then close."""
+        if self._writes:
+            await asyncio.gather(*self._writes, return_exceptions=True)
         await self._db.close()
+
+    def _write_done(self, task: asyncio.Future[Any]) -> None:
+        self._writes.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: the caller may be gone (it was cancelled)
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -299,15 +332,21 @@ class Outbox:
 
     @contextlib.asynccontextmanager
     async def _tx(self) -> Any:
-        """One write transaction; ENOSPC and friends become OutboxFull (backpressure)."""
+        """One write transaction; ENOSPC and friends become OutboxFull (backpressure).
+
+        Only ever entered from an `_atomic` method, so no cancellation lands between
+        BEGIN and COMMIT: aiosqlite would still run a queued COMMIT on its thread while
+        the awaiting task unwinds as if it had failed."""
         async with self._lock:
-            await self._db.execute("BEGIN IMMEDIATE")
             try:
+                await self._db.execute("BEGIN IMMEDIATE")
                 yield self._db
                 await self._db.execute("COMMIT")
             except BaseException as exc:
-                with contextlib.suppress(sqlite3.Error):
-                    await self._db.execute("ROLLBACK")
+                if self._db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        await self._db.execute("ROLLBACK")
+                self._meta_ids.clear()  # ids cached by the rolled-back transaction
                 if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower():
                     raise OutboxFull(f"outbox database cannot grow: {exc}") from exc
                 raise
@@ -455,6 +494,7 @@ class Outbox:
 
     # -- enqueue -----------------------------------------------------------------------
 
+    @_atomic
     async def enqueue_readings(
         self,
         metadata: bytes,
@@ -485,6 +525,7 @@ class Outbox:
         if readings:
             self.work_available.set()
 
+    @_atomic
     async def enqueue_item(
         self,
         kind: str,
@@ -494,9 +535,13 @@ class Outbox:
         sensor: bytes | None = None,
         claim: Claim | None = None,
         progress: Progress | None = None,
+        more: bool = False,
     ) -> str:
         """Commit one binary reading or file. Small byte payloads are stored inline, large
-        ones in a spool file (fsync'd before the row commits); a FileRef stays in place."""
+        ones in a spool file (fsync'd before the row commits); a FileRef stays in place.
+
+        `more=True`: the source will queue further readings of the claimed file, so an
+        ack must not delete it yet; `finish_claim` ends that."""
         assert kind in (KIND_BINARY, KIND_FILE)
         uid = uuid.uuid4().hex
         inline: bytes | None = None
@@ -514,7 +559,6 @@ class Outbox:
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise OutboxFull(f"spool directory {self.spool_dir} is full") from exc
                 raise
-            claim = Claim(path, length, 0, delete_after=True)
         need = length if stored else 0
         now = self._clock()
         try:
@@ -539,7 +583,7 @@ class Outbox:
                         now,
                     ),
                 )
-                await self._put_claim(db, claim, CLAIM_PENDING)
+                await self._put_claim(db, claim, CLAIM_COMMITTING if more else CLAIM_PENDING)
                 await self._put_progress(db, progress)
                 await self._bump(db, enqueued_items=1)
         except BaseException:
@@ -577,6 +621,21 @@ class Outbox:
             row = await cur.fetchone()
         return (str(row[0]), int(row[1]), int(row[2])) if row else None
 
+    @_atomic
+    async def finish_claim(self, path: str) -> None:
+        """The source queued every reading of `path`: from now on the last ack deletes it
+        (at once if every item was already acknowledged)."""
+        key = _db_path(path)
+        async with self._tx() as db:
+            await db.execute(
+                "UPDATE claims SET state=? WHERE path=? AND state=?",
+                (CLAIM_PENDING, key, CLAIM_COMMITTING),
+            )
+            still = await self._scalar("SELECT count(*) FROM items WHERE path=?", (key,))
+        if not still:
+            await self._settle_file(path)
+
+    @_atomic
     async def forget_claim(self, path: str, source: str | None = None) -> None:
         """The source deleted a committed file: nothing left to remember (nor its offset)."""
         async with self._tx() as db:
@@ -593,33 +652,42 @@ class Outbox:
             row = await cur.fetchone()
         return Progress(source, path, row[0], row[1], row[2]) if row else None
 
+    @_atomic
     async def save_progress(self, progress: Progress) -> None:
         async with self._tx() as db:
             await self._put_progress(db, progress)
 
     # -- leasing and outcomes ----------------------------------------------------------
 
+    @_atomic
     async def recover(self) -> dict[str, int]:
-        """Start-up: a previous process's leases mean nothing now; settle half-done acks."""
+        """Start-up: a previous process's leases mean nothing now; finish acks that were
+        cut between their commit and the file delete; drop spool files no item owns."""
         async with self._tx() as db:
             cur = await db.execute(
                 "UPDATE items SET lease_until=NULL WHERE lease_until IS NOT NULL"
             )
             released = cur.rowcount
-            async with db.execute(
-                "SELECT path, delete_after FROM claims c WHERE state=? AND NOT EXISTS"
-                " (SELECT 1 FROM items i WHERE i.path=c.path)",
-                (CLAIM_PENDING,),
-            ) as q:
-                orphans = await q.fetchall()
-            for path, delete_after in orphans:
-                await self._settle_claim(db, _fs_path(path), bool(delete_after))
-        for path, delete_after in orphans:
-            if delete_after:
-                Path(_fs_path(path)).unlink(missing_ok=True)
+        async with self._db.execute(
+            "SELECT path FROM claims c WHERE state=? AND NOT EXISTS"
+            " (SELECT 1 FROM items i WHERE i.path=c.path)",
+            (CLAIM_PENDING,),
+        ) as q:
+            orphans = [_fs_path(r[0]) for r in await q.fetchall()]
+        for path in orphans:
+            await self._settle_file(path)
+        async with self._db.execute(
+            "SELECT path FROM items WHERE stored=1 AND path IS NOT NULL"
+        ) as q:
+            owned = {_fs_path(r[0]) for r in await q.fetchall()}
+        swept = 0
+        for spool in list(self.spool_dir.iterdir()):
+            if str(spool) not in owned:
+                swept += _unlink(str(spool))
         self.work_available.set()
-        return {"leases_released": released, "claims_settled": len(orphans)}
+        return {"leases_released": released, "claims_settled": len(orphans), "spool_swept": swept}
 
+    @_atomic
     async def lease(
         self,
         *,
@@ -708,6 +776,15 @@ class Outbox:
         ) as cur:
             return await cur.fetchone()
 
+    @_atomic
+    async def extend_lease(self, item: Item, seconds: float) -> None:
+        """Hold `item` for `seconds` more: a big stream may outlast the default lease, and
+        an expired lease would hand the same item to a second worker mid-upload."""
+        async with self._tx() as db:
+            await db.execute(
+                "UPDATE items SET lease_until=? WHERE id=?", (self._clock() + seconds, item.id)
+            )
+
     async def readings_of(self, item: Item) -> list[bytes]:
         async with self._db.execute(
             "SELECT r.data FROM items i JOIN readings r ON r.meta_id=i.meta_id"
@@ -716,13 +793,13 @@ class Outbox:
         ) as cur:
             return [bytes(r[0]) for r in await cur.fetchall()]
 
+    @_atomic
     async def ack(self, item: Item) -> None:
         """The server acknowledged `item`: delete it (and its readings) in one transaction;
         then delete a source or spool file no other item needs."""
         await self._drain_path(lambda: self._ack(item))
 
     async def _ack(self, item: Item) -> None:
-        delete_file: str | None = None
         async with self._tx() as db:
             if item.kind == KIND_TABULAR:
                 await db.execute(
@@ -730,29 +807,15 @@ class Outbox:
                     " ON r.meta_id=i.meta_id AND r.id BETWEEN i.lo AND i.hi WHERE i.id=?)",
                     (item.id,),
                 )
-            await db.execute("DELETE FROM items WHERE id=?", (item.id,))
+            cur = await db.execute("DELETE FROM items WHERE id=?", (item.id,))
+            if cur.rowcount == 0:
+                return  # acknowledged already (a late duplicate): nothing to book twice
             await db.execute("DELETE FROM dead_letters WHERE item_id=?", (item.id,))
-            if item.path is not None:
-                key = _db_path(item.path)
-                still = await self._scalar("SELECT count(*) FROM items WHERE path=?", (key,))
-                if not still:
-                    async with db.execute(
-                        "SELECT delete_after, size, mtime_ns FROM claims WHERE path=?",
-                        (key,),
-                    ) as cur:
-                        row = await cur.fetchone()
-                    delete_after = bool(row[0]) if row else item.stored
-                    if row and row[2] and _changed_since(item.path, row[1], row[2]):
-                        # Rewritten after it was queued: keep the new bytes; forgetting the
-                        # claim lets its source queue the new version.
-                        log.warning("%s changed after it was queued; keeping it", item.path)
-                        await db.execute("DELETE FROM claims WHERE path=?", (key,))
-                    else:
-                        await self._settle_claim(db, item.path, delete_after)
-                        if delete_after:
-                            delete_file = item.path
             await self._bump(
                 db, uploaded_items=1, uploaded_readings=item.count, uploaded_bytes=item.bytes
+            )
+            last_ref = item.path is not None and not await self._scalar(
+                "SELECT count(*) FROM items WHERE path=?", (_db_path(item.path),)
             )
         if item.kind == KIND_TABULAR:
             self._readings -= item.count
@@ -760,16 +823,37 @@ class Outbox:
         if item.stored or item.kind == KIND_TABULAR:
             self._stored_bytes -= item.bytes
             self.space_available.set()
-        if delete_file is not None:
-            Path(delete_file).unlink(missing_ok=True)
+        if item.path is not None and item.stored:
+            _unlink(item.path)  # our own spool file; a crash here is swept by recover()
+        elif item.path is not None and last_ref:
+            await self._settle_file(item.path)
 
-    async def _settle_claim(self, db: aiosqlite.Connection, path: str, delete_after: bool) -> None:
+    async def _settle_file(self, path: str) -> None:
+        """No item reads `path` any more: delete it if its claim says so, then forget the
+        claim and offsets. The claim outlives the unlink, so a crash in between is
+        finished by `recover()` instead of leaving the file to be sent again."""
         key = _db_path(path)
-        if delete_after:
-            await db.execute("DELETE FROM claims WHERE path=?", (key,))
-        else:
-            await db.execute("UPDATE claims SET state=? WHERE path=?", (CLAIM_DONE, key))
+        async with self._db.execute(
+            "SELECT state, delete_after, size, mtime_ns FROM claims WHERE path=?", (key,)
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None or row[0] != CLAIM_PENDING:
+            return  # unknown, or the source is still queuing readings of it
+        forget = True
+        if row[3] and _changed_since(path, row[2], row[3]):
+            # Rewritten after it was queued: keep the new bytes; forgetting the claim lets
+            # its source queue the new version.
+            log.warning("%s changed after it was queued; keeping it", path)
+        elif not row[1] or not _unlink(path):
+            forget = False  # kept on purpose, or undeletable: remember it, never resend
+        async with self._tx() as db:
+            if forget:
+                await db.execute("DELETE FROM claims WHERE path=?", (key,))
+                await db.execute("DELETE FROM offsets WHERE path=?", (key,))
+            else:
+                await db.execute("UPDATE claims SET state=? WHERE path=?", (CLAIM_DONE, key))
 
+    @_atomic
     async def retry_later(self, item: Item, delay_s: float, error: str) -> None:
         async with self._tx() as db:
             await db.execute(
@@ -779,11 +863,13 @@ class Outbox:
             )
             await self._bump(db, retries=1)
 
+    @_atomic
     async def release(self, item: Item) -> None:
         """Give a leased item back untouched (pause, shutdown, auth stop)."""
         async with self._tx() as db:
             await db.execute("UPDATE items SET lease_until=NULL WHERE id=?", (item.id,))
 
+    @_atomic
     async def dead_letter(self, item: Item, status: str, message: str) -> None:
         message = _text(message)
         async with self._tx() as db:
@@ -811,6 +897,7 @@ class Outbox:
             for r in rows
         ]
 
+    @_atomic
     async def retry_dead(self, ids: Sequence[int] | None = None) -> int:
         """Put dead letters back in the queue (all of them when `ids` is None)."""
         async with self._tx() as db:
@@ -834,6 +921,7 @@ class Outbox:
             self.work_available.set()
         return int(n)
 
+    @_atomic
     async def make_all_due(self) -> None:
         """`sync-now`: forget every item's backoff."""
         async with self._tx() as db:
@@ -841,17 +929,20 @@ class Outbox:
         self.work_available.set()
 
     async def next_due_in(self) -> float | None:
-        """Seconds until the earliest waiting item is due (None: nothing waiting)."""
+        """Seconds until the earliest waiting item is due (None: nothing waiting). Items
+        leased right now are not waiting: counting them made idle workers spin."""
         if await self._oldest_unbatched(self._db) is not None:
             return 0.0
+        now = self._clock()
         async with self._db.execute(
-            "SELECT min(next_attempt_at) FROM items i WHERE NOT EXISTS"
-            " (SELECT 1 FROM dead_letters d WHERE d.item_id=i.id)"
+            "SELECT min(next_attempt_at) FROM items i WHERE (lease_until IS NULL OR"
+            " lease_until < ?) AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.item_id=i.id)",
+            (now,),
         ) as cur:
             row = await cur.fetchone()
         if row is None or row[0] is None:
             return None
-        return max(0.0, float(row[0]) - self._clock())
+        return max(0.0, float(row[0]) - now)
 
     # -- status ------------------------------------------------------------------------
 
@@ -907,6 +998,16 @@ def _fs_path(value: str | bytes) -> str:
 def _text(message: str) -> str:
     """Free text (errors naming odd paths) made storable as SQLite text."""
     return message.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _unlink(path: str) -> bool:
+    """Delete a file we are done with; False (logged) if the OS refuses."""
+    try:
+        Path(path).unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("cannot delete %s after upload: %s", path, exc.strerror)
+        return False
+    return True
 
 
 def _changed_since(path: str, size: int, mtime_ns: int) -> bool:

@@ -240,6 +240,12 @@ class Uploader:
                 self.last_error = f"outbox: {exc}"
                 log.warning("worker %d: %s; pausing this worker for 1s", n, exc)
                 await asyncio.sleep(1.0)
+            except Exception as exc:
+                # A bug or an unforeseen OS error must not silently stop every worker (the
+                # TaskGroup would end while status still said "running"): say it, go on.
+                self.last_error = f"worker: {type(exc).__name__}: {exc}"
+                log.exception("worker %d: unexpected error; carrying on in 1s", n)
+                await asyncio.sleep(1.0)
 
     async def _one(self) -> None:
         s = self.settings
@@ -252,6 +258,9 @@ class Uploader:
             return
         self.inflight += 1
         try:
+            deadline = stream_deadline(item.length, s.call_timeout)
+            if deadline + s.call_timeout > s.lease_s:
+                await self.outbox.extend_lease(item, deadline + s.call_timeout)
             await self._deliver(item)
         finally:
             self.inflight -= 1

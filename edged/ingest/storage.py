@@ -343,7 +343,13 @@ class IngestStore:
             conn.close()
 
     async def write(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        """Run `fn` in one IMMEDIATE transaction in a worker thread, serialised with uploads."""
+        """Run `fn` in one IMMEDIATE transaction in a worker thread, serialised with uploads.
+
+        Shielded: grpclib cancels a handler when its client gives up, but the thread runs
+        its transaction to the end anyway, so the lock must stay held until it has."""
+        return await asyncio.shield(asyncio.ensure_future(self._locked_write(fn)))
+
+    async def _locked_write(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         async with self._lock:
             return await asyncio.to_thread(self._write, fn)
 
@@ -354,12 +360,13 @@ class IngestStore:
             conn.execute("PRAGMA busy_timeout=10000")
             self._writer = conn
         conn = self._writer
-        conn.execute("BEGIN IMMEDIATE")
         try:
+            conn.execute("BEGIN IMMEDIATE")
             result = fn(conn)
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
         return result
 
@@ -378,9 +385,13 @@ class IngestStore:
             row = await cur.fetchone()
         return UploadIds(row[0], row[1]) if row else None
 
-    async def _claim(self, org_id: str, item_id: str | None, kind: str, ids: UploadIds) -> bool:
-        """Record the upload inside the open transaction; False if the item id is a repeat."""
-        cur = await self._db.execute(
+    @staticmethod
+    def _claim(
+        conn: sqlite3.Connection, org_id: str, item_id: str | None, kind: str, ids: UploadIds
+    ) -> UploadIds | None:
+        """Record the upload inside the open transaction; the first upload's ids if the
+        item id is a repeat (then the caller stores nothing)."""
+        cur = conn.execute(
             "INSERT INTO uploads(upload_id, org_id, item_id, kind, file_id, binary_data_id,"
             " created_at_ns) VALUES (?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
             (
@@ -393,7 +404,13 @@ class IngestStore:
                 time.time_ns(),
             ),
         )
-        return cur.rowcount == 1
+        if cur.rowcount == 1:
+            return None
+        row = conn.execute(
+            "SELECT file_id, binary_data_id FROM uploads WHERE org_id=? AND item_id=?",
+            (org_id, item_id),
+        ).fetchone()
+        return UploadIds(row[0], row[1])
 
     async def store_tabular(
         self,
@@ -432,26 +449,21 @@ class IngestStore:
                     _captured(requested, received, now),
                 )
             )
-        async with self._lock:
-            await self._db.execute("BEGIN IMMEDIATE")
-            try:
-                if not await self._claim(org_id, item_id, KIND_TABULAR, ids):
-                    await self._db.execute("ROLLBACK")
-                    found = await self.find_upload(org_id, item_id)
-                    assert found is not None
-                    return found
-                await self._db.executemany(
-                    "INSERT INTO readings(upload_id, org_id, location_id, part_id, component_type,"
-                    " component_name, method_name, method_parameters, tags, dataset_ids,"
-                    " time_requested_ns, time_received_ns, data, received_at_ns,"
-                    " time_captured_ns) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    rows,
-                )
-                await self._db.execute("COMMIT")
-            except BaseException:
-                await self._db.execute("ROLLBACK")
-                raise
-        return ids
+
+        def store(conn: sqlite3.Connection) -> UploadIds:
+            earlier = self._claim(conn, org_id, item_id, KIND_TABULAR, ids)
+            if earlier is not None:
+                return earlier
+            conn.executemany(
+                "INSERT INTO readings(upload_id, org_id, location_id, part_id, component_type,"
+                " component_name, method_name, method_parameters, tags, dataset_ids,"
+                " time_requested_ns, time_received_ns, data, received_at_ns,"
+                " time_captured_ns) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                rows,
+            )
+            return ids
+
+        return await self.write(store)
 
     async def store_blob(
         self,
@@ -470,10 +482,7 @@ class IngestStore:
         ids = UploadIds(file_id=file_id, binary_data_id=file_id)
         await blob.sync_and_close()
         final_dir = self.blob_dir / file_id[:2]
-        final_dir.mkdir(exist_ok=True, mode=0o700)
         final = final_dir / file_id
-        os.replace(blob.path, final)
-        await asyncio.to_thread(fsync_dir, final_dir)
         now = time.time_ns()
         requested = ts_ns(sensor, "time_requested") if sensor else None
         received = ts_ns(sensor, "time_received") if sensor else None
@@ -519,16 +528,18 @@ class IngestStore:
             )
             for box in (sensor.annotations.bboxes if sensor else ())
         ]
-        async with self._lock:
-            await self._db.execute("BEGIN IMMEDIATE")
+
+        def store(conn: sqlite3.Connection) -> UploadIds:
+            """Rename into place inside the transaction: a failure (or a repeat) removes
+            the blob again, so no blob is left that the index does not know."""
+            earlier = self._claim(conn, org_id, item_id, kind, ids)
+            if earlier is not None:
+                return earlier
+            final_dir.mkdir(exist_ok=True, mode=0o700)
+            os.replace(blob.path, final)
             try:
-                if not await self._claim(org_id, item_id, kind, ids):
-                    await self._db.execute("ROLLBACK")
-                    final.unlink(missing_ok=True)
-                    found = await self.find_upload(org_id, item_id)
-                    assert found is not None
-                    return found
-                await self._db.execute(
+                fsync_dir(final_dir)
+                conn.execute(
                     "INSERT INTO binaries(binary_data_id, file_id, upload_id, org_id, location_id,"
                     " kind, part_id, component_type, component_name, method_name,"
                     " method_parameters, file_name, file_extension, mime_type, tags, dataset_ids,"
@@ -537,25 +548,31 @@ class IngestStore:
                     " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     row,
                 )
-                await self._db.executemany(
+                conn.executemany(
                     "INSERT OR IGNORE INTO binary_tags(binary_data_id, tag) VALUES (?,?)", tags
                 )
-                await self._db.executemany(
+                conn.executemany(
                     "INSERT OR IGNORE INTO dataset_members(dataset_id, binary_data_id)"
                     " VALUES (?,?)",
                     members,
                 )
-                await self._db.executemany(
+                conn.executemany(
                     "INSERT OR IGNORE INTO bboxes(id, binary_data_id, label, x_min, y_min,"
                     " x_max, y_max, confidence) VALUES (?,?,?,?,?,?,?,?)",
                     boxes,
                 )
-                await self._db.execute("COMMIT")
             except BaseException:
-                await self._db.execute("ROLLBACK")
                 final.unlink(missing_ok=True)
                 raise
-        return ids
+            return ids
+
+        try:
+            return await self.write(store)
+        except Exception:
+            # The transaction failed (COMMIT included): nothing indexes this blob. A
+            # cancelled caller is not this case: the shielded write may still commit.
+            final.unlink(missing_ok=True)
+            raise
 
     async def readings(self, org_id: str | None = None) -> list[StoredReading]:
         """Every stored reading in arrival order (tests and, later, the query API)."""

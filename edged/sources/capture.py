@@ -24,6 +24,7 @@ from edged.config import SourceConfig
 from edged.errors import CaptureFormatError, OutboxFull
 from edged.outbox import (
     CLAIM_COMMITTED,
+    CLAIM_COMMITTING,
     KIND_BINARY,
     Claim,
     FileRef,
@@ -162,7 +163,7 @@ class CaptureSource:
         if not path.is_file() or path.is_symlink():
             return
         claim = await self.ctx.outbox.claim_of(str(path))
-        if claim is not None:
+        if claim is not None and claim[0] != CLAIM_COMMITTING:
             if claim[0] != CLAIM_COMMITTED:
                 return  # binary readings still queued by reference
             if (st.st_size, st.st_mtime_ns) == claim[1:]:
@@ -299,6 +300,7 @@ class CaptureSource:
                         sensor=sensor,
                         claim=claim,
                         progress=progress,
+                        more=True,  # not deletable until finish_claim: more may follow
                     )
                     referenced = True
                 elif kind == "struct":
@@ -308,10 +310,13 @@ class CaptureSource:
             self._quarantine(path, str(exc), keep_original=referenced)
             if not referenced:
                 raise FileNotFoundError from exc
+            await outbox.finish_claim(str(path))
             return True
         if not referenced:
             await outbox.enqueue_readings(meta_bytes, [], claim=claim)  # header-only
-        return referenced
+            return False
+        await outbox.finish_claim(str(path))  # every reading queued: the last ack deletes it
+        return True
 
     async def _commit_legacy(
         self,
