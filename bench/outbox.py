@@ -19,6 +19,7 @@ Scenarios:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import functools
 import json
@@ -210,7 +211,9 @@ def _worker(spec: dict[str, Any]) -> None:
 
 
 def _server_count(data: Path) -> int:
-    with sqlite3.connect(f"file:{data / 'ingest.sqlite3'}?mode=ro", uri=True) as db:
+    with contextlib.closing(
+        sqlite3.connect(f"file:{data / 'ingest.sqlite3'}?mode=ro", uri=True)
+    ) as db:
         return int(db.execute("SELECT count(*) FROM readings").fetchone()[0])
 
 

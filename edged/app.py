@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
 import secrets
 import signal
 import time
@@ -36,6 +38,19 @@ from edged.uploader import Uploader, UploaderSettings
 log = logging.getLogger("edged")
 
 SHUTDOWN_GRACE_S = 20.0
+
+
+def _lock_state_dir(state_dir: Path) -> int:
+    """One daemon per state_dir: a second one would release the first one's leases and
+    sweep its spool files during recovery. The lock dies with the process (kill -9 too)."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise EdgedError(f"another edged is already running on state_dir {state_dir}") from None
+    return fd
 
 
 def make_source(config: SourceConfig, ctx: SourceContext) -> Source:
@@ -82,6 +97,7 @@ class Daemon:
         self.notifier = Notifier()
         self._stop = asyncio.Event()
         self._hard_stop = asyncio.Event()
+        self._reloading: asyncio.Future[None] | None = None
         self._signals = 0
         self._sources: dict[str, _Running] = {}
         self._ingest: IngestServer | None = None
@@ -93,6 +109,14 @@ class Daemon:
     # -- life cycle ------------------------------------------------------------------------
 
     async def run(self) -> int:
+        cfg = self.config
+        lock = _lock_state_dir(cfg.state_dir)  # before recovery touches anything
+        try:
+            return await self._run()
+        finally:
+            os.close(lock)
+
+    async def _run(self) -> int:
         cfg = self.config
         self.outbox = await Outbox.open(cfg.state_dir, outbox_limits(cfg))
         try:
@@ -118,7 +142,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal)
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
         uploads = asyncio.create_task(self.uploader.run(), name="uploader")
         for source_cfg in self.config.sources:
             self._start_source(source_cfg)
@@ -172,12 +196,23 @@ class Daemon:
             await running.source.scan_once()
         assert self.uploader is not None and self.outbox is not None
         stop = asyncio.create_task(self._stop.wait())
-        while not self._stop.is_set():
-            stats = await self.outbox.stats()
-            if stats.items <= stats.dead_letters and self.uploader.inflight == 0:
+        while not self._stop.is_set() and not uploads.done():
+            # Nothing left that could be sent now or later (dead letters wait for retry-dead).
+            if self.uploader.inflight == 0 and await self.outbox.next_due_in() is None:
                 break
             await asyncio.wait({stop, uploads}, timeout=0.1, return_when=asyncio.FIRST_COMPLETED)
         stop.cancel()
+
+    def _on_reload_signal(self) -> None:
+        """Reloads run one at a time; the task is kept so it is not garbage-collected."""
+        previous = self._reloading
+
+        async def chain() -> None:
+            if previous is not None:
+                await asyncio.gather(previous, return_exceptions=True)
+            await self.reload()
+
+        self._reloading = asyncio.ensure_future(chain())
 
     def _on_stop_signal(self) -> None:
         self._signals += 1
@@ -301,6 +336,21 @@ class Daemon:
             log.error("config reload failed; keeping the running config:\n%s", exc)
             self.notifier.send(READY="1")
             return
+        try:
+            await self._apply(new)
+        finally:
+            self.notifier.send(READY="1", STATUS=self._status_line())
+        log.info("config reloaded from %s", path)
+
+    async def _stop_source(self, running: _Running) -> None:
+        """Cancel a source and wait until its last outbox write has landed, so a
+        replacement reading the same offsets cannot commit a chunk twice."""
+        running.task.cancel()
+        await asyncio.gather(running.task, return_exceptions=True)
+        assert self.outbox is not None
+        await self.outbox.settled()
+
+    async def _apply(self, new: Config) -> None:
         if new.cloud != self.config.cloud or new.state_dir != self.config.state_dir:
             log.warning("cloud/state_dir changes take effect after a restart")
         if new.part_id != self.config.part_id:
@@ -308,15 +358,14 @@ class Daemon:
         old_names = set(self._sources)
         wanted = {s.name: s for s in new.sources}
         for name in old_names - set(wanted):
-            running = self._sources.pop(name)
-            running.task.cancel()
+            await self._stop_source(self._sources.pop(name))
             log.info("source %s removed", name)
         for name, source_cfg in wanted.items():
             current = self._sources.get(name)
             if current is not None and current.source.config == source_cfg:
                 continue
             if current is not None:
-                current.task.cancel()
+                await self._stop_source(current)
             self._start_source(source_cfg)
             log.info("source %s %s", name, "restarted" if current else "added")
         assert self.outbox is not None and self.uploader is not None
@@ -331,9 +380,7 @@ class Daemon:
             state_dir=self.config.state_dir,
         )
         self._reload_api_key()
-        self.uploader.resume()  # a reload is the documented way out of auth_failed
-        self.notifier.send(READY="1", STATUS=self._status_line())
-        log.info("config reloaded from %s", path)
+        self.uploader.clear_auth_failure()  # the documented way out; an operator's pause stays
 
     # -- status --------------------------------------------------------------------------
 
@@ -416,8 +463,8 @@ class Daemon:
             return await self.status()
         if cmd == "sync-now":
             await self.uploader.sync_now()
-            for running in self._sources.values():
-                await running.source.scan_once()
+            for running in list(self._sources.values()):
+                running.source.request_rescan()  # in its own loop: never two scans at once
             return {"ok": True}
         if cmd == "pause":
             self.uploader.pause()

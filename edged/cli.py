@@ -131,6 +131,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     from edged.status_view import render
 
+    if args.interval <= 0:
+        raise ConfigError(f"--interval must be a positive number of seconds, not {args.interval}")
     for n in range(1_000_000 if args.watch else 1):
         answer = _ask(args, {"cmd": "status"})
         if args.json:
@@ -312,6 +314,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"edged: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
+    except KeyboardInterrupt:
+        return 130  # Ctrl-C (e.g. leaving `status --watch`): no traceback
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -22,6 +22,8 @@ def read_secret_file(path: Path) -> str:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read API key file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError:
+        raise ConfigError(f"API key file {path} is not UTF-8 text") from None
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ConfigError(
             f"API key file {path} has mode {stat.S_IMODE(st.st_mode):04o}; "

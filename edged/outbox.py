@@ -318,6 +318,11 @@ class Outbox:
             await asyncio.gather(*self._writes, return_exceptions=True)
         await self._db.close()
 
+    async def settled(self) -> None:
+        """Wait for writes whose callers were cancelled (they always run to the end)."""
+        while self._writes:
+            await asyncio.gather(*list(self._writes), return_exceptions=True)
+
     def _write_done(self, task: asyncio.Future[Any]) -> None:
         self._writes.discard(task)
         if not task.cancelled():

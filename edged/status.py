@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
@@ -18,7 +19,11 @@ from typing import Any
 
 from edged.errors import EdgedError
 
+log = logging.getLogger("edged.status")
+
 MAX_LINE = 64 * 1024
+MAX_CLIENTS = 16  # each connection holds a descriptor: a crowd must not starve the sources
+IDLE_TIMEOUT_S = 60.0
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
@@ -27,6 +32,7 @@ class StatusServer:
         self.path = path
         self._handler = handler
         self._server: asyncio.AbstractServer | None = None
+        self._clients = asyncio.Semaphore(MAX_CLIENTS)
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -46,10 +52,22 @@ class StatusServer:
             self.path.unlink()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._clients.locked():
+            await _reply(writer, {"ok": False, "error": f"busy: {MAX_CLIENTS} clients connected"})
+            writer.close()
+            return
+        async with self._clients:
+            await self._conversation(reader, writer)
+
+    async def _conversation(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         try:
             for _ in range(100_000):  # bounded: one client cannot hold a task forever
                 try:
-                    line = await reader.readline()
+                    line = await asyncio.wait_for(reader.readline(), IDLE_TIMEOUT_S)
+                except TimeoutError:
+                    return
                 except (ValueError, asyncio.LimitOverrunError):
                     await _reply(writer, {"ok": False, "error": f"request over {MAX_LINE} bytes"})
                     return
@@ -74,6 +92,9 @@ class StatusServer:
             return await self._handler(request)
         except EdgedError as exc:
             return {"ok": False, "error": str(exc)}
+        except Exception as exc:  # a bug must cost one answer, not the connection
+            log.exception("status request %r failed", request.get("cmd"))
+            return {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}
 
 
 async def _reply(writer: asyncio.StreamWriter, response: dict[str, Any]) -> None:
@@ -122,5 +143,10 @@ def request(path: Path, req: dict[str, Any], timeout: float = 10.0) -> dict[str,
         raise EdgedError(f"edged did not answer on {path} within {timeout:g}s") from None
     if not buf:
         raise EdgedError(f"edged closed {path} without answering")
-    result: dict[str, Any] = json.loads(buf)
+    try:
+        result: dict[str, Any] = json.loads(buf)
+    except ValueError:
+        raise EdgedError(
+            f"{path} answered something that is not JSON: is it edged's socket?"
+        ) from None
     return result

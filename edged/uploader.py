@@ -191,6 +191,15 @@ class Uploader:
         self.paused = True
         self._resumed.clear()
 
+    def clear_auth_failure(self) -> None:
+        """A config reload: retry with the (maybe new) key, but keep an operator's pause."""
+        if self.auth_failed:
+            self.auth_failed = False
+            if not self.paused:
+                self._resumed.set()
+            self.gate.open_now()
+            self.outbox.work_available.set()
+
     def resume(self) -> None:
         """Clears pause and auth stop (operators call it after fixing credentials)."""
         self.paused = False

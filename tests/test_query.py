@@ -8,6 +8,7 @@ of two organisations prove the isolation: the second sees nothing of the first.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import importlib.util
 import sqlite3
@@ -694,7 +695,7 @@ async def test_database_connection_and_user(server: tuple[IngestServer, Api, Api
     assert not (await b.data.GetDatabaseConnection(other, metadata=b.md)).has_database_user
     status, _ = await status_of(b.data.GetDatabaseConnection(get, metadata=b.md))
     assert status is Status.PERMISSION_DENIED
-    with sqlite3.connect(srv.store.db_path) as db:
+    with contextlib.closing(sqlite3.connect(srv.store.db_path)) as db:
         stored = db.execute("SELECT salt, password_hash FROM database_users").fetchall()
     assert len(stored) == 1 and len(stored[0][1]) == 32
     for path in srv.store.root.glob("ingest.sqlite3*"):
@@ -750,7 +751,7 @@ async def test_an_index_from_before_the_query_api_is_upgraded(tmp_path: Path) ->
     """Columns and tables the query API added are ALTERed into an older index."""
     root = tmp_path / "old"
     root.mkdir()
-    with sqlite3.connect(root / "ingest.sqlite3") as db:
+    with contextlib.closing(sqlite3.connect(root / "ingest.sqlite3")) as db:
         db.executescript(
             "CREATE TABLE readings(id INTEGER PRIMARY KEY, upload_id TEXT NOT NULL,"
             " org_id TEXT NOT NULL, part_id TEXT NOT NULL, component_type TEXT NOT NULL,"

@@ -7,6 +7,7 @@ with sqlite3 for control over every column. `build_db` is shared with test_mql.p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -90,7 +91,9 @@ def build_db(root: Path) -> Path:
 
     asyncio.run(create())
     db = root / "ingest.sqlite3"
-    with sqlite3.connect(db) as conn:
+    # closing(): `with connect()` only commits; a connection closed later by the garbage
+    # collector checkpoints the WAL into the file mid-test (and changes its digest).
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
         for i, (org, ctype, cname, method, part, tags, secs, data) in enumerate(ROWS):
             t = None if secs is None else ns(T0 + dt.timedelta(seconds=secs, microseconds=i))
             conn.execute(

@@ -66,6 +66,10 @@ class Source(Protocol):
     async def scan_once(self) -> None:
         """One full pass over the source's files (start-up, rescans, tests)."""
 
+    def request_rescan(self) -> None:
+        """Ask the running loop for a full pass soon (`sync-now`); never scans inline, so
+        two passes can never commit the same data at once."""
+
 
 def is_ignored_name(name: str) -> bool:
     """Hidden and temporary names are work in progress by convention, never input."""

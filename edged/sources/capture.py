@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import shutil
@@ -91,14 +92,21 @@ class CaptureSource:
         self.name = config.name or f"capture:{config.path}"
         self.root = config.path
         self.stats = SourceStats()
+        self._watcher: DirWatcher | None = None
         self._booted_at = boot_time()
         self._prog_waiting: dict[Path, float] = {}  # .prog path -> when to look again
         self._unreadable: set[Path] = set()  # warned about once; pruned on every scan
 
     # -- loop ---------------------------------------------------------------------------
 
+    def request_rescan(self) -> None:
+        """`sync-now`: the running loop does a full pass (see Source.request_rescan)."""
+        if self._watcher is not None:
+            self._watcher.request_rescan()
+
     async def run(self) -> None:
         with DirWatcher(self.root) as watcher:
+            self._watcher = watcher
             await self.scan_once()
             next_scan = self.ctx.clock() + self.ctx.rescan_s
             while True:
@@ -163,7 +171,8 @@ class CaptureSource:
         if not path.is_file() or path.is_symlink():
             return
         claim = await self.ctx.outbox.claim_of(str(path))
-        if claim is not None and claim[0] != CLAIM_COMMITTING:
+        committing = claim is not None and claim[0] == CLAIM_COMMITTING
+        if claim is not None and not committing:
             if claim[0] != CLAIM_COMMITTED:
                 return  # binary readings still queued by reference
             if (st.st_size, st.st_mtime_ns) == claim[1:]:
@@ -183,7 +192,7 @@ class CaptureSource:
         self.stats.last_event_at = self.ctx.clock()
         while True:
             try:
-                await self._commit_file(path, st)
+                await self._commit_file(path, st, committing)
                 return
             except OutboxFull as exc:
                 self.stats.last_error = str(exc)
@@ -200,7 +209,10 @@ class CaptureSource:
                     log.warning("%s; retrying on rescan", self.stats.last_error)
                 return
 
-    async def _commit_file(self, path: Path, st: os.stat_result) -> None:
+    async def _commit_file(self, path: Path, st: os.stat_result, committing: bool) -> None:
+        # A .prog past its grace period may still have a live writer (a slow sensor that
+        # has not filled its 4 KiB buffer): commit what is there, keep the file.
+        live = path.suffix == ".prog" and not self._writer_gone(path, st)
         try:
             reader = open_capture(path)
         except CaptureFormatError as exc:
@@ -208,16 +220,17 @@ class CaptureSource:
             return
         with reader:
             meta = upload_metadata_for(reader.metadata, self.ctx.part_id, self.config)
-            progress = await self.ctx.outbox.progress_of(self.name, str(path))
-            start = reader.data_offset
-            if progress is not None and progress.inode == st.st_ino:
-                start = max(start, progress.offset)
+            start = max(reader.data_offset, await self._resume_offset(path, st))
             claim = Claim(str(path), st.st_size, st.st_mtime_ns, delete_after=True)
             if reader.metadata.type == pb.DATA_TYPE_BINARY_SENSOR:
-                referenced = await self._commit_binary(path, st, reader, meta, start, claim)
+                if live:
+                    return  # binary files are closed after one image: wait for the rename
+                referenced = await self._commit_binary(
+                    path, st, reader, meta, start, claim, committing
+                )
             else:
                 referenced = False
-                await self._commit_tabular(path, st, reader, meta, start, claim)
+                await self._commit_tabular(path, st, reader, meta, start, None if live else claim)
             self.stats.backpressure = False
             if reader.truncated_at is not None:
                 self.stats.truncated += 1
@@ -228,6 +241,9 @@ class CaptureSource:
                     reader.truncated_at,
                 )
         self._unreadable.discard(path)
+        if live:
+            log.info("%s: committed what is there; its writer still has it open", path)
+            return
         if not referenced:
             if path.suffix == ".prog" and _changed(path, st):
                 log.warning("%s changed while it was recovered; its writer is alive", path)
@@ -242,7 +258,7 @@ class CaptureSource:
         reader: CaptureReader,
         meta: pb.UploadMetadata,
         start: int,
-        claim: Claim,
+        claim: Claim | None,
     ) -> None:
         outbox, meta_bytes = self.ctx.outbox, meta.SerializeToString()
         chunk: list[bytes] = []
@@ -279,10 +295,11 @@ class CaptureSource:
         meta: pb.UploadMetadata,
         start: int,
         claim: Claim,
+        committing: bool,
     ) -> bool:
         """Queue each binary reading; True if any item still reads from this file."""
         outbox, meta_bytes = self.ctx.outbox, meta.SerializeToString()
-        referenced = start > reader.data_offset  # an earlier run queued references
+        referenced = committing  # an earlier run queued references to this file
         try:
             for record in reader.read_from(start):
                 progress = self._progress(path, st, record.end)
@@ -331,7 +348,7 @@ class CaptureSource:
             images = split_legacy_images(reader.metadata, reading) or []
         except ValueError as exc:
             raise CaptureFormatError(str(path), progress.offset, str(exc)) from exc
-        for image in images:
+        for n, image in enumerate(images):
             sensor = pb.SensorMetadata()
             sensor.CopyFrom(reading.metadata)
             sensor.mime_type = image.mime_type_enum
@@ -344,8 +361,40 @@ class CaptureSource:
                 img_meta.SerializeToString(),
                 image.data,
                 sensor=sensor.SerializeToString(),
-                progress=progress,
+                # The record counts as done only with its last image: a crash in between
+                # resends the first ones (bounded duplicates) instead of losing the rest.
+                progress=progress if n == len(images) - 1 else None,
             )
+
+    async def _resume_offset(self, path: Path, st: os.stat_result) -> int:
+        """Where an earlier run stopped: this path's offset, or (a .prog renamed to
+        .capture by its writer) the offset stored under the .prog name, same inode."""
+        for candidate in (path, path.with_suffix(".prog")):
+            progress = await self.ctx.outbox.progress_of(self.name, str(candidate))
+            if progress is not None and progress.inode == st.st_ino:
+                return progress.offset
+            if path.suffix != ".capture":
+                break
+        return 0
+
+    def _writer_gone(self, path: Path, st: os.stat_result) -> bool:
+        """True if no process has `path` open: written before this boot, or a write lease
+        can be taken (Linux grants one only when nobody else holds the file open)."""
+        if st.st_mtime < self._booted_at:
+            return True
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+        except OSError:
+            return False  # open elsewhere (EAGAIN), or no lease support: assume a writer
+        else:
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+            return True
+        finally:
+            os.close(fd)
 
     def _progress(self, path: Path, st: os.stat_result, offset: int) -> Progress:
         return Progress(self.name, str(path), st.st_ino, offset, 0)
@@ -355,6 +404,8 @@ class CaptureSource:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         await self.ctx.outbox.forget_claim(str(path), self.name)
+        if path.suffix == ".capture":  # its offset may have been kept under the .prog name
+            await self.ctx.outbox.forget_claim(str(path.with_suffix(".prog")), self.name)
 
     def _quarantine(self, path: Path, reason: str, *, keep_original: bool) -> None:
         self.stats.quarantined += 1

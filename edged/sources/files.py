@@ -141,6 +141,7 @@ class FilesSource:
         self.ctx = ctx
         self.name = config.name or f"files:{config.path}"
         self.stats = SourceStats()
+        self._watcher: DirWatcher | None = None
         self.patterns = config.patterns or ("*",)
         self._root: Path | None = None
         # All bounded by the files/dirs present: pruned on every full scan.
@@ -152,8 +153,14 @@ class FilesSource:
 
     # -- loop ----------------------------------------------------------------------------
 
+    def request_rescan(self) -> None:
+        """`sync-now`: the running loop does a full pass (see Source.request_rescan)."""
+        if self._watcher is not None:
+            self._watcher.request_rescan()
+
     async def run(self) -> None:
         with DirWatcher(self._watch_root()) as watcher:
+            self._watcher = watcher
             await self.scan_once()
             next_rescan = time.monotonic() + self.ctx.rescan_s
             while True:

@@ -177,6 +177,7 @@ class JsonlSource:
         self.ctx = ctx
         self.name = config.name or f"jsonl:{config.path}"
         self.stats = SourceStats()
+        self._watcher: DirWatcher | None = None
         self.dir, self.pattern = split_glob(config.path)
         self._explicit = not any(c in self.pattern for c in "*?[")
         self._tails: dict[Path, _Tail] = {}  # only files present (a vanished one is dropped)
@@ -196,8 +197,14 @@ class JsonlSource:
 
     # -- loop ----------------------------------------------------------------------------
 
+    def request_rescan(self) -> None:
+        """`sync-now`: the running loop does a full pass (see Source.request_rescan)."""
+        if self._watcher is not None:
+            self._watcher.request_rescan()
+
     async def run(self) -> None:
         with DirWatcher(self.dir, recursive=False) as watcher:
+            self._watcher = watcher
             await self.scan_once()
             next_rescan = time.monotonic() + self.ctx.rescan_s
             while True:

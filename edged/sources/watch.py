@@ -56,6 +56,11 @@ class DirWatcher:
             self.start()
         return wanted if self.active else min(wanted, missing_root_poll_s)
 
+    def request_rescan(self) -> None:
+        """Make the next `wait()` return None (full rescan) right away."""
+        self._overflow = True
+        self._event.set()
+
     def note(self, path: Path) -> None:
         if len(self._pending) >= MAX_PENDING:
             self._overflow = True
