@@ -790,8 +790,24 @@ def _read_sources(r: _Reader, top: _Map) -> tuple[SourceConfig, ...]:
                 " give each source a distinct name (or path)",
             )
         names.setdefault(src.name, i)
+        for j, other in enumerate(sources):
+            # Same kind only: a capture and a files source may share a directory (the
+            # files source leaves .capture/.prog files to the capture source).
+            same_kind = src.kind == other.kind != "jsonl" and src.name != other.name
+            if same_kind and _nested(src.path, other.path):
+                r.problem(
+                    _line(item),
+                    f"sources[{i}].path",
+                    f"{src.path} overlaps sources[{j}].path {other.path}; two directory"
+                    " sources over the same files would upload them twice",
+                )
         sources.append(src)
     return tuple(sources)
+
+
+def _nested(a: Path, b: Path) -> bool:
+    """One directory is the other or lies inside it (paths are resolved already)."""
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
 
 
 def _read_upload(r: _Reader, m: _Map | None) -> UploadConfig:

@@ -383,7 +383,9 @@ sources:
 
 
 def test_merged_keys_are_not_duplicates_even_when_a_node_is_reused() -> None:
-    text = MINIMAL + "sources:\n  - &b {kind: files, path: a}\n  - {<<: *b, name: x}\n  - *b\n"
+    text = MINIMAL + (
+        "sources:\n  - &b {kind: files, path: a}\n  - {<<: *b, name: x, path: b}\n  - *b\n"
+    )
     # (An alias shares its anchor's node, so the line is the anchor's: the best YAML gives.)
     found = problems(text)
     assert len(found) == 1, found
@@ -711,6 +713,16 @@ def test_duplicate_source_names() -> None:
     found = problems(text)
     assert len(found) == 1
     assert found[0].startswith(f"{SOURCE}:5: sources[1]: has the same name 'files:/a'")
+
+
+def test_overlapping_directory_sources_of_one_kind() -> None:
+    text = MINIMAL + (
+        "sources:\n  - {kind: capture, path: /x}\n  - {kind: capture, path: /x/sub}\n"
+        "  - {kind: files, path: /x}\n"  # a files source may share a capture directory
+    )
+    found = problems(text)
+    assert len(found) == 1
+    assert "sources[1].path: /x/sub overlaps sources[0].path /x" in found[0]
 
 
 def test_duplicate_keys() -> None:
