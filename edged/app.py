@@ -28,10 +28,13 @@ from edged.config import Config, SourceConfig, load_config
 from edged.errors import ConfigError, EdgedError
 from edged.ingest import ApiKey, IngestServer, IngestSettings
 from edged.keyfile import resolve_api_key
+from edged.logs import setup_logging
 from edged.notify import Notifier
 from edged.outbox import Outbox, OutboxLimits
 from edged.sources.base import Source, SourceContext
 from edged.sources.capture import CaptureSource
+from edged.sources.files import FilesSource
+from edged.sources.jsonl import JsonlSource
 from edged.status import StatusServer
 from edged.uploader import Uploader, UploaderSettings
 
@@ -57,11 +60,7 @@ def make_source(config: SourceConfig, ctx: SourceContext) -> Source:
     if config.kind == "capture":
         return CaptureSource(config, ctx)
     if config.kind == "jsonl":
-        from edged.sources.jsonl import JsonlSource
-
         return JsonlSource(config, ctx)
-    from edged.sources.files import FilesSource
-
     return FilesSource(config, ctx)
 
 
@@ -491,13 +490,6 @@ class Daemon:
 
 async def run_daemon(config_path: Path, *, until_empty: bool = False) -> int:
     config = load_config(config_path)
-    from edged.logs import setup_logging
-
     setup_logging(config.log.level, config.log.format)
     daemon = Daemon(config, until_empty=until_empty)
     return await daemon.run()
-
-
-def config_for_status(path: Path) -> Path:
-    """The socket a config file names (for `edged status -c FILE`)."""
-    return load_config(path).status.socket

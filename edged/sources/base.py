@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -96,8 +97,6 @@ def quarantine(ctx: SourceContext, path: Path, reason: str) -> Path:
         os.replace(path, target)
     except OSError:
         # Another filesystem: copy bytes, then remove the original.
-        import shutil
-
         shutil.copy2(path, target)
         path.unlink()
     fsync_dir(ctx.quarantine_dir)
