@@ -46,7 +46,7 @@ def test_state_change_waits_for_room_when_the_receiver_reads(tmp_path: Path) -> 
 
         t = threading.Thread(target=stop, daemon=True)
         t.start()
-        seen = []
+        seen: list[bytes] = []
         while b"STOPPING=1" not in seen and len(seen) < 100:
             seen.append(listener.recv(4096))
         assert b"STOPPING=1" in seen
