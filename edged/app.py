@@ -27,7 +27,7 @@ from edged.client import UploadClient
 from edged.config import Config, SourceConfig, load_config
 from edged.errors import ConfigError, EdgedError
 from edged.ingest import ApiKey, IngestServer, IngestSettings
-from edged.keyfile import resolve_api_key
+from edged.keyfile import api_key, resolve_api_key
 from edged.logs import setup_logging
 from edged.notify import Notifier
 from edged.outbox import Outbox, OutboxLimits
@@ -256,12 +256,7 @@ class Daemon:
                 timeout=self.config.upload.call_timeout,
                 chunk_size=self.config.upload.chunk_size,
             )
-        secret = resolve_api_key(cloud.api_key_file)
-        if cloud.api_key_id and secret is None:
-            raise ConfigError(
-                "cloud.api_key_id is set but no key was found: set cloud.api_key_file or"
-                " EDGED_API_KEY"
-            )
+        secret = api_key(cloud.api_key_id, cloud.api_key_file)
         return UploadClient(
             cloud.address,
             api_key_id=cloud.api_key_id if secret else None,

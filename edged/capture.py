@@ -19,9 +19,10 @@ Reader guarantees (`open_capture`, `CaptureReader`):
 - A length prefix longer than 5 bytes (or above 32 bits) or a whole body that does not
   parse is corrupt: records before it have been yielded, then `CaptureFormatError`
   (path, offset of the bad record, reason) is raised.
-- A missing, cut or unparsable header is corrupt (`open_capture` raises). This includes
-  a zero-length file: robot writers always write the header first, so a file without
-  one holds no readings and can only be quarantined, never "finished later".
+- A missing, cut or unparsable header is corrupt (`open_capture` raises). A file that
+  ends before its header does (zero-length included) raises `IncompleteHeader`: it
+  holds no readings. A finished `.capture` like that is quarantined; a `.prog` like
+  that is what a writer killed before its first 4 KiB flush leaves, and is removed.
 - On arbitrary bytes nothing but `CaptureFormatError` (and `OSError` for I/O) escapes,
   and a length prefix is checked against the file size before anything is allocated.
 """
@@ -43,7 +44,7 @@ from google.protobuf import struct_pb2
 
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.durable import fsync_dir
-from edged.errors import CaptureFormatError
+from edged.errors import CaptureFormatError, IncompleteHeader
 
 __all__ = [
     "CaptureReader",
@@ -229,7 +230,7 @@ class CaptureReader:
     def _read_header(self) -> tuple[pb.DataCaptureMetadata, int]:
         size = os.fstat(self._fd).st_size
         if size == 0:
-            raise CaptureFormatError(self.path, 0, "empty file: no DataCaptureMetadata header")
+            raise IncompleteHeader(self.path, 0, "empty file: no DataCaptureMetadata header")
         window = _Window(self._fd, self._chunk)
         prefix = window.get(0, MAX_PREFIX_BYTES)
         try:
@@ -237,15 +238,13 @@ class CaptureReader:
         except ValueError as exc:
             raise CaptureFormatError(self.path, 0, f"header: {exc}") from exc
         if decoded is None or decoded[0] > size - decoded[1]:
-            raise CaptureFormatError(
+            raise IncompleteHeader(
                 self.path, 0, f"file ends inside the DataCaptureMetadata header ({size} bytes)"
             )
         length, body_start = decoded
         body = window.get(body_start, length)
         if len(body) < length:  # the file shrank since fstat
-            raise CaptureFormatError(
-                self.path, 0, "file ends inside the DataCaptureMetadata header"
-            )
+            raise IncompleteHeader(self.path, 0, "file ends inside the DataCaptureMetadata header")
         metadata = pb.DataCaptureMetadata()
         try:
             metadata.ParseFromString(body)

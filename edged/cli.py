@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from edged import __version__
-from edged.config import load_config, parse_size
-from edged.errors import ConfigError, EdgedError
+from edged.config import check_host, load_config, parse_size
+from edged.errors import ConfigError, ConfigErrors, EdgedError
 from edged.ingest import ApiKey, IngestServer, IngestSettings
 from edged.keyfile import read_secret_file
 
@@ -106,6 +106,8 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     import yaml
 
     config = load_config(args.config)
+    if problems := check_host(config):
+        raise ConfigErrors(problems)
     print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
     return EXIT_OK
 

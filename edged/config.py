@@ -19,7 +19,8 @@ from typing import Any, TypeVar
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from edged.errors import ConfigErrors
+from edged.errors import ConfigError, ConfigErrors
+from edged.keyfile import api_key
 
 __all__ = [
     "GIB",
@@ -33,6 +34,7 @@ __all__ = [
     "SourceConfig",
     "StatusConfig",
     "UploadConfig",
+    "check_host",
     "format_duration",
     "format_size",
     "load_config",
@@ -250,6 +252,8 @@ class Config:
     status: StatusConfig
     log: LogConfig = field(default_factory=LogConfig)
     source_file: Path | None = None
+    lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
+    """Line of each key path given in the file (`cloud.api_key_file`, `sources[0].path`)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML-able data in config-file spelling; it parses back to this config.
@@ -412,6 +416,7 @@ class _Reader:
         self.base_dir = base_dir
         self.problems: list[tuple[int, str]] = []
         self.own_keys: dict[int, set[int]] = {}
+        self.lines: dict[str, int] = {}  # key path -> line of its value
 
     def problem(self, line: int, path: str, message: str) -> None:
         where = f"{path}: " if path else ""
@@ -642,6 +647,7 @@ class _Map:
         node = entry[1]
         if isinstance(node, ScalarNode) and node.tag == _NULL_TAG:
             return None
+        self.r.lines.setdefault(_join(self.path, key), _line(node))
         return node
 
     def key_line(self, key: str) -> int:
@@ -914,6 +920,7 @@ def _read_config(r: _Reader, top: _Map) -> Config | None:
         outbox=outbox,
         status=StatusConfig(socket),
         log=log,
+        lines=r.lines,
     )
 
 
@@ -966,3 +973,46 @@ def load_config(path: Path) -> Config:
         raise ConfigErrors([f"{path}: cannot read config: {reason}"]) from exc
     config = parse_config(text, str(path), base_dir=path.absolute().parent)
     return replace(config, source_file=path.absolute())
+
+
+# --------------------------------------------------------------------------- this machine
+
+
+def check_host(config: Config) -> list[str]:
+    """What `edged run` would find wrong on this machine that the file alone cannot show:
+    an API key it cannot read (run exits 2), and a source directory that does not exist
+    (run waits for it, uploading nothing). Same `file:line: key: message` shape as parse
+    problems, in line order; `edged check-config` reports them."""
+    where = str(config.source_file) if config.source_file else "<config>"
+    problems: list[tuple[int, str]] = []
+
+    def problem(key: str, message: str) -> None:
+        line = config.lines.get(key, 1)
+        problems.append((line, f"{where}:{line}: {key}: {message}"))
+
+    cloud = config.cloud
+    if not cloud.embedded:
+        try:
+            api_key(cloud.api_key_id, cloud.api_key_file)
+        except ConfigError as exc:
+            problem("cloud.api_key_file" if cloud.api_key_file else "cloud.api_key_id", str(exc))
+    for i, src in enumerate(config.sources):
+        if err := _source_dir_problem(src):
+            problem(f"sources[{i}].path", err)
+    return [message for _, message in sorted(problems, key=lambda p: p[0])]
+
+
+def source_dir(src: SourceConfig) -> Path:
+    """The directory a source watches: its path, or a jsonl file's (or glob's) parent."""
+    return src.path.parent if src.kind == "jsonl" else src.path
+
+
+def _source_dir_problem(src: SourceConfig) -> str | None:
+    d = source_dir(src)
+    if not d.exists():
+        return f"{d} does not exist; edged would upload nothing from it until it appears"
+    if not d.is_dir():
+        return f"{d} is not a directory"
+    if not os.access(d, os.R_OK | os.X_OK):
+        return f"{d} cannot be listed by this user"
+    return None

@@ -2,7 +2,9 @@
 
 A temperature sensor (tabular, files closed every couple of seconds) and a camera
 (one binary reading per file), into `<dir>/<api>/<name>/<method>/<timestamp>.capture`.
-`python -m edged.demo DIR [--seconds N]`.
+`python -m edged.demo DIR [--seconds N]`. SIGINT/SIGTERM (Ctrl-C, `make run` ending)
+stop it between readings, and it finishes its open files, so it never leaves a `.prog`
+behind for the next run to recover.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import argparse
 import math
 import os
 import random
+import signal
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,11 +49,14 @@ def main() -> None:
     sensor = CaptureWriter(args.dir, sensor_meta, max_file_age_s=2.0)
     camera = CaptureWriter(args.dir, camera_meta)
     rng = random.Random(os.getpid())
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())  # never interrupt a write half-way
     start = time.monotonic()
     n = 0
     print(f"demo robot writing capture files under {args.dir} (Ctrl-C to stop)", flush=True)
     try:
-        while not args.seconds or time.monotonic() - start < args.seconds:
+        while not stop.is_set() and (not args.seconds or time.monotonic() - start < args.seconds):
             now = datetime.now(UTC)
             temp = 20 + 3 * math.sin(n / 50) + rng.gauss(0, 0.2)
             sensor.write_tabular(
@@ -59,9 +66,7 @@ def main() -> None:
                 camera.write_binary(rng.randbytes(20_000), time_requested=now, time_received=now)
                 camera.rotate()  # one image per file, like the robot
             n += 1
-            time.sleep(1 / args.hz)
-    except KeyboardInterrupt:
-        pass
+            stop.wait(1 / args.hz)
     finally:
         sensor.close()
         camera.close()

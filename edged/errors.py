@@ -27,6 +27,11 @@ class CaptureFormatError(EdgedError):
         super().__init__(f"{path}: bad capture data at byte offset {offset}: {reason}")
 
 
+class IncompleteHeader(CaptureFormatError):
+    """The file ends before its header does (empty, or cut inside it): a writer that died
+    before its first flush left it, and it holds no readings."""
+
+
 class UploadError(EdgedError):
     """A call to the server failed; `status` is the gRPC status (transport faults map to
     UNAVAILABLE). Query calls raise it too, with `call` naming the RPC, so a client

@@ -41,3 +41,14 @@ def resolve_api_key(path: Path | None, env_var: str = API_KEY_ENV) -> str | None
     if value:
         return value
     return read_secret_file(path) if path is not None else None
+
+
+def api_key(key_id: str | None, path: Path | None, env_var: str = API_KEY_ENV) -> str | None:
+    """The key `edged run` authenticates with, or None to connect without one; raises
+    ConfigError (as run and check-config report it) when it cannot be had."""
+    secret = resolve_api_key(path, env_var)
+    if key_id and secret is None:
+        raise ConfigError(
+            f"cloud.api_key_id is set but no key was found: set cloud.api_key_file or {env_var}"
+        )
+    return secret

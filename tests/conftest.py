@@ -1,13 +1,26 @@
-"""Shared fixtures: real TLS material, real API-key files, real loopback servers."""
+"""Shared fixtures: real TLS material, real API-key files, real loopback servers.
+
+Also a leak guard: a test that leaves an aiosqlite connection, a non-daemon thread, a
+listening socket or a child process behind fails (in teardown), and the run always
+exits, because one leaked non-daemon thread would otherwise keep pytest (and CI) alive
+forever after the last test.
+"""
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
+import threading
+import time
 import uuid
-from collections.abc import AsyncIterator
+import warnings
+from collections.abc import AsyncIterator, Generator
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiosqlite
+import psutil
 import pytest
 import trustme
 
@@ -79,3 +92,128 @@ async def client(ingest: IngestServer, key: KeyFile, certs: Certs) -> AsyncItera
         ingest.address, api_key_id=key.key_id, api_key=key.secret, ca_file=certs.ca_file
     ) as c:
         yield c
+
+
+# --------------------------------------------------------------------------- leak guard
+
+LEAK_GRACE_S = 5.0  # how long a finishing thread/child may take to go after teardown
+EXIT_JOIN_S = 10.0  # at session end: bounded wait for stray threads, then a hard exit
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    threads: frozenset[int]
+    children: frozenset[int]
+    listening: frozenset[str]
+
+
+def _listening(proc: psutil.Process) -> frozenset[str]:
+    """Sockets this process listens on: TCP in LISTEN, and bound Unix sockets."""
+    found = {
+        f"tcp {c.laddr.ip}:{c.laddr.port}"
+        for c in proc.net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN and c.laddr
+    }
+    found |= {f"unix {c.laddr}" for c in proc.net_connections(kind="unix") if c.laddr}
+    return frozenset(found)
+
+
+def _snapshot() -> _Snapshot:
+    me = psutil.Process()
+    return _Snapshot(
+        frozenset(t.ident for t in threading.enumerate() if t.ident is not None),
+        frozenset(c.pid for c in me.children()),
+        _listening(me),
+    )
+
+
+def _stop_leaked_aiosqlite() -> int:
+    """Stop the worker thread of every aiosqlite connection nobody closed (it would
+    block interpreter exit); returns how many there were. A closed connection's thread
+    may take a moment to end: joined, not counted."""
+    alive = [
+        (obj, thread)
+        for obj in gc.get_objects()
+        if isinstance(obj, aiosqlite.Connection)
+        and isinstance(thread := getattr(obj, "_thread", None), threading.Thread)
+        and thread.is_alive()
+    ]
+    leaked = [conn for conn, _ in alive if getattr(conn, "_running", False)]
+    for conn in leaked:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            conn.stop()  # queues close-and-exit on its own thread
+    for _, thread in alive:
+        thread.join(LEAK_GRACE_S)
+    return len(leaked)
+
+
+def _leaks(before: _Snapshot) -> list[str]:
+    problems: list[str] = []
+    deadline = time.monotonic() + LEAK_GRACE_S
+    if n := _stop_leaked_aiosqlite():
+        problems.append(f"{n} aiosqlite connection(s) not closed (stopped now)")
+    for t in threading.enumerate():
+        if t.ident in before.threads or t.daemon or t is threading.current_thread():
+            continue
+        t.join(max(0.0, deadline - time.monotonic()))
+        if t.is_alive():
+            problems.append(f"non-daemon thread {t.name!r} still running")
+    me = psutil.Process()
+    for child in me.children():
+        if child.pid in before.children:
+            continue
+        with_name = f"{child.pid} ({' '.join(child.cmdline()[:4])})"
+        try:
+            child.wait(max(0.0, deadline - time.monotonic()))
+        except psutil.TimeoutExpired:
+            child.kill()
+            child.wait(LEAK_GRACE_S)
+            problems.append(f"child process {with_name} still running (killed now)")
+    for sock in sorted(_listening(me) - before.listening):
+        problems.append(f"server still listening: {sock}")
+    return problems
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
+    item.stash[_BEFORE] = _snapshot()
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True, trylast=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, None, None]:
+    """Runs after every fixture of the test is torn down; a leak is a teardown error."""
+    result = yield
+    before = item.stash.get(_BEFORE, None)
+    if before is not None and (problems := _leaks(before)):
+        pytest.fail(f"{item.nodeid} leaked: " + "; ".join(problems), pytrace=False)
+    return result
+
+
+_BEFORE = pytest.StashKey[_Snapshot]()
+_EXIT_STATUS = [0]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _EXIT_STATUS[0] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Last hook of the run: whatever non-daemon thread is still alive now would make
+    the interpreter wait forever; name it and exit hard with a failure code instead."""
+    _stop_leaked_aiosqlite()
+    deadline = time.monotonic() + EXIT_JOIN_S
+    stuck = []
+    for t in threading.enumerate():
+        if t.daemon or t is threading.main_thread():
+            continue
+        t.join(max(0.0, deadline - time.monotonic()))
+        if t.is_alive():
+            stuck.append(t.name)
+    if stuck:
+        print(f"\nleak guard: non-daemon threads still running: {stuck}; exiting", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_EXIT_STATUS[0] or 1)

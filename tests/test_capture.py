@@ -39,6 +39,7 @@ from edged.capture import (
     split_legacy_images,
 )
 from edged.errors import CaptureFormatError
+from tests.procs import read_line
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO.parent / "shared" / "fixtures" / "robot-capture"
@@ -875,3 +876,33 @@ def test_writer_empty_tabular_reading_and_idle_sync(tmp_path: Path) -> None:
     (record,) = read_all(w.closed_paths[0]).records
     assert record.reading.WhichOneof("data") == "struct"
     assert struct_to_py(record.reading.struct) == {}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_demo_robot_finishes_its_files_on_a_stop_signal(tmp_path: Path, sig: int) -> None:
+    """`make run` ends the demo with SIGTERM (Ctrl-C: SIGINT); a `.prog` left behind
+    would be "recovered" (or, still empty, reported) by the next run."""
+    out = tmp_path / "capture"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edged.demo", str(out), "--hz", "50"], stdout=subprocess.PIPE
+    )
+    try:
+        read_line(proc, 30)  # "demo robot writing ..."
+        deadline = time.monotonic() + 30
+        while not list(out.rglob("*.prog")):
+            assert time.monotonic() < deadline, "the demo opened no capture file"
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        assert proc.stdout is not None
+        proc.stdout.close()
+    assert list(out.rglob("*.prog")) == []
+    finished = list(out.rglob("*.capture"))
+    assert finished
+    for path in finished:
+        with open_capture(path) as reader:
+            assert sum(1 for _ in reader) >= 1

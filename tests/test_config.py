@@ -24,6 +24,7 @@ from edged.config import (
     SourceConfig,
     StatusConfig,
     UploadConfig,
+    check_host,
     format_duration,
     format_size,
     load_config,
@@ -815,3 +816,56 @@ def test_load_config_names_the_file_in_problems(tmp_path: Path) -> None:
         " (e.g. 64KiB, 1MiB, 2GiB, or a number of bytes)"
     ]
     assert isinstance(info.value, ConfigError)
+
+
+def test_check_host_names_what_run_would_refuse_or_miss_with_file_and_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`edged run` exits 2 on an unreadable or group-readable key file and uploads
+    nothing from a missing source directory: check-config must say so, file:line."""
+    monkeypatch.delenv("EDGED_API_KEY", raising=False)
+    (tmp_path / "capture").mkdir()
+    loose = tmp_path / "loose-key"
+    loose.write_text("secret\n")
+    loose.chmod(0o644)
+    conf = tmp_path / "edged.yaml"
+    body = f"""\
+part_id: p
+state_dir: {tmp_path / "state"}
+cloud:
+  address: sync.example.com:443
+  api_key_id: k1
+  api_key_file: {tmp_path / "no-such-key"}
+sources:
+  - kind: capture
+    path: {tmp_path / "capture"}
+  - kind: files
+    path: {tmp_path / "not-there"}
+  - kind: jsonl
+    path: {tmp_path / "logs" / "imu.jsonl"}
+    component_name: imu
+"""
+    conf.write_text(body)
+    found = check_host(load_config(conf))
+    assert [p.split(": ", 2)[:2] for p in found] == [
+        [f"{conf}:6", "cloud.api_key_file"],
+        [f"{conf}:11", "sources[1].path"],
+        [f"{conf}:13", "sources[2].path"],
+    ]
+    assert "cannot read API key file" in found[0] and "No such file" in found[0]
+    assert f"{tmp_path / 'not-there'} does not exist" in found[1]
+    assert f"{tmp_path / 'logs'} does not exist" in found[2]  # a jsonl file's directory
+
+    conf.write_text(body.replace(str(tmp_path / "no-such-key"), str(loose)))
+    [mode] = [p for p in check_host(load_config(conf)) if "cloud." in p]
+    assert mode.startswith(f"{conf}:6: cloud.api_key_file: ") and "mode 0644" in mode
+
+    loose.chmod(0o600)
+    (tmp_path / "not-there").mkdir()
+    (tmp_path / "logs").mkdir()
+    assert check_host(load_config(conf)) == []
+    conf.write_text(body.replace(f"  api_key_file: {tmp_path / 'no-such-key'}\n", ""))
+    [no_key] = check_host(load_config(conf))
+    assert no_key.startswith(f"{conf}:5: cloud.api_key_id: ") and "no key was found" in no_key
+    monkeypatch.setenv("EDGED_API_KEY", "from-the-environment")  # run would use this
+    assert check_host(load_config(conf)) == []

@@ -191,6 +191,50 @@ def test_sigterm_mid_drain_exit_0_then_restart_loses_nothing(tmp_path: Path, key
     assert not list((tmp_path / "capture").rglob("*.capture"))
 
 
+def embedded_config(tmp: Path, sources: str) -> Path:
+    return write_config(
+        tmp / "edged.yaml",
+        f"part_id: robot-e2e\nstate_dir: {tmp / 'state'}\nsources:\n{sources}"
+        f"status:\n  socket: {tmp / 'edged.sock'}\n",
+    )
+
+
+def test_until_empty_uploads_files_settled_by_their_mtime(tmp_path: Path) -> None:
+    """A one-shot run scans once: a file unchanged for `settle` by its mtime goes in it."""
+    old = tmp_path / "uploads" / "run1.bag"
+    old.parent.mkdir()
+    old.write_bytes(b"b" * 1000)
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    cfg = embedded_config(tmp_path, f"  - kind: files\n    path: {old.parent}\n    settle: 10s\n")
+    with daemon(cfg, args=("--until-empty",)) as proc:
+        assert proc.wait(60) == 0
+    assert ingest_count(tmp_path / "state" / "ingest", "binaries") == 1
+    assert not old.exists()  # acknowledged, then deleted
+
+
+def test_missing_source_directory_is_the_sources_last_error_until_it_appears(
+    tmp_path: Path,
+) -> None:
+    later = tmp_path / "capture"
+    cfg = embedded_config(tmp_path, f"  - kind: capture\n    path: {later}\n")
+    with daemon(cfg) as proc:
+        wait_for("status socket", lambda: socket_up(tmp_path / "edged.sock"))
+
+        def last_error() -> str | None:
+            [src] = status(cfg)["sources"]
+            error: str | None = src["last_error"]
+            return error
+
+        wait_for(
+            "the missing directory in status", lambda: "does not exist" in (last_error() or "")
+        )
+        assert str(later) in (last_error() or "")
+        later.mkdir()
+        wait_for("the error to clear once it exists", lambda: last_error() is None)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+
+
 def test_sighup_adds_a_source_and_bad_reload_keeps_running(tmp_path: Path, key: KeyFile) -> None:
     with ingest_process(
         tmp_path / "ingest", ["--api-key-id", key.key_id, "--api-key-file", str(key.path)]

@@ -22,13 +22,18 @@ from typing import Any
 
 import pytest
 
-from edged.capture import CaptureWriter
+from edged.capture import CaptureWriter, frame
 from edged.client import UploadClient
 from edged.config import SourceConfig
 from edged.ingest import IngestServer, IngestSettings
 from edged.outbox import Outbox
 from edged.sources.base import SourceContext
-from edged.sources.capture import CaptureSource, prog_is_orphaned
+from edged.sources.capture import (
+    CaptureSource,
+    lease_free,
+    prog_wait_s,
+    writer_gone,
+)
 from edged.uploader import Uploader, UploaderSettings
 from tests.procs import read_line
 from tests.test_capture import FIXTURES, copy_tree, tabular_metadata, tabular_reading
@@ -60,18 +65,97 @@ async def drain(box: Outbox, server: IngestServer) -> None:
 
 
 @pytest.mark.parametrize(
-    "mtime,now,grace,booted,orphaned",
+    "mtime,now,grace,watched,wait",
     [
-        (1000.0, 1030.0, 60.0, 0.0, False),
-        (1000.0, 1060.0, 60.0, 0.0, True),
-        (1000.0, 1001.0, 60.0, 1500.0, True),  # written before this boot
-        (2000.0, 2001.0, 60.0, 1500.0, False),
+        (1000.0, 1030.0, 60.0, 0.0, 30.0),
+        (1000.0, 1060.0, 60.0, 0.0, 0.0),
+        (1000.0, 1030.0, 60.0, 45.0, 15.0),  # watched longer than the mtime says
+        (1000.0, 1001.0, 0.0, 0.0, 0.0),  # no grace
+        # mtime in the future (clock stepped back, stale clock at boot): only watching counts
+        (5000.0, 1000.0, 60.0, 0.0, 60.0),
+        (5000.0, 1000.0, 60.0, 59.0, 1.0),
+        (5000.0, 1000.0, 60.0, 60.0, 0.0),
     ],
 )
-def test_prog_orphan_rule(
-    mtime: float, now: float, grace: float, booted: float, orphaned: bool
+def test_prog_wait_rule(
+    mtime: float, now: float, grace: float, watched: float, wait: float
 ) -> None:
-    assert prog_is_orphaned(mtime, now, grace, booted) is orphaned
+    assert prog_wait_s(mtime, now, grace, watched) == pytest.approx(wait)
+
+
+@pytest.mark.parametrize(
+    "lease,mtime,booted,gone",
+    [
+        (True, 2000.0, 1500.0, True),  # nobody has it open
+        (False, 1000.0, 1500.0, False),  # held open, even if "written before this boot"
+        (False, 2000.0, 1500.0, False),
+        (None, 1000.0, 1500.0, True),  # cannot probe: written before this boot
+        (None, 2000.0, 1500.0, False),  # cannot probe, written since: assume a writer
+    ],
+)
+def test_writer_gone_rule(lease: bool | None, mtime: float, booted: float, gone: bool) -> None:
+    assert writer_gone(lease, mtime, booted) is gone
+
+
+def test_lease_probe_sees_an_open_descriptor(tmp_path: Path) -> None:
+    f = tmp_path / "x.prog"
+    f.write_bytes(b"")
+    assert lease_free(f) is True
+    with f.open("ab"):
+        assert lease_free(f) is False
+    assert lease_free(tmp_path / "missing.prog") is None
+
+
+async def test_prog_with_mtime_in_the_future_is_recovered_after_grace_by_watching(
+    env: tuple[Outbox, IngestServer, SourceContext], tmp_path: Path
+) -> None:
+    box, _, _ = env
+    mono = [1000.0]
+    ctx = SourceContext("robot-1", box, tmp_path / "state", monotonic=lambda: mono[0])
+    root = tmp_path / "capture"
+    prog = root / "rdk_component_sensor" / "temp1" / "Readings" / "2026-01-01T00_00_00.000000Z.prog"
+    prog.parent.mkdir(parents=True)
+    prog.write_bytes(
+        frame(tabular_metadata().SerializeToString())
+        + frame(tabular_reading(0).SerializeToString())
+    )
+    ahead = time.time() + 30 * 86400  # written while the clock was a month ahead
+    os.utime(prog, (ahead, ahead))
+    source = CaptureSource(SourceConfig(kind="capture", path=root, prog_grace=60.0), ctx)
+    await source.scan_once()
+    assert prog.exists()  # just seen: not yet untouched for the grace period
+    mono[0] += 61.0
+    await source.scan_once()
+    assert not prog.exists(), "a future mtime kept the orphan waiting for the clock"
+    assert (await box.stats()).readings == 1
+
+
+async def test_header_less_prog_of_a_dead_writer_is_removed_not_quarantined(
+    env: tuple[Outbox, IngestServer, SourceContext],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    _, _, ctx = env
+    root = tmp_path / "capture"
+    d = root / "rdk_component_sensor" / "temp1" / "Readings"
+    d.mkdir(parents=True)
+    empty = d / "2026-01-01T00_00_00.000000Z.prog"
+    empty.write_bytes(b"")  # killed before its first 4 KiB flush
+    cut = d / "2026-01-01T00_00_01.000000Z.prog"
+    cut.write_bytes(b"\x80")  # ...or in the middle of writing the header
+    finished = d / "2026-01-01T00_00_02.000000Z.capture"
+    finished.write_bytes(b"")  # a finished file without a header is corrupt
+    live = d / "2026-01-01T00_00_03.000000Z.prog"
+    live.write_bytes(b"")
+    source = CaptureSource(SourceConfig(kind="capture", path=root, prog_grace=0.0), ctx)
+    with caplog.at_level("INFO", "edged.sources.capture"), live.open("ab"):  # a live writer
+        await source.scan_once()
+        assert live.exists()  # its header is still in the writer's buffer
+    assert not empty.exists() and not cut.exists()
+    assert source.stats.quarantined == 1
+    [moved] = [p for p in ctx.quarantine_dir.iterdir() if p.suffix != ".reason"]
+    assert moved.name.endswith(finished.name)
+    assert any("no complete header" in r.getMessage() for r in caplog.records)
 
 
 @needs_fixtures
@@ -176,7 +260,7 @@ async def test_thousands_of_files_appearing_while_running(
 WRITER_CHILD = """
 import sys
 from pathlib import Path
-from edged.capture import CaptureWriter
+from edged.capture import CaptureWriter, frame
 from tests.test_capture import tabular_metadata, tabular_reading
 
 writer = CaptureWriter(Path(sys.argv[1]), tabular_metadata(), max_file_bytes=2048)

@@ -16,7 +16,14 @@ from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.config import SourceConfig
 from edged.outbox import KIND_FILE, Item, Outbox, OutboxLimits
 from edged.sources.base import SourceContext
-from edged.sources.files import FilesSource, Seen, is_settled, path_labels, wanted_file
+from edged.sources.files import (
+    FilesSource,
+    Seen,
+    is_settled,
+    observe,
+    path_labels,
+    wanted_file,
+)
 
 T0 = 1_700_000_000.0
 
@@ -61,8 +68,8 @@ def put(path: Path, data: bytes = b"hello", age_s: float = 3600.0) -> Path:
     return path
 
 
-async def scan(src: FilesSource, times: int = 2) -> None:
-    for _ in range(times):  # settled means: the same on two looks
+async def scan(src: FilesSource, times: int = 1) -> None:
+    for _ in range(times):
         await src.scan_once()
 
 
@@ -117,20 +124,27 @@ def test_path_labels(rel: str, tags: list[str], datasets: list[str]) -> None:
     assert path_labels(PurePosixPath(rel)) == (tags, datasets)
 
 
+S = int(1e9)
+
+
 @pytest.mark.parametrize(
-    ("prev", "now", "ready"),
+    ("prev", "size", "mtime_s", "ready"),
     [
-        (None, Seen(5, 0, 100.0), False),  # one look is never enough
-        (Seen(5, 0, 99.0), Seen(5, 0, 100.0), True),
-        (Seen(4, 0, 99.0), Seen(5, 0, 100.0), False),  # grew
-        (Seen(5, 1, 99.0), Seen(5, 0, 100.0), False),  # touched
-        (Seen(5, int(95e9), 99.0), Seen(5, int(95e9), 100.0), False),  # 5 s old < 10 s
-        (Seen(5, int(90e9), 99.0), Seen(5, int(90e9), 100.0), True),
-        (Seen(0, 0, 99.0), Seen(0, 0, 100.0), False),  # empty
+        (None, 5, 0, True),  # old by its mtime: one look is enough (`--until-empty`)
+        (None, 5, 95, False),  # 5 s old < 10 s
+        (None, 5, 90, True),
+        (None, 0, 0, False),  # empty
+        (Seen(4, 0, 99.0, 1000.0, 1000.0), 5, 0, True),  # grew, but its mtime is old
+        (None, 5, 200, False),  # mtime in the future: watch it first
+        (Seen(5, 200 * S, 95.0, 1005.0, 1002.0), 5, 200, False),  # watched 8 s
+        (Seen(5, 200 * S, 90.0, 1010.0, 995.0), 5, 200, True),  # watched 10 s unchanged
+        (Seen(5, 200 * S, 90.0, 1010.0, 990.0), 6, 200, False),  # changed: watch again
     ],
 )
-def test_is_settled(prev: Seen | None, now: Seen, ready: bool) -> None:
-    assert is_settled(prev, now, 10.0) is ready
+def test_is_settled(prev: Seen | None, size: int, mtime_s: int, ready: bool) -> None:
+    """The wall clock says 100 s, the monotonic one 1010 s."""
+    seen = observe(prev, size, mtime_s * S, 100.0, 1010.0)
+    assert is_settled(seen, 10.0) is ready
 
 
 # --------------------------------------------------------------------------- scans
@@ -181,13 +195,28 @@ async def test_settle_waits_for_quiet_file(box: Outbox, root: Path) -> None:
     assert item.path == str(f) and item.length == f.stat().st_size == 9
 
 
-async def test_one_look_is_not_enough(box: Outbox, root: Path) -> None:
+async def test_one_look_is_enough_for_a_file_settled_by_its_mtime(box: Outbox, root: Path) -> None:
+    """`edged run --until-empty` scans once: an old file must go in that scan."""
     put(root / "old.bin")
     src = source(box, root)
     await src.scan_once()
-    assert await queued_paths(box) == []
-    await src.scan_once()
     assert len(await queued_paths(box)) == 1
+
+
+async def test_mtime_in_the_future_settles_by_watching(box: Outbox, root: Path) -> None:
+    """A clock stepped back (or a stale clock at boot) must not hold a file until the
+    clock catches up with its mtime: watched unchanged for `settle`, it goes."""
+    mono = [500.0]
+    ctx = SourceContext("part-1", box, box.state_dir, clock=Clock(), monotonic=lambda: mono[0])
+    src = FilesSource(SourceConfig(kind="files", path=root, settle=10.0, name="f"), ctx)
+    put(root / "ahead.bin", age_s=-30 * 86400)  # mtime a month ahead of the clock
+    await src.scan_once()
+    mono[0] += 9.0
+    await src.scan_once()
+    assert await queued_paths(box) == []
+    mono[0] += 1.0
+    await src.scan_once()
+    assert await queued_paths(box) == [str(root / "ahead.bin")]
 
 
 async def test_metadata_labels_and_names(box: Outbox, root: Path) -> None:
@@ -292,7 +321,7 @@ async def test_backpressure_leaves_file_until_space(tmp_path: Path, root: Path) 
 
 
 async def test_vanished_file_is_skipped(box: Outbox, root: Path) -> None:
-    f = put(root / "brief.bin")
+    f = put(root / "brief.bin", age_s=1.0)  # gone before it settled
     src = source(box, root)
     await src.scan_once()
     f.unlink()

@@ -47,8 +47,9 @@ class SourceContext:
     part_id: str
     outbox: Outbox
     state_dir: Path
-    clock: Callable[[], float] = time.time
+    clock: Callable[[], float] = time.time  # wall time: compared with file mtimes
     rescan_s: float = 60.0
+    monotonic: Callable[[], float] = time.monotonic  # waits and "seen unchanged for"
     quarantine_dir: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -75,6 +76,20 @@ class Source(Protocol):
 def is_ignored_name(name: str) -> bool:
     """Hidden and temporary names are work in progress by convention, never input."""
     return name.startswith(".") or name.endswith(IGNORED_SUFFIXES)
+
+
+def note_root(name: str, stats: SourceStats, root: Path) -> bool:
+    """A missing source directory is the source's `last_error` until it appears (then
+    cleared): otherwise status shows `seen 0` and nothing says why. True if present."""
+    missing = f"{root} does not exist; waiting for it to appear"
+    present = root.is_dir()
+    if not present and stats.last_error != missing:
+        stats.last_error = missing
+        log.warning("%s: %s", name, missing)
+    elif present and stats.last_error == missing:
+        stats.last_error = None
+        log.info("%s: %s appeared", name, root)
+    return present
 
 
 def quarantine(ctx: SourceContext, path: Path, reason: str) -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -22,7 +23,7 @@ from pathlib import Path
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.capture import CaptureReader, field_span, open_capture, split_legacy_images
 from edged.config import SourceConfig
-from edged.errors import CaptureFormatError, OutboxFull
+from edged.errors import CaptureFormatError, IncompleteHeader, OutboxFull
 from edged.outbox import (
     CLAIM_COMMITTED,
     CLAIM_COMMITTING,
@@ -31,7 +32,13 @@ from edged.outbox import (
     FileRef,
     Progress,
 )
-from edged.sources.base import SourceContext, SourceStats, quarantine, wait_for_space
+from edged.sources.base import (
+    SourceContext,
+    SourceStats,
+    note_root,
+    quarantine,
+    wait_for_space,
+)
 from edged.sources.watch import DirWatcher
 
 log = logging.getLogger("edged.sources.capture")
@@ -42,7 +49,7 @@ CHUNK_BYTES = 1 << 20
 
 
 def boot_time() -> float:
-    """When this machine booted: a `.prog` older than that has no live writer."""
+    """When this machine booted (wall clock, as /proc/stat reckons it now)."""
     with contextlib.suppress(OSError, ValueError):
         for line in Path("/proc/stat").read_text().splitlines():
             if line.startswith("btime "):
@@ -50,10 +57,45 @@ def boot_time() -> float:
     return 0.0
 
 
-def prog_is_orphaned(mtime: float, now: float, grace_s: float, booted_at: float) -> bool:
-    """A `.prog` is recovered once its writer must be gone: untouched for the grace
-    period, or last written before this boot."""
-    return mtime < booted_at or now - mtime >= grace_s
+def prog_wait_s(mtime: float, now: float, grace_s: float, watched_s: float) -> float:
+    """Seconds until a `.prog` has been untouched for the grace period (0: it has).
+
+    Untouched time is its age by mtime, or at least as long as we watched it unchanged
+    (monotonic). An mtime in the future (the clock was stepped back, or a robot without
+    a real-time clock booted with a stale one) says nothing, so then only watching counts:
+    the file is late by one grace period, never stuck until the clock catches up."""
+    age = now - mtime if mtime <= now else 0.0
+    return max(0.0, grace_s - max(age, watched_s))
+
+
+def writer_gone(lease: bool | None, mtime: float, booted_at: float) -> bool:
+    """Whether a `.prog` has no live writer. The write-lease probe sees open descriptors,
+    so when it can run it decides (`lease`: True = nobody has it open). Only when it
+    cannot (`None`) does "last written before this boot" count: on robots whose clock
+    starts stale and jumps at NTP sync that is weak evidence, and without either the
+    file is treated as still being written (committed, kept)."""
+    if lease is not None:
+        return lease
+    return mtime < booted_at
+
+
+def lease_free(path: Path) -> bool | None:
+    """Probe with a write lease, which Linux grants only when no other descriptor has the
+    file open: True (nobody has it open), False (somebody does), None (cannot probe:
+    unreadable, not our file without CAP_LEASE, or a filesystem without leases)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+    except OSError as exc:
+        return False if exc.errno in (errno.EAGAIN, errno.EBUSY) else None
+    else:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        return True
+    finally:
+        os.close(fd)
 
 
 def upload_metadata_for(
@@ -86,15 +128,19 @@ def _changed(path: Path, before: os.stat_result) -> bool:
 class CaptureSource:
     kind = "capture"
 
-    def __init__(self, config: SourceConfig, ctx: SourceContext) -> None:
+    def __init__(
+        self, config: SourceConfig, ctx: SourceContext, *, booted_at: float | None = None
+    ) -> None:
         self.config = config
         self.ctx = ctx
         self.name = config.name or f"capture:{config.path}"
         self.root = config.path
         self.stats = SourceStats()
         self._watcher: DirWatcher | None = None
-        self._booted_at = boot_time()
-        self._prog_waiting: dict[Path, float] = {}  # .prog path -> when to look again
+        self._booted_at = boot_time() if booted_at is None else booted_at
+        # Both keyed by .prog path, bounded by the files present (pruned on every scan).
+        self._prog_waiting: dict[Path, float] = {}  # when to look again (ctx.monotonic)
+        self._prog_watched: dict[Path, tuple[int, int, float]] = {}  # size, mtime, since
         self._unreadable: set[Path] = set()  # warned about once; pruned on every scan
 
     # -- loop ---------------------------------------------------------------------------
@@ -108,27 +154,31 @@ class CaptureSource:
         with DirWatcher(self.root) as watcher:
             self._watcher = watcher
             await self.scan_once()
-            next_scan = self.ctx.clock() + self.ctx.rescan_s
+            next_scan = self.ctx.monotonic() + self.ctx.rescan_s
             while True:
-                now = self.ctx.clock()
+                now = self.ctx.monotonic()
                 wake = min([next_scan, *self._prog_waiting.values()])
                 was_active = watcher.active
                 timeout = watcher.timeout(max(0.0, wake - now))
                 appeared = not was_active and watcher.active  # root just created: scan it
                 changed = await watcher.wait(0.0 if appeared else timeout)
-                if changed is None or appeared or self.ctx.clock() >= next_scan:
+                if changed is None or appeared or self.ctx.monotonic() >= next_scan:
                     await self.scan_once()
-                    next_scan = self.ctx.clock() + self.ctx.rescan_s
+                    next_scan = self.ctx.monotonic() + self.ctx.rescan_s
                     continue
-                due = [p for p, t in self._prog_waiting.items() if t <= self.ctx.clock()]
+                due = [p for p, t in self._prog_waiting.items() if t <= self.ctx.monotonic()]
                 for path in sorted({*changed, *due}):
                     if path.suffix in (".capture", ".prog") and self._inside(path):
                         await self.consider(path)
 
     async def scan_once(self) -> None:
         """Every capture file under the root, oldest name first (names are timestamps)."""
+        note_root(self.name, self.stats, self.root)
         found = await asyncio.to_thread(self._walk)
         self._unreadable &= set(found)
+        present = set(found)
+        self._prog_waiting = {p: t for p, t in self._prog_waiting.items() if p in present}
+        self._prog_watched = {p: w for p, w in self._prog_watched.items() if p in present}
         for path in found:
             await self.consider(path)
 
@@ -167,6 +217,7 @@ class CaptureSource:
             st = path.lstat()
         except FileNotFoundError:
             self._prog_waiting.pop(path, None)
+            self._prog_watched.pop(path, None)
             return
         if not path.is_file() or path.is_symlink():
             return
@@ -182,12 +233,14 @@ class CaptureSource:
             # Keep the offset, drop the claim, and commit what was appended.
             await self.ctx.outbox.forget_claim(str(path))
         if path.suffix == ".prog":
-            now = self.ctx.clock()
-            if not prog_is_orphaned(st.st_mtime, now, self.config.prog_grace, self._booted_at):
-                self._prog_waiting[path] = st.st_mtime + self.config.prog_grace + 0.01
+            wait = prog_wait_s(
+                st.st_mtime, self.ctx.clock(), self.config.prog_grace, self._watched_s(path, st)
+            )
+            if wait > 0:
+                self._prog_waiting[path] = self.ctx.monotonic() + wait + 0.01
                 return
             self._prog_waiting.pop(path, None)
-            log.info("recovering orphaned %s (writer gone)", path)
+            log.info("recovering %s (untouched for %.0fs)", path, self.config.prog_grace)
         self.stats.files_seen += 1
         self.stats.last_event_at = self.ctx.clock()
         while True:
@@ -209,12 +262,28 @@ class CaptureSource:
                     log.warning("%s; retrying on rescan", self.stats.last_error)
                 return
 
+    def _watched_s(self, path: Path, st: os.stat_result) -> float:
+        """How long (monotonic) we have seen `path` with this very size and mtime."""
+        now = self.ctx.monotonic()
+        size, mtime_ns, since = self._prog_watched.get(path, (-1, -1, now))
+        if (size, mtime_ns) != (st.st_size, st.st_mtime_ns):
+            since = now
+            self._prog_watched[path] = (st.st_size, st.st_mtime_ns, since)
+        return now - since
+
     async def _commit_file(self, path: Path, st: os.stat_result, committing: bool) -> None:
         # A .prog past its grace period may still have a live writer (a slow sensor that
         # has not filled its 4 KiB buffer): commit what is there, keep the file.
         live = path.suffix == ".prog" and not self._writer_gone(path, st)
         try:
             reader = open_capture(path)
+        except IncompleteHeader as exc:
+            if path.suffix == ".capture":  # finished, yet no header: corrupt
+                self._quarantine(path, str(exc), keep_original=False)
+            elif not live:  # its writer died before the header reached the disk
+                log.info("%s: removed: no complete header, so no data (%s)", path, exc.reason)
+                await self._retire(path)
+            return  # a live writer has the header in its buffer still: look again later
         except CaptureFormatError as exc:
             self._quarantine(path, str(exc), keep_original=False)
             return
@@ -378,23 +447,8 @@ class CaptureSource:
         return 0
 
     def _writer_gone(self, path: Path, st: os.stat_result) -> bool:
-        """True if no process has `path` open: written before this boot, or a write lease
-        can be taken (Linux grants one only when nobody else holds the file open)."""
-        if st.st_mtime < self._booted_at:
-            return True
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return False
-        try:
-            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
-        except OSError:
-            return False  # open elsewhere (EAGAIN), or no lease support: assume a writer
-        else:
-            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
-            return True
-        finally:
-            os.close(fd)
+        """See `writer_gone`: the lease probe first, the boot time only as a fallback."""
+        return writer_gone(lease_free(path), st.st_mtime, self._booted_at)
 
     def _progress(self, path: Path, st: os.stat_result, offset: int) -> Progress:
         return Progress(self.name, str(path), st.st_ino, offset, 0)

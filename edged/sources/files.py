@@ -1,7 +1,10 @@
 """The `files` source: arbitrary files, uploaded whole (by reference) once they settle.
 
-A file is queued when it is non-empty and its (size, mtime) has stayed the same for
-`settle` seconds and on two observations, so a file still being written is not taken.
+A file is queued when it is non-empty and has not changed for `settle` seconds: by its
+mtime (one look is enough, so `edged run --until-empty` takes it in its one scan), or,
+when the mtime lies in the future (a clock stepped back, a robot that booted with a
+stale clock), by our own monotonic watch of an unchanged (size, mtime). A file still
+being written keeps a fresh mtime and is not taken.
 The outbox keeps a claim per file: `pending` until acknowledged, then the outbox deletes
 it (`delete_after_upload`, the default) or marks it `done`, and a later scan sends it
 again only if its size or mtime changed.
@@ -19,10 +22,10 @@ import contextlib
 import errno
 import fnmatch
 import logging
+import math
 import mimetypes
 import os
 import stat
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -33,14 +36,19 @@ from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.config import SourceConfig
 from edged.errors import OutboxFull
 from edged.outbox import CLAIM_DONE, KIND_FILE, Claim, FileRef
-from edged.sources.base import SourceContext, SourceStats, is_ignored_name, wait_for_space
+from edged.sources.base import (
+    SourceContext,
+    SourceStats,
+    is_ignored_name,
+    note_root,
+    wait_for_space,
+)
 from edged.sources.watch import DirWatcher
 
 log = logging.getLogger("edged.sources.files")
 
 ROBOT_DIRS = frozenset({"failed", "datasetUpload", "sequences"})
 CAPTURE_SUFFIXES = (".capture", ".prog")
-RECHECK_MAX_S = 1.0  # a file seen once is looked at again within this, settle permitting
 MIN_WAIT_S = 0.05  # never spin: the loop always waits at least this long
 
 
@@ -108,26 +116,39 @@ def file_metadata(
 
 @dataclass(frozen=True)
 class Seen:
-    """One observation of a candidate file: what it looked like and when we looked."""
+    """One observation of a candidate file: what it looked like and when we looked
+    (`at`: wall clock, to compare with the mtime; `mono`: monotonic), and since when
+    (monotonic) we have seen it with this very size and mtime."""
 
     size: int
     mtime_ns: int
     at: float
+    mono: float = 0.0
+    since: float = 0.0
 
 
-def is_settled(prev: Seen | None, now: Seen, settle_s: float) -> bool:
-    """Ready: non-empty, the same (size, mtime) as the previous look, and old enough."""
-    return (
-        prev is not None
-        and now.size > 0
-        and (prev.size, prev.mtime_ns) == (now.size, now.mtime_ns)
-        and now.at - now.mtime_ns / 1e9 >= settle_s
-    )
+def observe(prev: Seen | None, size: int, mtime_ns: int, at: float, mono: float) -> Seen:
+    """A new look at a file; the watch goes on only while (size, mtime) stay the same."""
+    same = prev is not None and (prev.size, prev.mtime_ns) == (size, mtime_ns)
+    return Seen(size, mtime_ns, at, mono, prev.since if prev is not None and same else mono)
+
+
+def settle_left(seen: Seen, settle_s: float) -> float:
+    """Seconds until the file counts as unchanged for `settle_s` (0: it does now): by its
+    mtime, unless that is in the future, or by how long we watched it unchanged."""
+    age = seen.at - seen.mtime_ns / 1e9
+    by_mtime = settle_s - age if age >= 0 else math.inf
+    return max(0.0, min(by_mtime, settle_s - (seen.mono - seen.since)))
+
+
+def is_settled(seen: Seen, settle_s: float) -> bool:
+    """Ready to queue: non-empty and unchanged for the settle time."""
+    return seen.size > 0 and settle_left(seen, settle_s) == 0
 
 
 def recheck_at(seen: Seen, settle_s: float) -> float:
-    """When a not-yet-settled file deserves another look (ctx.clock seconds)."""
-    return max(seen.mtime_ns / 1e9 + settle_s, seen.at + min(settle_s, RECHECK_MAX_S))
+    """When a not-yet-settled file deserves another look (ctx.monotonic seconds)."""
+    return seen.mono + max(settle_left(seen, settle_s), MIN_WAIT_S)
 
 
 # --------------------------------------------------------------------------- the source
@@ -162,14 +183,15 @@ class FilesSource:
         with DirWatcher(self._watch_root()) as watcher:
             self._watcher = watcher
             await self.scan_once()
-            next_rescan = time.monotonic() + self.ctx.rescan_s
+            next_rescan = self.ctx.monotonic() + self.ctx.rescan_s
             while True:
                 if self._blocked:
                     await wait_for_space(self.ctx, self.stats)
                 changed = await watcher.wait(watcher.timeout(self._timeout(next_rescan)))
                 try:
-                    if changed is None or self._root is None or time.monotonic() >= next_rescan:
-                        next_rescan = time.monotonic() + self.ctx.rescan_s
+                    now = self.ctx.monotonic()
+                    if changed is None or self._root is None or now >= next_rescan:
+                        next_rescan = now + self.ctx.rescan_s
                         await self.scan_once()
                     else:
                         await self._check_changed(changed)
@@ -178,16 +200,17 @@ class FilesSource:
                     log.warning("%s: %s", self.name, self.stats.last_error)
 
     def _timeout(self, next_rescan: float) -> float:
-        wait = next_rescan - time.monotonic()
+        now = self.ctx.monotonic()
+        wait = next_rescan - now
         if self._blocked:
             wait = min(wait, MIN_WAIT_S)
         if self._pending:
-            now = self.ctx.clock()
             settle = self.config.settle
             wait = min(wait, min(recheck_at(s, settle) for s in self._pending.values()) - now)
         return min(max(wait, MIN_WAIT_S), self.ctx.rescan_s)
 
     async def scan_once(self) -> None:
+        note_root(self.name, self.stats, self.config.path)
         root = self._resolve_root()
         if root is None:
             return
@@ -204,7 +227,7 @@ class FilesSource:
         root = self._resolve_root()
         if root is None:
             return
-        now = self.ctx.clock()
+        now = self.ctx.monotonic()
         todo = [p for p, s in self._pending.items() if recheck_at(s, self.config.settle) <= now]
         for raw in changed:
             path = self._under_root(raw, root)
@@ -307,17 +330,17 @@ class FilesSource:
             except OSError as exc:
                 self._warn(path, f"cannot stat {path}: {exc.strerror or exc}")
                 continue
-            seen = Seen(st.st_size, st.st_mtime_ns, self.ctx.clock())
+            prev = self._pending.get(path)
+            seen = observe(prev, st.st_size, st.st_mtime_ns, self.ctx.clock(), self.ctx.monotonic())
             if seen.size == 0 or self._known.get(path) == (seen.size, seen.mtime_ns):
                 self._pending.pop(path, None)  # empty files come back on their next event
                 continue
-            prev = self._pending.get(path)
             if prev is None:
                 if await self._in_outbox(path, seen):
                     continue
                 self.stats.files_seen += 1
             self._pending[path] = seen
-            if not self._blocked and is_settled(prev, seen, self.config.settle):
+            if not self._blocked and is_settled(seen, self.config.settle):
                 await self._enqueue(path, root, st)
 
     async def _in_outbox(self, path: Path, seen: Seen) -> bool:

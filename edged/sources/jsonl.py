@@ -45,7 +45,13 @@ from edged.config import SourceConfig
 from edged.durable import fsync_dir
 from edged.errors import OutboxFull
 from edged.outbox import Progress
-from edged.sources.base import SourceContext, SourceStats, is_ignored_name, wait_for_space
+from edged.sources.base import (
+    SourceContext,
+    SourceStats,
+    is_ignored_name,
+    note_root,
+    wait_for_space,
+)
 from edged.sources.watch import DirWatcher
 
 log = logging.getLogger("edged.sources.jsonl")
@@ -232,6 +238,7 @@ class JsonlSource:
         await self._round([*self._tails, *sorted(fresh - set(self._tails))], True)
 
     async def scan_once(self) -> None:
+        note_root(self.name, self.stats, self.dir)
         paths = self._list()
         for gone in set(self._tails) - set(paths):
             self._drop(gone)
