@@ -21,7 +21,7 @@ from typing import Any, TextIO, TypeVar
 
 import bson
 from google.protobuf.message import Message
-from google.protobuf.struct_pb2 import Value
+from google.protobuf.struct_pb2 import Struct, Value
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from edged._proto.app.data.v1 import data_pb2 as dpb
@@ -136,6 +136,12 @@ def _primitive(value: Value) -> Any:
     return None
 
 
+def struct_to_dict(struct: Struct) -> dict[str, Any]:
+    """A Struct as the seed's dict (numbers are floats; NaN and ±Inf included, which
+    `json_format.MessageToDict` refuses)."""
+    return {k: _primitive(v) for k, v in struct.fields.items()}
+
+
 def _ids(binary_ids: Sequence[BinaryID] | Sequence[str]) -> dict[str, Any]:
     """Request fields for a list of ids: binary_data_ids for strings, else legacy BinaryIDs."""
     if isinstance(binary_ids, str) or not binary_ids:
@@ -233,7 +239,7 @@ class DataQueries:
         )
         data = [
             TabularData(
-                {k: _primitive(v) for k, v in item.data.fields.items()},
+                struct_to_dict(item.data),
                 resp.metadata[item.metadata_index],
                 item.time_requested.ToDatetime(),
                 item.time_received.ToDatetime(),

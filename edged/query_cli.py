@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import bson
-from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpclib.exceptions import GRPCError
 
 from edged._proto.app.data.v1 import data_pb2 as dpb
 from edged._proto.app.data.v1.data_grpc import DataServiceStub
 from edged.client import UploadClient
+from edged.data_client import struct_to_dict
 from edged.errors import ConfigError, EdgedError
 from edged.keyfile import API_KEY_ENV, resolve_api_key
 
@@ -118,7 +118,7 @@ async def tabular(args: argparse.Namespace) -> int:
         stub, md = DataServiceStub(client.channel), await client.metadata()
         async for resp, item in _pages(stub, md, args, binary=False):
             meta = resp.metadata[item.metadata_index]
-            data = json_format.MessageToDict(item.data)
+            data = struct_to_dict(item.data)
             when = _ts_text(item.time_requested, item.HasField("time_requested"))
             if args.json:
                 row = {
