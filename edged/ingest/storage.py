@@ -329,6 +329,7 @@ class IngestStore:
 
     @classmethod
     async def open(cls, root: Path, *, synchronous: str = "FULL") -> IngestStore:
+        root = root.absolute()  # SQLite URIs and blob paths must not follow a later chdir
         for d in (root, root / "blobs", root / "blobs" / ".tmp"):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         for leftover in (root / "blobs" / ".tmp").glob("*.part"):
