@@ -119,11 +119,15 @@ the same name and fields, re-exported by `edged.client`: `Filter`, `BinaryID`,
 `TagsFilterType`, `Order`, `Dataset`; `TabularData` is a small dataclass like the seed's.
 Methods taking `binary_ids` accept legacy `BinaryID`s or binary_data_id strings.
 
-Errors: a call the server refuses raises `edged.errors.UploadError` (`.status` is the
-gRPC status, `.call` the RPC; transport faults are `UNAVAILABLE`, local deadlines
-`DEADLINE_EXCEEDED`), or its subclass `AuthError` for `UNAUTHENTICATED` and
-`PERMISSION_DENIED`. Arguments the server would refuse anyway (no ids, no tags, a box
-outside the image) raise `ValueError` before anything is sent.
+Errors: every error a call raises is a grpclib `GRPCError`, as the seed documents, so
+`except GRPCError:` works unchanged. A call the server refuses raises
+`edged.errors.UploadError` (`.status` is the gRPC status, `.call` the RPC; transport
+faults are `UNAVAILABLE`, local deadlines `DEADLINE_EXCEEDED`), or its subclass
+`AuthError` for `UNAUTHENTICATED` and `PERMISSION_DENIED`. Arguments the server would
+refuse anyway (no ids, no tags, a box outside the image, a value a `Struct` cannot
+hold) raise its subclass `InvalidArgument` (`INVALID_ARGUMENT`, also a `ValueError`)
+before anything is sent. Like the seed, `file_upload_from_path` raises
+`FileNotFoundError` for a missing file.
 
 Differences from the seed, all deliberate:
 - a `dest` file that cannot be written raises `OSError` (the seed logs and carries on,

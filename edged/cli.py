@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from edged import __version__
-from edged.config import check_host, load_config, parse_size
+from edged.config import absolute_path, check_host, load_config, parse_size
 from edged.errors import ConfigError, ConfigErrors, EdgedError
 from edged.ingest import ApiKey, IngestServer, IngestSettings
 from edged.keyfile import read_secret_file
@@ -184,7 +184,7 @@ def _add_target(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-c",
         "--config",
-        type=Path,
+        type=absolute_path,
         default=DEFAULT_CONFIG,
         help=f"config file naming the status socket (default {DEFAULT_CONFIG})",
     )
@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the daemon in the foreground (what systemd starts)")
-    run.add_argument("-c", "--config", type=Path, default=DEFAULT_CONFIG)
+    run.add_argument("-c", "--config", type=absolute_path, default=DEFAULT_CONFIG)
     run.add_argument(
         "--until-empty",
         action="store_true",
@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_cmd_run)
 
     chk = sub.add_parser("check-config", help="validate a config file and print it resolved")
-    chk.add_argument("-c", "--config", type=Path, default=DEFAULT_CONFIG)
+    chk.add_argument("-c", "--config", type=absolute_path, default=DEFAULT_CONFIG)
     chk.set_defaults(func=_cmd_check_config)
 
     st = sub.add_parser("status", help="state, backlog, rates, last error of a running daemon")
@@ -244,12 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=("127.0.0.1", 8080),
         help="HOST:PORT to bind (default 127.0.0.1:8080; port 0 picks one)",
     )
-    ing.add_argument("--data", type=Path, required=True, help="directory for the index and blobs")
+    ing.add_argument(
+        "--data", type=absolute_path, required=True, help="directory for the index and blobs"
+    )
     ing.add_argument("--api-key-id", action="append", help="API key id (repeatable)")
     ing.add_argument(
         "--api-key-file",
         action="append",
-        type=Path,
+        type=absolute_path,
         help="file (mode 0600) holding the key for the matching --api-key-id",
     )
     ing.add_argument(
@@ -261,8 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument(
         "--location-id", action="append", help="location stamped on the matching key's uploads"
     )
-    ing.add_argument("--tls-cert", type=Path, help="PEM certificate chain (enables TLS)")
-    ing.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
+    ing.add_argument("--tls-cert", type=absolute_path, help="PEM certificate chain (enables TLS)")
+    ing.add_argument("--tls-key", type=absolute_path, help="PEM private key for --tls-cert")
     ing.add_argument(
         "--max-message-bytes",
         type=_size_arg,

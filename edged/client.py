@@ -57,7 +57,7 @@ from edged.data_client import (
     TagsFilterType,
     create_filter,
 )
-from edged.errors import AuthError, ConfigError, SourceError, UploadError
+from edged.errors import AuthError, ConfigError, InvalidArgument, SourceError, UploadError
 from edged.keyfile import API_KEY_ENV, resolve_api_key
 
 __all__ = [
@@ -193,12 +193,21 @@ def sensor_metadata(
     return meta
 
 
+def _struct(call: str, what: str, data: Mapping[str, Any]) -> Struct:
+    """`data` as a Struct; a value it cannot hold is the caller's INVALID_ARGUMENT."""
+    holder = Struct()
+    try:
+        holder.update(dict(data))
+    except (ValueError, TypeError) as exc:
+        raise InvalidArgument(call, f"{what} cannot be sent as a protobuf Struct: {exc}") from None
+    return holder
+
+
 def method_parameters(params: Mapping[str, Any] | None) -> dict[str, AnyPb]:
     """Each value packed as an Any holding a google.protobuf.Value, as robots send them."""
     out: dict[str, AnyPb] = {}
     if params:
-        holder = Struct()
-        holder.update(dict(params))
+        holder = _struct("upload", "method_parameters", params)
         for key, value in holder.fields.items():
             packed = AnyPb()
             packed.Pack(value)
@@ -624,10 +633,12 @@ class UploadClient:
                 "thermo", "Readings", tags=["lab"],
             )
         """
+        call = "tabular_data_capture_upload"
         if data_request_times is not None and len(data_request_times) != len(tabular_data):
-            raise ValueError(
+            raise InvalidArgument(
+                call,
                 f"data_request_times has {len(data_request_times)} entries but tabular_data"
-                f" has {len(tabular_data)}; they must match"
+                f" has {len(tabular_data)}; they must match",
             )
         meta = upload_metadata(
             part_id,
@@ -643,7 +654,7 @@ class UploadClient:
             reading = pb.SensorData(
                 metadata=sensor_metadata(data_request_times[i] if data_request_times else None)
             )
-            reading.struct.update(dict(row))
+            reading.struct.CopyFrom(_struct(call, f"tabular_data[{i}]", row))
             readings.append(reading.SerializeToString())
         result = await self.upload_readings(meta, readings)
         return result.file_id

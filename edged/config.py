@@ -72,6 +72,18 @@ _SIZE_RE = re.compile(r"(\d+)\s*([A-Za-z]*)")
 _SIZE_EXAMPLES = "e.g. 64KiB, 1MiB, 2GiB, or a number of bytes"
 
 
+def absolute_path(text: str) -> Path:
+    """A command-line path anchored to the working directory at start-up.
+
+    Resolved once, here: later users (SQLite URIs, blob paths, re-reads of key or TLS
+    files) then never depend on the process's current directory."""
+    if not text:
+        raise ValueError("a path cannot be empty")
+    if "\0" in text:
+        raise ValueError(f"{text!r}: paths cannot contain NUL characters")
+    return Path(os.path.abspath(text))
+
+
 def parse_size(value: str | int) -> int:
     """Bytes from `64KiB`, `1MiB`, `2GiB`, `512MiB`, `4096B` or a plain byte count.
 

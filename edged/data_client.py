@@ -5,8 +5,9 @@ client, so a script written for it runs after changing its imports and its conne
 call. Where the seed returns SDK types we return the generated `edged._proto` message
 of the same name and fields (`Filter`, `BinaryID`, `BinaryData`, `Dataset`, ...);
 `edged.client` re-exports them. Arguments the server would refuse anyway (no ids, no
-tags, a box outside the image) raise `ValueError` before anything is sent; what the
-server refuses raises `UploadError`/`AuthError` with its gRPC status.
+tags, a box outside the image) raise `InvalidArgument` before anything is sent; what
+the server refuses raises `UploadError`/`AuthError` with its gRPC status. All three are
+grpclib `GRPCError`s, as the seed documents (`InvalidArgument` is a ValueError too).
 
 `DataQueries` holds only the calls: the connection, authentication and error mapping
 come from `UploadClient` (see `edged.client.DataClient`, which combines the two).
@@ -21,11 +22,12 @@ from typing import Any, TextIO, TypeVar
 
 import bson
 from google.protobuf.message import Message
-from google.protobuf.struct_pb2 import Value
+from google.protobuf.struct_pb2 import Struct, Value
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from edged._proto.app.data.v1 import data_pb2 as dpb
 from edged._proto.app.dataset.v1 import dataset_pb2 as spb
+from edged.errors import InvalidArgument
 
 BinaryData = dpb.BinaryData
 BinaryID = dpb.BinaryID
@@ -136,24 +138,32 @@ def _primitive(value: Value) -> Any:
     return None
 
 
-def _ids(binary_ids: Sequence[BinaryID] | Sequence[str]) -> dict[str, Any]:
+def struct_to_dict(struct: Struct) -> dict[str, Any]:
+    """A Struct as the seed's dict (numbers are floats; NaN and ±Inf included, which
+    `json_format.MessageToDict` refuses)."""
+    return {k: _primitive(v) for k, v in struct.fields.items()}
+
+
+def _ids(call: str, binary_ids: Sequence[BinaryID] | Sequence[str]) -> dict[str, Any]:
     """Request fields for a list of ids: binary_data_ids for strings, else legacy BinaryIDs."""
     if isinstance(binary_ids, str) or not binary_ids:
-        raise ValueError("binary_ids must be a non-empty list of BinaryID objects or ids")
+        raise InvalidArgument(
+            call, "binary_ids must be a non-empty list of BinaryID objects or ids"
+        )
     if all(isinstance(b, str) for b in binary_ids):
         return {"binary_data_ids": list(binary_ids)}
     if all(isinstance(b, BinaryID) for b in binary_ids):
         return {"binary_ids": list(binary_ids)}
-    raise ValueError("binary_ids mixes BinaryID objects and strings; use one kind")
+    raise InvalidArgument(call, "binary_ids mixes BinaryID objects and strings; use one kind")
 
 
 def _one_id(binary_id: BinaryID | str) -> dict[str, Any]:
     return {"binary_data_id": binary_id} if isinstance(binary_id, str) else {"binary_id": binary_id}
 
 
-def _tags(tags: Sequence[str]) -> list[str]:
+def _tags(call: str, tags: Sequence[str]) -> list[str]:
     if isinstance(tags, str) or not tags:
-        raise ValueError("tags must be a non-empty list of tags")
+        raise InvalidArgument(call, "tags must be a non-empty list of tags")
     return list(tags)
 
 
@@ -173,10 +183,14 @@ def _write_items(f: TextIO, items: Iterable[str]) -> None:
 
 
 def _data_request(
-    filter: Filter | None, limit: int | None, sort_order: Order.ValueType | None, last: str | None
+    call: str,
+    filter: Filter | None,
+    limit: int | None,
+    sort_order: Order.ValueType | None,
+    last: str | None,
 ) -> dpb.DataRequest:
     if limit is not None and limit < 0:
-        raise ValueError(f"limit must not be negative, got {limit}")
+        raise InvalidArgument(call, f"limit must not be negative, got {limit}")
     return dpb.DataRequest(
         filter=filter or Filter(),
         limit=limit or 0,
@@ -224,7 +238,7 @@ class DataQueries:
                 rows.extend(page)
         """
         request = dpb.TabularDataByFilterRequest(
-            data_request=_data_request(filter, limit, sort_order, last),
+            data_request=_data_request("tabular_data_by_filter", filter, limit, sort_order, last),
             count_only=count_only,
             include_internal_data=include_internal_data,
         )
@@ -233,7 +247,7 @@ class DataQueries:
         )
         data = [
             TabularData(
-                {k: _primitive(v) for k, v in item.data.fields.items()},
+                struct_to_dict(item.data),
                 resp.metadata[item.metadata_index],
                 item.time_requested.ToDatetime(),
                 item.time_received.ToDatetime(),
@@ -273,7 +287,9 @@ class DataQueries:
             )
         """
         if isinstance(mql_binary, bytes | str) or not mql_binary:
-            raise ValueError("mql_binary must be a non-empty list of pipeline stages")
+            raise InvalidArgument(
+                "tabular_data_by_mql", "mql_binary must be a non-empty list of pipeline stages"
+            )
         stages = [s if isinstance(s, bytes) else bson.encode(s) for s in mql_binary]
         request = dpb.TabularDataByMQLRequest(organization_id=organization_id, mql_binary=stages)
         resp = await self._unary(_DATA + "TabularDataByMQL", request, dpb.TabularDataByMQLResponse)
@@ -288,7 +304,10 @@ class DataQueries:
             deleted = await data_client.delete_tabular_data("org-1", 30)
         """
         if delete_older_than_days < 0:
-            raise ValueError(f"delete_older_than_days must be >= 0, got {delete_older_than_days}")
+            raise InvalidArgument(
+                "delete_tabular_data",
+                f"delete_older_than_days must be >= 0, got {delete_older_than_days}",
+            )
         request = dpb.DeleteTabularDataRequest(
             organization_id=organization_id, delete_older_than_days=delete_older_than_days
         )
@@ -335,7 +354,7 @@ class DataQueries:
             ids = [item.metadata.binary_data_id for item in page]
         """
         request = dpb.BinaryDataByFilterRequest(
-            data_request=_data_request(filter, limit, sort_order, last),
+            data_request=_data_request("binary_data_by_filter", filter, limit, sort_order, last),
             include_binary=include_binary_data,
             count_only=count_only,
             include_internal_data=include_internal_data,
@@ -362,7 +381,9 @@ class DataQueries:
             [image] = await data_client.binary_data_by_ids([binary_data_id], dest="img.txt")
             Path("img.jpg").write_bytes(image.binary)
         """
-        request = dpb.BinaryDataByIDsRequest(include_binary=True, **_ids(binary_ids))
+        request = dpb.BinaryDataByIDsRequest(
+            include_binary=True, **_ids("binary_data_by_ids", binary_ids)
+        )
         resp = await self._unary(_DATA + "BinaryDataByIDs", request, dpb.BinaryDataByIDsResponse)
         if dest:
             _write_list(dest, (str(d) for d in resp.data))
@@ -389,7 +410,7 @@ class DataQueries:
 
             gone = await data_client.delete_binary_data_by_ids([binary_data_id])
         """
-        request = dpb.DeleteBinaryDataByIDsRequest(**_ids(binary_ids))
+        request = dpb.DeleteBinaryDataByIDsRequest(**_ids("delete_binary_data_by_ids", binary_ids))
         resp = await self._unary(
             _DATA + "DeleteBinaryDataByIDs", request, dpb.DeleteBinaryDataByIDsResponse
         )
@@ -406,7 +427,10 @@ class DataQueries:
 
             await data_client.add_tags_to_binary_data_by_ids(["blurry"], [binary_data_id])
         """
-        request = dpb.AddTagsToBinaryDataByIDsRequest(tags=_tags(tags), **_ids(binary_ids))
+        request = dpb.AddTagsToBinaryDataByIDsRequest(
+            tags=_tags("add_tags_to_binary_data_by_ids", tags),
+            **_ids("add_tags_to_binary_data_by_ids", binary_ids),
+        )
         await self._unary(
             _DATA + "AddTagsToBinaryDataByIDs", request, dpb.AddTagsToBinaryDataByIDsResponse
         )
@@ -423,7 +447,7 @@ class DataQueries:
             )
         """
         request = dpb.AddTagsToBinaryDataByFilterRequest(
-            filter=filter or Filter(), tags=_tags(tags)
+            filter=filter or Filter(), tags=_tags("add_tags_to_binary_data_by_filter", tags)
         )
         await self._unary(
             _DATA + "AddTagsToBinaryDataByFilter", request, dpb.AddTagsToBinaryDataByFilterResponse
@@ -440,7 +464,10 @@ class DataQueries:
                 ["blurry"], [binary_data_id]
             )
         """
-        request = dpb.RemoveTagsFromBinaryDataByIDsRequest(tags=_tags(tags), **_ids(binary_ids))
+        request = dpb.RemoveTagsFromBinaryDataByIDsRequest(
+            tags=_tags("remove_tags_from_binary_data_by_ids", tags),
+            **_ids("remove_tags_from_binary_data_by_ids", binary_ids),
+        )
         resp = await self._unary(
             _DATA + "RemoveTagsFromBinaryDataByIDs",
             request,
@@ -459,7 +486,7 @@ class DataQueries:
             removed = await data_client.remove_tags_from_binary_data_by_filter(["night"])
         """
         request = dpb.RemoveTagsFromBinaryDataByFilterRequest(
-            filter=filter or Filter(), tags=_tags(tags)
+            filter=filter or Filter(), tags=_tags("remove_tags_from_binary_data_by_filter", tags)
         )
         resp = await self._unary(
             _DATA + "RemoveTagsFromBinaryDataByFilter",
@@ -507,7 +534,9 @@ class DataQueries:
         }
         for name, value in corners.items():
             if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be within [0, 1], got {value}")
+                raise InvalidArgument(
+                    "add_bounding_box_to_image_by_id", f"{name} must be within [0, 1], got {value}"
+                )
         request = dpb.AddBoundingBoxToImageByIDRequest(label=label, **corners, **_one_id(binary_id))
         resp = await self._unary(
             _DATA + "AddBoundingBoxToImageByID", request, dpb.AddBoundingBoxToImageByIDResponse
@@ -645,7 +674,9 @@ class DataQueries:
 
             await data_client.add_binary_data_to_dataset_by_ids([binary_data_id], dataset_id)
         """
-        request = dpb.AddBinaryDataToDatasetByIDsRequest(dataset_id=dataset_id, **_ids(binary_ids))
+        request = dpb.AddBinaryDataToDatasetByIDsRequest(
+            dataset_id=dataset_id, **_ids("add_binary_data_to_dataset_by_ids", binary_ids)
+        )
         await self._unary(
             _DATA + "AddBinaryDataToDatasetByIDs", request, dpb.AddBinaryDataToDatasetByIDsResponse
         )
@@ -660,7 +691,7 @@ class DataQueries:
             await data_client.remove_binary_data_from_dataset_by_ids([binary_data_id], dataset_id)
         """
         request = dpb.RemoveBinaryDataFromDatasetByIDsRequest(
-            dataset_id=dataset_id, **_ids(binary_ids)
+            dataset_id=dataset_id, **_ids("remove_binary_data_from_dataset_by_ids", binary_ids)
         )
         await self._unary(
             _DATA + "RemoveBinaryDataFromDatasetByIDs",

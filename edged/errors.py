@@ -7,6 +7,7 @@ message; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 from grpclib.const import Status
+from grpclib.exceptions import GRPCError
 
 
 class EdgedError(Exception):
@@ -32,24 +33,36 @@ class IncompleteHeader(CaptureFormatError):
     before its first flush left it, and it holds no readings."""
 
 
-class UploadError(EdgedError):
+class UploadError(EdgedError, GRPCError):
     """A call to the server failed; `status` is the gRPC status (transport faults map to
     UNAVAILABLE). Query calls raise it too, with `call` naming the RPC, so a client
-    script handles one error type whichever call it made."""
+    script handles one error type whichever call it made. It is also grpclib's
+    `GRPCError` (same `status`/`message`), which the seed client documents, so a seed
+    script's `except GRPCError:` keeps working."""
+
+    message: str  # never None here, unlike GRPCError's
 
     def __init__(
         self, status: Status, message: str, *, item_id: str | None = None, call: str = "upload"
     ) -> None:
-        self.status = status
-        self.message = message
+        GRPCError.__init__(self, status, message)
         self.item_id = item_id
         self.call = call
         where = f" for item {item_id}" if item_id else ""
-        super().__init__(f"{call}{where} failed with {status.name}: {message}")
+        self.args = (f"{call}{where} failed with {status.name}: {message}",)
 
 
 class AuthError(UploadError):
     """The server refused our credentials (UNAUTHENTICATED or PERMISSION_DENIED)."""
+
+
+class InvalidArgument(UploadError, ValueError):
+    """An argument the server would refuse with INVALID_ARGUMENT, caught before sending.
+
+    Still a ValueError, as these were before they became GRPCErrors."""
+
+    def __init__(self, call: str, message: str) -> None:
+        super().__init__(Status.INVALID_ARGUMENT, message, call=call)
 
 
 class OutboxFull(EdgedError):

@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import bson
-from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpclib.exceptions import GRPCError
 
 from edged._proto.app.data.v1 import data_pb2 as dpb
 from edged._proto.app.data.v1.data_grpc import DataServiceStub
 from edged.client import UploadClient
+from edged.config import absolute_path
+from edged.data_client import struct_to_dict
 from edged.errors import ConfigError, EdgedError
 from edged.keyfile import API_KEY_ENV, resolve_api_key
 
@@ -118,7 +119,7 @@ async def tabular(args: argparse.Namespace) -> int:
         stub, md = DataServiceStub(client.channel), await client.metadata()
         async for resp, item in _pages(stub, md, args, binary=False):
             meta = resp.metadata[item.metadata_index]
-            data = json_format.MessageToDict(item.data)
+            data = struct_to_dict(item.data)
             when = _ts_text(item.time_requested, item.HasField("time_requested"))
             if args.json:
                 row = {
@@ -244,11 +245,13 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         p.add_argument("--address", required=True, help="HOST:PORT of the ingest server")
         p.add_argument("--api-key-id", help="API key id")
         p.add_argument(
-            "--api-key-file", type=Path, help=f"file (0600) with the key; or set {API_KEY_ENV}"
+            "--api-key-file",
+            type=absolute_path,
+            help=f"file (0600) with the key; or set {API_KEY_ENV}",
         )
         p.add_argument("--insecure", action="store_true", help="plaintext (no TLS)")
         p.add_argument("--tls", action="store_false", dest="insecure", help="TLS (the default)")
-        p.add_argument("--ca-file", type=Path, help="CA bundle to verify the server with")
+        p.add_argument("--ca-file", type=absolute_path, help="CA bundle to verify the server with")
         p.add_argument("--json", action="store_true", help="one JSON object per line")
         if filters:
             p.add_argument("--component-name")
@@ -267,6 +270,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     s.add_argument("--org-id", help="organisation (default: the API key's)")
     common(s, filters=False)
     e = qs.add_parser("export-binaries", help="download matching binary data into DIR")
-    e.add_argument("dir", type=Path, help="directory to write <binary_data_id><ext> files into")
+    e.add_argument(
+        "dir", type=absolute_path, help="directory to write <binary_data_id><ext> files into"
+    )
     common(e)
     return q

@@ -22,13 +22,14 @@ def edged_cmd(*args: str) -> list[str]:
 
 @contextmanager
 def ingest_process(
-    data: Path, extra: Sequence[str] = ()
+    data: Path | str, extra: Sequence[str] = (), *, cwd: Path | None = None
 ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     """`edged ingest` on 127.0.0.1:0; yields (process, port); SIGTERM + wait on exit."""
     proc = subprocess.Popen(
         edged_cmd("ingest", "--listen", "127.0.0.1:0", "--data", str(data), *extra),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        cwd=cwd,
     )
     try:
         line = read_line(proc, 30)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import KeyFile, make_key_file
+from edged.client import UploadClient
+from tests.conftest import Certs, KeyFile, make_key_file
 from tests.procs import edged_cmd, ingest_process, peak_rss_bytes
 
 MiB = 1024 * 1024
@@ -55,6 +59,55 @@ def test_usage_errors_exit_2_with_one_sentence(
     assert res.returncode == 2
     assert message in res.stderr
     assert "Traceback" not in res.stderr
+
+
+async def test_readme_commands_with_relative_paths_serve_uploads_and_queries(
+    tmp_path: Path, certs: Certs
+) -> None:
+    """README: `edged ingest --data ./var/ingest ... --tls-cert cert.pem` then `edged query`,
+    every path relative to the directory both run in."""
+    site = tmp_path / "site"
+    site.mkdir()
+    for src, name in ((certs.cert_file, "cert.pem"), (certs.key_file, "key.pem")):
+        shutil.copy(src, site / name)
+    shutil.copy(certs.ca_file, site / "ca.pem")
+    key = make_key_file(site)
+    key_arg = f"./{key.path.name}"
+    extra = ["--api-key-id", key.key_id, "--api-key-file", key_arg]
+    tls = ["--tls-cert", "cert.pem", "--tls-key", "key.pem"]
+    with ingest_process("./var/ingest", [*extra, *tls], cwd=site) as (server, port):
+        address = f"127.0.0.1:{port}"
+        async with UploadClient(
+            address, api_key_id=key.key_id, api_key=key.secret, ca_file=certs.ca_file
+        ) as client:
+            await client.tabular_data_capture_upload(
+                [{"temp_c": 21.5}], "part-1", "rdk:component:sensor", "thermo", "Readings"
+            )
+            bid = await client.binary_data_capture_upload(
+                b"jpeg", "part-1", "rdk:component:camera", "cam", "GetImages", ".jpg"
+            )
+        query = ["--address", address, "--api-key-id", key.key_id, *["--api-key-file", key_arg]]
+        query += ["--ca-file", "ca.pem"]
+
+        def run(*args: str) -> str:
+            res = subprocess.run(
+                edged_cmd("query", *args, *query),
+                cwd=site, capture_output=True, text=True, timeout=60, check=False,
+            )  # fmt: skip
+            assert res.returncode == 0, res.stderr
+            return res.stdout
+
+        tabular = await asyncio.to_thread(run, "tabular", "--json")
+        assert json.loads(tabular)["data"] == {"temp_c": 21.5}
+        binary = await asyncio.to_thread(run, "binary", "--json")
+        assert json.loads(binary)["binary_data_id"] == bid
+        sql = await asyncio.to_thread(run, "sql", "SELECT count(*) AS n FROM readings")
+        assert json.loads(sql) == {"n": 1}
+        await asyncio.to_thread(run, "export-binaries", "./out")
+        assert (site / "out" / f"{bid}.jpg").read_bytes() == b"jpeg"
+        assert (site / "var" / "ingest" / "ingest.sqlite3").is_file()
+        server.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(server.wait, 30) == 0
 
 
 CLIENT_SCRIPT = """

@@ -11,7 +11,8 @@ from __future__ import annotations
 import ast
 import datetime as dt
 import inspect
-from collections.abc import AsyncIterator
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import bson
 import pytest
 from grpclib.const import Status
+from grpclib.exceptions import GRPCError
 
 from edged.client import (
     AuthError,
@@ -36,6 +38,7 @@ from edged.ingest import ApiKey, IngestServer, IngestSettings
 from tests.conftest import Certs, KeyFile, make_key_file
 
 ORG, LOC, PART = "org-1", "loc-1", "part-1"
+INVALID = Status.INVALID_ARGUMENT
 T0 = dt.datetime(2026, 3, 1, 12, 0, 0, tzinfo=dt.UTC)
 NAIVE_T0 = T0.replace(tzinfo=None)  # what the seed's TabularData carries: naive UTC
 READINGS, IMAGES = 6, 4
@@ -567,6 +570,106 @@ async def test_file_uploads_are_readable_back(dc: DataClient, tmp_path: Path) ->
     assert data[streamed].binary == b"\x00\x01" * 70_000
     assert data[streamed].metadata.capture_metadata.component_name == "lidar"
     assert (await dc.binary_data_by_filter(create_filter(tags=["files"]), count_only=True))[1] == 3
+
+
+# What a seed script catches: each seed method given arguments the service refuses, and
+# the status the service gives. The three filter-only calls have no refusable argument.
+BAD_CALLS: dict[str, tuple[Callable[[DataClient, Path], Awaitable[Any]], Status]] = {
+    "tabular_data_by_filter": (lambda dc, _: dc.tabular_data_by_filter(limit=-1), INVALID),
+    "tabular_data_by_sql": (lambda dc, _: dc.tabular_data_by_sql(ORG, " "), INVALID),
+    "tabular_data_by_mql": (lambda dc, _: dc.tabular_data_by_mql(ORG, []), INVALID),
+    "delete_tabular_data": (lambda dc, _: dc.delete_tabular_data(ORG, -1), INVALID),
+    "binary_data_by_filter": (lambda dc, _: dc.binary_data_by_filter(limit=-1), INVALID),
+    "binary_data_by_ids": (lambda dc, _: dc.binary_data_by_ids([]), INVALID),
+    "delete_binary_data_by_ids": (lambda dc, _: dc.delete_binary_data_by_ids([]), INVALID),
+    "add_tags_to_binary_data_by_ids": (
+        lambda dc, _: dc.add_tags_to_binary_data_by_ids([], ["id"]), INVALID,
+    ),
+    "add_tags_to_binary_data_by_filter": (
+        lambda dc, _: dc.add_tags_to_binary_data_by_filter([]), INVALID,
+    ),
+    "remove_tags_from_binary_data_by_ids": (
+        lambda dc, _: dc.remove_tags_from_binary_data_by_ids(["t"], []), INVALID,
+    ),
+    "remove_tags_from_binary_data_by_filter": (
+        lambda dc, _: dc.remove_tags_from_binary_data_by_filter([]), INVALID,
+    ),
+    "add_bounding_box_to_image_by_id": (
+        lambda dc, _: dc.add_bounding_box_to_image_by_id("id", "l", 0.1, 0.1, 1.5, 0.9), INVALID,
+    ),
+    "remove_bounding_box_from_image_by_id": (
+        lambda dc, _: dc.remove_bounding_box_from_image_by_id("nope", "nope"), Status.NOT_FOUND,
+    ),
+    "get_database_connection": (
+        lambda dc, _: dc.get_database_connection("org-2"), Status.PERMISSION_DENIED,
+    ),
+    "configure_database_user": (lambda dc, _: dc.configure_database_user(ORG, ""), INVALID),
+    "create_dataset": (lambda dc, _: dc.create_dataset("", ORG), INVALID),
+    "list_dataset_by_ids": (lambda dc, _: dc.list_dataset_by_ids([]), INVALID),
+    "list_datasets_by_organization_id": (
+        lambda dc, _: dc.list_datasets_by_organization_id("org-2"), Status.PERMISSION_DENIED,
+    ),
+    "rename_dataset": (lambda dc, _: dc.rename_dataset("nope", "x"), Status.NOT_FOUND),
+    "delete_dataset": (lambda dc, _: dc.delete_dataset("nope"), Status.NOT_FOUND),
+    "add_binary_data_to_dataset_by_ids": (
+        lambda dc, _: dc.add_binary_data_to_dataset_by_ids([], "ds"), INVALID,
+    ),
+    "remove_binary_data_from_dataset_by_ids": (
+        lambda dc, _: dc.remove_binary_data_from_dataset_by_ids([], "ds"), INVALID,
+    ),
+    "binary_data_capture_upload": (
+        lambda dc, _: dc.binary_data_capture_upload(b"x", "", "t", "n", "m", ".bin"), INVALID,
+    ),
+    "tabular_data_capture_upload": (
+        lambda dc, _: dc.tabular_data_capture_upload([{"a": 1}], "", "t", "n", "m"), INVALID,
+    ),
+    "tabular_data_capture_upload/value": (
+        lambda dc, _: dc.tabular_data_capture_upload([{"a": object()}], PART, "t", "n", "m"),
+        INVALID,
+    ),
+    "tabular_data_capture_upload/times": (
+        lambda dc, _: dc.tabular_data_capture_upload(
+            [{"a": 1}], PART, "t", "n", "m", data_request_times=[]
+        ),
+        INVALID,
+    ),
+    "streaming_data_capture_upload": (
+        lambda dc, _: dc.streaming_data_capture_upload(b"x", "", ".bin"), INVALID,
+    ),
+    "file_upload": (lambda dc, _: dc.file_upload("", b"x"), INVALID),
+    "file_upload_from_path": (lambda dc, f: dc.file_upload_from_path(str(f), ""), INVALID),
+}  # fmt: skip
+
+
+def test_bad_calls_cover_every_seed_method_that_takes_a_refusable_argument() -> None:
+    no_refusable = {"create_filter", "delete_tabular_data_by_filter", "tags_by_filter",
+                    "bounding_box_labels_by_filter", "delete_binary_data_by_filter"}  # fmt: skip
+    tried = {name.split("/")[0] for name in BAD_CALLS}
+    assert tried == set(SEED_SIGNATURES) - no_refusable
+
+
+@pytest.mark.parametrize("name", sorted(BAD_CALLS))
+async def test_every_seed_method_raises_grpc_error_with_the_service_status(
+    name: str, dc: DataClient, tmp_path: Path
+) -> None:
+    call, status = BAD_CALLS[name]
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"x")
+    with pytest.raises(GRPCError) as info:
+        await call(dc, path)
+    assert info.value.status is status, info.value
+    assert isinstance(info.value, UploadError)  # our fields stay: call, item_id, message
+    assert info.value.message
+
+
+async def test_an_unreachable_server_is_a_grpc_error_too(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a port nothing listens on: bound, never listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        async with DataClient(f"127.0.0.1:{port}", tls=False, timeout=10) as dc:
+            with pytest.raises(GRPCError) as info:
+                await dc.tags_by_filter()
+    assert info.value.status is Status.UNAVAILABLE
 
 
 def test_create_filter_sets_every_field_like_the_seed() -> None:

@@ -451,7 +451,8 @@ def test_pushdown_translates_top_level_fields() -> None:
     )
     assert sql == (
         "(component_name = ?) AND (part_id IN (?, ?)) AND (time_received_ns >= ?)"
-        " AND (json_extract(data, '$.readings.temp_c') > ? OR instr(data, '['))"
+        " AND (json_extract(data, '$.readings.temp_c') > ?"
+        " OR instr(data, '[') OR data_exact IS NOT NULL)"
         " AND (((method_name = ?)) OR ((robot_id <> ?)))"
     )
     assert args == ["temp1", "a", "b", int(T0.timestamp()) * 10**9, 3, "A", "r"]

@@ -764,8 +764,23 @@ async def test_an_index_from_before_the_query_api_is_upgraded(tmp_path: Path) ->
     store = await IngestStore.open(root)
     try:
         got = await store.read(
-            lambda c: c.execute("SELECT time_captured_ns, location_id FROM readings").fetchall()
+            lambda c: c.execute(
+                "SELECT time_captured_ns, location_id, data_exact FROM readings"
+            ).fetchall()
         )
-        assert got == [(7, "")]
+        assert got == [(7, "", None)]
+    finally:
+        await store.close()
+
+
+async def test_a_store_opened_on_a_relative_path_serves_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Library callers may pass a relative data_dir too (the CLI resolves its own)."""
+    monkeypatch.chdir(tmp_path)
+    store = await IngestStore.open(Path("rel") / "ingest")
+    try:
+        assert store.root.is_absolute()
+        assert await store.read(lambda c: c.execute("SELECT count(*) FROM readings").fetchone())
     finally:
         await store.close()

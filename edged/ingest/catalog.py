@@ -45,12 +45,13 @@ class ReadingRow:
     time_requested_ns: int | None
     time_received_ns: int | None
     data: str
+    data_exact: bytes | None  # see edged/ingest/values.py
 
 
 _READING_COLS = (
     "rowid, time_captured_ns, org_id, location_id, robot_name, robot_id, part_name, part_id,"
     " component_type, component_name, method_name, method_parameters, tags,"
-    " time_requested_ns, time_received_ns, data"
+    " time_requested_ns, time_received_ns, data, data_exact"
 )
 
 

@@ -25,6 +25,7 @@ from bson.codec_options import CodecOptions
 from bson.errors import BSONError
 
 from edged.ingest.sql import DEFAULT_TIMEOUT_S, deadline_handler, loads_json, open_readonly
+from edged.ingest.values import decode_python
 
 Doc = dict[str, Any]
 Pred = Callable[[Doc], bool]
@@ -95,7 +96,7 @@ STRING_COLUMNS = {
 TIME_COLUMNS = {"time_requested": "time_requested_ns", "time_received": "time_received_ns"}
 _ROW_COLUMNS = (
     "id, org_id, location_id, robot_id, robot_name, part_id, part_name, component_type,"
-    " component_name, method_name, time_requested_ns, time_received_ns, tags, data"
+    " component_name, method_name, time_requested_ns, time_received_ns, tags, data, data_exact"
 )
 
 
@@ -148,7 +149,7 @@ def row_to_doc(row: tuple[Any, ...]) -> Doc:
         "time_requested": ns_to_datetime(row[10]),
         "time_received": ns_to_datetime(row[11]),
         "tags": loads_json(row[12]),
-        "data": loads_json(row[13]),
+        "data": decode_python(row[13], row[14]),
     }
 
 
@@ -204,8 +205,12 @@ def sort_key(v: Any) -> tuple[Any, ...]:
     return (r, v)
 
 
+def _is_nan(v: Any) -> bool:
+    return isinstance(v, float) and math.isnan(v)
+
+
 def values_equal(a: Any, b: Any) -> bool:
-    """MongoDB equality: 1 == 1.0, True != 1, documents compared key by key."""
+    """MongoDB equality: 1 == 1.0, True != 1, NaN == NaN, documents compared key by key."""
     ra, rb = _rank(a), _rank(b)
     if ra != rb:
         return False
@@ -215,6 +220,8 @@ def values_equal(a: Any, b: Any) -> bool:
         return a.keys() == b.keys() and all(values_equal(a[k], b[k]) for k in a)
     if ra == _R_NULL:
         return True
+    if _is_nan(a):
+        return _is_nan(b)
     return bool(a == b)
 
 
@@ -229,6 +236,8 @@ def freeze(v: Any) -> Any:
         return (r,)
     if r == _R_OTHER:
         return (r, type(v).__name__, str(v))
+    if _is_nan(v):
+        return (r, "NaN")  # every NaN one key, as values_equal says
     return (r, v)
 
 
@@ -834,6 +843,7 @@ def _time_sql(col: str, cond: Any) -> list[tuple[str, list[Any]]]:
 
 _JSON_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _JSON_CMP = {"$eq": "=", "$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
+_JSON_OPAQUE = "instr(data, '[') OR data_exact IS NOT NULL"  # rows json_extract may misjudge
 
 
 def _is_scalar(v: Any) -> bool:
@@ -844,7 +854,8 @@ def _data_sql(parts: list[str], cond: Any) -> list[tuple[str, list[Any]]]:
     """Conditions under `data.` as json_extract, for str/number arguments.
 
     json_extract does not traverse arrays the way MongoDB paths do, so every condition
-    also passes rows whose JSON holds any '[' at all: SQL stays a superset.
+    also passes rows whose JSON holds any '[' at all, and rows whose `data` reads NaN as
+    null (data_exact set, see edged/ingest/values.py): SQL stays a superset.
     """
     if not parts or not all(_JSON_KEY.fullmatch(p) for p in parts):
         return []
@@ -856,10 +867,10 @@ def _data_sql(parts: list[str], cond: Any) -> list[tuple[str, list[Any]]]:
     out: list[tuple[str, list[Any]]] = []
     for op, arg in cond.items():
         if op in _JSON_CMP and _is_scalar(arg):
-            out.append((f"{target} {_JSON_CMP[op]} ? OR instr(data, '[')", [arg]))
+            out.append((f"{target} {_JSON_CMP[op]} ? OR {_JSON_OPAQUE}", [arg]))
         elif op == "$in" and isinstance(arg, list) and arg and all(_is_scalar(a) for a in arg):
             marks = ", ".join("?" * len(arg))
-            out.append((f"{target} IN ({marks}) OR instr(data, '[')", list(arg)))
+            out.append((f"{target} IN ({marks}) OR {_JSON_OPAQUE}", list(arg)))
     return out
 
 

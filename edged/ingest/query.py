@@ -61,7 +61,8 @@ from edged.ingest.filters import (
     encode_token,
     reading_where,
 )
-from edged.ingest.storage import IngestStore
+from edged.ingest.storage import RAW_ANY_KEY, IngestStore
+from edged.ingest.values import decode_struct, to_bson
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 10_000
@@ -104,6 +105,10 @@ def _method_parameters(text: str) -> dict[str, AnyPb]:
     """Stored JSON (json_format of each Any) back into Any messages."""
     out: dict[str, AnyPb] = {}
     for key, value in catalog.params_dict(text).items():
+        if isinstance(value, dict) and isinstance(value.get(RAW_ANY_KEY), str):
+            raw = base64.b64decode(value[RAW_ANY_KEY])
+            out[key] = AnyPb(type_url=str(value.get("@type", "")), value=raw)
+            continue
         packed = AnyPb()
         try:
             json_format.ParseDict(value, packed)
@@ -160,7 +165,7 @@ def tabular_page(rows: list[ReadingRow]) -> dpb.TabularDataByFilterResponse:
             index[key] = len(resp.metadata)
             resp.metadata.append(capture_metadata(row, json.loads(row.tags)))
         item = dpb.TabularData(metadata_index=index[key])
-        item.data.update(json.loads(row.data))
+        item.data.CopyFrom(decode_struct(row.data, row.data_exact))
         if (t := ts(row.time_requested_ns)) is not None:
             item.time_requested.CopyFrom(t)
         if (t := ts(row.time_received_ns)) is not None:
@@ -291,9 +296,7 @@ class DataQueryService(data_grpc.DataServiceBase):
             rows = await asyncio.to_thread(run, self._store.db_path, org, req.sql_query)
         except rejected as exc:
             raise invalid(str(exc)) from None
-        await stream.send_message(
-            dpb.TabularDataBySQLResponse(raw_data=[bson.encode(r) for r in rows])
-        )
+        await stream.send_message(dpb.TabularDataBySQLResponse(raw_data=[to_bson(r) for r in rows]))
 
     async def TabularDataByMQL(
         self, stream: Stream[dpb.TabularDataByMQLRequest, dpb.TabularDataByMQLResponse]
@@ -318,9 +321,7 @@ class DataQueryService(data_grpc.DataServiceBase):
             rows = await asyncio.to_thread(run, self._store.db_path, org, pipeline)
         except rejected as exc:
             raise invalid(str(exc)) from None
-        await stream.send_message(
-            dpb.TabularDataByMQLResponse(raw_data=[bson.encode(r) for r in rows])
-        )
+        await stream.send_message(dpb.TabularDataByMQLResponse(raw_data=[to_bson(r) for r in rows]))
 
     async def DeleteTabularData(
         self, stream: Stream[dpb.DeleteTabularDataRequest, dpb.DeleteTabularDataResponse]

@@ -1,6 +1,7 @@
 """What `edged ingest` keeps: a SQLite index plus a blob directory.
 
-Tabular readings are rows (one per reading, data as JSON so SQL can reach into it);
+Tabular readings are rows (one per reading, data as strict JSON so SQL can reach into
+it; NaN keeps the exact Struct beside it, see values.py);
 binary readings and files are blobs written to a temp name, fsync'd, renamed, and only
 then indexed, so an acknowledged upload survives a power cut and a crash leaves at
 worst an orphaned temp file, never an index row without its bytes.
@@ -36,6 +37,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.durable import fsync_dir
+from edged.ingest.values import decode_python, encode_struct
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS uploads(
@@ -68,7 +70,8 @@ CREATE TABLE IF NOT EXISTS readings(
     time_received_ns INTEGER,
     data TEXT NOT NULL,
     received_at_ns INTEGER NOT NULL,
-    time_captured_ns INTEGER NOT NULL DEFAULT 0
+    time_captured_ns INTEGER NOT NULL DEFAULT 0,
+    data_exact BLOB
 );
 CREATE TABLE IF NOT EXISTS binaries(
     binary_data_id TEXT PRIMARY KEY,
@@ -140,6 +143,7 @@ ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("readings", "robot_name", "TEXT NOT NULL DEFAULT ''"),
     ("readings", "part_name", "TEXT NOT NULL DEFAULT ''"),
     ("readings", "time_captured_ns", "INTEGER NOT NULL DEFAULT 0"),
+    ("readings", "data_exact", "BLOB"),
     ("binaries", "location_id", "TEXT NOT NULL DEFAULT ''"),
     ("binaries", "robot_id", "TEXT NOT NULL DEFAULT ''"),
     ("binaries", "robot_name", "TEXT NOT NULL DEFAULT ''"),
@@ -167,6 +171,7 @@ CREATE INDEX IF NOT EXISTS dataset_members_binary ON dataset_members(binary_data
 """
 
 _T = TypeVar("_T")
+RAW_ANY_KEY = "@edged_bytes"  # a stored method parameter kept as bytes (see any_json)
 
 
 def migrate(db: sqlite3.Connection) -> None:
@@ -257,11 +262,23 @@ def _params_json(params: Any) -> str:
     out: dict[str, Any] = {}
     for key, value in params.items():
         assert isinstance(value, AnyPb)
-        try:
-            out[key] = json_format.MessageToDict(value)
-        except (json_format.Error, TypeError, KeyError):
-            out[key] = {"@type": value.type_url, "value": base64.b64encode(value.value).decode()}
+        out[key] = any_json(value)
     return json.dumps(out, sort_keys=True)
+
+
+def any_json(value: AnyPb) -> dict[str, Any]:
+    """An Any as json_format's JSON when that reads back to the same bytes; otherwise its
+    type URL and raw bytes under `RAW_ANY_KEY` (NaN in a Value, an unknown type, corrupt
+    bytes: all valid on the wire), so storing never fails and never loses a parameter."""
+    try:
+        as_json = json_format.MessageToDict(value)
+        back = AnyPb()
+        json_format.ParseDict(as_json, back)
+    except Exception:  # json_format raises ValueError, TypeError, DecodeError, ... on them
+        back = None
+    if back is not None and back == value:
+        return dict(as_json)
+    return {"@type": value.type_url, RAW_ANY_KEY: base64.b64encode(value.value).decode()}
 
 
 class BlobWriter:
@@ -312,6 +329,7 @@ class IngestStore:
 
     @classmethod
     async def open(cls, root: Path, *, synchronous: str = "FULL") -> IngestStore:
+        root = root.absolute()  # SQLite URIs and blob paths must not follow a later chdir
         for d in (root, root / "blobs", root / "blobs" / ".tmp"):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         for leftover in (root / "blobs" / ".tmp").glob("*.part"):
@@ -444,7 +462,7 @@ class IngestStore:
                     *common,
                     requested,
                     received,
-                    json.dumps(json_format.MessageToDict(r.struct)),
+                    *encode_struct(r.struct),
                     now,
                     _captured(requested, received, now),
                 )
@@ -457,8 +475,8 @@ class IngestStore:
             conn.executemany(
                 "INSERT INTO readings(upload_id, org_id, location_id, part_id, component_type,"
                 " component_name, method_name, method_parameters, tags, dataset_ids,"
-                " time_requested_ns, time_received_ns, data, received_at_ns,"
-                " time_captured_ns) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " time_requested_ns, time_received_ns, data, data_exact, received_at_ns,"
+                " time_captured_ns) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 rows,
             )
             return ids
@@ -578,7 +596,7 @@ class IngestStore:
         """Every stored reading in arrival order (tests and, later, the query API)."""
         sql = (
             "SELECT part_id, component_type, component_name, method_name, tags, dataset_ids,"
-            " time_requested_ns, time_received_ns, data, upload_id FROM readings"
+            " time_requested_ns, time_received_ns, data, upload_id, data_exact FROM readings"
         )
         args: tuple[str, ...] = ()
         if org_id is not None:
@@ -595,7 +613,7 @@ class IngestStore:
                 json.loads(r[5]),
                 r[6],
                 r[7],
-                json.loads(r[8]),
+                decode_python(r[8], r[10]),
                 r[9],
             )
             for r in rows
