@@ -103,10 +103,9 @@ async def _serve_ingest(settings: IngestSettings) -> None:
     async with IngestServer(settings) as server:
         mode = "tls" if server.tls else "plaintext"
         auth = f"{len(settings.keys)} API key(s)" if settings.keys else "no auth (open)"
-        cap = server.guard.max_connections if server.guard else 0
         print(
-            f"edged ingest: listening on {server.address} ({mode}, {auth}, at most {cap}"
-            f" connections), data in {settings.data_dir}",
+            f"edged ingest: listening on {server.address} ({mode}, {auth}), data in"
+            f" {settings.data_dir}",
             flush=True,
         )
         await stop.wait()
