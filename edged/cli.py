@@ -7,13 +7,16 @@ import asyncio
 import contextlib
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from edged import __version__
-from edged.config import absolute_path, check_host, load_config, parse_size
+from edged.config import absolute_path, check_host, format_size, load_config, parse_size
 from edged.errors import ConfigError, ConfigErrors, EdgedError
 from edged.ingest import ApiKey, IngestServer, IngestSettings
+from edged.ingest.auth import AuthLimits, short_key_problem
+from edged.ingest.flags import flagged
+from edged.ingest.guard import Limits
 from edged.keyfile import read_secret_file
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
@@ -51,7 +54,7 @@ def _ingest_settings(args: argparse.Namespace) -> IngestSettings:
     keys = tuple(
         ApiKey(
             key_id,
-            read_secret_file(path),
+            _strong_secret(path),
             orgs[i] if orgs else "",
             locations[i] if locations else "",
         )
@@ -67,10 +70,29 @@ def _ingest_settings(args: argparse.Namespace) -> IngestSettings:
         keys=keys,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
-        max_message_bytes=args.max_message_bytes,
         max_upload_bytes=args.max_upload_bytes,
         shutdown_grace_s=args.grace,
+        limits=Limits(**{name: getattr(args, name) for name, *_ in flagged(Limits)}),
+        auth=AuthLimits(**{name: getattr(args, name) for name, *_ in flagged(AuthLimits)}),
     )
+
+
+def _strong_secret(path: Path) -> str:
+    secret = read_secret_file(path)
+    problem = short_key_problem(secret)
+    if problem:
+        raise ConfigError(f"API key file {path} {problem}")
+    return secret
+
+
+def _add_limit_flags(p: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per limit, derived from the dataclass that declares it."""
+    kinds: dict[str, Callable[[str], object]] = {"size": _size_arg, "int": int, "float": float}
+    for name, flag, text, kind, default in flagged(cls):
+        shown = format_size(default) if kind == "size" else f"{default:g}"
+        p.add_argument(
+            flag, dest=name, type=kinds[kind], default=default, help=f"{text} (default {shown})"
+        )
 
 
 async def _serve_ingest(settings: IngestSettings) -> None:
@@ -266,12 +288,6 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--tls-cert", type=absolute_path, help="PEM certificate chain (enables TLS)")
     ing.add_argument("--tls-key", type=absolute_path, help="PEM private key for --tls-cert")
     ing.add_argument(
-        "--max-message-bytes",
-        type=_size_arg,
-        default=512 << 20,
-        help="largest single gRPC message accepted (default 512MiB)",
-    )
-    ing.add_argument(
         "--max-upload-bytes",
         type=_size_arg,
         default=64 << 30,
@@ -283,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         help="seconds to let in-flight uploads finish on SIGTERM (default 10)",
     )
+    _add_limit_flags(ing, Limits)
+    _add_limit_flags(ing, AuthLimits)
     ing.set_defaults(func=_cmd_ingest)
 
     from edged import query_cli

@@ -18,6 +18,7 @@ from edged._proto.proto.rpc.v1 import auth_grpc, auth_pb2
 from edged.client import UploadClient, client_tls_context, upload_metadata
 from edged.errors import AuthError, UploadError
 from edged.ingest import ApiKey, IngestServer, IngestSettings
+from edged.ingest.guard import Limits
 from tests.conftest import Certs, KeyFile
 
 Stub = data_sync_grpc.DataSyncServiceStub
@@ -223,7 +224,7 @@ async def test_plaintext_only_when_asked(tmp_path: Path) -> None:
 
 
 async def test_over_size_message_is_refused(tmp_path: Path) -> None:
-    settings = IngestSettings(data_dir=tmp_path / "i", max_message_bytes=100_000)
+    settings = IngestSettings(data_dir=tmp_path / "i", limits=Limits(max_message_bytes=100_000))
     async with IngestServer(settings) as server, UploadClient(server.address, tls=False) as c:
         with pytest.raises(UploadError) as err:
             await c.file_upload("p", b"x" * 200_000, file_name="big")  # 64 KiB chunks: fine

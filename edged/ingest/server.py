@@ -24,9 +24,19 @@ from grpclib.events import RecvRequest, listen
 from grpclib.exceptions import GRPCError
 from grpclib.server import Server
 
-from edged.ingest.auth import ApiKey, AuthService, KeyStore
+from edged.errors import ConfigError
+from edged.ingest.auth import ApiKey, AuthLimits, AuthService, KeyStore
 from edged.ingest.datasets import DatasetService
 from edged.ingest.datasync import DataSyncService
+from edged.ingest.guard import (
+    Guard,
+    GuardedConnection,
+    GuardedHandler,
+    Limits,
+    connections_for,
+    raise_nofile_limit,
+    server_config,
+)
 from edged.ingest.query import DataQueryService
 from edged.ingest.storage import IngestStore
 
@@ -41,39 +51,30 @@ class IngestSettings:
     keys: tuple[ApiKey, ...] = ()
     tls_cert: Path | None = None
     tls_key: Path | None = None
-    # The stock SDK sends a whole file as ONE message, so this is far above grpclib's 4 MiB.
-    max_message_bytes: int = 512 * MiB
     max_upload_bytes: int = 64 * 1024 * MiB
     shutdown_grace_s: float = 10.0
     synchronous: str = "FULL"
     extra_hooks: tuple[Callable[[RecvRequest], Coroutine[Any, Any, None]], ...] = field(default=())
-
-
-class _LimitedCodec(ProtoCodec):
-    """Refuses over-size messages with INVALID_ARGUMENT naming the limit."""
-
-    def __init__(self, limit: int) -> None:
-        self._limit = limit
-
-    def decode(self, data: bytes, message_type: Any) -> Any:
-        if len(data) > self._limit:
-            raise GRPCError(
-                Status.INVALID_ARGUMENT,
-                f"message of {len(data)} bytes exceeds the server's limit of {self._limit}"
-                " bytes (--max-message-bytes)",
-            )
-        return super().decode(data, message_type)
+    limits: Limits = field(default_factory=Limits)
+    auth: AuthLimits = field(default_factory=AuthLimits)
 
 
 class _Server(Server):
-    """grpclib's close() leaves accepted connections open; we track and close them."""
+    """grpclib's server with our guard on every connection (see guard.py); also tracks
+    connections, because grpclib's close() leaves accepted ones open."""
 
-    def __init__(self, handlers: list[Any], codec: ProtoCodec) -> None:
-        super().__init__(handlers, codec=codec)
+    def __init__(self, handlers: list[Any], guard: Guard) -> None:
+        super().__init__(handlers, codec=ProtoCodec(), config=server_config())
+        self._guard = guard
         self._protocols: weakref.WeakSet[Any] = weakref.WeakSet()
 
     def _protocol_factory(self) -> Any:
-        proto = super()._protocol_factory()
+        self.__gc_step__()
+        handler = GuardedHandler(
+            self._guard, self._mapping, self._codec, self._status_details_codec, self.__dispatch__
+        )
+        self._handlers.add(handler)
+        proto = GuardedConnection(self._guard, handler, self._config, self._h2_config)
         self._protocols.add(proto)
         return proto
 
@@ -97,7 +98,9 @@ class IngestServer:
 
     def __init__(self, settings: IngestSettings) -> None:
         self.settings = settings
-        self.keys = KeyStore(list(settings.keys))
+        self.keys = KeyStore(list(settings.keys), settings.auth)
+        self.guard: Guard | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self._store: IngestStore | None = None
         self._server: _Server | None = None
         self._draining = False
@@ -128,15 +131,26 @@ class IngestServer:
             DataQueryService(self._store, self.keys, lambda: self.address),
             DatasetService(self._store, self.keys),
         ]
-        self._server = _Server(handlers, _LimitedCodec(s.max_message_bytes))
+        self.guard = self._make_guard()
+        self._server = _Server(handlers, self.guard)
         listen(self._server, RecvRequest, self._on_request)
         for hook in s.extra_hooks:
             listen(self._server, RecvRequest, hook)
         ctx = server_tls_context(s.tls_cert, s.tls_key) if s.tls_cert and s.tls_key else None
         await self._server.start(s.host, s.port, ssl=ctx)
+        self._sweeper = asyncio.create_task(self.guard.run())
         sockets = getattr(self._server._server, "sockets", None)
         if sockets:
             self.port = int(sockets[0].getsockname()[1])
+
+    def _make_guard(self) -> Guard:
+        """The guard and its connection cap (from the raised descriptor limit if unset)."""
+        limits = self.settings.limits
+        problems = limits.problems()
+        if problems:
+            raise ConfigError("; ".join(problems))
+        cap = limits.max_connections or connections_for(raise_nofile_limit())
+        return Guard(limits, self.keys, cap)
 
     async def _on_request(self, event: RecvRequest) -> None:
         if self._draining:
@@ -161,6 +175,11 @@ class IngestServer:
         if self._server is None:
             return
         self._draining = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), grace)
