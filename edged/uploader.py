@@ -103,7 +103,8 @@ class Gate:
         while (left := self.wait_s()) > 0:
             self._kick.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), left)
+                async with asyncio.timeout(left):  # not wait_for: it can drop a cancel (3.11)
+                    await self._kick.wait()
 
     def success(self) -> None:
         self.failures = 0
@@ -281,7 +282,8 @@ class Uploader:
             return
         wait = self.settings.idle_poll_s if due is None else min(due, self.settings.idle_poll_s)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.outbox.work_available.wait(), max(wait, 0.01))
+            async with asyncio.timeout(max(wait, 0.01)):  # not wait_for (see Gate.wait_open)
+                await self.outbox.work_available.wait()
 
     async def _deliver(self, item: Item) -> None:
         try:
