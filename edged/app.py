@@ -97,6 +97,7 @@ def uploader_settings(config: Config) -> UploaderSettings:
         backoff_max=u.backoff.max,
         call_timeout=u.call_timeout,
         lease_s=u.lease,
+        max_attempts=u.max_attempts,
     )
 
 

@@ -30,12 +30,21 @@ class CaptureFormatError(EdgedError):
 class UploadError(EdgedError):
     """A call to the server failed; `status` is the gRPC status (transport faults map to
     UNAVAILABLE). Query calls raise it too, with `call` naming the RPC, so a client
-    script handles one error type whichever call it made."""
+    script handles one error type whichever call it made. `transport` is True when no
+    server answered (connection refused/reset, local deadline): an outage, whatever the
+    status, rather than something about this item."""
 
     def __init__(
-        self, status: Status, message: str, *, item_id: str | None = None, call: str = "upload"
+        self,
+        status: Status,
+        message: str,
+        *,
+        item_id: str | None = None,
+        call: str = "upload",
+        transport: bool = False,
     ) -> None:
         self.status = status
+        self.transport = transport
         self.message = message
         self.item_id = item_id
         self.call = call
