@@ -41,6 +41,29 @@ from edged.uploader import Uploader, UploaderSettings
 log = logging.getLogger("edged")
 
 SHUTDOWN_GRACE_S = 20.0
+CANCEL_WAIT_S = 2.0  # after the grace: how long cancelled tasks get to unwind
+
+
+async def _all_done(tasks: list[asyncio.Task[None]]) -> None:
+    """Wait for tasks without ever raising their errors or cancelling them."""
+    if tasks:
+        await asyncio.wait(tasks)
+
+
+async def cancel_within(tasks: list[asyncio.Task[Any]], timeout: float) -> set[asyncio.Task[Any]]:
+    """Cancel `tasks` and wait up to `timeout` for them; returns those still running.
+
+    The cancel is repeated every 0.1 s: a cancellation swallowed by a race (Python
+    3.11's `wait_for` returns a result that lands in the same loop turn) is sent again
+    instead of being waited for forever."""
+    loop = asyncio.get_running_loop()
+    pending = {t for t in tasks if not t.done()}
+    deadline = loop.time() + timeout
+    while pending and (left := deadline - loop.time()) > 0:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=min(left, 0.1))
+    return pending
 
 
 def _lock_state_dir(state_dir: Path) -> int:
@@ -74,6 +97,7 @@ def uploader_settings(config: Config) -> UploaderSettings:
         backoff_max=u.backoff.max,
         call_timeout=u.call_timeout,
         lease_s=u.lease,
+        max_attempts=u.max_attempts,
     )
 
 
@@ -98,6 +122,7 @@ class Daemon:
         self._hard_stop = asyncio.Event()
         self._reloading: asyncio.Future[None] | None = None
         self._signals = 0
+        self.abandoned: set[asyncio.Task[Any]] = set()
         self._sources: dict[str, _Running] = {}
         self._ingest: IngestServer | None = None
         self._client: UploadClient | None = None
@@ -117,6 +142,9 @@ class Daemon:
 
     async def _run(self) -> int:
         cfg = self.config
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):  # before anything can be interrupted
+            loop.add_signal_handler(sig, self._on_stop_signal)
         self.outbox = await Outbox.open(cfg.state_dir, outbox_limits(cfg))
         try:
             recovered = await self.outbox.recover()
@@ -139,8 +167,6 @@ class Daemon:
     async def _serve(self) -> int:
         assert self.uploader is not None
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._on_stop_signal)
         loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
         uploads = asyncio.create_task(self.uploader.run(), name="uploader")
         for source_cfg in self.config.sources:
@@ -162,35 +188,46 @@ class Daemon:
         finally:
             self.notifier.send(STOPPING="1", STATUS="stopping")
             log.info("stopping: no new input; finishing uploads in flight")
-            for running in self._sources.values():
-                running.task.cancel()
-            await asyncio.gather(*(r.task for r in self._sources.values()), return_exceptions=True)
-            self.uploader.stop()
-            hard = asyncio.create_task(self._hard_stop.wait())
-            await asyncio.wait(
-                {uploads, hard}, timeout=SHUTDOWN_GRACE_S, return_when=asyncio.FIRST_COMPLETED
-            )
-            hard.cancel()
-            if not uploads.done():
-                log.warning("uploads still in flight; leaving them queued (they will be resent)")
-                uploads.cancel()
-                await asyncio.gather(uploads, return_exceptions=True)
-            pinger.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pinger
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(sig)
+            await self._shutdown(uploads, pinger)
+            # SIGTERM/SIGINT stay handled until the process exits (see run_daemon): a late
+            # second signal only logs instead of turning a clean exit into a kill.
+            loop.remove_signal_handler(signal.SIGHUP)
         if uploads.done() and not uploads.cancelled() and uploads.exception() is not None:
             raise uploads.exception()  # type: ignore[misc]
         stats = await self.outbox.stats() if self.outbox else None
         log.info("stopped cleanly; %s item(s) stay queued", stats.items if stats else "?")
         return 0
 
+    async def _shutdown(self, uploads: asyncio.Task[None], pinger: asyncio.Task[None]) -> None:
+        """Stage 1, until SHUTDOWN_GRACE_S or a second signal, whichever comes first:
+        stop the sources and let uploads in flight finish. Stage 2: cancel whatever is
+        left and wait CANCEL_WAIT_S at most. Both bounds are kept by `asyncio.wait`
+        timeouts, so a task that ignores (or swallows) cancellation cannot stall the
+        exit: it is named in the log and abandoned (`self.abandoned`)."""
+        assert self.uploader is not None
+        sources = [r.task for r in self._sources.values()]
+        for task in sources:
+            task.cancel()
+        self.uploader.stop()
+        drain = asyncio.create_task(_all_done([*sources, uploads]), name="drain")
+        hard = asyncio.create_task(self._hard_stop.wait(), name="second signal")
+        await asyncio.wait(
+            {drain, hard}, timeout=SHUTDOWN_GRACE_S, return_when=asyncio.FIRST_COMPLETED
+        )
+        if not uploads.done():
+            log.warning("uploads still in flight; leaving them queued (they will be resent)")
+        self.abandoned = await cancel_within(
+            [*sources, uploads, pinger, drain, hard], CANCEL_WAIT_S
+        )
+        if self.abandoned:
+            log.error(
+                "%s ignored cancellation; exiting without waiting for it",
+                ", ".join(sorted(t.get_name() for t in self.abandoned)),
+            )
+
     async def _wait_until_empty(self, uploads: asyncio.Task[None]) -> None:
         """`--until-empty`: one scan of every source, then drain (arq's burst mode)."""
-        for running in list(self._sources.values()):
-            running.task.cancel()
-        await asyncio.gather(*(r.task for r in self._sources.values()), return_exceptions=True)
+        await cancel_within([r.task for r in self._sources.values()], CANCEL_WAIT_S)
         for running in self._sources.values():
             await running.source.scan_once()
         assert self.uploader is not None and self.outbox is not None
@@ -339,8 +376,7 @@ class Daemon:
     async def _stop_source(self, running: _Running) -> None:
         """Cancel a source and wait until its last outbox write has landed, so a
         replacement reading the same offsets cannot commit a chunk twice."""
-        running.task.cancel()
-        await asyncio.gather(running.task, return_exceptions=True)
+        await cancel_within([running.task], CANCEL_WAIT_S)
         assert self.outbox is not None
         await self.outbox.settled()
 
@@ -487,4 +523,16 @@ async def run_daemon(config_path: Path, *, until_empty: bool = False) -> int:
     config = load_config(config_path)
     setup_logging(config.log.level, config.log.format)
     daemon = Daemon(config, until_empty=until_empty)
-    return await daemon.run()
+    try:
+        rc = await daemon.run()
+    finally:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)  # exiting now; a late signal changes nothing
+    if daemon.abandoned:
+        # asyncio.run would wait for these forever; the outbox is closed, so leaving
+        # now loses nothing (every unacknowledged item is queued on disk).
+        logging.shutdown()
+        os._exit(rc)
+    return rc

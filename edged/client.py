@@ -289,10 +289,20 @@ def _as_upload_error(exc: BaseException, item_id: str | None, call: str = "uploa
         return cls(exc.status, exc.message or exc.status.name, item_id=item_id, call=call)
     if isinstance(exc, asyncio.TimeoutError):
         return UploadError(
-            Status.DEADLINE_EXCEEDED, "call deadline exceeded", item_id=item_id, call=call
+            Status.DEADLINE_EXCEEDED,
+            "call deadline exceeded",
+            item_id=item_id,
+            call=call,
+            transport=True,
         )
     detail = str(exc) or type(exc).__name__
-    return UploadError(Status.UNAVAILABLE, f"transport error: {detail}", item_id=item_id, call=call)
+    return UploadError(
+        Status.UNAVAILABLE,
+        f"transport error: {detail}",
+        item_id=item_id,
+        call=call,
+        transport=True,
+    )
 
 
 _TRANSPORT_ERRORS = (

@@ -224,6 +224,7 @@ class UploadConfig:
     backoff: BackoffConfig = field(default_factory=BackoffConfig)
     call_timeout: float = 60.0
     lease: float = 300.0
+    max_attempts: int = 5
 
 
 @dataclass(frozen=True)
@@ -298,6 +299,7 @@ class Config:
                 },
                 "call_timeout": format_duration(u.call_timeout),
                 "lease": format_duration(u.lease),
+                "max_attempts": u.max_attempts,
             },
             "outbox": {
                 "max_bytes": format_size(o.max_bytes),
@@ -353,6 +355,7 @@ UPLOAD_KEYS = (
     "backoff",
     "call_timeout",
     "lease",
+    "max_attempts",
 )
 BACKOFF_KEYS = ("initial", "max")
 OUTBOX_KEYS = ("max_bytes", "on_full", "min_free_disk", "synchronous")
@@ -868,6 +871,7 @@ def _read_upload(r: _Reader, m: _Map | None) -> UploadConfig:
         backoff=backoff,
         call_timeout=call_timeout,
         lease=lease,
+        max_attempts=m.read("max_attempts", lambda n, p: r.integer(n, p, 1, 1000), d.max_attempts),
     )
 
 

@@ -38,14 +38,23 @@ class UploadError(EdgedError, GRPCError):
     UNAVAILABLE). Query calls raise it too, with `call` naming the RPC, so a client
     script handles one error type whichever call it made. It is also grpclib's
     `GRPCError` (same `status`/`message`), which the seed client documents, so a seed
-    script's `except GRPCError:` keeps working."""
+    script's `except GRPCError:` keeps working. `transport` is True when no server
+    answered (connection refused/reset, local deadline): an outage, whatever the status,
+    rather than something about this item."""
 
     message: str  # never None here, unlike GRPCError's
 
     def __init__(
-        self, status: Status, message: str, *, item_id: str | None = None, call: str = "upload"
+        self,
+        status: Status,
+        message: str,
+        *,
+        item_id: str | None = None,
+        call: str = "upload",
+        transport: bool = False,
     ) -> None:
         GRPCError.__init__(self, status, message)
+        self.transport = transport
         self.item_id = item_id
         self.call = call
         where = f" for item {item_id}" if item_id else ""

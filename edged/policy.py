@@ -49,6 +49,40 @@ def classify(status: Status) -> Verdict:
     return Verdict.PERMANENT
 
 
+class Action(enum.Enum):
+    """What the uploader does with one failed call."""
+
+    OUTAGE = "outage"  # retry later and close the gate: probe until the server answers
+    RETRY = "retry"  # this item only, on its own backoff; the gate and other items go on
+    DEAD = "dead"  # dead-letter it with the server's message
+    PAUSE = "pause"  # credentials: pause every upload
+
+
+_SERVER_WIDE = frozenset({Status.UNAVAILABLE, Status.RESOURCE_EXHAUSTED})
+
+
+def on_failure(
+    status: Status, *, transport: bool, strikes: int, others_ok: bool, max_attempts: int
+) -> Action:
+    """Outage or poison item? No answer at all (`transport`), or a server saying it is
+    unavailable or overloaded, is an outage: the gate closes. A transient error the
+    server answered for this call (UNKNOWN, INTERNAL, ...) is about this item: it backs
+    off alone, and once it has failed `max_attempts` times (`strikes`, this one
+    included) while the server accepted other calls (`others_ok`), it is dead-lettered.
+    Without other successes it keeps retrying: a server failing everything must not
+    turn the whole backlog into dead letters."""
+    verdict = classify(status)
+    if verdict is Verdict.GLOBAL:
+        return Action.PAUSE
+    if verdict is Verdict.PERMANENT:
+        return Action.DEAD
+    if transport or status in _SERVER_WIDE:
+        return Action.OUTAGE
+    if others_ok and strikes >= max_attempts:
+        return Action.DEAD
+    return Action.RETRY
+
+
 def backoff_cap(attempt: int, initial: float, maximum: float) -> float:
     """Upper bound of the wait before retry number `attempt` (1-based): initial·2^(n-1), capped."""
     if attempt < 1:

@@ -24,7 +24,7 @@ from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.client import ByteSource, FileSlice, UploadResult
 from edged.errors import OutboxFull, SourceError, UploadError
 from edged.outbox import KIND_BINARY, KIND_TABULAR, Item, Outbox
-from edged.policy import Verdict, backoff_delay, binary_route, classify, stream_deadline
+from edged.policy import Action, backoff_delay, binary_route, on_failure, stream_deadline
 
 log = logging.getLogger("edged.uploader")
 
@@ -33,6 +33,7 @@ STATE_PAUSED = "paused"
 STATE_OFFLINE = "offline"
 STATE_AUTH_FAILED = "auth_failed"
 STATE_DRAINING = "draining"
+MAX_TRACKED_STRIKES = 10_000  # items with item-specific failures remembered at once
 
 
 class Sink(Protocol):
@@ -77,6 +78,7 @@ class UploaderSettings:
     call_timeout: float = 60.0
     lease_s: float = 300.0
     idle_poll_s: float = 1.0
+    max_attempts: int = 5
 
 
 class Gate:
@@ -103,7 +105,8 @@ class Gate:
         while (left := self.wait_s()) > 0:
             self._kick.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), left)
+                async with asyncio.timeout(left):  # not wait_for: it can drop a cancel (3.11)
+                    await self._kick.wait()
 
     def success(self) -> None:
         self.failures = 0
@@ -172,6 +175,8 @@ class Uploader:
         self.calls = 0
         self.last_success_at: float | None = None
         self.last_error: str | None = None
+        self._acks = 0  # calls the server accepted, to tell a poison item from an outage
+        self._strikes: dict[str, tuple[int, int]] = {}  # uid -> (failures, _acks at first)
 
     # -- control -------------------------------------------------------------------------
 
@@ -281,7 +286,8 @@ class Uploader:
             return
         wait = self.settings.idle_poll_s if due is None else min(due, self.settings.idle_poll_s)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.outbox.work_available.wait(), max(wait, 0.01))
+            async with asyncio.timeout(max(wait, 0.01)):  # not wait_for (see Gate.wait_open)
+                await self.outbox.work_available.wait()
 
     async def _deliver(self, item: Item) -> None:
         try:
@@ -295,20 +301,39 @@ class Uploader:
             await self.outbox.dead_letter(item, "SOURCE", str(exc))
             return
         await self.outbox.ack(item)
+        self._acks += 1
+        self._strikes.pop(item.uid, None)
         self.gate.success()
         self.last_success_at = self._wall()
         self.rates.add(item.count, item.bytes)
 
     async def _failed(self, item: Item, exc: UploadError) -> None:
-        verdict = classify(exc.status)
         self.last_error = f"{exc.status.name}: {exc.message}"
-        if verdict is Verdict.TRANSIENT:
-            delay = backoff_delay(
-                item.attempts + 1,
-                self.settings.backoff_initial,
-                self.settings.backoff_max,
-                self._rng,
+        strikes, ok_at_first = self._strikes.pop(item.uid, (0, self._acks))
+        action = on_failure(
+            exc.status,
+            transport=exc.transport,
+            strikes=strikes + 1,
+            others_ok=self._acks > ok_at_first,
+            max_attempts=self.settings.max_attempts,
+        )
+        if action is Action.RETRY:
+            self._remember_strike(item.uid, strikes + 1, ok_at_first)
+            delay = self._item_delay(item)
+            await self.outbox.retry_later(item, delay, self.last_error)
+            log.info(
+                "item %s: %s (failure %d of at most %d while others get through);"
+                " retrying it in %.1fs",
+                item.uid,
+                self.last_error,
+                strikes + 1,
+                self.settings.max_attempts,
+                delay,
             )
+        elif action is Action.OUTAGE:
+            if strikes:
+                self._remember_strike(item.uid, strikes, ok_at_first)
+            delay = self._item_delay(item)
             await self.outbox.retry_later(item, delay, self.last_error)
             gate_delay = self.gate.failure()
             log.info(
@@ -318,7 +343,7 @@ class Uploader:
                 delay,
                 gate_delay,
             )
-        elif verdict is Verdict.PERMANENT:
+        elif action is Action.DEAD:
             log.warning("item %s dead-lettered: %s", item.uid, self.last_error)
             await self.outbox.dead_letter(item, exc.status.name, exc.message)
         else:
@@ -331,6 +356,17 @@ class Uploader:
                 )
             self.auth_failed = True
             self._resumed.clear()
+
+    def _item_delay(self, item: Item) -> float:
+        s = self.settings
+        return backoff_delay(item.attempts + 1, s.backoff_initial, s.backoff_max, self._rng)
+
+    def _remember_strike(self, uid: str, strikes: int, ok_at_first: int) -> None:
+        """In memory on purpose: a restart gives a poison item `max_attempts` more tries,
+        which is bounded; the map is capped so a server failing everything stays cheap."""
+        if len(self._strikes) >= MAX_TRACKED_STRIKES:
+            self._strikes.pop(next(iter(self._strikes)))
+        self._strikes[uid] = (strikes, ok_at_first)
 
     async def _send(self, item: Item) -> UploadResult:
         s = self.settings

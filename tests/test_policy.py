@@ -8,12 +8,14 @@ import pytest
 from grpclib.const import Status
 
 from edged.policy import (
+    Action,
     Verdict,
     backoff_cap,
     backoff_delay,
     batch_take,
     binary_route,
     classify,
+    on_failure,
     stream_deadline,
 )
 
@@ -102,3 +104,35 @@ def test_binary_route(size: int, route: str) -> None:
 def test_stream_deadline_grows_with_size() -> None:
     assert stream_deadline(0, 60) == 60
     assert stream_deadline(128 * 1024 * 100, 60) == pytest.approx(160)
+
+
+@pytest.mark.parametrize(
+    ("status", "transport", "strikes", "others_ok", "want"),
+    [
+        # No server answered: an outage, whatever the status, however often it happened.
+        (Status.UNAVAILABLE, True, 9, True, Action.OUTAGE),
+        (Status.DEADLINE_EXCEEDED, True, 1, False, Action.OUTAGE),
+        # The server says it is down or overloaded: an outage too.
+        (Status.UNAVAILABLE, False, 9, True, Action.OUTAGE),
+        (Status.RESOURCE_EXHAUSTED, False, 9, True, Action.OUTAGE),
+        # Answered, item-level: this item backs off alone; dead once others get through.
+        (Status.UNKNOWN, False, 1, True, Action.RETRY),
+        (Status.INTERNAL, False, 4, True, Action.RETRY),
+        (Status.UNKNOWN, False, 5, True, Action.DEAD),
+        (Status.INTERNAL, False, 7, True, Action.DEAD),
+        (Status.ABORTED, False, 5, True, Action.DEAD),
+        # ... but never dead while nothing else succeeds: the server may be failing all.
+        (Status.UNKNOWN, False, 50, False, Action.RETRY),
+        # Unchanged: permanent statuses dead at once, credentials pause everything.
+        (Status.INVALID_ARGUMENT, False, 1, False, Action.DEAD),
+        (Status.UNAUTHENTICATED, False, 1, True, Action.PAUSE),
+        (Status.PERMISSION_DENIED, True, 1, True, Action.PAUSE),
+    ],
+)
+def test_on_failure(
+    status: Status, transport: bool, strikes: int, others_ok: bool, want: Action
+) -> None:
+    got = on_failure(
+        status, transport=transport, strikes=strikes, others_ok=others_ok, max_attempts=5
+    )
+    assert got is want

@@ -124,4 +124,5 @@ async def wait_for_space(ctx: SourceContext, stats: SourceStats, max_wait_s: flo
     stats.backpressure = True
     ctx.outbox.space_available.clear()
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(ctx.outbox.space_available.wait(), max_wait_s)
+        async with asyncio.timeout(max_wait_s):  # not wait_for: it can drop a cancel (3.11)
+            await ctx.outbox.space_available.wait()

@@ -89,8 +89,11 @@ class DirWatcher:
 
     async def wait(self, timeout: float) -> set[Path] | None:
         """Changed paths, or None when only a full rescan can be trusted (overflow)."""
+        # asyncio.timeout, not wait_for: on 3.11 wait_for returns the event's result and
+        # drops a cancellation that lands in the same loop turn (the source then never stops).
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._event.wait(), max(timeout, 0.0))
+            async with asyncio.timeout(max(timeout, 0.0)):
+                await self._event.wait()
         if self._event.is_set() and self._debounce:
             await asyncio.sleep(self._debounce)  # let a burst of events for one file settle
         self._event.clear()

@@ -6,6 +6,7 @@ daemon-level fault scenarios (tests/reliability/test_faults.py).
         [--unavailable SHARE]              # answer this share of DataSync calls UNAVAILABLE
         [--delay S --delay-share SHARE]    # sleep S before handling this share of calls
         [--counts FILE]                    # JSON call counts, written on SIGTERM/SIGINT
+        [--poison-component NAME]          # answer UNKNOWN to DataCaptureUpload of NAME
 
 Prints the same first line as `edged ingest` ("edged ingest: listening on HOST:PORT ..."),
 so the tests parse the port the same way. Faults only touch DataSyncService calls; the
@@ -38,16 +39,25 @@ class Counts:
     unavailable: int = 0  # answered UNAVAILABLE by the injector
     delayed: int = 0  # held for --delay seconds before the real handler ran
     auth_calls: int = 0
+    poisoned: int = 0  # DataCaptureUpload calls answered UNKNOWN for --poison-component
 
 
 class Injector:
-    def __init__(self, rng: random.Random, unavailable: float, delay: float, delay_share: float):
+    def __init__(
+        self,
+        rng: random.Random,
+        unavailable: float,
+        delay: float,
+        delay_share: float,
+        poison_component: str | None = None,
+    ):
         self.rng, self.unavailable, self.delay, self.delay_share = (
             rng,
             unavailable,
             delay,
             delay_share,
         )
+        self.poison_component = poison_component
         self.counts = Counts()
 
     async def hook(self, event: RecvRequest) -> None:
@@ -63,6 +73,36 @@ class Injector:
         if self.delay and self.rng.random() < self.delay_share:
             self.counts.delayed += 1
             event.method_func = _delayed(event.method_func, self.delay)
+        if self.poison_component and event.method_name.endswith("/DataCaptureUpload"):
+            event.method_func = self._poisoned(event.method_func, self.poison_component)
+
+    def _poisoned(self, inner: Callable[[Any], Awaitable[None]], component: str) -> Any:
+        """A server with a bug that fails one component's readings (like a NaN once did):
+        the request is read first, so the answer is a real server answer, not a reset."""
+        counts = self.counts
+
+        async def handler(stream: Any) -> None:
+            request = await stream.recv_message()
+            if request is not None and request.metadata.component_name == component:
+                counts.poisoned += 1
+                raise GRPCError(Status.UNKNOWN, f"injected: cannot store readings of {component}")
+            await inner(_Replay(stream, request))
+
+        return handler
+
+
+class _Replay:
+    """The handler's stream with the already-read request handed out again."""
+
+    def __init__(self, stream: Any, first: Any) -> None:
+        self._stream, self._first = stream, first
+
+    async def recv_message(self) -> Any:
+        first, self._first = self._first, None
+        return first if first is not None else await self._stream.recv_message()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def _delayed(inner: Callable[[Any], Awaitable[None]], delay: float) -> Any:
@@ -86,6 +126,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--delay", type=float, default=0.0)
     p.add_argument("--delay-share", type=float, default=1.0)
     p.add_argument("--counts", type=Path)
+    p.add_argument("--poison-component")
     return p.parse_args(argv)
 
 
@@ -94,7 +135,13 @@ async def serve(args: argparse.Namespace) -> None:
     keys: tuple[ApiKey, ...] = ()
     if args.api_key_id:
         keys = (ApiKey(args.api_key_id, read_secret_file(args.api_key_file)),)
-    injector = Injector(random.Random(args.seed), args.unavailable, args.delay, args.delay_share)
+    injector = Injector(
+        random.Random(args.seed),
+        args.unavailable,
+        args.delay,
+        args.delay_share,
+        args.poison_component,
+    )
     settings = IngestSettings(
         data_dir=args.data,
         host=host,
