@@ -210,10 +210,17 @@ def column_names(description: Sequence[Sequence[Any]]) -> list[str]:
 
 
 class Guard:
-    """The authorizer: allow only reading, and `main.readings` only via the scope view."""
+    """The authorizer: allow only reading, and `main.readings` only via the scope view.
 
-    def __init__(self, scope_view: str) -> None:
+    `hidden` holds every name an unqualified FROM item could resolve to other than the
+    scope views (tables, views and modules of this connection, lower-cased): SQLite
+    reports a FROM item none of whose columns is read (`count(*)`, `SELECT 1`, EXISTS)
+    by that name alone, with no database, and a CTE looks the same.
+    """
+
+    def __init__(self, scope_view: str, hidden: frozenset[str] = frozenset()) -> None:
         self.scope_view = scope_view
+        self.hidden = hidden
         self.reason: str | None = None
         self._vtab_init = False
 
@@ -256,7 +263,7 @@ class Guard:
         if db == "temp" and table == "readings":
             return sqlite3.SQLITE_OK
         if not db:
-            return sqlite3.SQLITE_OK  # a CTE or subquery of this statement, not a table
+            return self._check_unread_item(table)
         if table in _TABLE_FUNCTIONS:
             return sqlite3.SQLITE_OK
         if db == "main" and table == "sqlite_master" and column == "ROWID" and self._vtab_init:
@@ -264,6 +271,24 @@ class Guard:
         if table.startswith("pragma_"):
             return "PRAGMA is not allowed; only a single SELECT is allowed"
         return f"table {db}.{table} is not accessible; query the readings view"
+
+    def _check_unread_item(self, name: str) -> int | str:
+        """A FROM item read for no column: a CTE, the readings view, or a table to deny.
+
+        Only this case reaches the authorizer without a database name (column reads
+        of CTEs and subqueries never reach it), so an unknown name is a CTE.
+        """
+        low = name.lower()
+        if low in ("readings", self.scope_view) or low in _TABLE_FUNCTIONS:
+            return sqlite3.SQLITE_OK
+        if low.startswith("pragma_"):
+            return "PRAGMA is not allowed; only a single SELECT is allowed"
+        if low in self.hidden or low.startswith("sqlite_"):
+            return (
+                f"table {name} is not accessible; query the readings view"
+                " (a CTE cannot reuse the name of a table)"
+            )
+        return sqlite3.SQLITE_OK
 
 
 # ---------------------------------------------------------------- I/O
@@ -291,6 +316,16 @@ def install_scope(conn: sqlite3.Connection, org_id: str) -> str:
     )
     conn.execute(f'CREATE TEMP VIEW readings AS SELECT * FROM temp."{scope}"')
     return scope
+
+
+def hidden_names(conn: sqlite3.Connection) -> frozenset[str]:
+    """Every table, view and table-valued module name of `conn`, lower-cased (read before
+    the authorizer is installed): what an unqualified FROM item could resolve to."""
+    rows = conn.execute(
+        "SELECT name FROM main.sqlite_master UNION SELECT name FROM temp.sqlite_master"
+        " UNION SELECT name FROM pragma_module_list"
+    ).fetchall()
+    return frozenset(str(r[0]).lower() for r in rows)
 
 
 def deadline_handler(timeout_s: float) -> tuple[Callable[[], int], Callable[[], bool]]:
@@ -351,7 +386,7 @@ def run_sql(
     try:
         scope = install_scope(conn, org_id)
         conn.execute("PRAGMA query_only=ON")
-        guard = Guard(scope)
+        guard = Guard(scope, hidden_names(conn))
         conn.set_authorizer(guard)
         handler, timed_out = deadline_handler(timeout_s)
         conn.set_progress_handler(handler, _PROGRESS_STEPS)
