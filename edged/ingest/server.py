@@ -18,6 +18,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from google.protobuf.message import DecodeError
 from grpclib.const import Status
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.events import RecvRequest, listen
@@ -27,6 +28,7 @@ from grpclib.server import Server
 from edged.ingest.auth import ApiKey, AuthService, KeyStore
 from edged.ingest.datasets import DatasetService
 from edged.ingest.datasync import DataSyncService
+from edged.ingest.limits import QueryLimits, QueryRunner, set_sqlite_heap_limit
 from edged.ingest.query import DataQueryService
 from edged.ingest.storage import IngestStore
 
@@ -46,6 +48,7 @@ class IngestSettings:
     max_upload_bytes: int = 64 * 1024 * MiB
     shutdown_grace_s: float = 10.0
     synchronous: str = "FULL"
+    query_limits: QueryLimits = field(default_factory=QueryLimits)
     extra_hooks: tuple[Callable[[RecvRequest], Coroutine[Any, Any, None]], ...] = field(default=())
 
 
@@ -62,7 +65,19 @@ class _LimitedCodec(ProtoCodec):
                 f"message of {len(data)} bytes exceeds the server's limit of {self._limit}"
                 " bytes (--max-message-bytes)",
             )
-        return super().decode(data, message_type)
+        return decode_request(data, message_type)
+
+
+def decode_request(data: bytes, message_type: Any) -> Any:
+    """A request that is not a valid message of its type is INVALID_ARGUMENT (grpclib would
+    let protobuf's DecodeError surface as UNKNOWN)."""
+    try:
+        return message_type.FromString(data)
+    except DecodeError as exc:
+        raise GRPCError(
+            Status.INVALID_ARGUMENT,
+            f"the request is not a valid {message_type.DESCRIPTOR.full_name} message ({exc})",
+        ) from None
 
 
 class _Server(Server):
@@ -100,6 +115,7 @@ class IngestServer:
         self.keys = KeyStore(list(settings.keys))
         self._store: IngestStore | None = None
         self._server: _Server | None = None
+        self._runner: QueryRunner | None = None
         self._draining = False
         self._inflight = 0
         self._idle = asyncio.Event()
@@ -122,10 +138,12 @@ class IngestServer:
     async def start(self) -> None:
         s = self.settings
         self._store = await IngestStore.open(s.data_dir, synchronous=s.synchronous)
+        set_sqlite_heap_limit(s.query_limits.sqlite_heap_bytes)
+        self._runner = QueryRunner(s.query_limits)
         handlers: list[Any] = [
             AuthService(self.keys),
             DataSyncService(self._store, self.keys, max_upload_bytes=s.max_upload_bytes),
-            DataQueryService(self._store, self.keys, lambda: self.address),
+            DataQueryService(self._store, self.keys, lambda: self.address, self._runner),
             DatasetService(self._store, self.keys),
         ]
         self._server = _Server(handlers, _LimitedCodec(s.max_message_bytes))
@@ -168,6 +186,9 @@ class IngestServer:
         await self._server.wait_closed()
         self._server.close_connections()
         self._server = None
+        if self._runner is not None:
+            self._runner.close()
+            self._runner = None
         if self._store is not None:
             await self._store.close()
             self._store = None
