@@ -17,6 +17,7 @@ from edged.ingest import ApiKey, IngestServer, IngestSettings
 from edged.ingest.auth import AuthLimits, short_key_problem
 from edged.ingest.flags import flagged
 from edged.ingest.guard import Limits
+from edged.ingest.limits import QueryLimits
 from edged.keyfile import read_secret_file
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
@@ -74,6 +75,22 @@ def _ingest_settings(args: argparse.Namespace) -> IngestSettings:
         shutdown_grace_s=args.grace,
         limits=Limits(**{name: getattr(args, name) for name, *_ in flagged(Limits)}),
         auth=AuthLimits(**{name: getattr(args, name) for name, *_ in flagged(AuthLimits)}),
+        query_limits=_query_limits(args),
+    )
+
+
+def _query_limits(args: argparse.Namespace) -> QueryLimits:
+    return QueryLimits(
+        timeout_s=args.query_timeout,
+        max_rows=args.query_max_rows,
+        max_result_bytes=args.query_max_result_bytes,
+        max_value_bytes=args.query_max_value_bytes,
+        max_pipeline_nodes=args.query_max_pipeline_nodes,
+        workers=args.query_workers,
+        per_org=args.query_max_per_org,
+        queue_wait_s=args.query_queue_wait,
+        max_page_binary_bytes=args.max_page_binary_bytes,
+        sqlite_heap_bytes=args.sqlite_heap_limit,
     )
 
 
@@ -110,6 +127,89 @@ async def _serve_ingest(settings: IngestSettings) -> None:
         )
         await stop.wait()
         print("edged ingest: stopping; finishing in-flight uploads", flush=True)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds > 0")
+    return value
+
+
+def _add_query_limit_args(ing: argparse.ArgumentParser) -> None:
+    """What one SQL/MQL query or query answer may spend (defaults: QueryLimits)."""
+    d = QueryLimits()
+    mib = 1 << 20
+    for flag, kind, default, text in (
+        (
+            "--query-timeout",
+            _positive_float,
+            d.timeout_s,
+            f"seconds per query (default {d.timeout_s:g})",
+        ),
+        (
+            "--query-max-rows",
+            _positive_int,
+            d.max_rows,
+            f"rows/documents per SQL/MQL answer (default {d.max_rows})",
+        ),
+        (
+            "--query-max-result-bytes",
+            _size_arg,
+            d.max_result_bytes,
+            f"bytes per SQL/MQL answer (default {d.max_result_bytes // mib}MiB)",
+        ),
+        (
+            "--query-max-value-bytes",
+            _size_arg,
+            d.max_value_bytes,
+            f"bytes per SQL value or MQL document (default {d.max_value_bytes // mib}MiB)",
+        ),
+        (
+            "--query-max-pipeline-nodes",
+            _positive_int,
+            d.max_pipeline_nodes,
+            f"values in one MQL pipeline (default {d.max_pipeline_nodes})",
+        ),
+        (
+            "--query-workers",
+            _positive_int,
+            d.workers,
+            f"threads running queries, all organisations (default {d.workers})",
+        ),
+        (
+            "--query-max-per-org",
+            _positive_int,
+            d.per_org,
+            f"queries one organisation runs at once (default {d.per_org})",
+        ),
+        (
+            "--query-queue-wait",
+            _positive_float,
+            d.queue_wait_s,
+            f"seconds an extra query waits for a slot (default {d.queue_wait_s:g})",
+        ),
+        (
+            "--max-page-binary-bytes",
+            _size_arg,
+            d.max_page_binary_bytes,
+            f"blob bytes per BinaryData answer (default {d.max_page_binary_bytes // mib}MiB)",
+        ),
+        (
+            "--sqlite-heap-limit",
+            _size_arg,
+            d.sqlite_heap_bytes,
+            f"all SQLite memory of the server (default {d.sqlite_heap_bytes // mib}MiB)",
+        ),
+    ):
+        ing.add_argument(flag, type=kind, default=default, help=text)
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
@@ -301,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_limit_flags(ing, Limits)
     _add_limit_flags(ing, AuthLimits)
+    _add_query_limit_args(ing)
     ing.set_defaults(func=_cmd_ingest)
 
     from edged import query_cli

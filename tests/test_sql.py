@@ -309,7 +309,7 @@ REJECTED = [
     ("SELECT nosuch FROM readings", "no such column: nosuch"),
     ("SELECT * FROM nosuch", "no such table: nosuch"),
     ("SELEC 1", "SELEC is not allowed"),
-    ("SELECT length(zeroblob(1000000000))", "too big"),
+    ("SELECT length(zeroblob(1000000000))", "--query-max-value-bytes"),
     ("SELECT CAST(x'ff' AS TEXT)", "Could not decode to UTF-8"),
     ("SELECT abs(-9223372036854775808)", "integer overflow"),
     ("SELECT '\ud800'", "not valid UTF-8"),
@@ -358,6 +358,61 @@ LEAKS = [
     "SELECT json_group_array(data) AS d FROM readings",
     "SELECT * FROM readings WHERE data LIKE '%1000%'",
 ]
+
+
+def _schema_names(db: Path) -> list[str]:
+    """Every table and view of the ingest schema, every internal table, every module."""
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        rows = conn.execute(
+            "SELECT name FROM sqlite_master WHERE type IN ('table', 'view')"
+            " UNION SELECT name FROM pragma_module_list"
+        ).fetchall()
+    internal = ["sqlite_master", "sqlite_schema", "sqlite_temp_master", "sqlite_temp_schema"]
+    return sorted({str(r[0]) for r in rows} - {"json_each", "json_tree"}) + internal
+
+
+def test_every_other_table_is_unreadable_even_without_columns(db: Path) -> None:
+    """count(*), SELECT 1, EXISTS and rowid over any table but the view are refused: a
+    FROM item read for no column must not answer how many rows every org has."""
+    names = _schema_names(db)
+    assert {"binaries", "datasets", "database_users", "uploads", "dbstat"} <= set(names)
+    for name in names:
+        for schema in ("", "main.", "temp."):
+            if name == "readings" and schema != "main.":
+                continue  # the scope view itself
+            for query in (
+                f"SELECT count(*) FROM {schema}{name}",
+                f"SELECT 1 FROM {schema}{name}",
+                f"SELECT EXISTS (SELECT 1 FROM {schema}{name})",
+                f"SELECT count(*) FROM readings WHERE EXISTS (SELECT 1 FROM {schema}{name})",
+                f"SELECT max(rowid) FROM {schema}{name}",
+                f"SELECT count(*) FROM (SELECT 1 FROM {schema}{name})",
+                f"WITH x AS (SELECT 1 FROM {schema}{name}) SELECT count(*) FROM x",
+                f"SELECT count(*) FROM readings, {schema}{name}",
+            ):
+                with pytest.raises(SqlRejected) as info:
+                    run_sql(db, ORG_A, query)
+                reason = str(info.value)
+                refusals = ("not accessible", "no such", "constructor", "PRAGMA")
+                assert any(r in reason for r in refusals), (query, reason)
+
+
+@pytest.mark.parametrize(
+    ("query", "rows"),
+    [
+        ("SELECT count(*) AS n FROM readings", [{"n": len(A_ROWS)}]),
+        ("SELECT count(*) AS n FROM temp.readings", [{"n": len(A_ROWS)}]),
+        ("SELECT 1 AS one FROM readings LIMIT 1", [{"one": 1}]),
+        ("SELECT EXISTS (SELECT 1 FROM readings) AS e", [{"e": 1}]),
+        ("WITH x AS (SELECT 1) SELECT count(*) AS n FROM x", [{"n": 1}]),
+        ("WITH x AS (SELECT * FROM readings) SELECT count(*) AS n FROM x", [{"n": len(A_ROWS)}]),
+        ("SELECT count(*) AS n FROM json_each('[1, 2]')", [{"n": 2}]),
+    ],
+)
+def test_counting_the_view_and_ctes_still_works(
+    db: Path, query: str, rows: list[dict[str, Any]]
+) -> None:
+    assert run_sql(db, ORG_A, query) == rows
 
 
 @pytest.mark.parametrize("query", LEAKS)

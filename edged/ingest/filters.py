@@ -65,8 +65,18 @@ def _marks(values: list[str]) -> str:
     return ",".join("?" * len(values))
 
 
-def _ns(ts: Any) -> int:
-    return int(ts.seconds) * 1_000_000_000 + int(ts.nanos)
+# google.protobuf.Timestamp's valid range, 0001-01-01 to 9999-12-31; int64 ns reach only
+# 1677-2262, so an instant outside that is clamped (it compares the same against any
+# stored time).
+_TS_SECONDS = (-62_135_596_800, 253_402_300_799)
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _ns(ts: Any, where: str = "filter.interval") -> int:
+    """Timestamp as ns, clamped into int64; FilterError outside Timestamp's own range."""
+    if not _TS_SECONDS[0] <= ts.seconds <= _TS_SECONDS[1] or not 0 <= ts.nanos < 10**9:
+        raise FilterError(f"{where} is outside the valid timestamp range (years 1 to 9999)")
+    return min(max(int(ts.seconds) * 1_000_000_000 + int(ts.nanos), _INT64[0]), _INT64[1])
 
 
 def _scope(b: _Builder, org_id: str, organization_ids: list[str]) -> None:
@@ -106,8 +116,8 @@ def _interval(b: _Builder, f: dpb.Filter) -> None:
     if not f.HasField("interval"):
         return
     iv = f.interval  # a zero timestamp means "unset", as some clients send it
-    start = _ns(iv.start) or None if iv.HasField("start") else None
-    end = _ns(iv.end) or None if iv.HasField("end") else None
+    start = _ns(iv.start, "filter.interval.start") or None if iv.HasField("start") else None
+    end = _ns(iv.end, "filter.interval.end") or None if iv.HasField("end") else None
     if start is not None and end is not None and start >= end:
         raise FilterError("filter.interval.start must be before filter.interval.end")
     if start is not None:
@@ -212,9 +222,12 @@ def decode_token(token: str) -> Cursor | None:
     try:
         text = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)).decode()
         when, _, rowid = text.partition(":")
-        return Cursor(int(when), int(rowid))
+        cursor = Cursor(int(when), int(rowid))
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise bad from None
+    if not all(_INT64[0] <= v <= _INT64[1] for v in (cursor.time_captured_ns, cursor.rowid)):
+        raise bad
+    return cursor
 
 
 def page_clause(table: str, order: int, cursor: Cursor | None) -> tuple[str, tuple[Any, ...], str]:

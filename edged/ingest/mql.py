@@ -14,7 +14,6 @@ import itertools
 import math
 import re
 import sqlite3
-import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,7 +23,8 @@ import bson
 from bson.codec_options import CodecOptions
 from bson.errors import BSONError
 
-from edged.ingest.sql import DEFAULT_TIMEOUT_S, deadline_handler, loads_json, open_readonly
+from edged.ingest.limits import LimitExceeded, QueryControl, QueryLimits
+from edged.ingest.sql import DEFAULT_TIMEOUT_S, loads_json, open_readonly
 from edged.ingest.values import decode_python
 
 Doc = dict[str, Any]
@@ -33,6 +33,9 @@ Expr = Callable[[Doc], Any]
 Stage = Callable[[Iterator[Doc]], Iterator[Doc]]
 
 MAX_SORT_DOCS = 500_000  # a $sort without a following $limit holds this many at most
+MAX_STAGES = 200  # stages chain generators: far below the recursion limit
+MAX_DEPTH = 64  # nesting of a stage document: compiling it recurses
+_DEFAULTS = QueryLimits()
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
 _INT64 = (-(2**63), 2**63 - 1)
@@ -41,6 +44,10 @@ _CODEC: CodecOptions[dict[str, Any]] = CodecOptions(tz_aware=True, tzinfo=UTC)
 
 class MqlRejected(Exception):
     """The pipeline uses something unsupported or is malformed; the message says what."""
+
+
+class MqlLimitExceeded(MqlRejected, LimitExceeded):
+    """The pipeline or its answer ran into a bound (size, nesting, time); RESOURCE_EXHAUSTED."""
 
 
 class _Missing:
@@ -151,6 +158,89 @@ def row_to_doc(row: tuple[Any, ...]) -> Doc:
         "tags": loads_json(row[12]),
         "data": decode_python(row[13], row[14]),
     }
+
+
+# ---------------------------------------------------------------- bounds
+
+
+def check_pipeline_size(pipeline: Any, max_nodes: int) -> None:
+    """Refuse pipelines too large or deep to compile safely, before compiling (which
+    recurses). Walks iteratively, so any input is safe to measure."""
+    if isinstance(pipeline, list) and len(pipeline) > MAX_STAGES:
+        raise MqlLimitExceeded(f"the pipeline has more than {MAX_STAGES} stages")
+    nodes = 0
+    stack: list[tuple[Any, int]] = [(pipeline, 0)]
+    while stack:
+        value, depth = stack.pop()
+        nodes += 1
+        if nodes > max_nodes:
+            raise MqlLimitExceeded(
+                f"the pipeline has more than {max_nodes} values (--query-max-pipeline-nodes)"
+            )
+        if depth > MAX_DEPTH:
+            raise MqlLimitExceeded(f"the pipeline nests deeper than {MAX_DEPTH} levels")
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list | tuple):
+            stack.extend((v, depth + 1) for v in value)
+
+
+def _leaf_size(v: Any) -> int:
+    if isinstance(v, str):
+        return 6 + (len(v) if v.isascii() else len(v.encode("utf-8", "surrogatepass")))
+    if isinstance(v, bytes):
+        return 6 + len(v)
+    return 10
+
+
+def encoded_size(value: Any, limit: int) -> int:
+    """About the BSON size of `value`, counting a shared subtree every time it occurs
+    (as encoding would) but measuring it once: cost is the number of distinct nodes, so
+    expressions that reference each other cannot make measuring explode. Sizes are
+    clipped at limit + 1."""
+    sizes: dict[int, int] = {}
+    stack: list[tuple[Any, bool]] = [(value, False)]
+    while stack:
+        node, ready = stack.pop()
+        if not isinstance(node, dict | list | tuple):
+            continue
+        if not ready:
+            if id(node) in sizes:
+                continue
+            sizes[id(node)] = 0
+            stack.append((node, True))
+            children = node.values() if isinstance(node, dict) else node
+            stack.extend((c, False) for c in children if isinstance(c, dict | list | tuple))
+            continue
+        total = 5
+        if isinstance(node, dict):
+            items: Iterable[tuple[Any, Any]] = node.items()
+        else:
+            items = enumerate(node)
+        for k, c in items:
+            total += len(str(k)) + 2
+            total += sizes[id(c)] if isinstance(c, dict | list | tuple) else _leaf_size(c)
+            if total > limit:
+                break
+        sizes[id(node)] = min(total, limit + 1)
+    if isinstance(value, dict | list | tuple):
+        return sizes[id(value)]
+    return min(_leaf_size(value), limit + 1)
+
+
+def _bounded_docs(stage: Stage, index: int, name: str, max_doc_bytes: int) -> Stage:
+    """A computing stage whose every output document must stay under `max_doc_bytes`."""
+
+    def run(docs: Iterator[Doc]) -> Iterator[Doc]:
+        for doc in stage(docs):
+            if encoded_size(doc, max_doc_bytes) > max_doc_bytes:
+                raise MqlLimitExceeded(
+                    f"stage {index} ({name}) would make a document larger than"
+                    f" {max_doc_bytes} bytes (--query-max-value-bytes)"
+                )
+            yield doc
+
+    return run
 
 
 # ---------------------------------------------------------------- value semantics
@@ -604,8 +694,10 @@ def _sort(spec: Any, limit: int | None) -> Stage:
 
 def _count_arg(value: Any, name: str, minimum: int) -> int:
     ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if not ok or value != int(value) or int(value) < minimum:
-        raise MqlRejected(f"{name} takes an integer >= {minimum}")
+    if ok and isinstance(value, float):
+        ok = value.is_integer()
+    if not ok or not minimum <= int(value) <= _INT64[1]:
+        raise MqlRejected(f"{name} takes an integer from {minimum} to {_INT64[1]}")
     return int(value)
 
 
@@ -737,8 +829,16 @@ def _match(spec: Any) -> Stage:
     return lambda docs: (d for d in docs if pred(d))
 
 
-def compile_pipeline(pipeline: list[Doc]) -> list[Stage]:
-    """Validate every stage before any row is read; each stage maps a doc stream."""
+_COMPUTING = frozenset({"$project", "$addFields", "$set", "$group"})
+
+
+def compile_pipeline(
+    pipeline: list[Doc], max_doc_bytes: int = _DEFAULTS.max_value_bytes
+) -> list[Stage]:
+    """Validate every stage before any row is read; each stage maps a doc stream.
+
+    Stages that compute values have each output document's size checked, so values
+    that reference each other cannot grow a document without bound."""
     if not isinstance(pipeline, list):
         raise MqlRejected("the pipeline must be a list of stage documents")
     stages: list[Stage] = []
@@ -772,6 +872,8 @@ def compile_pipeline(pipeline: list[Doc]) -> list[Stage]:
             stages.append(_group(spec))
         else:
             raise MqlRejected(f"stage {name} is not supported; {_supported('stages', STAGES)}")
+        if name in _COMPUTING:
+            stages[-1] = _bounded_docs(stages[-1], i, name, max_doc_bytes)
         i += 1
     return stages
 
@@ -914,17 +1016,42 @@ def run_mql(
     org_id: str,
     pipeline: list[Doc],
     *,
-    max_docs: int = 100_000,
+    max_docs: int = _DEFAULTS.max_rows,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    max_result_bytes: int = _DEFAULTS.max_result_bytes,
+    max_doc_bytes: int = _DEFAULTS.max_value_bytes,
+    max_nodes: int = _DEFAULTS.max_pipeline_nodes,
+    control: QueryControl | None = None,
 ) -> list[Doc]:
     """Run the pipeline over the org's readings; documents are BSON-encodable dicts.
 
-    Raises MqlRejected (caller's fault) for unsupported or malformed stages, a run past
-    `timeout_s`, or more than `max_docs` results; sqlite3 errors propagate.
+    Raises MqlRejected (caller's fault) for unsupported or malformed stages, and
+    MqlLimitExceeded for a pipeline past `max_nodes`, a run past its deadline, a
+    document past `max_doc_bytes`, or an answer past `max_docs` / `max_result_bytes`
+    (sizes measured as documents are produced); sqlite3 errors propagate.
     Blocking: call from a worker thread.
     """
+    check_pipeline_size(pipeline, max_nodes)
+    control = control if control is not None else QueryControl(timeout_s)
+    try:
+        return _run_mql(
+            db_path, org_id, pipeline, control, max_docs, max_result_bytes, max_doc_bytes
+        )
+    except RecursionError:
+        raise MqlLimitExceeded("the pipeline or a document nests too deeply") from None
+
+
+def _run_mql(
+    db_path: Path,
+    org_id: str,
+    pipeline: list[Doc],
+    control: QueryControl,
+    max_docs: int,
+    max_result_bytes: int,
+    max_doc_bytes: int,
+) -> list[Doc]:
     pipeline = _aware(pipeline)
-    stages = compile_pipeline(pipeline)
+    stages = compile_pipeline(pipeline, max_doc_bytes)
     where, args = "", list[Any]()
     if pipeline and isinstance(pipeline[0], dict) and "$match" in pipeline[0]:
         where, args = pushdown(pipeline[0]["$match"])
@@ -933,37 +1060,55 @@ def run_mql(
     if where:
         sql += f" AND ({where})"
         params += args
-    conn = open_readonly(db_path)
+    conn = open_readonly(db_path, max_doc_bytes)
     try:
         conn.execute("PRAGMA query_only=ON")
-        handler, timed_out = deadline_handler(timeout_s)
-        conn.set_progress_handler(handler, 10_000)
-        deadline = time.monotonic() + timeout_s
-        too_long = MqlRejected(f"query took too long (limit {timeout_s:g} s); add a leading $match")
+        conn.set_progress_handler(control.progress, 1_000)
+        control.attach(conn)
+        too_long = MqlLimitExceeded(str(control.too_long("add a leading $match")))
 
         def rows() -> Iterator[Doc]:
             cur = conn.execute(sql + " ORDER BY id", params)
             while batch := cur.fetchmany(512):
-                if time.monotonic() > deadline:
-                    raise too_long
                 for row in batch:
+                    if control.stopped():
+                        raise too_long if control.timed_out else MqlRejected("query cancelled")
                     yield row_to_doc(row)
 
         stream: Iterator[Doc] = rows()
         for stage in stages:
             stream = stage(stream)
         out: list[Doc] = []
+        size = 0
         try:
             for doc in stream:
                 out.append(doc)
                 if len(out) > max_docs:
-                    raise MqlRejected(
-                        f"the result has more than {max_docs} documents; add $limit or $group"
+                    raise MqlLimitExceeded(
+                        f"the result has more than {max_docs} documents (--query-max-rows);"
+                        " add $limit or $group"
                     )
-        except sqlite3.OperationalError:
-            if timed_out():
+                size += encoded_size(doc, max_result_bytes - size)
+                if size > max_result_bytes:
+                    raise MqlLimitExceeded(
+                        f"the result is larger than {max_result_bytes} bytes after"
+                        f" {len(out) - 1} documents (--query-max-result-bytes);"
+                        " add $limit, $project or $group"
+                    )
+                if control.stopped():
+                    raise too_long if control.timed_out else MqlRejected("query cancelled")
+        except sqlite3.Error as err:
+            if control.timed_out:
                 raise too_long from None
+            if control.cancelled:
+                raise MqlRejected("query cancelled") from None
+            if getattr(err, "sqlite_errorname", "") == "SQLITE_TOOBIG":
+                raise MqlLimitExceeded(
+                    f"a stored reading is larger than {max_doc_bytes} bytes"
+                    " (--query-max-value-bytes)"
+                ) from None
             raise
         return out
     finally:
+        control.attach(None)
         conn.close()

@@ -37,7 +37,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import bson
 from google.protobuf import json_format
@@ -61,9 +61,11 @@ from edged.ingest.filters import (
     encode_token,
     reading_where,
 )
+from edged.ingest.limits import LimitExceeded, QueryControl, QueryLimits, QueryRunner
 from edged.ingest.storage import RAW_ANY_KEY, IngestStore
 from edged.ingest.values import decode_struct, to_bson
 
+_R = TypeVar("_R")
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 10_000
 MAX_PAGE_BINARY_BYTES = 64 * 1024 * 1024
@@ -211,20 +213,45 @@ def binary_metadata(row: BinaryRow) -> dpb.BinaryMetadata:
     return meta
 
 
+def fitting(sizes: Sequence[int], budget: int) -> int:
+    """How many leading items fit in `budget` bytes; at least one, so any single item can
+    always be fetched on its own."""
+    total = 0
+    for n, size in enumerate(sizes):
+        total += size
+        if n and total > budget:
+            return n
+    return len(sizes)
+
+
+def check_ids_budget(sizes: Sequence[int], budget: int) -> None:
+    """BinaryDataByIDs answers all its ids in one message (the seed client has no paging):
+    ids whose payloads exceed the budget are RESOURCE_EXHAUSTED, saying how many fit."""
+    fit = fitting(sizes, budget)
+    if fit < len(sizes):
+        raise GRPCError(
+            Status.RESOURCE_EXHAUSTED,
+            f"the {len(sizes)} requested binaries hold {sum(sizes)} bytes, over this server's"
+            f" limit of {budget} bytes per response (--max-page-binary-bytes); the first"
+            f" {fit} fit: request them in smaller batches",
+        )
+
+
 def binary_items(
-    root: Path, rows: list[BinaryRow], include_binary: bool
+    root: Path,
+    rows: list[BinaryRow],
+    include_binary: bool,
+    budget_bytes: int = MAX_PAGE_BINARY_BYTES,
 ) -> tuple[list[dpb.BinaryData], list[BinaryRow]]:
     """BinaryData for rows, reading payloads from disk up to the page byte budget."""
     out: list[dpb.BinaryData] = []
     used: list[BinaryRow] = []
-    budget = 0
+    if include_binary:
+        rows = rows[: fitting([r.size for r in rows], budget_bytes)]
     for row in rows:
         item = dpb.BinaryData(metadata=binary_metadata(row))
         if include_binary:
-            if used and budget + row.size > MAX_PAGE_BINARY_BYTES:
-                break
             item.binary = (root / row.blob_path).read_bytes()
-            budget += row.size
         out.append(item)
         used.append(row)
     return out, used
@@ -249,11 +276,57 @@ def _unimplemented(method: str) -> GRPCError:
     return GRPCError(Status.UNIMPLEMENTED, f"{method} is not implemented by edged ingest")
 
 
+def encode_documents(rows: list[dict[str, Any]], max_bytes: int) -> list[bytes]:
+    """BSON of each result row, stopping at `max_bytes` in all (the engines estimate as
+    they go; this counts exactly). Runs on the query pool, never on the event loop."""
+    out: list[bytes] = []
+    total = 0
+    for i, row in enumerate(rows):
+        try:
+            raw = to_bson(row)
+        except RecursionError:
+            raise LimitExceeded(f"row {i} of the result nests too deeply to encode") from None
+        total += len(raw)
+        if total > max_bytes:
+            raise LimitExceeded(
+                f"the result is larger than {max_bytes} bytes after {i} rows"
+                " (--query-max-result-bytes)"
+            )
+        out.append(raw)
+    return out
+
+
 class DataQueryService(data_grpc.DataServiceBase):
-    def __init__(self, store: IngestStore, keys: KeyStore, address: Callable[[], str]) -> None:
+    def __init__(
+        self,
+        store: IngestStore,
+        keys: KeyStore,
+        address: Callable[[], str],
+        runner: QueryRunner | None = None,
+    ) -> None:
         self._store = store
         self._keys = keys
         self._address = address
+        self._runner = runner if runner is not None else QueryRunner(QueryLimits())
+        self._limits = self._runner.limits
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], _R]) -> _R:
+        return await self._store.read(fn, self._runner.executor)
+
+    async def _run_engine(self, org: str, rejected: type[Exception], job: Any) -> list[bytes]:
+        """One SQL/MQL job on the query pool: the limits' breaches are RESOURCE_EXHAUSTED,
+        the caller's mistakes INVALID_ARGUMENT."""
+        max_bytes = self._limits.max_result_bytes
+
+        def work(control: QueryControl) -> list[bytes]:
+            return encode_documents(job(control), max_bytes)
+
+        try:
+            return await self._runner.run(org, work)
+        except LimitExceeded as exc:
+            raise GRPCError(Status.RESOURCE_EXHAUSTED, str(exc)) from None
+        except rejected as exc:
+            raise invalid(str(exc)) from None
 
     async def _request(self, stream: Stream[Any, Any]) -> tuple[ApiKey, Any]:
         caller = self._keys.caller(stream)
@@ -272,11 +345,11 @@ class DataQueryService(data_grpc.DataServiceBase):
             where = reading_where(dr.filter if dr.HasField("filter") else None, caller.org_id)
             cursor = decode_token(dr.last)
             if req.count_only:
-                count, size = await self._store.read(lambda c: catalog.count_readings(c, where))
+                count, size = await self._read(lambda c: catalog.count_readings(c, where))
                 resp = dpb.TabularDataByFilterResponse(count=count, total_size_bytes=size)
             else:
                 limit = _limit(dr.limit)
-                resp = await self._store.read(
+                resp = await self._read(
                     lambda c: tabular_page(
                         catalog.page_readings(c, where, dr.sort_order, cursor, limit)
                     )
@@ -292,11 +365,21 @@ class DataQueryService(data_grpc.DataServiceBase):
         if not req.sql_query.strip():
             raise invalid("sql_query is required")
         run, rejected = _engine("sql", "TabularDataBySQL")
-        try:
-            rows = await asyncio.to_thread(run, self._store.db_path, org, req.sql_query)
-        except rejected as exc:
-            raise invalid(str(exc)) from None
-        await stream.send_message(dpb.TabularDataBySQLResponse(raw_data=[to_bson(r) for r in rows]))
+        lim, path, query = self._limits, self._store.db_path, req.sql_query
+        raw = await self._run_engine(
+            org,
+            rejected,
+            lambda control: run(
+                path,
+                org,
+                query,
+                max_rows=lim.max_rows,
+                max_result_bytes=lim.max_result_bytes,
+                max_value_bytes=lim.max_value_bytes,
+                control=control,
+            ),
+        )
+        await stream.send_message(dpb.TabularDataBySQLResponse(raw_data=raw))
 
     async def TabularDataByMQL(
         self, stream: Stream[dpb.TabularDataByMQLRequest, dpb.TabularDataByMQLResponse]
@@ -317,19 +400,29 @@ class DataQueryService(data_grpc.DataServiceBase):
             except Exception:  # bson raises several types for malformed input
                 raise invalid(f"mql_binary[{i}] is not a BSON document") from None
         run, rejected = _engine("mql", "TabularDataByMQL")
-        try:
-            rows = await asyncio.to_thread(run, self._store.db_path, org, pipeline)
-        except rejected as exc:
-            raise invalid(str(exc)) from None
-        await stream.send_message(dpb.TabularDataByMQLResponse(raw_data=[to_bson(r) for r in rows]))
+        lim, path = self._limits, self._store.db_path
+        raw = await self._run_engine(
+            org,
+            rejected,
+            lambda control: run(
+                path,
+                org,
+                pipeline,
+                max_docs=lim.max_rows,
+                max_result_bytes=lim.max_result_bytes,
+                max_doc_bytes=lim.max_value_bytes,
+                max_nodes=lim.max_pipeline_nodes,
+                control=control,
+            ),
+        )
+        await stream.send_message(dpb.TabularDataByMQLResponse(raw_data=raw))
 
     async def DeleteTabularData(
         self, stream: Stream[dpb.DeleteTabularDataRequest, dpb.DeleteTabularDataResponse]
     ) -> None:
         caller, req = await self._request(stream)
         org = check_org(self._keys, caller, req.organization_id, "organization_id")
-        days = req.delete_older_than_days
-        cutoff = time.time_ns() - days * DAY_NS if days else None
+        cutoff = delete_cutoff_ns(time.time_ns(), req.delete_older_than_days)
         with translate_errors():
             where = delete_tabular_where(
                 req.filter if req.HasField("filter") else None, org, cutoff
@@ -349,16 +442,17 @@ class DataQueryService(data_grpc.DataServiceBase):
             where = binary_where(dr.filter if dr.HasField("filter") else None, caller.org_id)
             cursor = decode_token(dr.last)
             if req.count_only:
-                count, size = await self._store.read(lambda c: catalog.count_binaries(c, where))
+                count, size = await self._read(lambda c: catalog.count_binaries(c, where))
                 await stream.send_message(
                     dpb.BinaryDataByFilterResponse(count=count, total_size_bytes=size)
                 )
                 return
             limit = _limit(dr.limit)
+            budget = self._limits.max_page_binary_bytes
 
             def page(conn: sqlite3.Connection) -> dpb.BinaryDataByFilterResponse:
                 rows = catalog.page_binaries(conn, where, dr.sort_order, cursor, limit)
-                items, used = binary_items(root, rows, req.include_binary)
+                items, used = binary_items(root, rows, req.include_binary, budget)
                 resp = dpb.BinaryDataByFilterResponse(
                     data=items, count=len(items), total_size_bytes=sum(r.size for r in used)
                 )
@@ -369,7 +463,7 @@ class DataQueryService(data_grpc.DataServiceBase):
                 )
                 return resp
 
-            resp = await self._store.read(page)
+            resp = await self._read(page)
         await stream.send_message(resp)
 
     async def BinaryDataByIDs(
@@ -377,18 +471,20 @@ class DataQueryService(data_grpc.DataServiceBase):
     ) -> None:
         caller, req = await self._request(stream)
         org, root = caller.org_id, self._store.root
+        budget = self._limits.max_page_binary_bytes
 
         def fetch(conn: sqlite3.Connection) -> dpb.BinaryDataByIDsResponse:
             ids = resolve_ids(conn, org, req.binary_data_ids, req.binary_ids)
             rows = catalog.binaries_by_ids(conn, org, ids)
             items, _ = binary_items(root, rows, False)
             if req.include_binary:
+                check_ids_budget([r.size for r in rows], budget)
                 for item, row in zip(items, rows, strict=True):
                     item.binary = (root / row.blob_path).read_bytes()
             return dpb.BinaryDataByIDsResponse(data=items, count=len(items))
 
         with translate_errors():
-            resp = await self._store.read(fetch)
+            resp = await self._read(fetch)
         await stream.send_message(resp)
 
     async def DeleteBinaryDataByFilter(
@@ -500,7 +596,7 @@ class DataQueryService(data_grpc.DataServiceBase):
         caller, req = await self._request(stream)
         with translate_errors():
             where = binary_where(req.filter if req.HasField("filter") else None, caller.org_id)
-            tags = await self._store.read(lambda c: catalog.tags_where(c, where))
+            tags = await self._read(lambda c: catalog.tags_where(c, where))
         await stream.send_message(dpb.TagsByFilterResponse(tags=tags))
 
     # -- bounding boxes -------------------------------------------------------------------
@@ -548,7 +644,7 @@ class DataQueryService(data_grpc.DataServiceBase):
         caller, req = await self._request(stream)
         with translate_errors():
             where = binary_where(req.filter if req.HasField("filter") else None, caller.org_id)
-            labels = await self._store.read(lambda c: catalog.labels_where(c, where))
+            labels = await self._read(lambda c: catalog.labels_where(c, where))
         await stream.send_message(dpb.BoundingBoxLabelsByFilterResponse(labels=labels))
 
     # -- database access ------------------------------------------------------------------
@@ -558,7 +654,7 @@ class DataQueryService(data_grpc.DataServiceBase):
     ) -> None:
         caller, req = await self._request(stream)
         org = check_org(self._keys, caller, req.organization_id, "organization_id")
-        has_user = await self._store.read(lambda c: catalog.has_database_user(c, org))
+        has_user = await self._read(lambda c: catalog.has_database_user(c, org))
         await stream.send_message(
             dpb.GetDatabaseConnectionResponse(
                 hostname=self._address(), mongodb_uri="", has_database_user=has_user
@@ -685,6 +781,14 @@ class DataQueryService(data_grpc.DataServiceBase):
 
 
 # -- request checks (pure) ------------------------------------------------------------------
+
+
+def delete_cutoff_ns(now_ns: int, days: int) -> int | None:
+    """DeleteTabularData's "captured before": None for 0 (everything); a cutoff before
+    SQLite's int64 range (any days past ~292 years) matches nothing, as nothing is that old."""
+    if not days:
+        return None
+    return max(now_ns - days * DAY_NS, -(2**63))
 
 
 def required_tags(tags: Sequence[str]) -> list[str]:

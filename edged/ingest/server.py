@@ -18,6 +18,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from google.protobuf.message import DecodeError
 from grpclib.const import Status
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.events import RecvRequest, listen
@@ -37,6 +38,7 @@ from edged.ingest.guard import (
     raise_nofile_limit,
     server_config,
 )
+from edged.ingest.limits import QueryLimits, QueryRunner, set_sqlite_heap_limit
 from edged.ingest.query import DataQueryService
 from edged.ingest.storage import IngestStore
 
@@ -54,9 +56,29 @@ class IngestSettings:
     max_upload_bytes: int = 64 * 1024 * MiB
     shutdown_grace_s: float = 10.0
     synchronous: str = "FULL"
+    query_limits: QueryLimits = field(default_factory=QueryLimits)
     extra_hooks: tuple[Callable[[RecvRequest], Coroutine[Any, Any, None]], ...] = field(default=())
     limits: Limits = field(default_factory=Limits)
     auth: AuthLimits = field(default_factory=AuthLimits)
+
+
+class _RequestCodec(ProtoCodec):
+    """Sizes are checked before buffering (guard.py); this maps undecodable bodies."""
+
+    def decode(self, data: bytes, message_type: Any) -> Any:
+        return decode_request(data, message_type)
+
+
+def decode_request(data: bytes, message_type: Any) -> Any:
+    """A request that is not a valid message of its type is INVALID_ARGUMENT (grpclib would
+    let protobuf's DecodeError surface as UNKNOWN)."""
+    try:
+        return message_type.FromString(data)
+    except DecodeError as exc:
+        raise GRPCError(
+            Status.INVALID_ARGUMENT,
+            f"the request is not a valid {message_type.DESCRIPTOR.full_name} message ({exc})",
+        ) from None
 
 
 class _Server(Server):
@@ -64,7 +86,7 @@ class _Server(Server):
     connections, because grpclib's close() leaves accepted ones open."""
 
     def __init__(self, handlers: list[Any], guard: Guard) -> None:
-        super().__init__(handlers, codec=ProtoCodec(), config=server_config())
+        super().__init__(handlers, codec=_RequestCodec(), config=server_config())
         self._guard = guard
         self._protocols: weakref.WeakSet[Any] = weakref.WeakSet()
 
@@ -103,6 +125,7 @@ class IngestServer:
         self._sweeper: asyncio.Task[None] | None = None
         self._store: IngestStore | None = None
         self._server: _Server | None = None
+        self._runner: QueryRunner | None = None
         self._draining = False
         self._inflight = 0
         self._idle = asyncio.Event()
@@ -125,10 +148,12 @@ class IngestServer:
     async def start(self) -> None:
         s = self.settings
         self._store = await IngestStore.open(s.data_dir, synchronous=s.synchronous)
+        set_sqlite_heap_limit(s.query_limits.sqlite_heap_bytes)
+        self._runner = QueryRunner(s.query_limits)
         handlers: list[Any] = [
             AuthService(self.keys),
             DataSyncService(self._store, self.keys, max_upload_bytes=s.max_upload_bytes),
-            DataQueryService(self._store, self.keys, lambda: self.address),
+            DataQueryService(self._store, self.keys, lambda: self.address, self._runner),
             DatasetService(self._store, self.keys),
         ]
         self.guard = self._make_guard()
@@ -187,6 +212,9 @@ class IngestServer:
         await self._server.wait_closed()
         self._server.close_connections()
         self._server = None
+        if self._runner is not None:
+            self._runner.close()
+            self._runner = None
         if self._store is not None:
             await self._store.close()
             self._store = None

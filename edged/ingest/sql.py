@@ -15,16 +15,18 @@ import json
 import re
 import secrets
 import sqlite3
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-DEFAULT_TIMEOUT_S = 10.0
-MAX_VALUE_BYTES = 64 * 1024 * 1024  # SQLITE_LIMIT_LENGTH: caps zeroblob/printf/group_concat
+from edged.ingest.limits import LimitExceeded, QueryControl, QueryLimits
+
+_DEFAULTS = QueryLimits()
+DEFAULT_TIMEOUT_S = _DEFAULTS.timeout_s
+MAX_VALUE_BYTES = _DEFAULTS.max_value_bytes  # SQLITE_LIMIT_LENGTH: caps randomblob/printf/...
 MAX_QUERY_BYTES = 1024 * 1024
-_PROGRESS_STEPS = 10_000  # VM instructions between deadline checks
+_PROGRESS_STEPS = 1_000  # VM instructions between deadline checks (a timer backs them up)
 
 # (view column, expression over main.readings). Times are ISO-8601 UTC text with
 # microseconds and 'Z' so they sort and compare as text; floor division keeps
@@ -115,6 +117,10 @@ class SqlRejected(Exception):
     """The query is not allowed or failed as written; the message is for the caller."""
 
 
+class SqlLimitExceeded(SqlRejected, LimitExceeded):
+    """The query ran into a resource bound (time, value size, result size, memory)."""
+
+
 # ---------------------------------------------------------------- pure helpers
 
 
@@ -195,6 +201,20 @@ def convert_value(value: Any) -> Any:
     return value
 
 
+def convert_row(names: Sequence[str], row: Sequence[Any], index: int) -> dict[str, Any]:
+    """One result row as a dict; JSON nested past Python's recursion limit is refused
+    naming the column (BSON could not carry it either)."""
+    out: dict[str, Any] = {}
+    for name, value in zip(names, row, strict=True):
+        try:
+            out[name] = convert_value(value)
+        except RecursionError:
+            raise SqlLimitExceeded(
+                f"column {name!r} of result row {index} holds JSON nested too deeply"
+            ) from None
+    return out
+
+
 def column_names(description: Sequence[Sequence[Any]]) -> list[str]:
     """Result keys; a repeated name gets _2, _3... so no column silently disappears."""
     seen: set[str] = set()
@@ -210,10 +230,17 @@ def column_names(description: Sequence[Sequence[Any]]) -> list[str]:
 
 
 class Guard:
-    """The authorizer: allow only reading, and `main.readings` only via the scope view."""
+    """The authorizer: allow only reading, and `main.readings` only via the scope view.
 
-    def __init__(self, scope_view: str) -> None:
+    `hidden` holds every name an unqualified FROM item could resolve to other than the
+    scope views (tables, views and modules of this connection, lower-cased): SQLite
+    reports a FROM item none of whose columns is read (`count(*)`, `SELECT 1`, EXISTS)
+    by that name alone, with no database, and a CTE looks the same.
+    """
+
+    def __init__(self, scope_view: str, hidden: frozenset[str] = frozenset()) -> None:
         self.scope_view = scope_view
+        self.hidden = hidden
         self.reason: str | None = None
         self._vtab_init = False
 
@@ -256,7 +283,7 @@ class Guard:
         if db == "temp" and table == "readings":
             return sqlite3.SQLITE_OK
         if not db:
-            return sqlite3.SQLITE_OK  # a CTE or subquery of this statement, not a table
+            return self._check_unread_item(table)
         if table in _TABLE_FUNCTIONS:
             return sqlite3.SQLITE_OK
         if db == "main" and table == "sqlite_master" and column == "ROWID" and self._vtab_init:
@@ -265,18 +292,36 @@ class Guard:
             return "PRAGMA is not allowed; only a single SELECT is allowed"
         return f"table {db}.{table} is not accessible; query the readings view"
 
+    def _check_unread_item(self, name: str) -> int | str:
+        """A FROM item read for no column: a CTE, the readings view, or a table to deny.
+
+        Only this case reaches the authorizer without a database name (column reads
+        of CTEs and subqueries never reach it), so an unknown name is a CTE.
+        """
+        low = name.lower()
+        if low in ("readings", self.scope_view) or low in _TABLE_FUNCTIONS:
+            return sqlite3.SQLITE_OK
+        if low.startswith("pragma_"):
+            return "PRAGMA is not allowed; only a single SELECT is allowed"
+        if low in self.hidden or low.startswith("sqlite_"):
+            return (
+                f"table {name} is not accessible; query the readings view"
+                " (a CTE cannot reuse the name of a table)"
+            )
+        return sqlite3.SQLITE_OK
+
 
 # ---------------------------------------------------------------- I/O
 
 
-def open_readonly(db_path: Path) -> sqlite3.Connection:
+def open_readonly(db_path: Path, max_value_bytes: int = MAX_VALUE_BYTES) -> sqlite3.Connection:
     """A connection that cannot write the ingest database, whatever it is asked."""
     if not db_path.exists():
         raise FileNotFoundError(db_path)
     uri = f"{db_path.resolve().as_uri()}?mode=ro"
     conn = sqlite3.connect(uri, uri=True, isolation_level=None)
     conn.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)
-    conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES)
+    conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, max_value_bytes)
     conn.setlimit(sqlite3.SQLITE_LIMIT_SQL_LENGTH, MAX_QUERY_BYTES + 4096)
     return conn
 
@@ -293,36 +338,38 @@ def install_scope(conn: sqlite3.Connection, org_id: str) -> str:
     return scope
 
 
-def deadline_handler(timeout_s: float) -> tuple[Callable[[], int], Callable[[], bool]]:
-    """A progress handler that aborts after `timeout_s`, and a probe for whether it did."""
-    deadline = time.monotonic() + timeout_s
-    fired = False
-
-    def handler() -> int:
-        nonlocal fired
-        if time.monotonic() > deadline:
-            fired = True
-            return 1
-        return 0
-
-    def timed_out() -> bool:
-        return fired
-
-    return handler, timed_out
+def hidden_names(conn: sqlite3.Connection) -> frozenset[str]:
+    """Every table, view and table-valued module name of `conn`, lower-cased (read before
+    the authorizer is installed): what an unqualified FROM item could resolve to."""
+    rows = conn.execute(
+        "SELECT name FROM main.sqlite_master UNION SELECT name FROM temp.sqlite_master"
+        " UNION SELECT name FROM pragma_module_list"
+    ).fetchall()
+    return frozenset(str(r[0]).lower() for r in rows)
 
 
-def _rejection(err: sqlite3.Error, guard: Guard, timed_out: bool, timeout_s: float) -> Exception:
+def _rejection(
+    err: sqlite3.Error, guard: Guard, control: QueryControl, max_value_bytes: int
+) -> Exception:
     """Map a SQLite error to what the caller did wrong, or pass server faults through."""
     msg = str(err)
-    if timed_out:
-        return SqlRejected(f"query took too long (limit {timeout_s:g} s); narrow it or add LIMIT")
+    if control.timed_out:
+        return SqlLimitExceeded(str(control.too_long("narrow it or add LIMIT")))
+    if control.cancelled:
+        return SqlRejected("query cancelled")
     if guard.reason is not None:
         return SqlRejected(guard.reason)
+    name = getattr(err, "sqlite_errorname", None) or ""
+    if name == "SQLITE_TOOBIG":
+        return SqlLimitExceeded(
+            f"a value would be larger than {max_value_bytes} bytes (--query-max-value-bytes)"
+        )
+    if name == "SQLITE_NOMEM":
+        return SqlLimitExceeded("the query needs more memory than allowed (--sqlite-heap-limit)")
     if isinstance(err, sqlite3.ProgrammingError):
         if "one statement" in msg:
             return SqlRejected("only a single SELECT is allowed; the query has several statements")
         return SqlRejected(f"invalid query: {msg}")
-    name = getattr(err, "sqlite_errorname", None) or ""
     if name.startswith("SQLITE_READONLY") or "cannot modify" in msg:
         return SqlRejected("writes are not allowed; only a single SELECT is allowed")
     # No SQLite code: Python's own conversion failed (e.g. text that is not UTF-8).
@@ -331,46 +378,69 @@ def _rejection(err: sqlite3.Error, guard: Guard, timed_out: bool, timeout_s: flo
     return err
 
 
+def row_bytes(row: Sequence[Any]) -> int:
+    """What a raw result row costs before conversion: text and blob lengths, 16 bytes for
+    anything else (BSON's per-field overhead included)."""
+    return sum(len(v) + 16 if isinstance(v, str | bytes) else 16 for v in row)
+
+
 def run_sql(
     db_path: Path,
     org_id: str,
     query: str,
     *,
-    max_rows: int = 100_000,
+    max_rows: int = _DEFAULTS.max_rows,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    max_result_bytes: int = _DEFAULTS.max_result_bytes,
+    max_value_bytes: int = MAX_VALUE_BYTES,
+    control: QueryControl | None = None,
 ) -> list[dict[str, Any]]:
     """Run one SELECT against the org's `readings` view; rows as BSON-ready dicts.
 
-    Raises SqlRejected (caller's fault: INVALID_ARGUMENT) when the query is not allowed,
-    fails to compile, runs past `timeout_s`, or yields more than `max_rows` rows.
+    Raises SqlRejected (caller's fault: INVALID_ARGUMENT) when the query is not allowed
+    or fails to compile, and SqlLimitExceeded when it runs past its deadline or would
+    answer more than `max_rows` rows or `max_result_bytes` bytes (counted as rows are
+    fetched). `control` (deadline and cancel) defaults to one of `timeout_s`.
     Anything else (I/O, a locked or corrupt file) propagates as sqlite3.Error.
     Blocking: call from a worker thread.
     """
     check_shape(query)
-    conn = open_readonly(db_path)
+    control = control if control is not None else QueryControl(timeout_s)
+    conn = open_readonly(db_path, max_value_bytes)
     try:
         scope = install_scope(conn, org_id)
         conn.execute("PRAGMA query_only=ON")
-        guard = Guard(scope)
+        guard = Guard(scope, hidden_names(conn))
         conn.set_authorizer(guard)
-        handler, timed_out = deadline_handler(timeout_s)
-        conn.set_progress_handler(handler, _PROGRESS_STEPS)
+        conn.set_progress_handler(control.progress, _PROGRESS_STEPS)
+        control.attach(conn)
         try:
             cur = conn.execute(query)
             if cur.description is None:
                 raise SqlRejected("only a single SELECT is allowed")
             names = column_names(cur.description)
             out: list[dict[str, Any]] = []
-            while batch := cur.fetchmany(1024):
+            size = 0
+            while batch := cur.fetchmany(64):
                 if len(out) + len(batch) > max_rows:
-                    raise SqlRejected(
-                        f"the result has more than {max_rows} rows; add LIMIT or aggregate"
+                    raise SqlLimitExceeded(
+                        f"the result has more than {max_rows} rows (--query-max-rows);"
+                        " add LIMIT or aggregate"
                     )
-                out.extend(
-                    {k: convert_value(v) for k, v in zip(names, row, strict=True)} for row in batch
-                )
+                for row in batch:
+                    size += row_bytes(row)
+                    if size > max_result_bytes:
+                        raise SqlLimitExceeded(
+                            f"the result is larger than {max_result_bytes} bytes after"
+                            f" {len(out)} rows (--query-max-result-bytes); add LIMIT or"
+                            " select fewer columns"
+                        )
+                    out.append(convert_row(names, row, len(out)))
+                if control.stopped():
+                    raise sqlite3.OperationalError("interrupted")
             return out
         except sqlite3.Error as err:
-            raise _rejection(err, guard, timed_out(), timeout_s) from None
+            raise _rejection(err, guard, control, max_value_bytes) from None
     finally:
+        control.attach(None)
         conn.close()

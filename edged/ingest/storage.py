@@ -26,6 +26,7 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
@@ -348,9 +349,14 @@ class IngestStore:
 
     # -- query-side access ----------------------------------------------------------------
 
-    async def read(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        """Run `fn` on a fresh read-only connection in a worker thread (a WAL snapshot)."""
-        return await asyncio.to_thread(self._read, fn)
+    async def read(
+        self, fn: Callable[[sqlite3.Connection], _T], executor: Executor | None = None
+    ) -> _T:
+        """Run `fn` on a fresh read-only connection in a worker thread (a WAL snapshot);
+        the query API passes its own pool so uploads never wait behind reads."""
+        if executor is None:
+            return await asyncio.to_thread(self._read, fn)
+        return await asyncio.get_running_loop().run_in_executor(executor, self._read, fn)
 
     def _read(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         conn = sqlite3.connect(f"{self.db_path.as_uri()}?mode=ro", uri=True)
