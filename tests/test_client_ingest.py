@@ -16,7 +16,7 @@ import pytest
 
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.client import FileSlice, UploadClient, sensor_metadata, upload_metadata
-from edged.ingest import IngestServer
+from edged.ingest import IngestServer, catalog
 
 T0 = dt.datetime(2026, 1, 2, 3, 4, 5, 123456, tzinfo=dt.UTC)
 T1 = T0 + dt.timedelta(milliseconds=7)
@@ -160,6 +160,7 @@ async def test_every_call_stores_what_was_sent(
 
 
 async def test_pre_encoded_readings_batch(client: UploadClient, ingest: IngestServer) -> None:
+    ds = await ingest.store.write(lambda c: catalog.create_dataset(c, "org-1", "ds1"))
     blobs = []
     for i in range(1000):
         reading = pb.SensorData(metadata=sensor_metadata((T0, T1)))
@@ -171,13 +172,13 @@ async def test_pre_encoded_readings_batch(client: UploadClient, ingest: IngestSe
         component_type="rdk:component:sensor",
         component_name="s",
         method_name="Readings",
-        dataset_ids=["ds1"],
+        dataset_ids=[ds],
     )
     result = await client.upload_readings(meta, blobs, item_id="batch-1")
     rows = await ingest.store.readings()
     assert [r.data["seq"] for r in rows] == list(range(1000))
     assert {r.upload_id for r in rows} == {result.file_id}
-    assert rows[0].dataset_ids == ["ds1"]
+    assert rows[0].dataset_ids == [ds]
 
 
 async def _dedup_tabular(c: UploadClient, _: Path, item: str) -> str:

@@ -104,7 +104,12 @@ async def upload_readings(
 
 
 async def upload_image(
-    api: Api, n: int, *, component: str = "cam", tags: list[str] | None = None
+    api: Api,
+    n: int,
+    *,
+    component: str = "cam",
+    tags: list[str] | None = None,
+    dataset_ids: list[str] | None = None,
 ) -> str:
     meta = upload_metadata(
         "part-1",
@@ -114,7 +119,7 @@ async def upload_image(
         method_name="GetImages",
         file_extension=".jpg",
         tags=tags,
-        dataset_ids=["uploaded-ds"],
+        dataset_ids=dataset_ids,
     )
     sensor = sensor_metadata((at(n), at(n + 0.25)))
     sensor.annotations.classifications.add(label="scene", confidence=0.5)
@@ -245,7 +250,10 @@ async def test_delete_tabular_data(server: tuple[IngestServer, Api, Api]) -> Non
 
 async def test_binary_by_filter_and_ids(server: tuple[IngestServer, Api, Api]) -> None:
     _, a, _ = server
-    ids = [await upload_image(a, n) for n in range(5)]
+    uploaded = await a.sets.CreateDataset(
+        spb.CreateDatasetRequest(name="uploaded", organization_id=ORG), metadata=a.md
+    )
+    ids = [await upload_image(a, n, dataset_ids=[uploaded.id]) for n in range(5)]
     file_id = await a.up.file_upload(
         "part-1", b"notes" * 10, file_name="notes", file_extension=".txt", tags=["doc"]
     )
@@ -270,7 +278,7 @@ async def test_binary_by_filter_and_ids(server: tuple[IngestServer, Api, Api]) -
         "cam",
         "image/jpeg",
     )
-    assert list(m.dataset_ids) == ["uploaded-ds"]
+    assert list(m.dataset_ids) == [uploaded.id]
     assert [c.label for c in m.annotations.classifications] == ["scene"]
     assert m.time_requested.ToDatetime(dt.UTC) == at(2)
     doc = got[file_id].metadata
@@ -533,7 +541,7 @@ async def test_datasets(server: tuple[IngestServer, Api, Api]) -> None:
     resp = await a.data.BinaryDataByIDs(
         dpb.BinaryDataByIDsRequest(binary_data_ids=[ids[1]]), metadata=a.md
     )
-    assert sorted(resp.data[0].metadata.dataset_ids) == sorted([ds, "uploaded-ds"])
+    assert list(resp.data[0].metadata.dataset_ids) == [ds]
 
     # Another organisation: NOT_FOUND for our ids, PERMISSION_DENIED for our org id.
     for call in (

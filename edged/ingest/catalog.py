@@ -4,6 +4,13 @@
 `IngestStore.write` runs the mutators inside one IMMEDIATE transaction. Nothing here
 knows about gRPC: lookups of ids outside the caller's organisation raise `NotFound`
 naming the id, exactly as ids that never existed (no existence leak across orgs).
+
+Organisation scoping lives in three places, one per way a row is reached:
+- by filter: every `Where` comes from `filters`, whose builder starts with the org;
+- by binary id: every function taking binary ids takes the org and passes the ids
+  through `check_binaries` first (tags, boxes and memberships have no org column: they
+  belong to their binary's org);
+- by dataset id: every function taking a dataset id goes through `get_dataset`.
 """
 
 from __future__ import annotations
@@ -182,8 +189,9 @@ def resolve_file_ids(conn: sqlite3.Connection, org_id: str, file_ids: Sequence[s
     return out
 
 
-def check_binaries(conn: sqlite3.Connection, org_id: str, ids: Sequence[str]) -> None:
-    """NotFound unless every id is binary data of the org."""
+def check_binaries(conn: sqlite3.Connection, org_id: str, ids: Iterable[str]) -> list[str]:
+    """The ids (repeats once) if every one is binary data of the org, else NotFound
+    naming the first that is not: the one gate for every id-taking mutator below."""
     wanted = list(dict.fromkeys(ids))
     have: set[str] = set()
     for part in _chunks(wanted):
@@ -195,6 +203,7 @@ def check_binaries(conn: sqlite3.Connection, org_id: str, ids: Sequence[str]) ->
     for i in wanted:
         if i not in have:
             raise NotFound(f"binary data id {i!r} not found")
+    return wanted
 
 
 def _enrich(conn: sqlite3.Connection, rows: list[BinaryRow]) -> None:
@@ -242,16 +251,21 @@ def labels_where(conn: sqlite3.Connection, where: Where) -> list[str]:
 # -- curation (inside IngestStore.write) ---------------------------------------------------
 
 
-def add_tags(conn: sqlite3.Connection, ids: Iterable[str], tags: Sequence[str]) -> None:
+def add_tags(
+    conn: sqlite3.Connection, org_id: str, ids: Iterable[str], tags: Sequence[str]
+) -> None:
+    ids = check_binaries(conn, org_id, ids)
     conn.executemany(
         "INSERT OR IGNORE INTO binary_tags(binary_data_id, tag) VALUES (?, ?)",
         [(i, t) for i in ids for t in tags],
     )
 
 
-def remove_tags(conn: sqlite3.Connection, ids: Sequence[str], tags: Sequence[str]) -> int:
+def remove_tags(
+    conn: sqlite3.Connection, org_id: str, ids: Iterable[str], tags: Sequence[str]
+) -> int:
     removed = 0
-    for part in _chunks(list(ids)):
+    for part in _chunks(check_binaries(conn, org_id, ids)):
         cur = conn.execute(
             f"DELETE FROM binary_tags WHERE binary_data_id IN ({_marks(len(part))})"
             f" AND tag IN ({_marks(len(tags))})",
@@ -281,11 +295,13 @@ def remove_tags_where(conn: sqlite3.Connection, where: Where, tags: Sequence[str
 
 def add_bbox(
     conn: sqlite3.Connection,
+    org_id: str,
     binary_data_id: str,
     label: str,
     box: tuple[float, float, float, float],
     confidence: float | None,
 ) -> str:
+    check_binaries(conn, org_id, [binary_data_id])
     bbox_id = uuid.uuid4().hex
     conn.execute(
         "INSERT INTO bboxes(id, binary_data_id, label, x_min, y_min, x_max, y_max, confidence)"
@@ -295,7 +311,8 @@ def add_bbox(
     return bbox_id
 
 
-def remove_bbox(conn: sqlite3.Connection, binary_data_id: str, bbox_id: str) -> None:
+def remove_bbox(conn: sqlite3.Connection, org_id: str, binary_data_id: str, bbox_id: str) -> None:
+    check_binaries(conn, org_id, [binary_data_id])
     cur = conn.execute(
         "DELETE FROM bboxes WHERE id = ? AND binary_data_id = ?", (bbox_id, binary_data_id)
     )
@@ -312,8 +329,9 @@ def _delete_binary_rows(conn: sqlite3.Connection, ids: Sequence[str]) -> None:
 
 def delete_binaries(conn: sqlite3.Connection, org_id: str, ids: Sequence[str]) -> list[str]:
     """Delete the rows; return the blob paths (relative to the store root) to unlink."""
+    ids = check_binaries(conn, org_id, ids)
     paths: list[str] = []
-    for part in _chunks(list(dict.fromkeys(ids))):
+    for part in _chunks(ids):
         paths += [
             r[0]
             for r in conn.execute(
@@ -378,28 +396,41 @@ def list_datasets(conn: sqlite3.Connection, org_id: str) -> list[DatasetRow]:
     return [DatasetRow(*r) for r in rows]
 
 
+def check_datasets(conn: sqlite3.Connection, org_id: str, dataset_ids: Iterable[str]) -> None:
+    """NotFound naming the first non-empty id that is not a dataset of the org (uploads:
+    an empty id names no dataset and is skipped, as the upload path always did)."""
+    for dataset_id in dict.fromkeys(d for d in dataset_ids if d):
+        get_dataset(conn, org_id, dataset_id)
+
+
 def rename_dataset(conn: sqlite3.Connection, org_id: str, dataset_id: str, name: str) -> None:
     get_dataset(conn, org_id, dataset_id)
-    conn.execute("UPDATE datasets SET name = ? WHERE id = ?", (name, dataset_id))
+    conn.execute(
+        "UPDATE datasets SET name = ? WHERE id = ? AND org_id = ?", (name, dataset_id, org_id)
+    )
 
 
 def delete_dataset(conn: sqlite3.Connection, org_id: str, dataset_id: str) -> None:
     get_dataset(conn, org_id, dataset_id)
     conn.execute("DELETE FROM dataset_members WHERE dataset_id = ?", (dataset_id,))
-    conn.execute("DELETE FROM datasets WHERE id = ?", (dataset_id,))
+    conn.execute("DELETE FROM datasets WHERE id = ? AND org_id = ?", (dataset_id, org_id))
 
 
-def add_members(conn: sqlite3.Connection, dataset_id: str, ids: Iterable[str]) -> None:
+def add_members(conn: sqlite3.Connection, org_id: str, dataset_id: str, ids: Iterable[str]) -> None:
+    get_dataset(conn, org_id, dataset_id)
     conn.executemany(
         "INSERT OR IGNORE INTO dataset_members(dataset_id, binary_data_id) VALUES (?,?)",
-        [(dataset_id, i) for i in ids],
+        [(dataset_id, i) for i in check_binaries(conn, org_id, ids)],
     )
 
 
-def remove_members(conn: sqlite3.Connection, dataset_id: str, ids: Iterable[str]) -> None:
+def remove_members(
+    conn: sqlite3.Connection, org_id: str, dataset_id: str, ids: Iterable[str]
+) -> None:
+    get_dataset(conn, org_id, dataset_id)
     conn.executemany(
         "DELETE FROM dataset_members WHERE dataset_id = ? AND binary_data_id = ?",
-        [(dataset_id, i) for i in ids],
+        [(dataset_id, i) for i in check_binaries(conn, org_id, ids)],
     )
 
 

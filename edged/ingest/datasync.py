@@ -3,11 +3,21 @@
 De-duplication key: request metadata `edged-item-id`. A repeat returns the ids of the
 first upload and stores nothing, which turns at-least-once delivery from the daemon
 into exactly-once storage.
+
+`dataset_ids` must name datasets of the API key's organisation: any other id (another
+organisation's, or none at all) answers INVALID_ARGUMENT naming it, so the daemon
+dead-letters the item (kept, retryable) instead of it silently joining another
+organisation's dataset. INVALID_ARGUMENT rather than NOT_FOUND because the stock robot
+software, too, treats only INVALID_ARGUMENT as permanent. The check runs inside the
+storing transaction (a dataset deleted meanwhile cannot be joined) and, for streamed
+blobs, also before the bytes are received.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+import sqlite3
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from grpclib.const import Status
@@ -16,9 +26,11 @@ from grpclib.server import Stream
 
 from edged._proto.app.datasync.v1 import data_sync_grpc
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
+from edged.ingest import catalog
 from edged.ingest.auth import KeyStore
 from edged.ingest.storage import KIND_BINARY, KIND_FILE, BlobWriter, IngestStore, UploadIds
 from edged.ingest.validate import (
+    check_bbox_ids,
     check_capture_upload,
     check_upload_metadata,
     invalid,
@@ -31,6 +43,18 @@ ITEM_ID_KEY = "edged-item-id"
 def _item_id(stream: Stream[Any, Any]) -> str | None:
     value = stream.metadata.get(ITEM_ID_KEY) if stream.metadata else None
     return value if isinstance(value, str) and value else None
+
+
+@contextlib.contextmanager
+def _dataset_errors(where: str) -> Iterator[None]:
+    """An unknown dataset id is the uploader's mistake: INVALID_ARGUMENT naming the id."""
+    try:
+        yield
+    except catalog.NotFound as exc:
+        raise invalid(
+            f"{where}.dataset_ids: {exc} in this API key's organisation; create it with"
+            " CreateDataset and upload with the id that returns"
+        ) from None
 
 
 class DataSyncService(data_sync_grpc.DataSyncServiceBase):
@@ -55,24 +79,30 @@ class DataSyncService(data_sync_grpc.DataSyncServiceBase):
         item_id = _item_id(stream)
         ids = await self._store.find_upload(org, item_id)
         if ids is None and req.metadata.type == pb.DATA_TYPE_TABULAR_SENSOR:
-            ids = await self._store.store_tabular(
-                org, item_id, req.metadata, req.sensor_contents, location_id=self._location(stream)
-            )
+            with _dataset_errors("metadata"):
+                ids = await self._store.store_tabular(
+                    org,
+                    item_id,
+                    req.metadata,
+                    req.sensor_contents,
+                    location_id=self._location(stream),
+                )
         elif ids is None:
             reading = req.sensor_contents[0]
             blob = self._store.new_blob()
             try:
                 blob.write(reading.binary)
-                ids = await self._store.store_blob(
-                    org,
-                    item_id,
-                    KIND_BINARY,
-                    req.metadata,
-                    reading.metadata,
-                    blob,
-                    mime_type_for(req.metadata, reading.metadata),
-                    location_id=self._location(stream),
-                )
+                with _dataset_errors("metadata"):
+                    ids = await self._store.store_blob(
+                        org,
+                        item_id,
+                        KIND_BINARY,
+                        req.metadata,
+                        reading.metadata,
+                        blob,
+                        mime_type_for(req.metadata, reading.metadata),
+                        location_id=self._location(stream),
+                    )
             finally:
                 blob.discard()
         await stream.send_message(
@@ -94,6 +124,7 @@ class DataSyncService(data_sync_grpc.DataSyncServiceBase):
             "metadata.upload_metadata",
         )
         sensor = first.metadata.sensor_metadata
+        check_bbox_ids(sensor, "metadata.sensor_metadata")
 
         async def chunks() -> AsyncIterator[bytes]:
             async for msg in stream:
@@ -102,7 +133,14 @@ class DataSyncService(data_sync_grpc.DataSyncServiceBase):
                 yield msg.data
 
         ids = await self._receive_blob(
-            stream, org, KIND_BINARY, meta, sensor, chunks(), mime_type_for(meta, sensor)
+            stream,
+            org,
+            KIND_BINARY,
+            meta,
+            sensor,
+            chunks(),
+            mime_type_for(meta, sensor),
+            "metadata.upload_metadata",
         )
         await stream.send_message(
             pb.StreamingDataCaptureUploadResponse(
@@ -125,7 +163,7 @@ class DataSyncService(data_sync_grpc.DataSyncServiceBase):
                 yield msg.file_contents.data
 
         ids = await self._receive_blob(
-            stream, org, KIND_FILE, meta, None, chunks(), mime_type_for(meta, None)
+            stream, org, KIND_FILE, meta, None, chunks(), mime_type_for(meta, None), "metadata"
         )
         await stream.send_message(
             pb.FileUploadResponse(file_id=ids.file_id, binary_data_id=ids.binary_data_id)
@@ -140,6 +178,7 @@ class DataSyncService(data_sync_grpc.DataSyncServiceBase):
         sensor: pb.SensorMetadata | None,
         chunks: AsyncIterator[bytes],
         mime_type: str,
+        where: str,
     ) -> UploadIds:
         """Stream chunks to disk as they arrive; memory holds one message at a time."""
         item_id = _item_id(stream)
@@ -148,6 +187,12 @@ class DataSyncService(data_sync_grpc.DataSyncServiceBase):
             async for _ in chunks:  # a repeat: read and drop the bytes, store nothing
                 pass
             return known
+
+        def datasets_exist(conn: sqlite3.Connection) -> None:
+            catalog.check_datasets(conn, org, meta.dataset_ids)
+
+        with _dataset_errors(where):  # refuse before receiving what may be gigabytes
+            await self._store.read(datasets_exist)
         blob: BlobWriter = self._store.new_blob()
         try:
             async for chunk in chunks:
@@ -158,15 +203,16 @@ class DataSyncService(data_sync_grpc.DataSyncServiceBase):
                         f"upload exceeds the server's limit of {self._max_upload} bytes"
                         " (--max-upload-bytes)",
                     )
-            return await self._store.store_blob(
-                org,
-                item_id,
-                kind,
-                meta,
-                sensor,
-                blob,
-                mime_type,
-                location_id=self._location(stream),
-            )
+            with _dataset_errors(where):
+                return await self._store.store_blob(
+                    org,
+                    item_id,
+                    kind,
+                    meta,
+                    sensor,
+                    blob,
+                    mime_type,
+                    location_id=self._location(stream),
+                )
         finally:
             blob.discard()

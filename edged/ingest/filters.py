@@ -41,9 +41,16 @@ class Where:
 
 @dataclass
 class _Builder:
+    """Conditions ANDed together; the first is always the caller's organisation, so no
+    `Where` can leave this module unscoped."""
+
     table: str
+    org_id: str
     parts: list[str] = field(default_factory=list)
     params: list[Any] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.add("$.org_id = ?", self.org_id)
 
     def add(self, sql: str, *params: Any) -> None:
         self.parts.append(sql.replace("$", self.table))
@@ -79,9 +86,10 @@ def _ns(ts: Any, where: str = "filter.interval") -> int:
     return min(max(int(ts.seconds) * 1_000_000_000 + int(ts.nanos), _INT64[0]), _INT64[1])
 
 
-def _scope(b: _Builder, org_id: str, organization_ids: list[str]) -> None:
-    b.add("$.org_id = ?", org_id)
-    if organization_ids and org_id not in organization_ids:
+def _scope(b: _Builder, organization_ids: list[str]) -> None:
+    """A filter naming only other organisations matches nothing (the builder already
+    holds the caller's org)."""
+    if organization_ids and b.org_id not in organization_ids:
         b.add("0")
 
 
@@ -126,8 +134,8 @@ def _interval(b: _Builder, f: dpb.Filter) -> None:
         b.add("$.time_captured_ns < ?", end)
 
 
-def _common(b: _Builder, f: dpb.Filter, org_id: str) -> None:
-    _scope(b, org_id, list(f.organization_ids))
+def _common(b: _Builder, f: dpb.Filter) -> None:
+    _scope(b, list(f.organization_ids))
     b.equal("component_name", f.component_name)
     b.equal("component_type", f.component_type)
     b.equal("method_name", f.method)
@@ -143,9 +151,9 @@ def _common(b: _Builder, f: dpb.Filter, org_id: str) -> None:
 
 def reading_where(f: dpb.Filter | None, org_id: str) -> Where:
     """Tabular readings matching `f` within the caller's organisation."""
-    b = _Builder(READINGS)
+    b = _Builder(READINGS, org_id)
     f = f if f is not None else dpb.Filter()
-    _common(b, f, org_id)
+    _common(b, f)
     if [x for x in f.bbox_labels if x]:
         b.add("0")
     if f.dataset_id:
@@ -155,9 +163,9 @@ def reading_where(f: dpb.Filter | None, org_id: str) -> Where:
 
 def binary_where(f: dpb.Filter | None, org_id: str) -> Where:
     """Binary data (images, point clouds, files) matching `f` within the organisation."""
-    b = _Builder(BINARIES)
+    b = _Builder(BINARIES, org_id)
     f = f if f is not None else dpb.Filter()
-    _common(b, f, org_id)
+    _common(b, f)
     b.one_of("mime_type", [m for m in f.mime_type if m])
     labels = [x for x in f.bbox_labels if x]
     if labels:
@@ -178,8 +186,7 @@ def delete_tabular_where(
     f: dpb.DeleteTabularFilter | None, org_id: str, captured_before_ns: int | None
 ) -> Where:
     """DeleteTabularData: readings captured before the cutoff (None = any time) in scope."""
-    b = _Builder(READINGS)
-    b.add("$.org_id = ?", org_id)
+    b = _Builder(READINGS, org_id)
     if captured_before_ns is not None:
         b.add("$.time_captured_ns < ?", captured_before_ns)
     if f is not None:

@@ -506,7 +506,6 @@ class DataQueryService(data_grpc.DataServiceBase):
 
         def delete(conn: sqlite3.Connection) -> list[str]:
             ids = resolve_ids(conn, org, req.binary_data_ids, req.binary_ids)
-            catalog.check_binaries(conn, org, ids)
             return catalog.delete_binaries(conn, org, ids)
 
         with translate_errors():
@@ -536,8 +535,7 @@ class DataQueryService(data_grpc.DataServiceBase):
 
         def add(conn: sqlite3.Connection) -> None:
             ids = resolve_ids(conn, caller.org_id, req.binary_data_ids, req.binary_ids)
-            catalog.check_binaries(conn, caller.org_id, ids)
-            catalog.add_tags(conn, ids, tags)
+            catalog.add_tags(conn, caller.org_id, ids, tags)
 
         with translate_errors():
             await self._store.write(add)
@@ -567,8 +565,7 @@ class DataQueryService(data_grpc.DataServiceBase):
 
         def remove(conn: sqlite3.Connection) -> int:
             ids = resolve_ids(conn, caller.org_id, req.binary_data_ids, req.binary_ids)
-            catalog.check_binaries(conn, caller.org_id, ids)
-            return catalog.remove_tags(conn, ids, tags)
+            return catalog.remove_tags(conn, caller.org_id, ids, tags)
 
         with translate_errors():
             removed = await self._store.write(remove)
@@ -611,8 +608,7 @@ class DataQueryService(data_grpc.DataServiceBase):
 
         def add(conn: sqlite3.Connection) -> str:
             [bid] = one_binary_id(conn, caller.org_id, req)
-            catalog.check_binaries(conn, caller.org_id, [bid])
-            return catalog.add_bbox(conn, bid, req.label, box, confidence)
+            return catalog.add_bbox(conn, caller.org_id, bid, req.label, box, confidence)
 
         with translate_errors():
             bbox_id = await self._store.write(add)
@@ -630,8 +626,7 @@ class DataQueryService(data_grpc.DataServiceBase):
 
         def remove(conn: sqlite3.Connection) -> None:
             [bid] = one_binary_id(conn, caller.org_id, req)
-            catalog.check_binaries(conn, caller.org_id, [bid])
-            catalog.remove_bbox(conn, bid, req.bbox_id)
+            catalog.remove_bbox(conn, caller.org_id, bid, req.bbox_id)
 
         with translate_errors():
             await self._store.write(remove)
@@ -699,17 +694,15 @@ class DataQueryService(data_grpc.DataServiceBase):
         self,
         caller: ApiKey,
         req: Any,
-        change: Callable[[sqlite3.Connection, str, list[str]], None],
+        change: Callable[[sqlite3.Connection, str, str, list[str]], None],
     ) -> None:
         if not req.dataset_id:
             raise invalid("dataset_id is required")
         org = caller.org_id
 
         def apply(conn: sqlite3.Connection) -> None:
-            catalog.get_dataset(conn, org, req.dataset_id)
             ids = resolve_ids(conn, org, req.binary_data_ids, req.binary_ids)
-            catalog.check_binaries(conn, org, ids)
-            change(conn, req.dataset_id, ids)
+            change(conn, org, req.dataset_id, ids)
 
         with translate_errors():
             await self._store.write(apply)

@@ -8,8 +8,9 @@ worst an orphaned temp file, never an index row without its bytes.
 
 The query API adds curation state beside the upload rows: live tags (`binary_tags`,
 seeded from the upload's tags; `binaries.tags` stays "as uploaded"), bounding boxes
-(`bboxes`, seeded from upload annotations), datasets and their members (seeded from the
-upload's dataset_ids), and database users. `time_captured_ns` (time requested, else
+(`bboxes`, seeded from upload annotations; ids unique per binary), datasets and their
+members (seeded from the upload's dataset_ids, each of which must be a dataset of the
+uploader's organisation), and database users. `time_captured_ns` (time requested, else
 received, else arrival) is the one sort and interval key, indexed per organisation.
 Queries read through their own read-only connection in a worker thread (`read`);
 curation writes go through `write`, serialised with uploads by the store's lock.
@@ -38,7 +39,26 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.durable import fsync_dir
+from edged.ingest import catalog
 from edged.ingest.values import decode_python, encode_struct
+
+# Bounding-box ids are chosen by the uploader (annotations) or by us (AddBoundingBox) and
+# are unique per binary, never across binaries: one organisation's id cannot collide with
+# (or be dropped for) another's. Templated so the migration builds the same table.
+_BBOXES = """
+CREATE TABLE IF NOT EXISTS {name}(
+    id TEXT NOT NULL,
+    binary_data_id TEXT NOT NULL,
+    label TEXT NOT NULL,
+    x_min REAL NOT NULL,
+    y_min REAL NOT NULL,
+    x_max REAL NOT NULL,
+    y_max REAL NOT NULL,
+    confidence REAL,
+    PRIMARY KEY (binary_data_id, id)
+);
+"""
+_BBOX_COLS = "id, binary_data_id, label, x_min, y_min, x_max, y_max, confidence"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS uploads(
@@ -108,16 +128,6 @@ CREATE TABLE IF NOT EXISTS binary_tags(
     tag TEXT NOT NULL,
     PRIMARY KEY (binary_data_id, tag)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS bboxes(
-    id TEXT PRIMARY KEY,
-    binary_data_id TEXT NOT NULL,
-    label TEXT NOT NULL,
-    x_min REAL NOT NULL,
-    y_min REAL NOT NULL,
-    x_max REAL NOT NULL,
-    y_max REAL NOT NULL,
-    confidence REAL
-);
 CREATE TABLE IF NOT EXISTS datasets(
     id TEXT PRIMARY KEY,
     org_id TEXT NOT NULL,
@@ -135,7 +145,7 @@ CREATE TABLE IF NOT EXISTS database_users(
     password_hash BLOB NOT NULL,
     updated_at_ns INTEGER NOT NULL
 );
-"""
+""" + _BBOXES.format(name="bboxes")
 
 # Columns added after the first release of the schema: ALTERed into an older index.
 ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -175,15 +185,56 @@ _T = TypeVar("_T")
 RAW_ANY_KEY = "@edged_bytes"  # a stored method parameter kept as bytes (see any_json)
 
 
+# PRAGMA user_version of an index whose bbox ids are per binary and whose dataset
+# memberships never cross organisations (0: an index from before both rules).
+SCHEMA_VERSION = 1
+
+
 def migrate(db: sqlite3.Connection) -> None:
-    """Add columns an older index lacks (backfilling the capture time), then indexes."""
+    """Add columns an older index lacks (backfilling the capture time), bring it to
+    SCHEMA_VERSION in one transaction, then indexes."""
     for table, column, decl in ADDED_COLUMNS:
         have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
         if column not in have:
             db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
             if column == "time_captured_ns":
                 db.execute(f"UPDATE {table} SET time_captured_ns = {CAPTURED}")
+    if db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            _rekey_bboxes(db)
+            _drop_cross_org_members(db)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
     db.executescript(INDEXES)
+
+
+def _rekey_bboxes(db: sqlite3.Connection) -> None:
+    """An older index keyed boxes by id alone (one global namespace): rebuild it keyed
+    by (binary, id), keeping rowids so boxes stay in the order they were added."""
+    pk = {row[1]: row[5] for row in db.execute("PRAGMA table_info(bboxes)")}
+    if pk.get("binary_data_id"):
+        return
+    db.execute(_BBOXES.format(name="bboxes_per_binary"))
+    db.execute(
+        f"INSERT INTO bboxes_per_binary(rowid, {_BBOX_COLS}) SELECT rowid, {_BBOX_COLS} FROM bboxes"
+    )
+    db.execute("DROP TABLE bboxes")
+    db.execute("ALTER TABLE bboxes_per_binary RENAME TO bboxes")
+
+
+def _drop_cross_org_members(db: sqlite3.Connection) -> None:
+    """Uploads used to join whatever dataset id they named, another organisation's too;
+    such memberships go (ids that name no dataset at all link nothing and stay)."""
+    db.execute(
+        "DELETE FROM dataset_members WHERE EXISTS (SELECT 1 FROM datasets d"
+        " WHERE d.id = dataset_members.dataset_id) AND NOT EXISTS (SELECT 1 FROM datasets d"
+        " JOIN binaries b ON b.org_id = d.org_id WHERE d.id = dataset_members.dataset_id"
+        " AND b.binary_data_id = dataset_members.binary_data_id)"
+    )
 
 
 KIND_TABULAR = "tabular"
@@ -478,6 +529,7 @@ class IngestStore:
             earlier = self._claim(conn, org_id, item_id, KIND_TABULAR, ids)
             if earlier is not None:
                 return earlier
+            catalog.check_datasets(conn, org_id, meta.dataset_ids)
             conn.executemany(
                 "INSERT INTO readings(upload_id, org_id, location_id, part_id, component_type,"
                 " component_name, method_name, method_parameters, tags, dataset_ids,"
@@ -559,6 +611,7 @@ class IngestStore:
             earlier = self._claim(conn, org_id, item_id, kind, ids)
             if earlier is not None:
                 return earlier
+            catalog.check_datasets(conn, org_id, meta.dataset_ids)
             final_dir.mkdir(exist_ok=True, mode=0o700)
             os.replace(blob.path, final)
             try:
@@ -580,10 +633,8 @@ class IngestStore:
                     " VALUES (?,?)",
                     members,
                 )
-                conn.executemany(
-                    "INSERT OR IGNORE INTO bboxes(id, binary_data_id, label, x_min, y_min,"
-                    " x_max, y_max, confidence) VALUES (?,?,?,?,?,?,?,?)",
-                    boxes,
+                conn.executemany(  # ids were checked unique (validate.check_bbox_ids)
+                    f"INSERT INTO bboxes({_BBOX_COLS}) VALUES (?,?,?,?,?,?,?,?)", boxes
                 )
             except BaseException:
                 final.unlink(missing_ok=True)

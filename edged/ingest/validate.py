@@ -59,10 +59,24 @@ def check_sensor_contents(data_type: int, contents: Sequence[pb.SensorData]) -> 
             )
         if contents[0].WhichOneof("data") != "binary":
             raise invalid("sensor_contents[0] must carry binary data in a binary upload")
+        check_bbox_ids(contents[0].metadata, "sensor_contents[0].metadata")
         return
     for i, reading in enumerate(contents):
         if reading.WhichOneof("data") != "struct":
             raise invalid(f"sensor_contents[{i}] must carry struct data in a tabular upload")
+
+
+def check_bbox_ids(sensor: pb.SensorMetadata, where: str) -> None:
+    """Bounding-box ids are unique per binary: refuse a repeat rather than keep one box."""
+    first: dict[str, int] = {}
+    for i, box in enumerate(sensor.annotations.bboxes):
+        if box.id in first:
+            raise invalid(
+                f"{where}.annotations.bboxes[{i}].id {box.id!r} repeats bboxes[{first[box.id]}];"
+                " bounding-box ids must be unique within one binary"
+            )
+        if box.id:
+            first[box.id] = i
 
 
 def mime_type_for(meta: pb.UploadMetadata, sensor: pb.SensorMetadata | None) -> str:

@@ -5,7 +5,8 @@ Run by the interop interpreter (`.venv-interop/bin/python`), never by the produc
     sdk_upload.py ADDRESS API_KEY_ID API_KEY_FILE WORK_DIR
 
 On success prints exactly ONE JSON line to stdout, the ids the SDK returned per call
-(the SDK's own log lines go to stderr). On failure prints `sdk_upload: <call> failed:
+and, under `dataset:<name>`, the id of each dataset it created (the SDK's own log lines
+go to stderr). On failure prints `sdk_upload: <call> failed:
 ...` to stderr and exits 1.
 
 The payloads are defined here, at module level with the standard library only, so the
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 PART_ID = "edged-interop-part-7f3c"
+ORG = "org-interop"  # the organisation of the test's API key (edged ingest --org-id)
 
 # -- tabular_data_capture_upload --------------------------------------------------------
 TABULAR_COMPONENT_TYPE = "rdk:component:sensor"
@@ -59,7 +61,7 @@ BINARY_COMPONENT_NAME = "interop-cam"
 BINARY_METHOD = "GetImages"
 BINARY_EXTENSION = ".jpg"
 BINARY_TAGS = ["interop", "binary"]
-BINARY_DATASETS = ["dataset-interop-a"]
+BINARY_DATASETS = ["dataset-interop-a"]  # names: created first, uploads carry their ids
 BINARY_TIMES = (
     datetime(2024, 6, 1, 0, 0, 1, 1, tzinfo=UTC),
     datetime(2024, 6, 1, 0, 0, 2, 999999, tzinfo=UTC),
@@ -135,6 +137,12 @@ async def upload_all(address: str, key_id: str, key: str, work_dir: Path) -> dic
         )
         data = client.data_client
 
+        # Uploads may only name datasets of the key's organisation: create them first.
+        step = "create_dataset"
+        names = sorted({*BINARY_DATASETS, *STREAM_DATASETS, *FILE_DATASETS})
+        datasets = {name: await data.create_dataset(name, ORG) for name in names}
+        ids.update({f"dataset:{name}": ds for name, ds in datasets.items()})
+
         step = "tabular_data_capture_upload"
         ids["tabular"] = await data.tabular_data_capture_upload(
             tabular_data=TABULAR_READINGS,
@@ -155,7 +163,7 @@ async def upload_all(address: str, key_id: str, key: str, work_dir: Path) -> dic
             method_name=BINARY_METHOD,
             file_extension=BINARY_EXTENSION,
             tags=BINARY_TAGS,
-            dataset_ids=BINARY_DATASETS,
+            dataset_ids=[datasets[n] for n in BINARY_DATASETS],
             data_request_times=BINARY_TIMES,
         )
 
@@ -169,7 +177,7 @@ async def upload_all(address: str, key_id: str, key: str, work_dir: Path) -> dic
             method_name=STREAM_METHOD,
             data_request_times=STREAM_TIMES,
             tags=STREAM_TAGS,
-            dataset_ids=STREAM_DATASETS,
+            dataset_ids=[datasets[n] for n in STREAM_DATASETS],
             mime_type=STREAM_MIME,
         )
 
@@ -183,7 +191,7 @@ async def upload_all(address: str, key_id: str, key: str, work_dir: Path) -> dic
             file_name=FILE_NAME,
             file_extension=FILE_EXTENSION,
             tags=FILE_TAGS,
-            dataset_ids=FILE_DATASETS,
+            dataset_ids=[datasets[n] for n in FILE_DATASETS],
         )
 
         step = "file_upload_from_path"

@@ -34,7 +34,7 @@ from tests.interop import sdk_upload as sdk
 
 INTEROP_PYTHON = os.environ.get("EDGED_INTEROP_PYTHON", "")
 SCRIPT = Path(__file__).with_name("sdk_upload.py")
-ORG = "org-interop"
+ORG = sdk.ORG
 START_DEADLINE_S = 30.0
 SDK_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 30.0
@@ -183,6 +183,8 @@ def test_stock_sdk_uploads_all_five_kinds(
     lines = result.stdout.splitlines()
     assert len(lines) == 1, f"expected one JSON line on stdout, got {result.stdout!r}"
     ids: dict[str, str] = json.loads(lines[0])
+    datasets = {k.removeprefix("dataset:"): ids.pop(k) for k in list(ids) if ":" in k}
+    assert set(datasets) == {*sdk.BINARY_DATASETS, *sdk.STREAM_DATASETS, *sdk.FILE_DATASETS}
     assert set(ids) == {"tabular", "binary", "streaming", "file", "from_path"}
     assert all(ids.values()) and len(set(ids.values())) == 5, ids
 
@@ -231,7 +233,7 @@ def test_stock_sdk_uploads_all_five_kinds(
             kind="binary", component_type=sdk.BINARY_COMPONENT_TYPE,
             component_name=sdk.BINARY_COMPONENT_NAME, method_name=sdk.BINARY_METHOD,
             file_name="", file_extension=".jpg", mime_type="image/jpeg",
-            tags=sdk.BINARY_TAGS, dataset_ids=sdk.BINARY_DATASETS,
+            tags=sdk.BINARY_TAGS, dataset_ids=[datasets[n] for n in sdk.BINARY_DATASETS],
             time_requested_ns=ns(sdk.BINARY_TIMES[0]), time_received_ns=ns(sdk.BINARY_TIMES[1]),
             payload=sdk.binary_payload(),
         ),
@@ -239,7 +241,7 @@ def test_stock_sdk_uploads_all_five_kinds(
             kind="binary", component_type=sdk.STREAM_COMPONENT_TYPE,
             component_name=sdk.STREAM_COMPONENT_NAME, method_name=sdk.STREAM_METHOD,
             file_name="", file_extension=".pcd", mime_type=sdk.STREAM_MIME,
-            tags=sdk.STREAM_TAGS, dataset_ids=sdk.STREAM_DATASETS,
+            tags=sdk.STREAM_TAGS, dataset_ids=[datasets[n] for n in sdk.STREAM_DATASETS],
             time_requested_ns=ns(sdk.STREAM_TIMES[0]), time_received_ns=ns(sdk.STREAM_TIMES[1]),
             payload=sdk.streaming_payload(),
         ),
@@ -247,7 +249,7 @@ def test_stock_sdk_uploads_all_five_kinds(
             kind="file", component_type=sdk.FILE_COMPONENT_TYPE,
             component_name=sdk.FILE_COMPONENT_NAME, method_name=sdk.FILE_METHOD,
             file_name="interop-notes", file_extension=".txt", mime_type="text/plain",
-            tags=sdk.FILE_TAGS, dataset_ids=sdk.FILE_DATASETS,
+            tags=sdk.FILE_TAGS, dataset_ids=[datasets[n] for n in sdk.FILE_DATASETS],
             time_requested_ns=None, time_received_ns=None, payload=sdk.file_payload(),
         ),
         "from_path": dict(
