@@ -328,10 +328,15 @@ class CaptureReader:
         self.close()
 
 
-def open_capture(path: str | os.PathLike[str], *, chunk_size: int = READ_CHUNK) -> CaptureReader:
-    """Open a capture file and read its header; raises CaptureFormatError if it has none."""
+def open_capture(
+    path: str | os.PathLike[str], *, chunk_size: int = READ_CHUNK, fd: int | None = None
+) -> CaptureReader:
+    """Open a capture file and read its header; raises CaptureFormatError if it has none.
+    `fd`: the file already opened (edged opens robot files through `safefs`); the reader
+    owns it from then on, also when this raises."""
     name = os.fspath(path)
-    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
+    if fd is None:
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
     try:
         return CaptureReader(name, fd, chunk_size)
     except BaseException:

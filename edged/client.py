@@ -24,7 +24,7 @@ import datetime as dt
 import os
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar, Self, TypeAlias, TypeVar, cast
@@ -113,11 +113,14 @@ class UploadResult:
 
 @dataclass(frozen=True)
 class FileSlice:
-    """Bytes [offset, offset+length) of a file; length None = to the end."""
+    """Bytes [offset, offset+length) of a file; length None = to the end. `opener`, if
+    given, returns a new fd of the file (closed after use) instead of opening `path`:
+    the daemon hands out one it checked, so a path swapped mid-upload is never read."""
 
     path: Path
     offset: int = 0
     length: int | None = None
+    opener: Callable[[], int] | None = field(default=None, compare=False, repr=False)
 
 
 ByteSource: TypeAlias = bytes | Path | FileSlice | Callable[[], AsyncIterator[bytes]]
@@ -256,7 +259,8 @@ async def iter_source(source: ByteSource, chunk_size: int = DEFAULT_CHUNK) -> As
     if isinstance(source, Path | FileSlice):
         piece = source if isinstance(source, FileSlice) else FileSlice(source)
         try:
-            f = open(piece.path, "rb")  # noqa: SIM115 - closed below; errors become SourceError
+            where = piece.path if piece.opener is None else piece.opener()
+            f = open(where, "rb")  # noqa: SIM115 - closed below; errors become SourceError
         except OSError as exc:
             raise SourceError(f"cannot read {piece.path}: {exc.strerror}") from exc
         with f:

@@ -30,6 +30,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import stat
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -42,6 +43,7 @@ import aiosqlite
 from edged.durable import fsync_dir
 from edged.errors import OutboxFull
 from edged.policy import batch_take
+from edged.safefs import Identity, Swapped, locate, stat_under, unlink_under
 
 log = logging.getLogger("edged.outbox")
 _T = TypeVar("_T")
@@ -125,20 +127,35 @@ CREATE TABLE IF NOT EXISTS counters(
 );
 """
 
+# Added after the first release: old outbox files get them when opened, and their rows
+# keep NULL there (a reference without root or identity; see `safefs.locate`).
+ADDED_COLUMNS = (
+    ("items", "root", "TEXT"),
+    ("items", "dev", "INTEGER"),
+    ("items", "ino", "INTEGER"),
+    ("claims", "root", "TEXT"),
+    ("claims", "dev", "INTEGER"),
+    ("claims", "ino", "INTEGER"),
+)
+
 _ITEM_COLS = (
     "i.id, i.uid, i.kind, m.metadata, i.sensor, i.inline, i.path, i.offset, i.length,"
-    " i.stored, i.count, i.bytes, i.enqueued_at, i.attempts"
+    " i.stored, i.count, i.bytes, i.enqueued_at, i.attempts, i.root, i.dev, i.ino"
 )
 
 
 @dataclass(frozen=True)
 class Claim:
-    """A source file handed to the outbox, identified by what it looked like then."""
+    """A source file handed to the outbox, identified by what it looked like then.
+    `root`: the source's directory, below which no symlink is followed when the file is
+    deleted; `ident`: the file's (device, inode) when it was queued."""
 
     path: str
     size: int
     mtime_ns: int
     delete_after: bool = True
+    root: str | None = None
+    ident: Identity | None = None
 
 
 @dataclass(frozen=True)
@@ -154,11 +171,14 @@ class Progress:
 
 @dataclass(frozen=True)
 class FileRef:
-    """Payload bytes left in a source file until the upload is acknowledged."""
+    """Payload bytes left in a source file until the upload is acknowledged; `root` and
+    `ident` as in Claim: the uploader reads only that file, reached without links."""
 
     path: str
     offset: int
     length: int
+    root: str | None = None
+    ident: Identity | None = None
 
 
 @dataclass(frozen=True)
@@ -179,6 +199,8 @@ class Item:
     bytes: int
     enqueued_at: float
     attempts: int
+    root: str | None = None
+    ident: Identity | None = None
 
 
 @dataclass(frozen=True)
@@ -298,6 +320,7 @@ class Outbox:
             await db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
             await db.execute("PRAGMA foreign_keys=OFF")
             await db.executescript(SCHEMA)
+            await _add_columns(db)
         except BaseException:
             await db.close()
             raise
@@ -475,11 +498,19 @@ class Outbox:
     async def _put_claim(self, db: aiosqlite.Connection, claim: Claim | None, state: str) -> None:
         if claim is not None:
             await db.execute(
-                "INSERT INTO claims(path, size, mtime_ns, state, delete_after)"
-                " VALUES (?,?,?,?,?) ON CONFLICT(path) DO UPDATE SET size=excluded.size,"
+                "INSERT INTO claims(path, size, mtime_ns, state, delete_after, root, dev, ino)"
+                " VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(path) DO UPDATE SET size=excluded.size,"
                 " mtime_ns=excluded.mtime_ns, state=excluded.state,"
-                " delete_after=excluded.delete_after",
-                (_db_path(claim.path), claim.size, claim.mtime_ns, state, int(claim.delete_after)),
+                " delete_after=excluded.delete_after, root=excluded.root, dev=excluded.dev,"
+                " ino=excluded.ino",
+                (
+                    _db_path(claim.path),
+                    claim.size,
+                    claim.mtime_ns,
+                    state,
+                    int(claim.delete_after),
+                    *_location(claim.root, claim.ident),
+                ),
             )
 
     async def _put_progress(self, db: aiosqlite.Connection, progress: Progress | None) -> None:
@@ -552,8 +583,10 @@ class Outbox:
         inline: bytes | None = None
         path: str | None = None
         offset, stored = 0, False
+        where = _location(None, None)
         if isinstance(payload, FileRef):
             path, offset, length = payload.path, payload.offset, payload.length
+            where = _location(payload.root, payload.ident)
         elif len(payload) <= INLINE_MAX:
             inline, length, stored = payload, len(payload), True
         else:
@@ -572,7 +605,8 @@ class Outbox:
                 meta_id = await self._meta_id(db, metadata)
                 await db.execute(
                     "INSERT INTO items(uid, kind, meta_id, sensor, inline, path, offset, length,"
-                    " stored, count, bytes, enqueued_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    " stored, count, bytes, enqueued_at, root, dev, ino)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (
                         uid,
                         kind,
@@ -586,6 +620,7 @@ class Outbox:
                         1,
                         length,
                         now,
+                        *where,
                     ),
                 )
                 await self._put_claim(db, claim, CLAIM_COMMITTING if more else CLAIM_PENDING)
@@ -736,6 +771,8 @@ class Outbox:
             bytes=row[11],
             enqueued_at=row[12],
             attempts=row[13],
+            root=None if row[14] is None else _fs_path(row[14]),
+            ident=_identity(row[15], row[16]),
         )
 
     async def _oldest_unbatched(self, db: aiosqlite.Connection) -> tuple[int, float] | None:
@@ -839,18 +876,16 @@ class Outbox:
         finished by `recover()` instead of leaving the file to be sent again."""
         key = _db_path(path)
         async with self._db.execute(
-            "SELECT state, delete_after, size, mtime_ns FROM claims WHERE path=?", (key,)
+            "SELECT state, delete_after, size, mtime_ns, root, dev, ino FROM claims WHERE path=?",
+            (key,),
         ) as cur:
             row = await cur.fetchone()
         if row is None or row[0] != CLAIM_PENDING:
             return  # unknown, or the source is still queuing readings of it
-        forget = True
-        if row[3] and _changed_since(path, row[2], row[3]):
-            # Rewritten after it was queued: keep the new bytes; forgetting the claim lets
-            # its source queue the new version.
-            log.warning("%s changed after it was queued; keeping it", path)
-        elif not row[1] or not _unlink(path):
-            forget = False  # kept on purpose, or undeletable: remember it, never resend
+        root = None if row[4] is None else _fs_path(row[4])
+        forget = await asyncio.to_thread(
+            _retire_file, path, root, _identity(row[5], row[6]), row[2], row[3], bool(row[1])
+        )
         async with self._tx() as db:
             if forget:
                 await db.execute("DELETE FROM claims WHERE path=?", (key,))
@@ -1006,7 +1041,7 @@ def _text(message: str) -> str:
 
 
 def _unlink(path: str) -> bool:
-    """Delete a file we are done with; False (logged) if the OS refuses."""
+    """Delete one of our own spool files; False (logged) if the OS refuses."""
     try:
         Path(path).unlink(missing_ok=True)
     except OSError as exc:
@@ -1015,12 +1050,79 @@ def _unlink(path: str) -> bool:
     return True
 
 
-def _changed_since(path: str, size: int, mtime_ns: int) -> bool:
+def _retire_file(
+    path: str,
+    root: str | None,
+    ident: Identity | None,
+    size: int,
+    mtime_ns: int,
+    delete_after: bool,
+) -> bool:
+    """Delete an uploaded source file if its claim says so; True: forget the claim.
+
+    Reached only below `root` without links, and deleted only if it is still the file
+    that was queued. Rewritten since (other size, mtime or inode): kept, and forgetting
+    the claim lets its source queue the new version. A link or a non-file in its place:
+    nothing is deleted, and the claim is kept as done so the path is not sent again."""
     try:
-        st = os.stat(path)
+        base, rel = locate(path, root)
+        st = stat_under(base, rel)
+        if stat.S_ISLNK(st.st_mode) or not stat.S_ISREG(st.st_mode):
+            raise Swapped(f"{path} is no longer a regular file (a symlink now?)")
     except FileNotFoundError:
+        return True
+    except Swapped as exc:
+        log.warning("%s; not deleting anything after its upload", exc)
         return False
-    return (st.st_size, st.st_mtime_ns) != (size, mtime_ns)
+    except (OSError, ValueError) as exc:
+        log.warning("cannot check %s after upload: %s", path, exc)
+        return False
+    if (ident is not None and Identity.of(st) != ident) or (
+        mtime_ns and (st.st_size, st.st_mtime_ns) != (size, mtime_ns)
+    ):
+        log.warning("%s changed after it was queued; keeping it", path)
+        return True
+    if not delete_after:
+        return False  # kept on purpose: remember it, never resend
+    try:
+        unlink_under(base, rel, Identity.of(st))
+    except Swapped as exc:
+        log.warning("%s; not deleting anything after its upload", exc)
+        return False
+    except OSError as exc:
+        log.warning("cannot delete %s after upload: %s", path, exc.strerror or exc)
+        return False
+    return True
+
+
+_I64 = 1 << 63
+
+
+def _location(
+    root: str | None, ident: Identity | None
+) -> tuple[str | bytes | None, int | None, int | None]:
+    """(root, dev, ino) as stored; device and inode numbers are unsigned 64-bit, SQLite
+    integers signed, so the upper half is stored as negative numbers."""
+    if ident is None:
+        return (None if root is None else _db_path(root), None, None)
+    dev, ino = (v - 2 * _I64 if v >= _I64 else v for v in ident)
+    return (None if root is None else _db_path(root), dev, ino)
+
+
+def _identity(dev: int | None, ino: int | None) -> Identity | None:
+    if dev is None or ino is None:
+        return None
+    return Identity(dev + 2 * _I64 if dev < 0 else dev, ino + 2 * _I64 if ino < 0 else ino)
+
+
+async def _add_columns(db: aiosqlite.Connection) -> None:
+    """Bring an outbox file written by an older edged up to ADDED_COLUMNS."""
+    for table in dict.fromkeys(t for t, _, _ in ADDED_COLUMNS):
+        async with db.execute(f"PRAGMA table_info({table})") as cur:
+            have = {str(r[1]) for r in await cur.fetchall()}
+        for t, column, kind in ADDED_COLUMNS:
+            if t == table and column not in have:
+                await db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
 
 def _disk_free(path: Path) -> int:

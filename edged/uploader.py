@@ -12,10 +12,11 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
 import random
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -25,6 +26,7 @@ from edged.client import ByteSource, FileSlice, UploadResult
 from edged.errors import OutboxFull, SourceError, UploadError
 from edged.outbox import KIND_BINARY, KIND_TABULAR, Item, Outbox
 from edged.policy import Action, backoff_delay, binary_route, on_failure, stream_deadline
+from edged.safefs import locate, open_under
 
 log = logging.getLogger("edged.uploader")
 
@@ -292,7 +294,8 @@ class Uploader:
     async def _deliver(self, item: Item) -> None:
         try:
             self.calls += 1
-            await self._send(item)
+            with _pinned(item) as opener:
+                await self._send(item, opener)
         except UploadError as exc:
             await self._failed(item, exc)
             return
@@ -368,7 +371,7 @@ class Uploader:
             self._strikes.pop(next(iter(self._strikes)))
         self._strikes[uid] = (strikes, ok_at_first)
 
-    async def _send(self, item: Item) -> UploadResult:
+    async def _send(self, item: Item, opener: Callable[[], int] | None) -> UploadResult:
         s = self.settings
         meta = pb.UploadMetadata.FromString(item.metadata)
         if item.kind == KIND_TABULAR:
@@ -381,7 +384,7 @@ class Uploader:
         if item.inline is not None:
             payload = item.inline
         else:
-            payload = piece = FileSlice(_path(item), item.offset, item.length)
+            payload = piece = FileSlice(_path(item), item.offset, item.length, opener)
         timeout = stream_deadline(item.length, s.call_timeout)
         if item.kind == KIND_BINARY:
             sensor = pb.SensorMetadata.FromString(item.sensor or b"")
@@ -403,10 +406,34 @@ def _path(item: Item) -> Path:
     return Path(item.path)
 
 
+@contextlib.contextmanager
+def _pinned(item: Item) -> Iterator[Callable[[], int] | None]:
+    """For a reference into a source file: an opener of that very file, opened once here,
+    below its root without links and only if it is still the file queued, so a swap
+    before or during the upload sends nothing else. None for inline and spooled items."""
+    if item.path is None or item.stored:
+        yield None
+        return
+    try:
+        fd = open_under(*locate(item.path, item.root), item.ident)  # Swapped passes through
+    except (OSError, ValueError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise SourceError(f"cannot read {item.path}: {why}") from exc
+    try:
+        yield lambda: os.dup(fd)
+    finally:
+        os.close(fd)
+
+
 async def _read_slice(piece: FileSlice) -> bytes:
     def read() -> bytes:
         try:
-            with open(piece.path, "rb") as f:
+            fd = (
+                os.open(piece.path, os.O_RDONLY | os.O_CLOEXEC)
+                if piece.opener is None
+                else piece.opener()
+            )
+            with os.fdopen(fd, "rb") as f:
                 f.seek(piece.offset)
                 data = f.read(piece.length)
         except OSError as exc:

@@ -100,10 +100,13 @@ def test_writer_gone_rule(lease: bool | None, mtime: float, booted: float, gone:
 def test_lease_probe_sees_an_open_descriptor(tmp_path: Path) -> None:
     f = tmp_path / "x.prog"
     f.write_bytes(b"")
-    assert lease_free(f) is True
+    assert lease_free(tmp_path, f) is True
     with f.open("ab"):
-        assert lease_free(f) is False
-    assert lease_free(tmp_path / "missing.prog") is None
+        assert lease_free(tmp_path, f) is False
+    assert lease_free(tmp_path, tmp_path / "missing.prog") is None
+    other = tmp_path / "other.prog"
+    other.write_bytes(b"")
+    assert lease_free(tmp_path, f, other.stat()) is False  # not the file we saw
 
 
 async def test_prog_with_mtime_in_the_future_is_recovered_after_grace_by_watching(

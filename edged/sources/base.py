@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from typing import Any, Protocol
 from edged.config import SourceConfig
 from edged.durable import fsync_dir
 from edged.outbox import Outbox
+from edged.safefs import Identity, copy_out, locate, move_out
 
 log = logging.getLogger("edged.sources")
 
@@ -92,8 +92,18 @@ def note_root(name: str, stats: SourceStats, root: Path) -> bool:
     return present
 
 
-def quarantine(ctx: SourceContext, path: Path, reason: str) -> Path:
-    """Move `path` aside with a `.reason` file next to it; never lose the bytes."""
+def quarantine(
+    ctx: SourceContext,
+    path: Path,
+    reason: str,
+    *,
+    root: Path | None = None,
+    expect: Identity | None = None,
+    keep_original: bool = False,
+) -> Path:
+    """Move `path` (or copy it, `keep_original`) aside with a `.reason` file next to it;
+    never lose the bytes. It is reached below `root` (default: its directory) without
+    following links, and must still be `expect`: else `safefs.Swapped`, nothing moved."""
     ctx.quarantine_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(ctx.clock()))
     target = ctx.quarantine_dir / f"{stamp}-{path.name}"
@@ -108,12 +118,15 @@ def quarantine(ctx: SourceContext, path: Path, reason: str) -> Path:
         f.write(f"path: {path}\nreason: {reason}\n")
         f.flush()
         os.fsync(f.fileno())
+    base, rel = locate(str(path), None if root is None else str(root))
     try:
-        os.replace(path, target)
-    except OSError:
-        # Another filesystem: copy bytes, then remove the original.
-        shutil.copy2(path, target)
-        path.unlink()
+        if keep_original:
+            copy_out(base, rel, target, expect)
+        else:
+            move_out(base, rel, target, expect)
+    except BaseException:
+        reason_file.unlink(missing_ok=True)
+        raise
     fsync_dir(ctx.quarantine_dir)
     log.warning("quarantined %s: %s (moved to %s)", path, reason, target)
     return target

@@ -17,7 +17,7 @@ import errno
 import fcntl
 import logging
 import os
-import shutil
+import stat
 from pathlib import Path
 
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
@@ -32,6 +32,7 @@ from edged.outbox import (
     FileRef,
     Progress,
 )
+from edged.safefs import Identity, Swapped, open_under, stat_under, unlink_under
 from edged.sources.base import (
     SourceContext,
     SourceStats,
@@ -79,12 +80,15 @@ def writer_gone(lease: bool | None, mtime: float, booted_at: float) -> bool:
     return mtime < booted_at
 
 
-def lease_free(path: Path) -> bool | None:
+def lease_free(root: Path, path: Path, st: os.stat_result | None = None) -> bool | None:
     """Probe with a write lease, which Linux grants only when no other descriptor has the
     file open: True (nobody has it open), False (somebody does), None (cannot probe:
-    unreadable, not our file without CAP_LEASE, or a filesystem without leases)."""
+    unreadable, not our file without CAP_LEASE, or a filesystem without leases). The file
+    is reached below `root` without links and must still be the one `st` describes."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_under(root, path.relative_to(root), None if st is None else Identity.of(st))
+    except Swapped:
+        return False  # not the file we saw: certainly not ours to call abandoned
     except OSError:
         return None
     try:
@@ -117,9 +121,9 @@ def upload_metadata_for(
     return meta
 
 
-def _changed(path: Path, before: os.stat_result) -> bool:
+def _changed(root: Path, path: Path, before: os.stat_result) -> bool:
     try:
-        now = path.stat()
+        now = stat_under(root, path.relative_to(root))
     except FileNotFoundError:
         return False
     return (now.st_size, now.st_mtime_ns) != (before.st_size, before.st_mtime_ns)
@@ -214,12 +218,15 @@ class CaptureSource:
     async def consider(self, path: Path) -> None:
         """Commit whatever `path` holds that the outbox does not have yet."""
         try:
-            st = path.lstat()
+            st = stat_under(self.root, path.relative_to(self.root))
         except FileNotFoundError:
             self._prog_waiting.pop(path, None)
             self._prog_watched.pop(path, None)
             return
-        if not path.is_file() or path.is_symlink():
+        except Swapped as exc:
+            log.warning("%s; skipped", exc)
+            return
+        if not stat.S_ISREG(st.st_mode):
             return
         claim = await self.ctx.outbox.claim_of(str(path))
         committing = claim is not None and claim[0] == CLAIM_COMMITTING
@@ -227,7 +234,7 @@ class CaptureSource:
             if claim[0] != CLAIM_COMMITTED:
                 return  # binary readings still queued by reference
             if (st.st_size, st.st_mtime_ns) == claim[1:]:
-                await self._retire(path)  # crashed between commit and delete
+                await self._retire(path, st)  # crashed between commit and delete
                 return
             # A .prog that grew after we committed it: its writer was alive after all.
             # Keep the offset, drop the claim, and commit what was appended.
@@ -252,6 +259,10 @@ class CaptureSource:
                 await wait_for_space(self.ctx, self.stats)
             except FileNotFoundError:
                 return
+            except Swapped as exc:  # a link took its place: nothing is read through it
+                self.stats.last_error = str(exc)
+                log.warning("%s; skipped", exc)
+                return
             except OSError as exc:
                 # EACCES (the robot wrote it with a mode we may not read), EIO: nothing is
                 # wrong with the data, so no quarantine; it stays put, the next scan looks
@@ -275,22 +286,30 @@ class CaptureSource:
         # A .prog past its grace period may still have a live writer (a slow sensor that
         # has not filled its 4 KiB buffer): commit what is there, keep the file.
         live = path.suffix == ".prog" and not self._writer_gone(path, st)
+        fd = open_under(self.root, path.relative_to(self.root), Identity.of(st))
         try:
-            reader = open_capture(path)
+            reader = open_capture(path, fd=fd)
         except IncompleteHeader as exc:
             if path.suffix == ".capture":  # finished, yet no header: corrupt
-                self._quarantine(path, str(exc), keep_original=False)
+                self._quarantine(path, st, str(exc), keep_original=False)
             elif not live:  # its writer died before the header reached the disk
                 log.info("%s: removed: no complete header, so no data (%s)", path, exc.reason)
-                await self._retire(path)
+                await self._retire(path, st)
             return  # a live writer has the header in its buffer still: look again later
         except CaptureFormatError as exc:
-            self._quarantine(path, str(exc), keep_original=False)
+            self._quarantine(path, st, str(exc), keep_original=False)
             return
         with reader:
             meta = upload_metadata_for(reader.metadata, self.ctx.part_id, self.config)
             start = max(reader.data_offset, await self._resume_offset(path, st))
-            claim = Claim(str(path), st.st_size, st.st_mtime_ns, delete_after=True)
+            claim = Claim(
+                str(path),
+                st.st_size,
+                st.st_mtime_ns,
+                delete_after=True,
+                root=str(self.root),
+                ident=Identity.of(st),
+            )
             if reader.metadata.type == pb.DATA_TYPE_BINARY_SENSOR:
                 if live:
                     return  # binary files are closed after one image: wait for the rename
@@ -314,10 +333,10 @@ class CaptureSource:
             log.info("%s: committed what is there; its writer still has it open", path)
             return
         if not referenced:
-            if path.suffix == ".prog" and _changed(path, st):
+            if path.suffix == ".prog" and _changed(self.root, path, st):
                 log.warning("%s changed while it was recovered; its writer is alive", path)
                 return
-            await self._retire(path)
+            await self._retire(path, st)
         self.stats.files_done += 1
 
     async def _commit_tabular(
@@ -349,7 +368,7 @@ class CaptureSource:
                     meta_bytes, chunk, progress=self._progress(path, st, end)
                 )
                 self.stats.readings += len(chunk)
-            self._quarantine(path, str(exc), keep_original=False)
+            self._quarantine(path, st, str(exc), keep_original=False)
             raise FileNotFoundError from exc  # nothing left to retire
         await outbox.enqueue_readings(
             meta_bytes, chunk, claim=claim, progress=self._progress(path, st, end)
@@ -378,7 +397,7 @@ class CaptureSource:
                     span = field_span(record.raw, 3)
                     assert span is not None
                     body_start = record.end - len(record.raw)
-                    ref = FileRef(str(path), body_start + span[0], span[1])
+                    ref = FileRef(str(path), body_start + span[0], span[1], claim.root, claim.ident)
                     await outbox.enqueue_item(
                         KIND_BINARY,
                         meta_bytes,
@@ -393,7 +412,7 @@ class CaptureSource:
                     await self._commit_legacy(path, reader, record.reading, meta, progress)
                 self.stats.readings += 1
         except CaptureFormatError as exc:
-            self._quarantine(path, str(exc), keep_original=referenced)
+            self._quarantine(path, st, str(exc), keep_original=referenced)
             if not referenced:
                 raise FileNotFoundError from exc
             await outbox.finish_claim(str(path))
@@ -448,25 +467,39 @@ class CaptureSource:
 
     def _writer_gone(self, path: Path, st: os.stat_result) -> bool:
         """See `writer_gone`: the lease probe first, the boot time only as a fallback."""
-        return writer_gone(lease_free(path), st.st_mtime, self._booted_at)
+        return writer_gone(lease_free(self.root, path, st), st.st_mtime, self._booted_at)
 
     def _progress(self, path: Path, st: os.stat_result, offset: int) -> Progress:
         return Progress(self.name, str(path), st.st_ino, offset, 0)
 
-    async def _retire(self, path: Path) -> None:
-        """Every reading is committed: delete the file, then forget it."""
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+    async def _retire(self, path: Path, st: os.stat_result) -> None:
+        """Every reading is committed: delete the file (only if it is still the one read,
+        reached without links), then forget it."""
+        try:
+            unlink_under(self.root, path.relative_to(self.root), Identity.of(st))
+        except FileNotFoundError:
+            pass  # a directory on the way went: so did the file
+        except Swapped as exc:
+            log.warning("%s; not deleting anything", exc)
         await self.ctx.outbox.forget_claim(str(path), self.name)
         if path.suffix == ".capture":  # its offset may have been kept under the .prog name
             await self.ctx.outbox.forget_claim(str(path.with_suffix(".prog")), self.name)
 
-    def _quarantine(self, path: Path, reason: str, *, keep_original: bool) -> None:
+    def _quarantine(
+        self, path: Path, st: os.stat_result, reason: str, *, keep_original: bool
+    ) -> None:
+        """Move the file aside; `keep_original` (queued readings still read from it):
+        a copy. Never through a link: a swapped path is left where it is."""
         self.stats.quarantined += 1
         self.stats.last_error = reason
-        if keep_original:  # queued readings still read from it: quarantine a copy
-            copy = path.with_name(f".{path.name}.quarantine")
-            shutil.copy2(path, copy)
-            quarantine(self.ctx, copy, reason)
-        else:
-            quarantine(self.ctx, path, reason)
+        try:
+            quarantine(
+                self.ctx,
+                path,
+                reason,
+                root=self.root,
+                expect=Identity.of(st),
+                keep_original=keep_original,
+            )
+        except Swapped as exc:
+            log.warning("%s; not quarantining it (%s)", exc, reason)

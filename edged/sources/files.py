@@ -10,7 +10,10 @@ it (`delete_after_upload`, the default) or marks it `done`, and a later scan sen
 again only if its size or mtime changed.
 
 Walking never follows symlinks (a link to a file or directory is skipped), so nothing
-outside `path` is ever uploaded; a root that is itself a symlink is resolved once.
+outside `path` is ever uploaded; a root that is itself a symlink is resolved once. The
+file's (device, inode) is queued with it: the uploader and the delete after the ack
+reach it again through `safefs`, so a file or directory swapped for a link after
+queueing is neither read nor deleted.
 Hidden and temporary names, the robot's `failed/`, `datasetUpload/` and `sequences/`
 directories, and `.capture`/`.prog` files (the capture source owns those, also when both
 sources watch one directory) are never taken.
@@ -36,6 +39,7 @@ from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.config import SourceConfig
 from edged.errors import OutboxFull
 from edged.outbox import CLAIM_DONE, KIND_FILE, Claim, FileRef
+from edged.safefs import Identity, Swapped, open_under
 from edged.sources.base import (
     SourceContext,
     SourceStats,
@@ -276,10 +280,6 @@ class FilesSource:
                 return None
         return None
 
-    def _inside(self, path: Path, root: Path) -> bool:
-        """No symlink anywhere between the (resolved) root and `path`."""
-        return os.path.realpath(path) == str(path) and path.is_relative_to(root)
-
     def _walk(self, top: Path) -> tuple[dict[Path, None], set[Path]]:
         """Wanted regular files and directories under `top`, never through a symlink."""
         files: dict[Path, None] = {}
@@ -354,13 +354,15 @@ class FilesSource:
         return True
 
     async def _enqueue(self, path: Path, root: Path, st: os.stat_result) -> None:
-        if not self._inside(path, root):
-            log.debug("%s: %s leads outside %s; skipped", self.name, path, root)
+        rel = PurePosixPath(path.relative_to(root))
+        ident = Identity.of(st)
+        try:
+            # The identity the outbox keeps: the uploader sends and deletes only this file.
+            os.close(open_under(root, rel, ident))
+        except Swapped as exc:
+            log.debug("%s: %s; skipped", self.name, exc)
             self._pending.pop(path, None)
             return
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-            os.close(fd)
         except FileNotFoundError:
             log.debug("%s: %s vanished before it was queued", self.name, path)
             self._forget(path)
@@ -371,15 +373,20 @@ class FilesSource:
                 self._pending.pop(path, None)  # the next full scan looks again
                 return
             raise
-        meta = file_metadata(
-            self.ctx.part_id, self.config, PurePosixPath(path.relative_to(root)), st
+        meta = file_metadata(self.ctx.part_id, self.config, rel, st)
+        claim = Claim(
+            str(path),
+            st.st_size,
+            st.st_mtime_ns,
+            self.config.delete_after_upload,
+            root=str(root),
+            ident=ident,
         )
-        claim = Claim(str(path), st.st_size, st.st_mtime_ns, self.config.delete_after_upload)
         try:
             await self.ctx.outbox.enqueue_item(
                 KIND_FILE,
                 meta.SerializeToString(),
-                FileRef(str(path), 0, st.st_size),
+                FileRef(str(path), 0, st.st_size, root=str(root), ident=ident),
                 claim=claim,
             )
         except OutboxFull as exc:

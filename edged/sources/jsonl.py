@@ -45,6 +45,7 @@ from edged.config import SourceConfig
 from edged.durable import fsync_dir
 from edged.errors import OutboxFull
 from edged.outbox import Progress
+from edged.safefs import Swapped, open_under, stat_under
 from edged.sources.base import (
     SourceContext,
     SourceStats,
@@ -188,6 +189,7 @@ class JsonlSource:
         self._explicit = not any(c in self.pattern for c in "*?[")
         self._tails: dict[Path, _Tail] = {}  # only files present (a vanished one is dropped)
         self._vanished: dict[Path, int] = {}  # key -> inode it had when we saw it go
+        self._links: set[Path] = set()  # tracked names now a symlink (warned once)
         self._blocked = False
         self._bad_file = ctx.quarantine_dir / f"{safe_name(self.name)}.badlines.jsonl"
         meta = pb.UploadMetadata(
@@ -241,6 +243,8 @@ class JsonlSource:
         note_root(self.name, self.stats, self.dir)
         paths = self._list()
         for gone in set(self._tails) - set(paths):
+            if self._is_link(gone):
+                self._say_link(gone)  # once: it is no longer tracked after this
             self._drop(gone)
         await self._round(paths, False)
 
@@ -259,10 +263,11 @@ class JsonlSource:
         return not is_ignored_name(name) and fnmatch.fnmatchcase(name, self.pattern)
 
     def _list(self) -> list[Path]:
-        """Matching regular files; a glob skips symlinks (they would double-read their
-        target), an explicitly named file may be one."""
+        """Matching regular files; symlinks are never followed (they would read their
+        target, which may lie outside the directory): name the file itself instead."""
         if self._explicit:
-            return [self.dir / self.pattern] if (self.dir / self.pattern).is_file() else []
+            path = self.dir / self.pattern  # a link stays tracked: `_follow` warns once
+            return [path] if self._regular(path) or self._is_link(path) else []
         try:
             with os.scandir(self.dir) as it:
                 found = [
@@ -288,6 +293,7 @@ class JsonlSource:
 
     def _drop(self, path: Path) -> None:
         """Forget a vanished key, remembering its inode (bounded) to spot inode reuse."""
+        self._links.discard(path)
         tail = self._tails.pop(path, None)
         if tail is not None:
             self._vanished[path] = tail.pos.inode
@@ -296,12 +302,38 @@ class JsonlSource:
 
     # -- one key -------------------------------------------------------------------------
 
+    def _lstat(self, path: Path) -> os.stat_result:
+        """The entry itself, never what a link points to (see safefs)."""
+        return stat_under(self.dir, path.name)
+
+    def _regular(self, path: Path) -> bool:
+        try:
+            return stat.S_ISREG(self._lstat(path).st_mode)
+        except OSError:
+            return False
+
+    def _is_link(self, path: Path) -> bool:
+        try:
+            return stat.S_ISLNK(self._lstat(path).st_mode)
+        except OSError:
+            return False
+
+    def _say_link(self, path: Path) -> None:
+        self.stats.last_error = f"{path} is now a symlink; not following it"
+        log.warning("%s: %s", self.name, self.stats.last_error)
+
     async def _follow(self, path: Path, *, only_if_changed: bool) -> None:
         try:
-            st = os.stat(path)
+            st = self._lstat(path)
         except OSError:
             self._drop(path)  # its stored position stays: it may be a rename rotation
             return
+        if stat.S_ISLNK(st.st_mode):
+            if (path in self._tails or self._explicit) and path not in self._links:
+                self._links.add(path)
+                self._say_link(path)
+            return
+        self._links.discard(path)
         if not stat.S_ISREG(st.st_mode):
             return
         snap = (st.st_ino, st.st_size, st.st_mtime_ns)
@@ -362,7 +394,7 @@ class JsonlSource:
         self.stats.files_seen += 1
         tail.old_path = None
         try:
-            inode = os.stat(path).st_ino
+            inode = self._lstat(path).st_ino
         except OSError:
             return False
         await self._save(tail, Progress(self.name, str(path), inode, 0, 0))
@@ -372,7 +404,7 @@ class JsonlSource:
     def _find_inode(directory: Path, inode: int, hint: Path | None) -> Path | None:
         if hint is not None:
             try:
-                if os.stat(hint).st_ino == inode:
+                if stat_under(directory, hint.name).st_ino == inode:
                     return hint
             except OSError:
                 pass
@@ -395,7 +427,10 @@ class JsonlSource:
         """Commit `path` from the key's offset to its last newline (to its end if `final`),
         one transaction per chunk. False if stopped (backpressure, file swapped)."""
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = open_under(self.dir, path.name)
+        except Swapped as exc:
+            self.stats.last_error = str(exc)
+            return False
         except OSError as exc:
             self.stats.last_error = f"cannot open {path}: {exc.strerror or exc}"
             return False

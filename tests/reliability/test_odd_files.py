@@ -111,11 +111,12 @@ async def test_unreadable_capture_file_does_not_hold_up_the_others(
         paths += w.closed_paths
     locked, other = sorted(paths)  # the unreadable one comes first in the scan
 
-    def refusing_open(path: Any) -> Any:
+    def refusing_open(path: Any, **kw: Any) -> Any:
         # Root reads any file whatever its mode; the refusal is injected instead.
         if Path(path) == locked:
+            os.close(kw["fd"])
             raise PermissionError(13, "Permission denied", str(path))
-        return open_capture(path)
+        return open_capture(path, **kw)
 
     box = await Outbox.open(tmp_path / "state")
     try:
