@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -49,28 +47,31 @@ async def test_prog_with_a_live_writer_is_committed_but_not_deleted(tmp_path: Pa
     cap, state = tmp_path / "capture", tmp_path / "state"
     box = await Outbox.open(state)
     writer = CaptureWriter(cap, tabular_metadata())
-    for seq in range(60):
-        writer.write(tabular_reading(seq))
-    writer.flush()  # a slow sensor: the file is past its grace, the writer still has it
-    prog = writer.path
-    assert prog is not None
-    old = time.time() - 3600
-    os.utime(prog, (old, old))
-    source = CaptureSource(
-        SourceConfig(kind="capture", path=cap, prog_grace=0.0), SourceContext("p", box, state)
-    )
-    await source.scan_once()
-    assert prog.exists(), "deleted while its writer still had it open"
-    first = sum(i.count for i in await drain(box))
-    for seq in range(60, 100):
-        writer.write(tabular_reading(seq))
-    final = writer.close()  # renames .prog -> .capture
-    assert final is not None
-    await source.scan_once()
-    rest = await drain(box)
-    assert first + sum(i.count for i in rest) == 100  # every reading once, no repeats
-    assert not final.exists()
-    await box.close()
+    try:
+        for seq in range(60):
+            writer.write(tabular_reading(seq))
+        # A slow sensor: the file is past its grace (0 s), the writer still has it. Not
+        # backdated: an mtime before this boot would mark the writer gone on a fresh machine.
+        writer.flush()
+        prog = writer.path
+        assert prog is not None
+        source = CaptureSource(
+            SourceConfig(kind="capture", path=cap, prog_grace=0.0), SourceContext("p", box, state)
+        )
+        await source.scan_once()
+        assert prog.exists(), "deleted while its writer still had it open"
+        first = sum(i.count for i in await drain(box))
+        for seq in range(60, 100):
+            writer.write(tabular_reading(seq))
+        final = writer.close()  # renames .prog -> .capture
+        assert final is not None
+        await source.scan_once()
+        rest = await drain(box)
+        assert first + sum(i.count for i in rest) == 100  # every reading once, no repeats
+        assert not final.exists()
+    finally:
+        writer.close()
+        await box.close()
 
 
 class Killed(Exception):
