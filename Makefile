@@ -1,8 +1,15 @@
 # Everything a newcomer or CI needs: `make run`, `make test`.
 PY ?= python3
-VENV := .venv
+# One venv per interpreter version: `.venv` for the default python3, `.venv-3.X` for any
+# other (`make test PY=python3.12`), so switching never reuses a venv built for another ABI.
+pyver = $(shell $(1) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
+PYVER := $(call pyver,$(PY))
+ifeq ($(PYVER),)
+$(error PY=$(PY) does not run; pass an installed Python 3.11+ interpreter)
+endif
+VENV := $(if $(filter $(PYVER),$(call pyver,python3)),.venv,.venv-$(PYVER))
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+STAMP := $(VENV)/.installed-$(PYVER)
 INTEROP_VENV := .venv-interop
 INTEROP_STAMP := $(INTEROP_VENV)/.installed
 # The stock SDK we prove wire compatibility with (separate venv: its protos clash with ours).
@@ -12,6 +19,8 @@ VIAM_SDK := viam-sdk==0.85.1
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
+	@# A venv left by another interpreter version (python3 upgraded) is rebuilt, not reused.
+	@[ ! -e $(VENV) ] || [ "$$($(BIN)/python -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)" = "$(PYVER)" ] || rm -rf $(VENV)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
@@ -66,4 +75,4 @@ torture: $(STAMP)
 	$(BIN)/python -m bench.reliability_report bench/results/reliability.jsonl docs/reliability.md
 
 clean:
-	rm -rf $(VENV) $(INTEROP_VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf .venv .venv-3.* $(INTEROP_VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -9,7 +9,16 @@ from __future__ import annotations
 import os
 import socket
 
-STATE_SEND_TIMEOUT_S = 2.0
+# Sent again every watchdog tick: when systemd's queue is full it already holds a ping,
+# so one is dropped rather than block the event loop on a slow reader.
+PERIODIC = frozenset({"WATCHDOG", "STATUS"})
+# State changes (READY, STOPPING, RELOADING) wait this long for room, then are dropped.
+STATE_SEND_TIMEOUT_S = 5.0
+
+
+def send_timeout_s(fields: frozenset[str]) -> float:
+    """0 (never wait) for periodic fields only; bounded wait for anything else."""
+    return 0.0 if fields <= PERIODIC else STATE_SEND_TIMEOUT_S
 
 
 class Notifier:
@@ -29,19 +38,14 @@ class Notifier:
 
     def send(self, **fields: str) -> None:
         """e.g. send(READY="1", STATUS="backlog 0"); errors are swallowed: systemd may be gone.
-
-        Called on the event loop, so it must never block for long: a receiver that does not
-        read fills its datagram queue (10 by default). Pings and status lines are dropped
-        then (the next one says the same); a state change (READY, STOPPING, RELOADING)
-        waits at most STATE_SEND_TIMEOUT_S for room, since systemd acts on it.
-        """
+        Never blocks for long: it runs on the event loop, and a datagram socket whose reader
+        lags (queue of 10 by default) would otherwise stall the daemon in sendto."""
         if not self._addr:
             return
         payload = "\n".join(f"{k}={v}" for k, v in fields.items()).encode()
-        routine = set(fields) <= {"WATCHDOG", "STATUS"}
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-                s.settimeout(0.0 if routine else STATE_SEND_TIMEOUT_S)
+                s.settimeout(send_timeout_s(frozenset(fields)))
                 s.sendto(payload, self._addr)
-        except OSError:
+        except OSError:  # includes the timeout and EAGAIN: the message is dropped
             pass

@@ -177,3 +177,27 @@ def test_200mb_file_streams_with_flat_memory_and_sigterm_exits_0(
     )
     assert int(client_peak) < 100 * MiB
     assert server_peak < 100 * MiB
+
+
+async def test_sigterm_with_an_idle_authenticated_client_exits_within_grace(
+    tmp_path: Path, key: KeyFile
+) -> None:
+    """An open idle connection must not hold shutdown: asyncio's Server.wait_closed waits
+    for every connection since Python 3.12.1, so the server has to close them itself."""
+    grace_s = 2
+    with ingest_process(
+        tmp_path / "ingest",
+        ["--api-key-id", key.key_id, "--api-key-file", str(key.path), "--grace", str(grace_s)],
+    ) as (server, port):
+        async with UploadClient(
+            f"127.0.0.1:{port}", api_key_id=key.key_id, api_key=key.secret, tls=False
+        ) as client:
+            assert await client.tabular_data_capture_upload([{"a": 1}], "p", "t", "n", "m")
+            server.send_signal(signal.SIGTERM)  # the client's connection stays open, idle
+            try:
+                code = await asyncio.to_thread(server.wait, grace_s + 10)  # a bound, not a timing
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"edged ingest still running {grace_s + 10}s after SIGTERM")
+        assert code == 0
+        assert server.stderr is not None
+        assert b"Traceback" not in server.stderr.read()

@@ -209,8 +209,10 @@ class IngestServer:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), grace)
         self._server.close()
-        await self._server.wait_closed()
+        # Close connections before waiting: since Python 3.12.1, asyncio's Server.wait_closed
+        # also waits for every accepted connection, so an idle client would hold it forever.
         self._server.close_connections()
+        await self._server.wait_closed()
         self._server = None
         if self._runner is not None:
             self._runner.close()
