@@ -154,14 +154,16 @@ def _leaks(before: _Snapshot) -> list[str]:
     if n := _stop_leaked_aiosqlite():
         problems.append(f"{n} aiosqlite connection(s) not closed (stopped now)")
     for t in threading.enumerate():
-        if t.ident in before.threads or t.daemon or t is threading.current_thread():
+        if t.ident in before.threads or t.ident in _WIDE["threads"] or t.daemon:
+            continue
+        if t is threading.current_thread():
             continue
         t.join(max(0.0, deadline - time.monotonic()))
         if t.is_alive():
             problems.append(f"non-daemon thread {t.name!r} still running")
     me = psutil.Process()
     for child in me.children():
-        if child.pid in before.children:
+        if child.pid in before.children or child.pid in _WIDE["children"]:
             continue
         with_name = f"{child.pid} ({' '.join(child.cmdline()[:4])})"
         try:
@@ -170,9 +172,30 @@ def _leaks(before: _Snapshot) -> list[str]:
             child.kill()
             child.wait(LEAK_GRACE_S)
             problems.append(f"child process {with_name} still running (killed now)")
-    for sock in sorted(_listening(me) - before.listening):
+    for sock in sorted(_listening(me) - before.listening - _WIDE["listening"]):
         problems.append(f"server still listening: {sock}")
     return problems
+
+
+# Threads, children and sockets that a module-, class- or session-scoped fixture started:
+# they outlive the test that first asked for the fixture on purpose, so they are no leak.
+_WIDE: dict[str, set[object]] = {"threads": set(), "children": set(), "listening": set()}
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(
+    fixturedef: pytest.FixtureDef[object], request: pytest.FixtureRequest
+) -> Generator[None, object, object]:
+    if fixturedef.scope == "function":
+        return (yield)
+    before = _snapshot()
+    try:
+        return (yield)
+    finally:
+        after = _snapshot()
+        _WIDE["threads"] |= after.threads - before.threads
+        _WIDE["children"] |= after.children - before.children
+        _WIDE["listening"] |= after.listening - before.listening
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
