@@ -9,6 +9,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from edged import __version__
 from edged.config import absolute_path, check_host, format_size, load_config, parse_size
@@ -21,6 +22,7 @@ from edged.ingest.limits import QueryLimits
 from edged.keyfile import read_secret_file
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+_L = TypeVar("_L")
 DEFAULT_CONFIG = Path("/etc/edged/edged.yaml")
 
 
@@ -73,24 +75,9 @@ def _ingest_settings(args: argparse.Namespace) -> IngestSettings:
         tls_key=args.tls_key,
         max_upload_bytes=args.max_upload_bytes,
         shutdown_grace_s=args.grace,
-        limits=Limits(**{name: getattr(args, name) for name, *_ in flagged(Limits)}),
-        auth=AuthLimits(**{name: getattr(args, name) for name, *_ in flagged(AuthLimits)}),
-        query_limits=_query_limits(args),
-    )
-
-
-def _query_limits(args: argparse.Namespace) -> QueryLimits:
-    return QueryLimits(
-        timeout_s=args.query_timeout,
-        max_rows=args.query_max_rows,
-        max_result_bytes=args.query_max_result_bytes,
-        max_value_bytes=args.query_max_value_bytes,
-        max_pipeline_nodes=args.query_max_pipeline_nodes,
-        workers=args.query_workers,
-        per_org=args.query_max_per_org,
-        queue_wait_s=args.query_queue_wait,
-        max_page_binary_bytes=args.max_page_binary_bytes,
-        sqlite_heap_bytes=args.sqlite_heap_limit,
+        limits=_limits(Limits, args),
+        auth=_limits(AuthLimits, args),
+        query_limits=_limits(QueryLimits, args),
     )
 
 
@@ -102,9 +89,43 @@ def _strong_secret(path: Path) -> str:
     return secret
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds > 0")
+    return value
+
+
+def _whole(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return value
+
+
+_LIMIT_KINDS: dict[str, Callable[[str], object]] = {
+    "size": _size_arg,
+    "int": _whole,  # 0 allowed where it means "derive it" (--max-connections)
+    "count": _positive_int,
+    "float": _positive_float,
+}
+
+
+def _limits(cls: type[_L], args: argparse.Namespace) -> _L:
+    """The limits dataclass `cls` from the flags `_add_limit_flags` declared for it."""
+    return cls(**{name: getattr(args, name) for name, *_ in flagged(cls)})
+
+
 def _add_limit_flags(p: argparse.ArgumentParser, cls: type) -> None:
     """One flag per limit, derived from the dataclass that declares it."""
-    kinds: dict[str, Callable[[str], object]] = {"size": _size_arg, "int": int, "float": float}
+    kinds = _LIMIT_KINDS
     for name, flag, text, kind, default in flagged(cls):
         shown = format_size(default) if kind == "size" else f"{default:g}"
         p.add_argument(
@@ -127,89 +148,6 @@ async def _serve_ingest(settings: IngestSettings) -> None:
         )
         await stop.wait()
         print("edged ingest: stopping; finishing in-flight uploads", flush=True)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds > 0")
-    return value
-
-
-def _add_query_limit_args(ing: argparse.ArgumentParser) -> None:
-    """What one SQL/MQL query or query answer may spend (defaults: QueryLimits)."""
-    d = QueryLimits()
-    mib = 1 << 20
-    for flag, kind, default, text in (
-        (
-            "--query-timeout",
-            _positive_float,
-            d.timeout_s,
-            f"seconds per query (default {d.timeout_s:g})",
-        ),
-        (
-            "--query-max-rows",
-            _positive_int,
-            d.max_rows,
-            f"rows/documents per SQL/MQL answer (default {d.max_rows})",
-        ),
-        (
-            "--query-max-result-bytes",
-            _size_arg,
-            d.max_result_bytes,
-            f"bytes per SQL/MQL answer (default {d.max_result_bytes // mib}MiB)",
-        ),
-        (
-            "--query-max-value-bytes",
-            _size_arg,
-            d.max_value_bytes,
-            f"bytes per SQL value or MQL document (default {d.max_value_bytes // mib}MiB)",
-        ),
-        (
-            "--query-max-pipeline-nodes",
-            _positive_int,
-            d.max_pipeline_nodes,
-            f"values in one MQL pipeline (default {d.max_pipeline_nodes})",
-        ),
-        (
-            "--query-workers",
-            _positive_int,
-            d.workers,
-            f"threads running queries, all organisations (default {d.workers})",
-        ),
-        (
-            "--query-max-per-org",
-            _positive_int,
-            d.per_org,
-            f"queries one organisation runs at once (default {d.per_org})",
-        ),
-        (
-            "--query-queue-wait",
-            _positive_float,
-            d.queue_wait_s,
-            f"seconds an extra query waits for a slot (default {d.queue_wait_s:g})",
-        ),
-        (
-            "--max-page-binary-bytes",
-            _size_arg,
-            d.max_page_binary_bytes,
-            f"blob bytes per BinaryData answer (default {d.max_page_binary_bytes // mib}MiB)",
-        ),
-        (
-            "--sqlite-heap-limit",
-            _size_arg,
-            d.sqlite_heap_bytes,
-            f"all SQLite memory of the server (default {d.sqlite_heap_bytes // mib}MiB)",
-        ),
-    ):
-        ing.add_argument(flag, type=kind, default=default, help=text)
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
@@ -401,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_limit_flags(ing, Limits)
     _add_limit_flags(ing, AuthLimits)
-    _add_query_limit_args(ing)
+    _add_limit_flags(ing, QueryLimits)
     ing.set_defaults(func=_cmd_ingest)
 
     from edged import query_cli

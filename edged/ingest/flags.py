@@ -7,7 +7,8 @@ from typing import Any
 
 
 def flag_field(default: Any, flag: str, help: str, kind: str = "float") -> Any:
-    """A dataclass field carrying its flag, help and kind ("size", "int" or "float")."""
+    """A dataclass field carrying its flag, help and kind: "size" (bytes, 64KiB style),
+    "int" (>= 0), "count" (>= 1) or "float" (seconds or a rate, > 0)."""
     return field(default=default, metadata={"flag": flag, "help": help, "kind": kind})
 
 

@@ -24,24 +24,44 @@ from typing import TypeVar
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
+from edged.ingest.flags import flag_field
+
 MiB = 1024 * 1024
 _T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
 class QueryLimits:
-    """Per-query bounds; the flag that sets each is in its comment."""
+    """Per-query bounds, each declared once with its `edged ingest` flag."""
 
-    timeout_s: float = 10.0  # --query-timeout
-    max_rows: int = 100_000  # --query-max-rows: rows (SQL) or documents (MQL) per answer
-    max_result_bytes: int = 64 * MiB  # --query-max-result-bytes: encoded SQL/MQL answer
-    max_value_bytes: int = 16 * MiB  # --query-max-value-bytes: one SQL value / MQL document
-    max_pipeline_nodes: int = 10_000  # --query-max-pipeline-nodes: MQL stage documents
-    workers: int = 4  # --query-workers: threads running queries, for all organisations
-    per_org: int = 2  # --query-max-per-org: queries one organisation runs at once
-    queue_wait_s: float = 2.0  # --query-queue-wait: how long an extra query waits for a slot
-    max_page_binary_bytes: int = 64 * MiB  # --max-page-binary-bytes: blobs in one answer
-    sqlite_heap_bytes: int = 1024 * MiB  # --sqlite-heap-limit: all SQLite memory, process
+    timeout_s: float = flag_field(10.0, "--query-timeout", "seconds per query")
+    max_rows: int = flag_field(
+        100_000, "--query-max-rows", "rows (SQL) or documents (MQL) per answer", "count"
+    )
+    max_result_bytes: int = flag_field(
+        64 * MiB, "--query-max-result-bytes", "bytes of one encoded SQL/MQL answer", "size"
+    )
+    max_value_bytes: int = flag_field(
+        16 * MiB, "--query-max-value-bytes", "bytes of one SQL value or MQL document", "size"
+    )
+    max_pipeline_nodes: int = flag_field(
+        10_000, "--query-max-pipeline-nodes", "values in one MQL pipeline", "count"
+    )
+    workers: int = flag_field(
+        4, "--query-workers", "threads running queries, all organisations", "count"
+    )
+    per_org: int = flag_field(
+        2, "--query-max-per-org", "queries one organisation runs at once", "count"
+    )
+    queue_wait_s: float = flag_field(
+        2.0, "--query-queue-wait", "seconds an extra query waits for a slot"
+    )
+    max_page_binary_bytes: int = flag_field(
+        64 * MiB, "--max-page-binary-bytes", "blob bytes in one BinaryData answer", "size"
+    )
+    sqlite_heap_bytes: int = flag_field(
+        1024 * MiB, "--sqlite-heap-limit", "all SQLite memory in the process", "size"
+    )
 
 
 class LimitExceeded(Exception):
