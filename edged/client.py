@@ -20,9 +20,11 @@ callers classify one type only. A payload that cannot be read locally raises
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import os
 import ssl
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +39,7 @@ from grpclib.client import Channel, Stream
 from grpclib.const import Cardinality, Status
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
+from h2.exceptions import ProtocolError as H2ProtocolError
 
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged._proto.proto.rpc.v1 import auth_pb2
@@ -59,6 +62,15 @@ from edged.data_client import (
 )
 from edged.errors import AuthError, ConfigError, InvalidArgument, SourceError, UploadError
 from edged.keyfile import API_KEY_ENV, resolve_api_key
+from edged.policy import StreamSample, progressed, watch_interval
+
+try:  # Linux: bytes of a socket not yet acknowledged by the peer
+    import fcntl
+    import termios
+
+    _TIOCOUTQ: int | None = termios.TIOCOUTQ
+except (ImportError, AttributeError):  # elsewhere: judged without the kernel queue
+    _TIOCOUTQ = None
 
 __all__ = [
     "DEFAULT_CHUNK",
@@ -287,6 +299,76 @@ async def iter_source(source: ByteSource, chunk_size: int = DEFAULT_CHUNK) -> As
             yield chunk[start : start + chunk_size]
 
 
+def _kernel_queued(transport: asyncio.BaseTransport) -> int:
+    """Bytes our kernel still holds for the connection (unsent or unacknowledged)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or _TIOCOUTQ is None:
+        return 0
+    try:
+        raw = fcntl.ioctl(sock.fileno(), _TIOCOUTQ, b"\0\0\0\0")
+    except (OSError, ValueError):  # closed meanwhile
+        return 0
+    return max(0, int.from_bytes(raw, sys.byteorder, signed=True))
+
+
+def _stream_sample(stream: Stream[Any, Any]) -> StreamSample | None:
+    """The one place that reaches into grpclib's call (its HTTP/2 stream, h2's window and
+    the asyncio transport) to see whether the call moves; None until the stream is open."""
+    h2s = getattr(stream, "_stream", None)
+    if h2s is None or h2s.id is None:
+        return None
+    try:
+        window = h2s._h2_connection.local_flow_control_window(h2s.id)
+    except H2ProtocolError:  # closed: no more credit to come
+        window = 0
+    transport = h2s._transport
+    queued = 0
+    if not transport.is_closing():
+        queued = transport.get_write_buffer_size() + _kernel_queued(transport)
+    return StreamSample(
+        sent=h2s.data_sent,
+        credit=h2s.data_sent + window,
+        queued=queued,
+        received=h2s.data_received + (h2s.headers is not None),
+    )
+
+
+class _Stalled(Exception):
+    """A stream made no progress for its limit (turned into an UploadError by `_call`)."""
+
+
+@contextlib.asynccontextmanager
+async def _progress_deadline(stream: Stream[Any, Any], limit_s: float) -> AsyncIterator[None]:
+    """Cut the call once `stream` has not moved for `limit_s` (policy.progressed), however
+    long it takes overall: a rate guess fails big files on links slower than the guess.
+    Sampling is a timer callback, so there is no task to leak."""
+    loop = asyncio.get_running_loop()
+    every = watch_interval(limit_s)
+    last: StreamSample | None = None
+    handle: asyncio.TimerHandle | None = None
+    deadline = asyncio.timeout(limit_s)
+
+    def tick() -> None:
+        nonlocal last, handle
+        sample = _stream_sample(stream)
+        if progressed(last, sample) and not deadline.expired():
+            deadline.reschedule(loop.time() + limit_s)
+        last = sample or last
+        handle = loop.call_later(every, tick)
+
+    try:
+        async with deadline:
+            handle = loop.call_later(every, tick)
+            try:
+                yield
+            finally:
+                handle.cancel()
+    except TimeoutError:
+        if deadline.expired():
+            raise _Stalled from None
+        raise
+
+
 def _as_upload_error(exc: BaseException, item_id: str | None, call: str = "upload") -> UploadError:
     if isinstance(exc, GRPCError):
         cls = AuthError if exc.status in _AUTH_STATUSES else UploadError
@@ -423,25 +505,34 @@ class UploadClient:
         item_id: str | None,
         timeout: float | None,
         replayable: bool = True,
+        progress: bool = False,
     ) -> _Resp:
         """One call; on UNAUTHENTICATED with a stale token, re-authenticate and replay once
         (only when `send` can run again: a consumed async source cannot).
 
-        `method` is a DataSync method name, or a full `/package.Service/Method` path."""
+        `method` is a DataSync method name, or a full `/package.Service/Method` path.
+        `timeout` bounds the whole call, or with `progress` only a stall: the call fails
+        once it has not moved for that long (client streams, whose length has no bound)."""
         path = method if method.startswith("/") else _SVC + method
         call = "upload" if path.startswith(_SVC) else path.rsplit("/", 1)[-1]
         for attempt in (1, 2):
             token_used = self._token
             md = await self._metadata(item_id)
             try:
-                async with self._channel.request(
+                request = self._channel.request(
                     path,
                     cardinality,
                     req_type,
                     resp_type,
-                    timeout=timeout,
+                    timeout=None if progress else timeout,
                     metadata=md,
-                ) as stream:
+                )
+                guard = (
+                    _progress_deadline(request, timeout)
+                    if progress and timeout is not None
+                    else contextlib.nullcontext()
+                )
+                async with guard, request as stream:
                     await send(stream)
                     reply = await stream.recv_message()
                 if reply is None:
@@ -464,6 +555,14 @@ class UploadClient:
                         ) from exc
                     continue
                 raise _as_upload_error(exc, item_id, call) from exc
+            except _Stalled:
+                raise UploadError(
+                    Status.DEADLINE_EXCEEDED,
+                    f"no upload progress for {timeout:g}s",
+                    item_id=item_id,
+                    call=call,
+                    transport=True,
+                ) from None
             except _TRANSPORT_ERRORS as exc:
                 raise _as_upload_error(exc, item_id, call) from exc
         raise AssertionError("unreachable")
@@ -568,7 +667,10 @@ class UploadClient:
         timeout: float | None,
     ) -> UploadResult:
         """A client stream: the metadata message, then the payload in `chunk_size` pieces
-        (grpclib's flow control keeps at most a window of it in flight)."""
+        (grpclib's flow control keeps at most a window of it in flight). `timeout` (default
+        the client's) is a progress deadline: the call fails with DEADLINE_EXCEEDED after
+        that long without progress, never for its total length, so a big file gets through
+        a link of any speed."""
 
         async def send(stream: Stream[_Req, _StreamResp]) -> None:
             await stream.send_message(first)
@@ -583,8 +685,9 @@ class UploadClient:
             resp_type,
             send,
             item_id=item_id,
-            timeout=timeout,
+            timeout=timeout if timeout is not None else self.timeout,
             replayable=not callable(source),
+            progress=True,
         )
         return UploadResult(reply.file_id, reply.binary_data_id)
 
@@ -888,7 +991,10 @@ def connect(
     """Open a `DataClient` to `address` (host:port), or to the server named in a daemon
     config file (`config_path`, see `DataClient.from_config`). TLS with certificate
     verification unless `tls=False`; `ca_file` trusts a private CA. With an API key the
-    client authenticates at once, so a wrong key fails here as `AuthError`.
+    client authenticates at once, so a wrong key fails here as `AuthError`. `timeout`
+    bounds each call, except streamed uploads (`streaming_data_capture_upload`,
+    `file_upload`, `file_upload_from_path`): those fail only after that long without
+    progress, so a big file gets through however slow the link.
 
     Example::
 

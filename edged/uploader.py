@@ -16,7 +16,7 @@ import os
 import random
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -25,7 +25,7 @@ from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.client import ByteSource, FileSlice, UploadResult
 from edged.errors import OutboxFull, SourceError, UploadError
 from edged.outbox import KIND_BINARY, KIND_TABULAR, Item, Outbox
-from edged.policy import Action, backoff_delay, binary_route, on_failure, stream_deadline
+from edged.policy import Action, backoff_delay, binary_route, on_failure
 from edged.safefs import locate, open_under
 
 log = logging.getLogger("edged.uploader")
@@ -39,7 +39,10 @@ MAX_TRACKED_STRIKES = 10_000  # items with item-specific failures remembered at 
 
 
 class Sink(Protocol):
-    """What the uploader needs from a DataSync client (UploadClient implements it)."""
+    """What the uploader needs from a DataSync client (UploadClient implements it).
+
+    `timeout` bounds a unary call; for the two streams it bounds a stall (no progress for
+    that long), never the total time, which depends on the file and the link."""
 
     async def upload_readings(
         self,
@@ -274,9 +277,6 @@ class Uploader:
             return
         self.inflight += 1
         try:
-            deadline = stream_deadline(item.length, s.call_timeout)
-            if deadline + s.call_timeout > s.lease_s:
-                await self.outbox.extend_lease(item, deadline + s.call_timeout)
             await self._deliver(item)
         finally:
             self.inflight -= 1
@@ -291,11 +291,32 @@ class Uploader:
             async with asyncio.timeout(max(wait, 0.01)):  # not wait_for (see Gate.wait_open)
                 await self.outbox.work_available.wait()
 
+    @contextlib.asynccontextmanager
+    async def _holding(self, item: Item) -> AsyncIterator[None]:
+        """Renew `item`'s lease while its call runs: a stream has no overall deadline (only
+        a progress one), and an expired lease would hand it to a second worker mid-upload.
+        Stopped before the outcome is recorded, so it never re-leases a settled item."""
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(self.settings.lease_s / 2)
+                await self.outbox.extend_lease(item, self.settings.lease_s)
+
+        renewer = asyncio.create_task(renew(), name=f"lease-{item.uid}")
+        try:
+            yield
+        finally:
+            renewer.cancel()
+            await asyncio.wait({renewer})
+            if not renewer.cancelled() and renewer.exception() is not None:
+                log.warning("item %s: lease renewal failed: %s", item.uid, renewer.exception())
+
     async def _deliver(self, item: Item) -> None:
         try:
             self.calls += 1
             with _pinned(item) as opener:
-                await self._send(item, opener)
+                async with self._holding(item):
+                    await self._send(item, opener)
         except UploadError as exc:
             await self._failed(item, exc)
             return
@@ -385,7 +406,7 @@ class Uploader:
             payload = item.inline
         else:
             payload = piece = FileSlice(_path(item), item.offset, item.length, opener)
-        timeout = stream_deadline(item.length, s.call_timeout)
+        timeout = s.call_timeout  # for a stream: how long it may go without progress
         if item.kind == KIND_BINARY:
             sensor = pb.SensorMetadata.FromString(item.sensor or b"")
             if binary_route(item.length) == "unary":

@@ -9,6 +9,7 @@ from grpclib.const import Status
 
 from edged.policy import (
     Action,
+    StreamSample,
     Verdict,
     backoff_cap,
     backoff_delay,
@@ -16,7 +17,8 @@ from edged.policy import (
     binary_route,
     classify,
     on_failure,
-    stream_deadline,
+    progressed,
+    watch_interval,
 )
 
 CLASSIFY = [
@@ -101,9 +103,43 @@ def test_binary_route(size: int, route: str) -> None:
     assert binary_route(size) == route
 
 
-def test_stream_deadline_grows_with_size() -> None:
-    assert stream_deadline(0, 60) == 60
-    assert stream_deadline(128 * 1024 * 100, 60) == pytest.approx(160)
+_S = StreamSample(sent=1000, credit=5000, queued=800, received=0)
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "want"),
+    [
+        # Not open yet: connecting must finish within the limit.
+        (None, None, False),
+        (_S, None, False),
+        # Just opened (the request headers went out).
+        (None, _S, True),
+        # Nothing moved: a stall, however much is still queued.
+        (_S, _S, False),
+        # Flow control let a chunk through.
+        (_S, StreamSample(1016, 5000, 816, 0), True),
+        # The peer returned credit (the window grew, nothing sent).
+        (_S, StreamSample(1000, 9000, 800, 0), True),
+        # The link carried bytes: our send queue shrank (the tail after the last chunk).
+        (_S, StreamSample(1000, 5000, 799, 0), True),
+        (_S, StreamSample(1000, 5000, 0, 0), True),
+        # Another call on the connection queued more bytes: not our progress.
+        (_S, StreamSample(1000, 5000, 900, 0), False),
+        # Everything left our host and stays gone: waiting for the answer is a stall ...
+        (StreamSample(1000, 5000, 0, 0), StreamSample(1000, 5000, 0, 0), False),
+        # ... until response headers or a message arrive.
+        (_S, StreamSample(1000, 5000, 800, 1), True),
+        # A closed stream reports no window: credit falling is not progress.
+        (_S, StreamSample(1000, 1000, 800, 0), False),
+    ],
+)
+def test_progressed(before: StreamSample | None, after: StreamSample | None, want: bool) -> None:
+    assert progressed(before, after) is want
+
+
+@pytest.mark.parametrize(("limit", "every"), [(60.0, 1.0), (4.0, 1.0), (2.0, 0.5), (0.2, 0.05)])
+def test_watch_interval(limit: float, every: float) -> None:
+    assert watch_interval(limit) == pytest.approx(every)
 
 
 @pytest.mark.parametrize(
