@@ -24,10 +24,10 @@ from grpclib.exceptions import GRPCError
 from edged._proto.app.data.v1 import data_pb2 as dpb
 from edged._proto.app.data.v1.data_grpc import DataServiceStub
 from edged.client import UploadClient
-from edged.config import absolute_path
-from edged.data_client import struct_to_dict
+from edged.client.data_client import struct_to_dict
+from edged.daemon.config import absolute_path
 from edged.errors import ConfigError, EdgedError
-from edged.keyfile import API_KEY_ENV, resolve_api_key
+from edged.wire.keyfile import API_KEY_ENV, resolve_api_key
 
 PAGE = 1000
 EXPORT_PAGE = 16  # binaries per page while exporting: bounds memory to 16 payloads
