@@ -50,9 +50,9 @@ from edged.client.data_client import (
     TagsFilterType,
     create_filter,
 )
-from edged.daemon.config import load_config
 from edged.errors import AuthError, ConfigError, InvalidArgument, SourceError, UploadError
 from edged.wire.connection import Connection, Raw, client_tls_context, parse_address
+from edged.wire.connection import connect as wire_connect
 from edged.wire.keyfile import API_KEY_ENV, resolve_api_key
 
 __all__ = [
@@ -594,6 +594,10 @@ class DataClient(UploadClient, DataQueries):
             async with DataClient.from_config("/etc/edged/edged.yaml") as dc:
                 print(await dc.tags_by_filter())
         """
+        # The daemon's file format, read by the daemon's own reader: the one import of
+        # the daemon from the SDK, made only here (docs/architecture.md).
+        from edged.daemon.config import load_config
+
         cloud = load_config(Path(config_path)).cloud
         if cloud.embedded:
             raise ConfigError(
@@ -607,8 +611,9 @@ class DataClient(UploadClient, DataQueries):
                 f"{config_path}: cloud.api_key_id is set but no key was found: set"
                 f" cloud.api_key_file or {API_KEY_ENV}"
             )
-        return cls(
+        return wire_connect(
             cloud.address,
+            kind=cls,
             api_key_id=cloud.api_key_id if secret else None,
             api_key=secret,
             tls=cloud.use_tls(),
@@ -687,7 +692,13 @@ def connect(
     where = address
     ca = Path(ca_file) if ca_file is not None else None
     return Connecting(
-        lambda: DataClient(
-            where, api_key_id=api_key_id, api_key=api_key, tls=tls, ca_file=ca, timeout=timeout
+        lambda: wire_connect(
+            where,
+            kind=DataClient,
+            api_key_id=api_key_id,
+            api_key=api_key,
+            tls=tls,
+            ca_file=ca,
+            timeout=timeout,
         )
     )

@@ -36,6 +36,7 @@ from edged.daemon.status import StatusServer
 from edged.daemon.uploader import Uploader, UploaderSettings
 from edged.errors import ConfigError, EdgedError
 from edged.ingest import ApiKey, IngestServer, IngestSettings
+from edged.wire.connection import connect
 from edged.wire.keyfile import api_key, resolve_api_key
 
 log = logging.getLogger("edged")
@@ -285,8 +286,9 @@ class Daemon:
                 self._ingest.address,
                 self.config.state_dir / "ingest",
             )
-            return UploadClient(
+            return connect(
                 self._ingest.address,
+                kind=UploadClient,
                 api_key_id=key.key_id,
                 api_key=key.secret,
                 tls=False,
@@ -294,8 +296,9 @@ class Daemon:
                 chunk_size=self.config.upload.chunk_size,
             )
         secret = api_key(cloud.api_key_id, cloud.api_key_file)
-        return UploadClient(
+        return connect(
             cloud.address,
+            kind=UploadClient,
             api_key_id=cloud.api_key_id if secret else None,
             api_key=secret,
             tls=cloud.use_tls(),

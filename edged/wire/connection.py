@@ -354,7 +354,7 @@ class Connection:
                 raise _as_upload_error(exc, item_id, call) from exc
         raise AssertionError("unreachable")
 
-    async def _unary(
+    async def unary(
         self, path: str, request: Message, resp_type: type[_Msg], *, timeout: float | None = None
     ) -> _Msg:
         """One unary call to any service on this server (the query API), with the same
@@ -372,3 +372,32 @@ class Connection:
             item_id=None,
             timeout=timeout if timeout is not None else self.timeout,
         )
+
+
+def connect(
+    address: str,
+    *,
+    kind: type[_C],
+    api_key_id: str | None = None,
+    api_key: str | None = None,
+    tls: bool = True,
+    ca_file: Path | None = None,
+    timeout: float | None = 60.0,
+    **options: Any,
+) -> _C:
+    """The one way to a server: API key -> channel -> (lazy) authentication, for the
+    daemon, `edged query`, `DataClient.from_config` and SDK scripts alike. `kind` is the
+    connection class to build (`Connection`, or the client's `UploadClient`/`DataClient`,
+    which take `options` such as `chunk_size`). The key itself comes from the caller
+    (`edged.wire.keyfile` resolves EDGED_API_KEY or a key file). Authentication (lazy,
+    or at once via `authenticate()`), re-authentication on an expired token, and status
+    -> `UploadError` mapping then happen on every call the connection makes."""
+    return kind(
+        address,
+        api_key_id=api_key_id,
+        api_key=api_key,
+        tls=tls,
+        ca_file=ca_file,
+        timeout=timeout,
+        **options,
+    )
