@@ -36,7 +36,7 @@ $(INTEROP_STAMP):
 # its embedded ingest server; `.venv/bin/edged status -c config/edged.yaml` shows it move.
 run: $(STAMP)
 	mkdir -p var/capture var/uploads
-	@$(BIN)/python -m edged.demo var/capture & demo=$$!; \
+	@$(BIN)/python -m edged.daemon.demo var/capture & demo=$$!; \
 	trap 'kill $$demo 2>/dev/null' EXIT INT TERM; \
 	$(BIN)/edged run -c config/edged.yaml
 

@@ -122,7 +122,7 @@ def _disk_bytes(state_dir: Path) -> int:
 
 
 async def _enqueue(spec: dict[str, Any]) -> Figures:
-    from edged.outbox import Outbox, OutboxLimits
+    from edged.daemon.outbox import Outbox, OutboxLimits
 
     n, chunk, state = int(spec["n"]), int(spec["chunk"]), Path(spec["state_dir"])
     meta, readings = _templates()
@@ -162,8 +162,8 @@ async def _enqueue(spec: dict[str, Any]) -> Figures:
 
 async def _drain(spec: dict[str, Any]) -> Figures:
     from edged.client import UploadClient
-    from edged.outbox import Outbox, OutboxLimits
-    from edged.uploader import Uploader, UploaderSettings
+    from edged.daemon.outbox import Outbox, OutboxLimits
+    from edged.daemon.uploader import Uploader, UploaderSettings
 
     state = Path(spec["state_dir"])
     t0 = time.perf_counter()

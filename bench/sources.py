@@ -122,10 +122,10 @@ def _write_files(root: Path, files: int, per_file: int) -> list[Path]:
 
 
 async def _open_source(spec: dict[str, Any]) -> Any:
-    from edged.config import SourceConfig
-    from edged.outbox import Outbox, OutboxLimits
-    from edged.sources.base import SourceContext
-    from edged.sources.capture import CaptureSource
+    from edged.daemon.config import SourceConfig
+    from edged.daemon.outbox import Outbox, OutboxLimits
+    from edged.daemon.sources.base import SourceContext
+    from edged.daemon.sources.capture import CaptureSource
 
     state = Path(spec["state_dir"])
     box = await Outbox.open(state, OutboxLimits(min_free_disk=0))
@@ -192,7 +192,7 @@ def _writer_thread(
 
 
 async def _latency(spec: dict[str, Any]) -> Figures:
-    from edged.outbox import Claim, Progress
+    from edged.daemon.outbox import Claim, Progress
 
     root = Path(spec["root"])
     root.mkdir(parents=True, exist_ok=True)

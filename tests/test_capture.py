@@ -884,7 +884,7 @@ def test_demo_robot_finishes_its_files_on_a_stop_signal(tmp_path: Path, sig: int
     would be "recovered" (or, still empty, reported) by the next run."""
     out = tmp_path / "capture"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "edged.demo", str(out), "--hz", "50"], stdout=subprocess.PIPE
+        [sys.executable, "-m", "edged.daemon.demo", str(out), "--hz", "50"], stdout=subprocess.PIPE
     )
     try:
         read_line(proc, 30)  # "demo robot writing ..."

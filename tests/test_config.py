@@ -12,7 +12,7 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edged.config import (
+from edged.daemon.config import (
     GIB,
     KIB,
     MIB,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from edged.notify import STATE_SEND_TIMEOUT_S, Notifier, send_timeout_s
+from edged.daemon.notify import STATE_SEND_TIMEOUT_S, Notifier, send_timeout_s
 
 
 @pytest.mark.parametrize(

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
-from edged.errors import OutboxFull
-from edged.outbox import (
+from edged.daemon.outbox import (
     CLAIM_COMMITTED,
     CLAIM_DONE,
     INLINE_MAX,
@@ -28,6 +27,7 @@ from edged.outbox import (
     OutboxLimits,
     Progress,
 )
+from edged.errors import OutboxFull
 from tests.procs import read_line
 
 
@@ -278,7 +278,7 @@ async def test_state_files_are_private(box: Outbox) -> None:
 KILL_CHILD = """
 import asyncio, sys
 from pathlib import Path
-from edged.outbox import Outbox
+from edged.daemon.outbox import Outbox
 from tests.test_outbox import meta, reading
 
 async def main() -> None:

@@ -13,12 +13,12 @@ import pytest
 
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.capture import CaptureWriter
-from edged.config import SourceConfig
+from edged.daemon.config import SourceConfig
+from edged.daemon.outbox import INLINE_MAX, KIND_BINARY, KIND_FILE, Claim, FileRef, Item, Outbox
+from edged.daemon.sources.base import SourceContext
+from edged.daemon.sources.capture import CaptureSource
 from edged.errors import OutboxFull
 from edged.ingest.storage import IngestStore
-from edged.outbox import INLINE_MAX, KIND_BINARY, KIND_FILE, Claim, FileRef, Item, Outbox
-from edged.sources.base import SourceContext
-from edged.sources.capture import CaptureSource
 
 
 async def take(box: Outbox) -> Item | None:

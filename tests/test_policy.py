@@ -7,9 +7,8 @@ import random
 import pytest
 from grpclib.const import Status
 
-from edged.policy import (
+from edged.daemon.policy import (
     Action,
-    StreamSample,
     Verdict,
     backoff_cap,
     backoff_delay,
@@ -17,9 +16,8 @@ from edged.policy import (
     binary_route,
     classify,
     on_failure,
-    progressed,
-    watch_interval,
 )
+from edged.wire.progress import StreamSample, progressed, watch_interval
 
 CLASSIFY = [
     (Status.UNAVAILABLE, Verdict.TRANSIENT),

@@ -109,3 +109,19 @@ async def test_sql_and_errors(
         main(["query", "tabular", *base, "--start", "nope"])
     assert exit_info.value.code == 2
     assert "--start: 'nope' is neither RFC 3339 nor epoch seconds" in capsys.readouterr().err
+
+
+def test_query_maps_transport_faults_like_every_call(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`edged query` goes through the one connection, so a server that is not there is a
+    mapped `UploadError` named as a query failure, not a bare socket error."""
+    import socket
+
+    with socket.socket() as s:  # a loopback port with nothing listening on it
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    assert main(["query", "tabular", "--address", address, "--insecure"]) != 0
+    err = capsys.readouterr().err
+    assert "query failed: UNAVAILABLE" in err, err
+    assert "upload" not in err

@@ -18,11 +18,11 @@ import pytest
 
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.capture import CaptureWriter, frame
-from edged.config import SourceConfig
-from edged.outbox import Item, Outbox
-from edged.sources.base import SourceContext
-from edged.sources.capture import CaptureSource
-from edged.status import MAX_CLIENTS, StatusServer
+from edged.daemon.config import SourceConfig
+from edged.daemon.outbox import Item, Outbox
+from edged.daemon.sources.base import SourceContext
+from edged.daemon.sources.capture import CaptureSource
+from edged.daemon.status import MAX_CLIENTS, StatusServer
 from tests.conftest import KeyFile
 from tests.procs import edged_cmd, ingest_process
 from tests.test_capture import tabular_metadata, tabular_reading

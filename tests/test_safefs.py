@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from edged.outbox import ADDED_COLUMNS, KIND_FILE, Claim, FileRef, Outbox
-from edged.safefs import (
+from edged.daemon.outbox import ADDED_COLUMNS, KIND_FILE, Claim, FileRef, Outbox
+from edged.daemon.safefs import (
     Identity,
     Swapped,
     copy_out,

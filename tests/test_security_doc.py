@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edged.cli import build_parser
+from edged.cli.main import build_parser
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "security.md"
 # Flags that are not limits: where to listen, whom to trust, where to store.

@@ -22,10 +22,10 @@ from grpclib.events import RecvRequest
 
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.client import FileSlice, UploadClient, sensor_metadata, upload_metadata
+from edged.daemon.outbox import KIND_FILE, Claim, FileRef, Outbox
+from edged.daemon.uploader import Uploader, UploaderSettings
 from edged.errors import UploadError
 from edged.ingest import IngestServer, IngestSettings
-from edged.outbox import KIND_FILE, Claim, FileRef, Outbox
-from edged.uploader import Uploader, UploaderSettings
 
 KiB = 1024
 SMALL_BUF = 4 * KiB  # relay socket buffers and read size: backpressure reaches the client

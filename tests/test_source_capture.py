@@ -24,17 +24,17 @@ import pytest
 
 from edged.capture import CaptureWriter, frame
 from edged.client import UploadClient
-from edged.config import SourceConfig
-from edged.ingest import IngestServer, IngestSettings
-from edged.outbox import Outbox
-from edged.sources.base import SourceContext
-from edged.sources.capture import (
+from edged.daemon.config import SourceConfig
+from edged.daemon.outbox import Outbox
+from edged.daemon.sources.base import SourceContext
+from edged.daemon.sources.capture import (
     CaptureSource,
     lease_free,
     prog_wait_s,
     writer_gone,
 )
-from edged.uploader import Uploader, UploaderSettings
+from edged.daemon.uploader import Uploader, UploaderSettings
+from edged.ingest import IngestServer, IngestSettings
 from tests.procs import read_line
 from tests.test_capture import FIXTURES, copy_tree, tabular_metadata, tabular_reading
 

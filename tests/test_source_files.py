@@ -13,10 +13,10 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
-from edged.config import SourceConfig
-from edged.outbox import KIND_FILE, Item, Outbox, OutboxLimits
-from edged.sources.base import SourceContext
-from edged.sources.files import (
+from edged.daemon.config import SourceConfig
+from edged.daemon.outbox import KIND_FILE, Item, Outbox, OutboxLimits
+from edged.daemon.sources.base import SourceContext
+from edged.daemon.sources.files import (
     FilesSource,
     Seen,
     is_settled,

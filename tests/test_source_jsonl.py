@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
-from edged.config import SourceConfig
-from edged.outbox import Outbox, OutboxLimits
-from edged.sources.base import SourceContext
-from edged.sources.jsonl import BadLine, JsonlSource, parse_line, parse_time
+from edged.daemon.config import SourceConfig
+from edged.daemon.outbox import Outbox, OutboxLimits
+from edged.daemon.sources.base import SourceContext
+from edged.daemon.sources.jsonl import BadLine, JsonlSource, parse_line, parse_time
 from tests.procs import read_line
 
 REPO = Path(__file__).resolve().parents[1]
@@ -261,7 +261,7 @@ async def test_only_bad_lines_still_advance(box: Outbox, logs: Path) -> None:
 async def test_overlong_line_quarantined(
     box: Outbox, logs: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from edged.sources import jsonl
+    from edged.daemon.sources import jsonl
 
     monkeypatch.setattr(jsonl, "CHUNK", 64)
     monkeypatch.setattr(jsonl, "MAX_LINE", 200)
@@ -424,10 +424,10 @@ async def test_run_follows_appends_and_new_files(box: Outbox, logs: Path) -> Non
 CHILD = """
 import asyncio, sys
 from pathlib import Path
-import edged.sources.jsonl as jsonl
-from edged.config import SourceConfig
-from edged.outbox import Outbox
-from edged.sources.base import SourceContext
+import edged.daemon.sources.jsonl as jsonl
+from edged.daemon.config import SourceConfig
+from edged.daemon.outbox import Outbox
+from edged.daemon.sources.base import SourceContext
 
 jsonl.CHUNK = 1024  # many small transactions: more places for the kill to land
 

@@ -21,9 +21,9 @@ from grpclib.exceptions import GRPCError
 
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.client import UploadClient, sensor_metadata, upload_metadata
+from edged.daemon.outbox import KIND_BINARY, KIND_FILE, Claim, FileRef, Outbox
+from edged.daemon.uploader import STATE_AUTH_FAILED, Uploader, UploaderSettings
 from edged.ingest import IngestServer, IngestSettings
-from edged.outbox import KIND_BINARY, KIND_FILE, Claim, FileRef, Outbox
-from edged.uploader import STATE_AUTH_FAILED, Uploader, UploaderSettings
 
 FAST = UploaderSettings(
     workers=4, batch_max_readings=100, backoff_initial=0.005, backoff_max=0.05, idle_poll_s=0.05

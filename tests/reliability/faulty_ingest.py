@@ -30,7 +30,7 @@ from grpclib.events import RecvRequest
 from grpclib.exceptions import GRPCError
 
 from edged.ingest import ApiKey, IngestServer, IngestSettings
-from edged.keyfile import read_secret_file
+from edged.wire.keyfile import read_secret_file
 
 
 @dataclass

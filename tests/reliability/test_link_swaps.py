@@ -24,14 +24,14 @@ from grpclib.events import RecvRequest
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.capture import CaptureWriter
 from edged.client import UploadClient
-from edged.config import SourceConfig
+from edged.daemon.config import SourceConfig
+from edged.daemon.outbox import Outbox, OutboxLimits
+from edged.daemon.sources.base import SourceContext
+from edged.daemon.sources.capture import CaptureSource
+from edged.daemon.sources.files import FilesSource
+from edged.daemon.sources.jsonl import JsonlSource
+from edged.daemon.uploader import Uploader, UploaderSettings
 from edged.ingest import IngestServer, IngestSettings
-from edged.outbox import Outbox, OutboxLimits
-from edged.sources.base import SourceContext
-from edged.sources.capture import CaptureSource
-from edged.sources.files import FilesSource
-from edged.sources.jsonl import JsonlSource
-from edged.uploader import Uploader, UploaderSettings
 from tests.test_capture import tabular_metadata, tabular_reading
 
 SETTINGS = UploaderSettings(workers=1, backoff_initial=0.005, backoff_max=0.05, idle_poll_s=0.05)

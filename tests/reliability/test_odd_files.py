@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 
 from edged.capture import CaptureWriter, open_capture
-from edged.config import SourceConfig
-from edged.outbox import CLAIM_PENDING, KIND_FILE, Claim, FileRef, Outbox, Progress
-from edged.sources.base import SourceContext, quarantine
-from edged.sources.capture import CaptureSource
-from edged.sources.files import file_metadata
-from edged.status_view import render
+from edged.daemon.config import SourceConfig
+from edged.daemon.outbox import CLAIM_PENDING, KIND_FILE, Claim, FileRef, Outbox, Progress
+from edged.daemon.sources.base import SourceContext, quarantine
+from edged.daemon.sources.capture import CaptureSource
+from edged.daemon.sources.files import file_metadata
+from edged.daemon.status_view import render
 from tests.test_capture import tabular_metadata, tabular_reading
 
 ODD = os.fsdecode(b"odd-\xff.bin")  # the str Python hands out for that name: '\udcff'
@@ -123,13 +123,13 @@ async def test_unreadable_capture_file_does_not_hold_up_the_others(
         source = CaptureSource(
             SourceConfig(kind="capture", path=root), SourceContext("p", box, tmp_path / "state")
         )
-        monkeypatch.setattr("edged.sources.capture.open_capture", refusing_open)
+        monkeypatch.setattr("edged.daemon.sources.capture.open_capture", refusing_open)
         await source.scan_once()  # raised PermissionError before the fix
         assert (await box.stats()).readings == 10
         assert locked.exists() and not other.exists()
         assert "cannot read" in (source.stats.last_error or "")
         assert source.stats.quarantined == 0  # nothing wrong with the data
-        monkeypatch.setattr("edged.sources.capture.open_capture", open_capture)
+        monkeypatch.setattr("edged.daemon.sources.capture.open_capture", open_capture)
         await source.scan_once()  # readable now: the next scan takes it
         assert (await box.stats()).readings == 20 and not locked.exists()
     finally:

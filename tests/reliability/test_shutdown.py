@@ -12,8 +12,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from edged.app import CANCEL_WAIT_S, SHUTDOWN_GRACE_S, cancel_within
-from edged.sources.watch import DirWatcher
+from edged.daemon.app import CANCEL_WAIT_S, SHUTDOWN_GRACE_S, cancel_within
+from edged.daemon.sources.watch import DirWatcher
 from tests.conftest import KeyFile
 from tests.procs import edged_cmd, ingest_process
 from tests.reliability.common import cycles, record

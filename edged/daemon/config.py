@@ -20,7 +20,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from edged.errors import ConfigError, ConfigErrors
-from edged.keyfile import api_key
+from edged.wire.keyfile import api_key
 
 __all__ = [
     "GIB",

@@ -24,19 +24,20 @@ from typing import Any
 
 from edged import __version__
 from edged.client import UploadClient
-from edged.config import Config, SourceConfig, load_config
+from edged.daemon.config import Config, SourceConfig, load_config
+from edged.daemon.logs import setup_logging
+from edged.daemon.notify import Notifier
+from edged.daemon.outbox import Outbox, OutboxLimits
+from edged.daemon.sources.base import Source, SourceContext
+from edged.daemon.sources.capture import CaptureSource
+from edged.daemon.sources.files import FilesSource
+from edged.daemon.sources.jsonl import JsonlSource
+from edged.daemon.status import StatusServer
+from edged.daemon.uploader import Uploader, UploaderSettings
 from edged.errors import ConfigError, EdgedError
 from edged.ingest import ApiKey, IngestServer, IngestSettings
-from edged.keyfile import api_key, resolve_api_key
-from edged.logs import setup_logging
-from edged.notify import Notifier
-from edged.outbox import Outbox, OutboxLimits
-from edged.sources.base import Source, SourceContext
-from edged.sources.capture import CaptureSource
-from edged.sources.files import FilesSource
-from edged.sources.jsonl import JsonlSource
-from edged.status import StatusServer
-from edged.uploader import Uploader, UploaderSettings
+from edged.wire.connection import connect
+from edged.wire.keyfile import api_key, resolve_api_key
 
 log = logging.getLogger("edged")
 
@@ -285,8 +286,9 @@ class Daemon:
                 self._ingest.address,
                 self.config.state_dir / "ingest",
             )
-            return UploadClient(
+            return connect(
                 self._ingest.address,
+                kind=UploadClient,
                 api_key_id=key.key_id,
                 api_key=key.secret,
                 tls=False,
@@ -294,8 +296,9 @@ class Daemon:
                 chunk_size=self.config.upload.chunk_size,
             )
         secret = api_key(cloud.api_key_id, cloud.api_key_file)
-        return UploadClient(
+        return connect(
             cloud.address,
+            kind=UploadClient,
             api_key_id=cloud.api_key_id if secret else None,
             api_key=secret,
             tls=cloud.use_tls(),

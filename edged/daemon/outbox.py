@@ -40,10 +40,10 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import aiosqlite
 
+from edged.daemon.policy import batch_take
+from edged.daemon.safefs import Identity, Swapped, locate, stat_under, unlink_under
 from edged.durable import fsync_dir
 from edged.errors import OutboxFull
-from edged.policy import batch_take
-from edged.safefs import Identity, Swapped, locate, stat_under, unlink_under
 
 log = logging.getLogger("edged.outbox")
 _T = TypeVar("_T")

@@ -22,9 +22,8 @@ from pathlib import Path
 
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.capture import CaptureReader, field_span, open_capture, split_legacy_images
-from edged.config import SourceConfig
-from edged.errors import CaptureFormatError, IncompleteHeader, OutboxFull
-from edged.outbox import (
+from edged.daemon.config import SourceConfig
+from edged.daemon.outbox import (
     CLAIM_COMMITTED,
     CLAIM_COMMITTING,
     KIND_BINARY,
@@ -32,15 +31,16 @@ from edged.outbox import (
     FileRef,
     Progress,
 )
-from edged.safefs import Identity, Swapped, open_under, stat_under, unlink_under
-from edged.sources.base import (
+from edged.daemon.safefs import Identity, Swapped, open_under, stat_under, unlink_under
+from edged.daemon.sources.base import (
     SourceContext,
     SourceStats,
     note_root,
     quarantine,
     wait_for_space,
 )
-from edged.sources.watch import DirWatcher
+from edged.daemon.sources.watch import DirWatcher
+from edged.errors import CaptureFormatError, IncompleteHeader, OutboxFull
 
 log = logging.getLogger("edged.sources.capture")
 

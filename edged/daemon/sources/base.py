@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from edged.config import SourceConfig
+from edged.daemon.config import SourceConfig
+from edged.daemon.outbox import Outbox
+from edged.daemon.safefs import Identity, copy_out, locate, move_out
 from edged.durable import fsync_dir
-from edged.outbox import Outbox
-from edged.safefs import Identity, copy_out, locate, move_out
 
 log = logging.getLogger("edged.sources")
 

@@ -1,8 +1,9 @@
 """`edged query`: read back what an ingest server stored, from the command line.
 
-Thin on purpose: the stock DataService/DatasetService stubs on `UploadClient`'s
-connection (same address, TLS and API-key handshake as uploads). Everything pages with
-the server's `last` token, so memory is bounded by one page whatever the result size.
+Thin on purpose: DataService calls over `edged.wire.connect()`, the connection uploads
+use (same address, TLS, API-key handshake, re-authentication and error mapping).
+Everything pages with the server's `last` token, so memory is bounded by one page
+whatever the result size.
 """
 
 from __future__ import annotations
@@ -19,16 +20,15 @@ from typing import Any
 
 import bson
 from google.protobuf.timestamp_pb2 import Timestamp
-from grpclib.exceptions import GRPCError
 
 from edged._proto.app.data.v1 import data_pb2 as dpb
-from edged._proto.app.data.v1.data_grpc import DataServiceStub
-from edged.client import UploadClient
-from edged.config import absolute_path
-from edged.data_client import struct_to_dict
-from edged.errors import ConfigError, EdgedError
-from edged.keyfile import API_KEY_ENV, resolve_api_key
+from edged.client.data_client import struct_to_dict
+from edged.daemon.config import absolute_path
+from edged.errors import ConfigError, EdgedError, UploadError
+from edged.wire.connection import Connection, connect
+from edged.wire.keyfile import API_KEY_ENV, resolve_api_key
 
+_DATA = "/viam.app.data.v1.DataService/"
 PAGE = 1000
 EXPORT_PAGE = 16  # binaries per page while exporting: bounds memory to 16 payloads
 
@@ -65,19 +65,21 @@ def build_filter(args: argparse.Namespace) -> dpb.Filter:
     return f
 
 
-def _client(args: argparse.Namespace) -> UploadClient:
+def _client(args: argparse.Namespace) -> Connection:
     key = resolve_api_key(args.api_key_file)
     if (key is None) != (args.api_key_id is None):
         raise ConfigError(
             f"--api-key-id needs a key (--api-key-file or {API_KEY_ENV}), and a key needs"
             " --api-key-id"
         )
-    return UploadClient(
+    return connect(
         args.address,
+        kind=Connection,
         api_key_id=args.api_key_id,
         api_key=key,
         tls=not args.insecure,
         ca_file=args.ca_file,
+        timeout=None,  # a page of binaries may take long on a slow link; no call deadline
     )
 
 
@@ -85,9 +87,7 @@ def _ts_text(ts: Timestamp, present: bool) -> str:
     return ts.ToDatetime(dt.UTC).isoformat() if present else "-"
 
 
-async def _pages(
-    stub: DataServiceStub, md: dict[str, str], args: argparse.Namespace, *, binary: bool
-) -> AsyncIterator[Any]:
+async def _pages(conn: Connection, args: argparse.Namespace, *, binary: bool) -> AsyncIterator[Any]:
     """Each item of every page, up to --limit items in all."""
     want = args.limit or None
     page_size = EXPORT_PAGE if getattr(args, "dir", None) else PAGE
@@ -98,13 +98,16 @@ async def _pages(
         resp: Any
         if binary:
             include = getattr(args, "dir", None) is not None
-            resp = await stub.BinaryDataByFilter(
+            resp = await conn.unary(
+                _DATA + "BinaryDataByFilter",
                 dpb.BinaryDataByFilterRequest(data_request=dr, include_binary=include),
-                metadata=md,
+                dpb.BinaryDataByFilterResponse,
             )
         else:
-            resp = await stub.TabularDataByFilter(
-                dpb.TabularDataByFilterRequest(data_request=dr), metadata=md
+            resp = await conn.unary(
+                _DATA + "TabularDataByFilter",
+                dpb.TabularDataByFilterRequest(data_request=dr),
+                dpb.TabularDataByFilterResponse,
             )
         if not resp.data:
             return
@@ -115,9 +118,8 @@ async def _pages(
 
 
 async def tabular(args: argparse.Namespace) -> int:
-    async with _client(args) as client:
-        stub, md = DataServiceStub(client.channel), await client.metadata()
-        async for resp, item in _pages(stub, md, args, binary=False):
+    async with _client(args) as conn:
+        async for resp, item in _pages(conn, args, binary=False):
             meta = resp.metadata[item.metadata_index]
             data = struct_to_dict(item.data)
             when = _ts_text(item.time_requested, item.HasField("time_requested"))
@@ -137,9 +139,8 @@ async def tabular(args: argparse.Namespace) -> int:
 
 
 async def binary(args: argparse.Namespace) -> int:
-    async with _client(args) as client:
-        stub, md = DataServiceStub(client.channel), await client.metadata()
-        async for _, item in _pages(stub, md, args, binary=True):
+    async with _client(args) as conn:
+        async for _, item in _pages(conn, args, binary=True):
             m = item.metadata
             when = _ts_text(m.time_requested, m.HasField("time_requested"))
             cm = m.capture_metadata
@@ -164,11 +165,11 @@ async def binary(args: argparse.Namespace) -> int:
 
 
 async def sql(args: argparse.Namespace) -> int:
-    async with _client(args) as client:
-        stub, md = DataServiceStub(client.channel), await client.metadata()
-        resp = await stub.TabularDataBySQL(
+    async with _client(args) as conn:
+        resp = await conn.unary(
+            _DATA + "TabularDataBySQL",
             dpb.TabularDataBySQLRequest(organization_id=args.org_id or "", sql_query=args.query),
-            metadata=md,
+            dpb.TabularDataBySQLResponse,
         )
         for raw in resp.raw_data:
             print(json.dumps(bson.decode(raw), default=str))
@@ -193,18 +194,18 @@ def export_name(meta: dpb.BinaryMetadata) -> str:
 async def export_binaries(args: argparse.Namespace) -> int:
     out: Path = args.dir
     out.mkdir(parents=True, exist_ok=True)
-    async with _client(args) as client:
-        stub, md = DataServiceStub(client.channel), await client.metadata()
-        count = await stub.BinaryDataByFilter(
+    async with _client(args) as conn:
+        count = await conn.unary(
+            _DATA + "BinaryDataByFilter",
             dpb.BinaryDataByFilterRequest(
                 data_request=dpb.DataRequest(filter=build_filter(args)), count_only=True
             ),
-            metadata=md,
+            dpb.BinaryDataByFilterResponse,
         )
         total = min(count.count, args.limit) if args.limit else count.count
         done = nbytes = 0
         _progress(done, total, nbytes)
-        async for _, item in _pages(stub, md, args, binary=True):
+        async for _, item in _pages(conn, args, binary=True):
             name = export_name(item.metadata)
             if "/" in name or name.startswith("."):
                 raise EdgedError(f"server sent an unusable binary data id {name!r}")
@@ -228,7 +229,7 @@ COMMANDS = {
 async def run(args: argparse.Namespace) -> int:
     try:
         return await COMMANDS[args.query_command](args)
-    except GRPCError as exc:
+    except UploadError as exc:  # re-authentication already tried, transport faults mapped
         raise EdgedError(f"query failed: {exc.status.name}: {exc.message}") from exc
     finally:
         await asyncio.sleep(0.05)  # let the closed connection's TLS transport finish closing

@@ -19,33 +19,23 @@ callers classify one type only. A payload that cannot be read locally raises
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import datetime as dt
 import os
-import ssl
-import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, ClassVar, Self, TypeAlias, TypeVar, cast
+from typing import Any, ClassVar, TypeAlias, TypeVar, cast
 
 from google.protobuf.any_pb2 import Any as AnyPb
-from google.protobuf.message import Message
 from google.protobuf.struct_pb2 import Struct
 from google.protobuf.timestamp_pb2 import Timestamp
-from grpclib.client import Channel, Stream
-from grpclib.const import Cardinality, Status
-from grpclib.encoding.proto import ProtoCodec
-from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
-from h2.exceptions import ProtocolError as H2ProtocolError
+from grpclib.client import Stream
+from grpclib.const import Cardinality
 
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
-from edged._proto.proto.rpc.v1 import auth_pb2
 from edged.capture import encode_varint
-from edged.config import load_config
-from edged.data_client import (
+from edged.client.data_client import (
     BinaryData,
     BinaryID,
     BinaryMetadata,
@@ -61,16 +51,9 @@ from edged.data_client import (
     create_filter,
 )
 from edged.errors import AuthError, ConfigError, InvalidArgument, SourceError, UploadError
-from edged.keyfile import API_KEY_ENV, resolve_api_key
-from edged.policy import StreamSample, progressed, watch_interval
-
-try:  # Linux: bytes of a socket not yet acknowledged by the peer
-    import fcntl
-    import termios
-
-    _TIOCOUTQ: int | None = termios.TIOCOUTQ
-except (ImportError, AttributeError):  # elsewhere: judged without the kernel queue
-    _TIOCOUTQ = None
+from edged.wire.connection import Connection, Raw, client_tls_context, parse_address
+from edged.wire.connection import connect as wire_connect
+from edged.wire.keyfile import API_KEY_ENV, resolve_api_key
 
 __all__ = [
     "DEFAULT_CHUNK",
@@ -106,14 +89,8 @@ __all__ = [
 
 DEFAULT_CHUNK = 64 * 1024
 UNARY_BINARY_MAX = 1_000_000
-ITEM_ID_KEY = "edged-item-id"
-_SVC = "/viam.app.datasync.v1.DataSyncService/"
-_AUTH = "/proto.rpc.v1.AuthService/Authenticate"
-_AUTH_STATUSES = (Status.UNAUTHENTICATED, Status.PERMISSION_DENIED)
 
 _Req = TypeVar("_Req")
-_Resp = TypeVar("_Resp")
-_Msg = TypeVar("_Msg", bound=Message)
 _StreamResp = TypeVar("_StreamResp", pb.StreamingDataCaptureUploadResponse, pb.FileUploadResponse)
 
 
@@ -141,22 +118,6 @@ re-authentication; an async source (a callable returning an async iterator) is n
 replayed, since it may hand out the same, already consumed, iterator."""
 
 
-class _Raw:
-    """An already-encoded message body; the codec passes it through untouched."""
-
-    __slots__ = ("data",)
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-
-class _Codec(ProtoCodec):
-    def encode(self, message: Any, message_type: Any) -> bytes:
-        if isinstance(message, _Raw):
-            return message.data
-        return super().encode(message, message_type)
-
-
 def encode_capture_request(metadata: pb.UploadMetadata, readings: Sequence[bytes]) -> bytes:
     """DataCaptureUploadRequest bytes from pre-encoded SensorData, without re-encoding them."""
     meta = metadata.SerializeToString()
@@ -164,32 +125,6 @@ def encode_capture_request(metadata: pb.UploadMetadata, readings: Sequence[bytes
     for blob in readings:
         parts += (b"\x12", encode_varint(len(blob)), blob)
     return b"".join(parts)
-
-
-def parse_address(address: str, default_port: int = 443) -> tuple[str, int]:
-    """`host:port`, `[v6]:port` or bare host; a scheme prefix is tolerated."""
-    rest = address.split("://", 1)[-1].rstrip("/")
-    if rest.startswith("["):
-        host, _, port = rest[1:].partition("]")
-        port = port.lstrip(":")
-    elif rest.count(":") == 1:
-        host, port = rest.split(":")
-    else:
-        host, port = rest, ""
-    if not host:
-        raise ValueError(f"address {address!r} has no host")
-    try:
-        return host, int(port) if port else default_port
-    except ValueError:
-        raise ValueError(f"address {address!r} has a port that is not a number") from None
-
-
-def client_tls_context(ca_file: Path | None = None) -> ssl.SSLContext:
-    """Verifying context (system roots, or `ca_file`); gRPC needs ALPN h2."""
-    ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_alpn_protocols(["h2"])
-    return ctx
 
 
 def _timestamp(value: dt.datetime) -> Timestamp:
@@ -299,110 +234,9 @@ async def iter_source(source: ByteSource, chunk_size: int = DEFAULT_CHUNK) -> As
             yield chunk[start : start + chunk_size]
 
 
-def _kernel_queued(transport: asyncio.BaseTransport) -> int:
-    """Bytes our kernel still holds for the connection (unsent or unacknowledged)."""
-    sock = transport.get_extra_info("socket")
-    if sock is None or _TIOCOUTQ is None:
-        return 0
-    try:
-        raw = fcntl.ioctl(sock.fileno(), _TIOCOUTQ, b"\0\0\0\0")
-    except (OSError, ValueError):  # closed meanwhile
-        return 0
-    return max(0, int.from_bytes(raw, sys.byteorder, signed=True))
-
-
-def _stream_sample(stream: Stream[Any, Any]) -> StreamSample | None:
-    """The one place that reaches into grpclib's call (its HTTP/2 stream, h2's window and
-    the asyncio transport) to see whether the call moves; None until the stream is open."""
-    h2s = getattr(stream, "_stream", None)
-    if h2s is None or h2s.id is None:
-        return None
-    try:
-        window = h2s._h2_connection.local_flow_control_window(h2s.id)
-    except H2ProtocolError:  # closed: no more credit to come
-        window = 0
-    transport = h2s._transport
-    queued = 0
-    if not transport.is_closing():
-        queued = transport.get_write_buffer_size() + _kernel_queued(transport)
-    return StreamSample(
-        sent=h2s.data_sent,
-        credit=h2s.data_sent + window,
-        queued=queued,
-        received=h2s.data_received + (h2s.headers is not None),
-    )
-
-
-class _Stalled(Exception):
-    """A stream made no progress for its limit (turned into an UploadError by `_call`)."""
-
-
-@contextlib.asynccontextmanager
-async def _progress_deadline(stream: Stream[Any, Any], limit_s: float) -> AsyncIterator[None]:
-    """Cut the call once `stream` has not moved for `limit_s` (policy.progressed), however
-    long it takes overall: a rate guess fails big files on links slower than the guess.
-    Sampling is a timer callback, so there is no task to leak."""
-    loop = asyncio.get_running_loop()
-    every = watch_interval(limit_s)
-    last: StreamSample | None = None
-    handle: asyncio.TimerHandle | None = None
-    deadline = asyncio.timeout(limit_s)
-
-    def tick() -> None:
-        nonlocal last, handle
-        sample = _stream_sample(stream)
-        if progressed(last, sample) and not deadline.expired():
-            deadline.reschedule(loop.time() + limit_s)
-        last = sample or last
-        handle = loop.call_later(every, tick)
-
-    try:
-        async with deadline:
-            handle = loop.call_later(every, tick)
-            try:
-                yield
-            finally:
-                handle.cancel()
-    except TimeoutError:
-        if deadline.expired():
-            raise _Stalled from None
-        raise
-
-
-def _as_upload_error(exc: BaseException, item_id: str | None, call: str = "upload") -> UploadError:
-    if isinstance(exc, GRPCError):
-        cls = AuthError if exc.status in _AUTH_STATUSES else UploadError
-        return cls(exc.status, exc.message or exc.status.name, item_id=item_id, call=call)
-    if isinstance(exc, asyncio.TimeoutError):
-        return UploadError(
-            Status.DEADLINE_EXCEEDED,
-            "call deadline exceeded",
-            item_id=item_id,
-            call=call,
-            transport=True,
-        )
-    detail = str(exc) or type(exc).__name__
-    return UploadError(
-        Status.UNAVAILABLE,
-        f"transport error: {detail}",
-        item_id=item_id,
-        call=call,
-        transport=True,
-    )
-
-
-_TRANSPORT_ERRORS = (
-    GRPCError,
-    asyncio.TimeoutError,
-    StreamTerminatedError,
-    ProtocolError,
-    ConnectionError,
-    OSError,
-)
-
-
-class UploadClient:
-    """One connection to a DataSync server; safe for concurrent calls from many tasks."""
+class UploadClient(Connection):
+    """The daemon's upload calls and the seed's five upload methods over one `Connection`;
+    safe for concurrent calls from many tasks."""
 
     def __init__(
         self,
@@ -415,176 +249,15 @@ class UploadClient:
         timeout: float | None = 60.0,
         chunk_size: int = DEFAULT_CHUNK,
     ) -> None:
-        if (api_key_id is None) != (api_key is None):
-            raise ValueError("api_key_id and api_key go together")
-        self.address = address
-        host, port = parse_address(address)
-        ctx = client_tls_context(ca_file) if tls else None
-        self._channel = Channel(host, port, ssl=ctx, codec=_Codec())
-        self._key_id = api_key_id
-        self._key = api_key
-        self._token: str | None = None
-        self._auth_lock = asyncio.Lock()
-        self.timeout = timeout
+        super().__init__(
+            address,
+            api_key_id=api_key_id,
+            api_key=api_key,
+            tls=tls,
+            ca_file=ca_file,
+            timeout=timeout,
+        )
         self.chunk_size = chunk_size
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._channel.close()
-
-    @property
-    def channel(self) -> Channel:
-        """The connection, for stubs of other services on the same server (query API)."""
-        return self._channel
-
-    async def metadata(self) -> dict[str, str]:
-        """Call metadata carrying the bearer token (authenticating first if needed)."""
-        return await self._metadata(None)
-
-    # -- auth ---------------------------------------------------------------------------
-
-    def set_api_key(self, api_key_id: str, api_key: str) -> None:
-        """Use this key from the next call on (the daemon re-reads its key on resume and
-        reload); a changed key drops the old key's token."""
-        if (api_key_id, api_key) != (self._key_id, self._key):
-            self._key_id, self._key, self._token = api_key_id, api_key, None
-
-    async def authenticate(self) -> None:
-        """Trade the API key for a bearer token (done lazily before the first call)."""
-        if self._key_id is None or self._key is None:
-            return
-        req = auth_pb2.AuthenticateRequest(
-            entity=self._key_id,
-            credentials=auth_pb2.Credentials(type="api-key", payload=self._key),
-        )
-        try:
-            async with self._channel.request(
-                _AUTH,
-                Cardinality.UNARY_UNARY,
-                auth_pb2.AuthenticateRequest,
-                auth_pb2.AuthenticateResponse,
-                timeout=self.timeout,
-            ) as stream:
-                await stream.send_message(req, end=True)
-                reply = await stream.recv_message()
-        except _TRANSPORT_ERRORS as exc:
-            raise _as_upload_error(exc, None) from exc
-        if reply is None or not reply.access_token:
-            raise AuthError(Status.UNAUTHENTICATED, "server returned no access token")
-        self._token = reply.access_token
-
-    async def _metadata(self, item_id: str | None) -> dict[str, str]:
-        md: dict[str, str] = {}
-        if self._key_id is not None:
-            async with self._auth_lock:
-                if self._token is None:
-                    await self.authenticate()
-            md["authorization"] = f"Bearer {self._token}"
-        if item_id:
-            md[ITEM_ID_KEY] = item_id
-        return md
-
-    async def _call(
-        self,
-        method: str,
-        cardinality: Cardinality,
-        req_type: type[_Req],
-        resp_type: type[_Resp],
-        send: Callable[[Stream[_Req, _Resp]], Awaitable[None]],
-        *,
-        item_id: str | None,
-        timeout: float | None,
-        replayable: bool = True,
-        progress: bool = False,
-    ) -> _Resp:
-        """One call; on UNAUTHENTICATED with a stale token, re-authenticate and replay once
-        (only when `send` can run again: a consumed async source cannot).
-
-        `method` is a DataSync method name, or a full `/package.Service/Method` path.
-        `timeout` bounds the whole call, or with `progress` only a stall: the call fails
-        once it has not moved for that long (client streams, whose length has no bound)."""
-        path = method if method.startswith("/") else _SVC + method
-        call = "upload" if path.startswith(_SVC) else path.rsplit("/", 1)[-1]
-        for attempt in (1, 2):
-            token_used = self._token
-            md = await self._metadata(item_id)
-            try:
-                request = self._channel.request(
-                    path,
-                    cardinality,
-                    req_type,
-                    resp_type,
-                    timeout=None if progress else timeout,
-                    metadata=md,
-                )
-                guard = (
-                    _progress_deadline(request, timeout)
-                    if progress and timeout is not None
-                    else contextlib.nullcontext()
-                )
-                async with guard, request as stream:
-                    await send(stream)
-                    reply = await stream.recv_message()
-                if reply is None:
-                    raise UploadError(
-                        Status.UNKNOWN, "server sent no reply", item_id=item_id, call=call
-                    )
-                return reply
-            except GRPCError as exc:
-                if exc.status is Status.UNAUTHENTICATED and attempt == 1 and token_used:
-                    async with self._auth_lock:
-                        if self._token == token_used:
-                            self._token = None
-                    if not replayable:
-                        raise UploadError(
-                            Status.UNAVAILABLE,
-                            "the access token expired mid-stream and an async source cannot be"
-                            " replayed; call again (a new token is fetched)",
-                            item_id=item_id,
-                            call=call,
-                        ) from exc
-                    continue
-                raise _as_upload_error(exc, item_id, call) from exc
-            except _Stalled:
-                raise UploadError(
-                    Status.DEADLINE_EXCEEDED,
-                    f"no upload progress for {timeout:g}s",
-                    item_id=item_id,
-                    call=call,
-                    transport=True,
-                ) from None
-            except _TRANSPORT_ERRORS as exc:
-                raise _as_upload_error(exc, item_id, call) from exc
-        raise AssertionError("unreachable")
-
-    async def _unary(
-        self, path: str, request: Message, resp_type: type[_Msg], *, timeout: float | None = None
-    ) -> _Msg:
-        """One unary call to any service on this server (the query API), with the same
-        authentication, replay and error mapping as uploads."""
-
-        async def send(stream: Stream[Message, _Msg]) -> None:
-            await stream.send_message(request, end=True)
-
-        return await self._call(
-            path,
-            Cardinality.UNARY_UNARY,
-            type(request),
-            resp_type,
-            send,
-            item_id=None,
-            timeout=timeout if timeout is not None else self.timeout,
-        )
 
     # -- daemon layer -------------------------------------------------------------------
 
@@ -597,7 +270,7 @@ class UploadClient:
         timeout: float | None = None,
     ) -> UploadResult:
         """Unary DataCaptureUpload of pre-encoded SensorData messages."""
-        body = _Raw(encode_capture_request(metadata, readings))
+        body = Raw(encode_capture_request(metadata, readings))
 
         async def send(stream: Stream[Any, pb.DataCaptureUploadResponse]) -> None:
             await stream.send_message(body, end=True)
@@ -921,6 +594,10 @@ class DataClient(UploadClient, DataQueries):
             async with DataClient.from_config("/etc/edged/edged.yaml") as dc:
                 print(await dc.tags_by_filter())
         """
+        # The daemon's file format, read by the daemon's own reader: the one import of
+        # the daemon from the SDK, made only here (docs/architecture.md).
+        from edged.daemon.config import load_config
+
         cloud = load_config(Path(config_path)).cloud
         if cloud.embedded:
             raise ConfigError(
@@ -934,8 +611,9 @@ class DataClient(UploadClient, DataQueries):
                 f"{config_path}: cloud.api_key_id is set but no key was found: set"
                 f" cloud.api_key_file or {API_KEY_ENV}"
             )
-        return cls(
+        return wire_connect(
             cloud.address,
+            kind=cls,
             api_key_id=cloud.api_key_id if secret else None,
             api_key=secret,
             tls=cloud.use_tls(),
@@ -1014,7 +692,13 @@ def connect(
     where = address
     ca = Path(ca_file) if ca_file is not None else None
     return Connecting(
-        lambda: DataClient(
-            where, api_key_id=api_key_id, api_key=api_key, tls=tls, ca_file=ca, timeout=timeout
+        lambda: wire_connect(
+            where,
+            kind=DataClient,
+            api_key_id=api_key_id,
+            api_key=api_key,
+            tls=tls,
+            ca_file=ca,
+            timeout=timeout,
         )
     )

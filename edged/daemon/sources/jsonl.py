@@ -41,19 +41,19 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
-from edged.config import SourceConfig
-from edged.durable import fsync_dir
-from edged.errors import OutboxFull
-from edged.outbox import Progress
-from edged.safefs import Swapped, open_under, stat_under
-from edged.sources.base import (
+from edged.daemon.config import SourceConfig
+from edged.daemon.outbox import Progress
+from edged.daemon.safefs import Swapped, open_under, stat_under
+from edged.daemon.sources.base import (
     SourceContext,
     SourceStats,
     is_ignored_name,
     note_root,
     wait_for_space,
 )
-from edged.sources.watch import DirWatcher
+from edged.daemon.sources.watch import DirWatcher
+from edged.durable import fsync_dir
+from edged.errors import OutboxFull
 
 log = logging.getLogger("edged.sources.jsonl")
 

@@ -23,10 +23,10 @@ from typing import Protocol
 
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.client import ByteSource, FileSlice, UploadResult
+from edged.daemon.outbox import KIND_BINARY, KIND_TABULAR, Item, Outbox
+from edged.daemon.policy import Action, backoff_delay, binary_route, on_failure
+from edged.daemon.safefs import locate, open_under
 from edged.errors import OutboxFull, SourceError, UploadError
-from edged.outbox import KIND_BINARY, KIND_TABULAR, Item, Outbox
-from edged.policy import Action, backoff_delay, binary_route, on_failure
-from edged.safefs import locate, open_under
 
 log = logging.getLogger("edged.uploader")
 

@@ -36,18 +36,18 @@ from pathlib import Path, PurePosixPath
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
-from edged.config import SourceConfig
-from edged.errors import OutboxFull
-from edged.outbox import CLAIM_DONE, KIND_FILE, Claim, FileRef
-from edged.safefs import Identity, Swapped, open_under
-from edged.sources.base import (
+from edged.daemon.config import SourceConfig
+from edged.daemon.outbox import CLAIM_DONE, KIND_FILE, Claim, FileRef
+from edged.daemon.safefs import Identity, Swapped, open_under
+from edged.daemon.sources.base import (
     SourceContext,
     SourceStats,
     is_ignored_name,
     note_root,
     wait_for_space,
 )
-from edged.sources.watch import DirWatcher
+from edged.daemon.sources.watch import DirWatcher
+from edged.errors import OutboxFull
 
 log = logging.getLogger("edged.sources.files")
 

@@ -2,7 +2,7 @@
 
 A temperature sensor (tabular, files closed every couple of seconds) and a camera
 (one binary reading per file), into `<dir>/<api>/<name>/<method>/<timestamp>.capture`.
-`python -m edged.demo DIR [--seconds N]`. SIGINT/SIGTERM (Ctrl-C, `make run` ending)
+`python -m edged.daemon.demo DIR [--seconds N]`. SIGINT/SIGTERM (Ctrl-C, `make run` ending)
 stop it between readings, and it finishes its open files, so it never leaves a `.prog`
 behind for the next run to recover.
 """

@@ -9,7 +9,6 @@ from __future__ import annotations
 import enum
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from grpclib.const import Status
 
@@ -118,37 +117,3 @@ def batch_take(sizes: Sequence[int], max_readings: int, max_bytes: int) -> int:
 def binary_route(size: int) -> str:
     """'unary' DataCaptureUpload up to 1,000,000 bytes, else 'stream' in chunks."""
     return "unary" if size <= UNARY_BINARY_MAX else "stream"
-
-
-@dataclass(frozen=True)
-class StreamSample:
-    """What a client stream has done so far, as our side can see it. Every field but
-    `queued` only grows; `queued` is shared by the connection's other calls."""
-
-    sent: int  # bytes of this stream handed to the connection
-    credit: int  # `sent` + the stream's flow-control window: grows only with peer credit
-    queued: int  # bytes of the connection still on our host (buffer + kernel send queue)
-    received: int  # response headers and bytes that arrived on this stream
-
-
-def progressed(before: StreamSample | None, after: StreamSample | None) -> bool:
-    """Did the stream move between two samples? A chunk let through by flow control, credit
-    from the peer, our send queue draining (the link is carrying bytes) or any answer all
-    count; none is a guess of the link's rate. Bytes parked in the peer's 4 MiB window
-    still drain our queue, so the tail after the last chunk is judged the same way."""
-    if after is None:
-        return False  # not open yet: connecting counts against the limit
-    if before is None:
-        return True
-    return (
-        after.sent > before.sent
-        or after.credit > before.credit
-        or after.queued < before.queued
-        or after.received > before.received
-    )
-
-
-def watch_interval(limit_s: float) -> float:
-    """How often a stream's progress is sampled: often enough to cut a stall within about
-    a quarter of the limit, at most once a second."""
-    return min(1.0, limit_s / 4)

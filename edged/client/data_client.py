@@ -200,9 +200,9 @@ def _data_request(
 
 
 class DataQueries:
-    """The query API half of `DataClient`; needs a connection's `_unary` to run."""
+    """The query API half of `DataClient`; needs a connection's `unary` to run."""
 
-    async def _unary(
+    async def unary(
         self, path: str, request: Message, resp_type: type[_Msg], *, timeout: float | None = None
     ) -> _Msg:
         raise NotImplementedError  # provided by UploadClient
@@ -242,7 +242,7 @@ class DataQueries:
             count_only=count_only,
             include_internal_data=include_internal_data,
         )
-        resp = await self._unary(
+        resp = await self.unary(
             _DATA + "TabularDataByFilter", request, dpb.TabularDataByFilterResponse
         )
         data = [
@@ -270,7 +270,7 @@ class DataQueries:
             )
         """
         request = dpb.TabularDataBySQLRequest(organization_id=organization_id, sql_query=sql_query)
-        resp = await self._unary(_DATA + "TabularDataBySQL", request, dpb.TabularDataBySQLResponse)
+        resp = await self.unary(_DATA + "TabularDataBySQL", request, dpb.TabularDataBySQLResponse)
         return [bson.decode(raw) for raw in resp.raw_data]
 
     async def tabular_data_by_mql(
@@ -292,7 +292,7 @@ class DataQueries:
             )
         stages = [s if isinstance(s, bytes) else bson.encode(s) for s in mql_binary]
         request = dpb.TabularDataByMQLRequest(organization_id=organization_id, mql_binary=stages)
-        resp = await self._unary(_DATA + "TabularDataByMQL", request, dpb.TabularDataByMQLResponse)
+        resp = await self.unary(_DATA + "TabularDataByMQL", request, dpb.TabularDataByMQLResponse)
         return [bson.decode(raw) for raw in resp.raw_data]
 
     async def delete_tabular_data(self, organization_id: str, delete_older_than_days: int) -> int:
@@ -311,9 +311,7 @@ class DataQueries:
         request = dpb.DeleteTabularDataRequest(
             organization_id=organization_id, delete_older_than_days=delete_older_than_days
         )
-        resp = await self._unary(
-            _DATA + "DeleteTabularData", request, dpb.DeleteTabularDataResponse
-        )
+        resp = await self.unary(_DATA + "DeleteTabularData", request, dpb.DeleteTabularDataResponse)
         return resp.deleted_count
 
     async def delete_tabular_data_by_filter(self, filter: Filter | None) -> int:
@@ -359,7 +357,7 @@ class DataQueries:
             count_only=count_only,
             include_internal_data=include_internal_data,
         )
-        resp = await self._unary(
+        resp = await self.unary(
             _DATA + "BinaryDataByFilter", request, dpb.BinaryDataByFilterResponse
         )
         data = list(resp.data)
@@ -384,7 +382,7 @@ class DataQueries:
         request = dpb.BinaryDataByIDsRequest(
             include_binary=True, **_ids("binary_data_by_ids", binary_ids)
         )
-        resp = await self._unary(_DATA + "BinaryDataByIDs", request, dpb.BinaryDataByIDsResponse)
+        resp = await self.unary(_DATA + "BinaryDataByIDs", request, dpb.BinaryDataByIDsResponse)
         if dest:
             _write_list(dest, (str(d) for d in resp.data))
         return list(resp.data)
@@ -398,7 +396,7 @@ class DataQueries:
             gone = await data_client.delete_binary_data_by_filter(create_filter(tags=["junk"]))
         """
         request = dpb.DeleteBinaryDataByFilterRequest(filter=filter or Filter())
-        resp = await self._unary(
+        resp = await self.unary(
             _DATA + "DeleteBinaryDataByFilter", request, dpb.DeleteBinaryDataByFilterResponse
         )
         return resp.deleted_count
@@ -411,7 +409,7 @@ class DataQueries:
             gone = await data_client.delete_binary_data_by_ids([binary_data_id])
         """
         request = dpb.DeleteBinaryDataByIDsRequest(**_ids("delete_binary_data_by_ids", binary_ids))
-        resp = await self._unary(
+        resp = await self.unary(
             _DATA + "DeleteBinaryDataByIDs", request, dpb.DeleteBinaryDataByIDsResponse
         )
         return resp.deleted_count
@@ -431,7 +429,7 @@ class DataQueries:
             tags=_tags("add_tags_to_binary_data_by_ids", tags),
             **_ids("add_tags_to_binary_data_by_ids", binary_ids),
         )
-        await self._unary(
+        await self.unary(
             _DATA + "AddTagsToBinaryDataByIDs", request, dpb.AddTagsToBinaryDataByIDsResponse
         )
 
@@ -449,7 +447,7 @@ class DataQueries:
         request = dpb.AddTagsToBinaryDataByFilterRequest(
             filter=filter or Filter(), tags=_tags("add_tags_to_binary_data_by_filter", tags)
         )
-        await self._unary(
+        await self.unary(
             _DATA + "AddTagsToBinaryDataByFilter", request, dpb.AddTagsToBinaryDataByFilterResponse
         )
 
@@ -468,7 +466,7 @@ class DataQueries:
             tags=_tags("remove_tags_from_binary_data_by_ids", tags),
             **_ids("remove_tags_from_binary_data_by_ids", binary_ids),
         )
-        resp = await self._unary(
+        resp = await self.unary(
             _DATA + "RemoveTagsFromBinaryDataByIDs",
             request,
             dpb.RemoveTagsFromBinaryDataByIDsResponse,
@@ -488,7 +486,7 @@ class DataQueries:
         request = dpb.RemoveTagsFromBinaryDataByFilterRequest(
             filter=filter or Filter(), tags=_tags("remove_tags_from_binary_data_by_filter", tags)
         )
-        resp = await self._unary(
+        resp = await self.unary(
             _DATA + "RemoveTagsFromBinaryDataByFilter",
             request,
             dpb.RemoveTagsFromBinaryDataByFilterResponse,
@@ -503,7 +501,7 @@ class DataQueries:
             tags = await data_client.tags_by_filter(create_filter(component_name="cam"))
         """
         request = dpb.TagsByFilterRequest(filter=filter or Filter())
-        resp = await self._unary(_DATA + "TagsByFilter", request, dpb.TagsByFilterResponse)
+        resp = await self.unary(_DATA + "TagsByFilter", request, dpb.TagsByFilterResponse)
         return list(resp.tags)
 
     # -- bounding boxes --------------------------------------------------------------------
@@ -538,7 +536,7 @@ class DataQueries:
                     "add_bounding_box_to_image_by_id", f"{name} must be within [0, 1], got {value}"
                 )
         request = dpb.AddBoundingBoxToImageByIDRequest(label=label, **corners, **_one_id(binary_id))
-        resp = await self._unary(
+        resp = await self.unary(
             _DATA + "AddBoundingBoxToImageByID", request, dpb.AddBoundingBoxToImageByIDResponse
         )
         return resp.bbox_id
@@ -553,7 +551,7 @@ class DataQueries:
             await data_client.remove_bounding_box_from_image_by_id(bbox_id, binary_data_id)
         """
         request = dpb.RemoveBoundingBoxFromImageByIDRequest(bbox_id=bbox_id, **_one_id(binary_id))
-        await self._unary(
+        await self.unary(
             _DATA + "RemoveBoundingBoxFromImageByID",
             request,
             dpb.RemoveBoundingBoxFromImageByIDResponse,
@@ -567,7 +565,7 @@ class DataQueries:
             labels = await data_client.bounding_box_labels_by_filter()
         """
         request = dpb.BoundingBoxLabelsByFilterRequest(filter=filter or Filter())
-        resp = await self._unary(
+        resp = await self.unary(
             _DATA + "BoundingBoxLabelsByFilter", request, dpb.BoundingBoxLabelsByFilterResponse
         )
         return list(resp.labels)
@@ -583,7 +581,7 @@ class DataQueries:
             host = await data_client.get_database_connection("org-1")
         """
         request = dpb.GetDatabaseConnectionRequest(organization_id=organization_id)
-        resp = await self._unary(
+        resp = await self.unary(
             _DATA + "GetDatabaseConnection", request, dpb.GetDatabaseConnectionResponse
         )
         return resp.hostname
@@ -599,7 +597,7 @@ class DataQueries:
         request = dpb.ConfigureDatabaseUserRequest(
             organization_id=organization_id, password=password
         )
-        await self._unary(
+        await self.unary(
             _DATA + "ConfigureDatabaseUser", request, dpb.ConfigureDatabaseUserResponse
         )
 
@@ -613,7 +611,7 @@ class DataQueries:
             dataset_id = await data_client.create_dataset("training-v1", "org-1")
         """
         request = spb.CreateDatasetRequest(name=name, organization_id=organization_id)
-        resp = await self._unary(_DATASET + "CreateDataset", request, spb.CreateDatasetResponse)
+        resp = await self.unary(_DATASET + "CreateDataset", request, spb.CreateDatasetResponse)
         return resp.id
 
     async def list_dataset_by_ids(self, ids: list[str]) -> Sequence[Dataset]:
@@ -625,7 +623,7 @@ class DataQueries:
             print(ds.name, ds.time_created.ToDatetime())
         """
         request = spb.ListDatasetsByIDsRequest(ids=ids)
-        resp = await self._unary(
+        resp = await self.unary(
             _DATASET + "ListDatasetsByIDs", request, spb.ListDatasetsByIDsResponse
         )
         return list(resp.datasets)
@@ -638,7 +636,7 @@ class DataQueries:
             names = [d.name for d in await data_client.list_datasets_by_organization_id("org-1")]
         """
         request = spb.ListDatasetsByOrganizationIDRequest(organization_id=organization_id)
-        resp = await self._unary(
+        resp = await self.unary(
             _DATASET + "ListDatasetsByOrganizationID",
             request,
             spb.ListDatasetsByOrganizationIDResponse,
@@ -653,7 +651,7 @@ class DataQueries:
             await data_client.rename_dataset(dataset_id, "training-v2")
         """
         request = spb.RenameDatasetRequest(id=id, name=name)
-        await self._unary(_DATASET + "RenameDataset", request, spb.RenameDatasetResponse)
+        await self.unary(_DATASET + "RenameDataset", request, spb.RenameDatasetResponse)
 
     async def delete_dataset(self, id: str) -> None:
         """Delete a dataset; its binary data stays, only the membership goes.
@@ -663,7 +661,7 @@ class DataQueries:
             await data_client.delete_dataset(dataset_id)
         """
         request = spb.DeleteDatasetRequest(id=id)
-        await self._unary(_DATASET + "DeleteDataset", request, spb.DeleteDatasetResponse)
+        await self.unary(_DATASET + "DeleteDataset", request, spb.DeleteDatasetResponse)
 
     async def add_binary_data_to_dataset_by_ids(
         self, binary_ids: list[BinaryID] | list[str], dataset_id: str
@@ -677,7 +675,7 @@ class DataQueries:
         request = dpb.AddBinaryDataToDatasetByIDsRequest(
             dataset_id=dataset_id, **_ids("add_binary_data_to_dataset_by_ids", binary_ids)
         )
-        await self._unary(
+        await self.unary(
             _DATA + "AddBinaryDataToDatasetByIDs", request, dpb.AddBinaryDataToDatasetByIDsResponse
         )
 
@@ -693,7 +691,7 @@ class DataQueries:
         request = dpb.RemoveBinaryDataFromDatasetByIDsRequest(
             dataset_id=dataset_id, **_ids("remove_binary_data_from_dataset_by_ids", binary_ids)
         )
-        await self._unary(
+        await self.unary(
             _DATA + "RemoveBinaryDataFromDatasetByIDs",
             request,
             dpb.RemoveBinaryDataFromDatasetByIDsResponse,

@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import TypeVar
 
 from edged import __version__
-from edged.config import absolute_path, check_host, format_size, load_config, parse_size
+from edged.daemon.config import absolute_path, check_host, format_size, load_config, parse_size
 from edged.errors import ConfigError, ConfigErrors, EdgedError
 from edged.ingest import ApiKey, IngestServer, IngestSettings
 from edged.ingest.auth import AuthLimits, short_key_problem
 from edged.ingest.flags import flagged
 from edged.ingest.guard import Limits
 from edged.ingest.limits import QueryLimits
-from edged.keyfile import read_secret_file
+from edged.wire.keyfile import read_secret_file
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 _L = TypeVar("_L")
@@ -157,7 +157,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from edged.app import run_daemon
+    from edged.daemon.app import run_daemon
 
     return asyncio.run(run_daemon(args.config, until_empty=args.until_empty))
 
@@ -179,7 +179,7 @@ def _socket_of(args: argparse.Namespace) -> Path:
 
 
 def _ask(args: argparse.Namespace, req: dict[str, object]) -> dict[str, object]:
-    from edged.status import request
+    from edged.daemon.status import request
 
     answer = request(_socket_of(args), req)
     if not answer.get("ok"):
@@ -191,7 +191,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     import json
     import time
 
-    from edged.status_view import render
+    from edged.daemon.status_view import render
 
     if args.interval <= 0:
         raise ConfigError(f"--interval must be a positive number of seconds, not {args.interval}")
@@ -218,7 +218,7 @@ def _cmd_simple(args: argparse.Namespace) -> int:
 def _cmd_dead_letters(args: argparse.Namespace) -> int:
     import json
 
-    from edged.status_view import render_dead_letters
+    from edged.daemon.status_view import render_dead_letters
 
     answer = _ask(args, {"cmd": "dead-letters"})
     letters = answer.get("dead_letters", [])
@@ -342,14 +342,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_limit_flags(ing, QueryLimits)
     ing.set_defaults(func=_cmd_ingest)
 
-    from edged import query_cli
+    from edged.cli import query as query_cli
 
     query_cli.add_parser(sub).set_defaults(func=_cmd_query)
     return parser
 
 
 def _cmd_query(args: argparse.Namespace) -> int:
-    from edged import query_cli
+    from edged.cli import query as query_cli
 
     return asyncio.run(query_cli.run(args))
 

@@ -1,0 +1,124 @@
+"""The tree is the architecture (docs/architecture.md): which layer may import which.
+
+Checked on the source with `ast` (every import, also those inside functions), and once
+for real in a fresh interpreter, so a lazy import cannot hide an edge."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[1] / "edged"
+BASE = {"edged", "edged.errors", "edged.durable", "edged._proto"}
+"""Foundation every layer may use: the exception hierarchy, fsync, generated protos."""
+
+ALLOWED: dict[str, set[str]] = {
+    "base": set(),
+    "wire": {"wire"},
+    "capture": {"wire", "capture"},
+    "client": {"wire", "capture", "client"},
+    "ingest": {"ingest"},
+    "daemon": {"wire", "capture", "client", "ingest", "daemon"},
+    "cli": {"wire", "capture", "client", "ingest", "daemon", "cli"},
+}
+"""Layer -> layers it may import (besides BASE). The SDK (wire, capture, client) never
+imports the daemon, the ingest server or the CLI; ingest never imports the daemon."""
+
+EXCEPTIONS = {("edged.client.api", "edged.daemon.config")}
+"""`DataClient.from_config` reads the daemon's config file with the daemon's own reader,
+inside the method only (so importing the SDK loads no daemon code)."""
+
+
+def _module(path: Path) -> str:
+    parts = path.relative_to(PKG.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def layer_of(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) < 2 or module in BASE or parts[1] == "_proto":
+        return "base"
+    if parts[1] == "__main__":
+        return "cli"
+    return parts[1]
+
+
+def _target(module: str) -> str:
+    """`edged.x.y` -> the name the layer rules talk about (`edged._proto...` is BASE)."""
+    parts = module.split(".")
+    return "edged._proto" if parts[1:2] == ["_proto"] else module
+
+
+def imports(path: Path) -> list[tuple[str, bool]]:
+    """(imported edged module, at module top level?) for every import in `path`."""
+    tree = ast.parse(path.read_text(), str(path))
+    top = {id(node) for node in tree.body}
+    found: list[tuple[str, bool]] = []
+    for node in ast.walk(tree):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+            if node.module == "edged":  # `from edged import x`: x may be a module
+                names = [
+                    f"edged.{a.name}"
+                    if (PKG / f"{a.name}.py").exists() or (PKG / a.name).is_dir()
+                    else "edged"
+                    for a in node.names
+                ]
+        found += [(_target(n), id(node) in top) for n in names if n.split(".")[0] == "edged"]
+    return found
+
+
+def violations() -> list[str]:
+    bad = []
+    for path in sorted(PKG.rglob("*.py")):
+        mod = _module(path)
+        if layer_of(mod) == "base" and "_proto" in mod:
+            continue
+        own = layer_of(mod)
+        for target, at_top in imports(path):
+            their = layer_of(target)
+            if their == "base" and target in BASE | {"edged"}:
+                continue
+            if their in ALLOWED[own]:
+                continue
+            if (mod, target) in EXCEPTIONS and not at_top:
+                continue
+            bad.append(f"{mod} ({own}) imports {target} ({their})")
+    return bad
+
+
+def test_layers_import_only_downwards() -> None:
+    assert violations() == []
+
+
+def test_every_module_belongs_to_a_layer() -> None:
+    """A new top-level module must be placed in a layer (or added to BASE on purpose)."""
+    stray = [
+        _module(p) for p in PKG.glob("*.py") if _module(p) not in BASE | {"edged.__main__", "edged"}
+    ]
+    assert stray == []
+
+
+def test_the_checker_sees_a_violation(tmp_path: Path) -> None:
+    """The rule is live: an SDK module importing the daemon, even lazily, is reported."""
+    fake = tmp_path / "m.py"
+    fake.write_text("def f():\n    from edged.daemon.outbox import Outbox\n")
+    assert imports(fake) == [("edged.daemon.outbox", False)]
+    assert layer_of("edged.daemon.outbox") not in ALLOWED["client"]
+
+
+def test_importing_the_sdk_loads_no_daemon_ingest_or_cli() -> None:
+    code = (
+        "import sys, edged.client, edged.wire, edged.capture;"
+        "print(sorted(m for m in sys.modules"
+        " if m.split('.')[:2] in (['edged', 'daemon'], ['edged', 'ingest'], ['edged', 'cli'])))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout
