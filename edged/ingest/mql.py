@@ -165,24 +165,29 @@ def row_to_doc(row: tuple[Any, ...]) -> Doc:
 
 def check_pipeline_size(pipeline: Any, max_nodes: int) -> None:
     """Refuse pipelines too large or deep to compile safely, before compiling (which
-    recurses). Walks iteratively, so any input is safe to measure."""
+    recurses). Walks iteratively, so any input is safe to measure; a refusal names the
+    stage (`mql_binary[i]`) it found too big or deep."""
     if isinstance(pipeline, list) and len(pipeline) > MAX_STAGES:
-        raise MqlLimitExceeded(f"the pipeline has more than {MAX_STAGES} stages")
-    nodes = 0
-    stack: list[tuple[Any, int]] = [(pipeline, 0)]
+        raise MqlLimitExceeded(f"mql_binary: the pipeline has more than {MAX_STAGES} stages")
+    stages = list(pipeline) if isinstance(pipeline, list) else [pipeline]
+    nodes = 1
+    stack: list[tuple[Any, int, int]] = [(stage, 1, i) for i, stage in enumerate(stages)]
     while stack:
-        value, depth = stack.pop()
+        value, depth, stage = stack.pop()
         nodes += 1
         if nodes > max_nodes:
             raise MqlLimitExceeded(
-                f"the pipeline has more than {max_nodes} values (--query-max-pipeline-nodes)"
+                f"mql_binary[{stage}]: the pipeline has more than {max_nodes} values"
+                " (--query-max-pipeline-nodes)"
             )
         if depth > MAX_DEPTH:
-            raise MqlLimitExceeded(f"the pipeline nests deeper than {MAX_DEPTH} levels")
+            raise MqlLimitExceeded(
+                f"mql_binary[{stage}]: the pipeline nests deeper than {MAX_DEPTH} levels"
+            )
         if isinstance(value, dict):
-            stack.extend((v, depth + 1) for v in value.values())
+            stack.extend((v, depth + 1, stage) for v in value.values())
         elif isinstance(value, list | tuple):
-            stack.extend((v, depth + 1) for v in value)
+            stack.extend((v, depth + 1, stage) for v in value)
 
 
 def _leaf_size(v: Any) -> int:
