@@ -1,66 +1,9 @@
 """The Python SDK: the seed `DataClient` API (`connect()`, uploads, queries, datasets) over
-one wire `Connection`. Public import path: `from edged.client import ...`."""
+one wire `Connection`. Public import path: `from edged.client import ...`.
 
-from edged.client.api import (
-    DEFAULT_CHUNK,
-    AuthError,
-    BinaryData,
-    BinaryID,
-    BinaryMetadata,
-    ByteSource,
-    CaptureInterval,
-    CaptureMetadata,
-    Connecting,
-    DataClient,
-    Dataset,
-    FileSlice,
-    Filter,
-    Order,
-    TabularData,
-    TagsFilter,
-    TagsFilterType,
-    UploadClient,
-    UploadError,
-    UploadResult,
-    client_tls_context,
-    connect,
-    create_filter,
-    encode_capture_request,
-    iter_source,
-    method_parameters,
-    parse_address,
-    sensor_metadata,
-    upload_metadata,
-)
+The public names are listed once, in `edged.client.api.__all__`."""
 
-__all__ = [
-    "DEFAULT_CHUNK",
-    "AuthError",
-    "BinaryData",
-    "BinaryID",
-    "BinaryMetadata",
-    "ByteSource",
-    "CaptureInterval",
-    "CaptureMetadata",
-    "Connecting",
-    "DataClient",
-    "Dataset",
-    "FileSlice",
-    "Filter",
-    "Order",
-    "TabularData",
-    "TagsFilter",
-    "TagsFilterType",
-    "UploadClient",
-    "UploadError",
-    "UploadResult",
-    "client_tls_context",
-    "connect",
-    "create_filter",
-    "encode_capture_request",
-    "iter_source",
-    "method_parameters",
-    "parse_address",
-    "sensor_metadata",
-    "upload_metadata",
-]
+from edged.client import api as _api
+from edged.client.api import *  # noqa: F403
+
+__all__ = _api.__all__
