@@ -12,8 +12,6 @@ import datetime as dt
 import json
 import os
 import platform
-import re
-import selectors
 import statistics
 import subprocess
 import sys
@@ -26,10 +24,11 @@ from typing import Any
 
 import psutil
 
+from tests.support.processes import ingest_process
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 MiB = 1024 * 1024
-_LISTEN = re.compile(rb"listening on [^ ]+:(\d+)")
 
 Figures = dict[str, float]
 
@@ -63,14 +62,6 @@ def run_n(n: int, once: Callable[[int], Figures], label: str = "") -> tuple[Figu
 # -- processes -----------------------------------------------------------------------------
 
 
-def peak_rss_bytes(pid: int) -> int:
-    """VmHWM: the resident-memory high-water mark of a live process."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmHWM for pid {pid}")
-
-
 def cpu_seconds(pid: int | None = None) -> float:
     """User + system CPU seconds of a process (all its threads); None = this process."""
     t = psutil.Process(pid).cpu_times()
@@ -97,59 +88,14 @@ class CpuMeter:
         return wall, pct
 
 
-def read_line(proc: subprocess.Popen[bytes], deadline_s: float) -> bytes:
-    """One stdout line from `proc`, or fail after `deadline_s` (never blocks forever)."""
-    assert proc.stdout is not None
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    end = time.monotonic() + deadline_s
-    buf = b""
-    while not buf.endswith(b"\n"):
-        left = end - time.monotonic()
-        if left <= 0 or not sel.select(left):
-            raise TimeoutError(f"no line from {proc.args!r} within {deadline_s}s (got {buf!r})")
-        chunk = os.read(proc.stdout.fileno(), 1)
-        if not chunk:
-            raise RuntimeError(f"{proc.args!r} exited with {proc.wait()} before a line: {buf!r}")
-        buf += chunk
-    return buf
-
-
-def stop_process(proc: subprocess.Popen[bytes], grace_s: float = 30) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-    try:
-        proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 @contextmanager
 def ingest_server(
     data: Path, extra: Sequence[str] = (), log: Path | None = None
 ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """`edged ingest` as a child on 127.0.0.1:0; yields (process, port); SIGTERM on exit."""
-    data.mkdir(parents=True, exist_ok=True)
-    err = open(log or os.devnull, "wb")  # noqa: SIM115 - closed in finally
-    cmd = [sys.executable, "-m", "edged", "ingest", "--listen", "127.0.0.1:0", "--data", str(data)]
-    proc = subprocess.Popen(
-        [*cmd, *extra],
-        stdout=subprocess.PIPE,
-        stderr=err,
-        cwd=REPO,
-    )
-    try:
-        line = read_line(proc, 30)
-        match = _LISTEN.search(line)
-        if not match:
-            raise RuntimeError(f"unexpected first line from edged ingest: {line!r}")
-        yield proc, int(match[1])
-    finally:
-        stop_process(proc)
-        if proc.stdout:
-            proc.stdout.close()
-        err.close()
+    """`edged ingest` run from the repo, its stderr in `log` (or discarded); yields
+    (process, port). The one definition is the tests' (tests/support/processes.py)."""
+    with ingest_process(data, extra, cwd=REPO, log=log or Path(os.devnull)) as server:
+        yield server
 
 
 def run_worker(module: str, spec: Mapping[str, Any], timeout_s: float = 900) -> dict[str, Any]:

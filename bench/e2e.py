@@ -26,7 +26,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,14 +40,16 @@ from bench.common import (
     format_table,
     ingest_server,
     machine_info,
-    peak_rss_bytes,
     percentile,
     run_n,
-    stop_process,
     write_result,
 )
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.capture import CaptureWriter
+from tests.support.credentials import make_key_file
+from tests.support.ingest_db import ingest_count
+from tests.support.processes import peak_rss_bytes, stop_process
+from tests.support.waiting import wait_for
 
 NAME = "e2e"
 MiB = 1 << 20
@@ -64,12 +65,8 @@ FULL = {"load_s": 20.0, "saturation": 500_000, "file_mib": 1024, "backlog": 1_00
 
 
 def _key(tmp: Path) -> tuple[str, str, Path]:
-    key_id, secret = str(uuid.uuid4()), uuid.uuid4().hex
-    path = tmp / "key"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secret)
-    return key_id, secret, path
+    k = make_key_file(tmp)
+    return k.key_id, k.secret, k.path
 
 
 def _config(tmp: Path, port: int, key_id: str, key_file: Path, sources: str) -> Path:
@@ -104,28 +101,6 @@ def _edged(cfg: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.
         log.close()
 
 
-def _count(data: Path, table: str = "readings") -> int:
-    db_path = data / "ingest.sqlite3"
-    if not db_path.exists():
-        return 0
-    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
-    try:
-        return int(db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
-    except sqlite3.OperationalError:
-        return 0
-    finally:
-        db.close()
-
-
-def _wait(what: str, check: Any, timeout: float, poll: float = 0.05) -> float:
-    end = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > end:
-            raise TimeoutError(f"e2e: timed out waiting for {what}")
-        time.sleep(poll)
-    return time.monotonic()
-
-
 def _write_backlog(root: Path, n: int, per_file: int = 1000) -> None:
     now = datetime.now(UTC)
     for first in range(0, n, per_file):
@@ -147,7 +122,7 @@ def fixed_load(tmp: Path, seconds: float, rate: int = 10_000, per_file: int = 10
     ) as (ing, port):
         cfg = _config(tmp, port, key_id, key_file, f"  - {{kind: capture, path: {capture}}}")
         with _edged(cfg) as proc:
-            _wait("status socket", (tmp / "edged.sock").exists, 30)
+            wait_for("status socket", (tmp / "edged.sock").exists, 30)
             meter = CpuMeter({"edged": proc.pid, "ingest": ing.pid})
             meter.start()
 
@@ -170,7 +145,7 @@ def fixed_load(tmp: Path, seconds: float, rate: int = 10_000, per_file: int = 10
             t.start()
             t.join()
             total = closes[-1][0] + 1
-            _wait("all readings stored", lambda: _count(tmp / "ingest") >= total, 120)
+            wait_for("all readings stored", lambda: ingest_count(tmp / "ingest") >= total, 120)
             wall, cpu = meter.stop()
             rss_edged, rss_ingest = peak_rss_bytes(proc.pid), peak_rss_bytes(ing.pid)
     db = sqlite3.connect(f"file:{tmp / 'ingest' / 'ingest.sqlite3'}?mode=ro", uri=True)
@@ -208,7 +183,7 @@ def saturation(tmp: Path, n: int) -> Figures:
         with _edged(cfg) as proc:
             meter = CpuMeter({"edged": proc.pid, "ingest": ing.pid})
             meter.start()
-            t1 = _wait("all stored", lambda: _count(tmp / "ingest") >= n, 600, 0.2)
+            t1 = wait_for("all stored", lambda: ingest_count(tmp / "ingest") >= n, 600, 0.2)
             _, cpu = meter.stop()
             rss = peak_rss_bytes(proc.pid)
     return {
@@ -268,7 +243,7 @@ def file_drain(tmp: Path, mib: int) -> Figures:
         with _edged(cfg) as proc:
             meter = CpuMeter({"edged": proc.pid, "ingest": ing.pid})
             meter.start()
-            t1 = _wait("file acked and deleted", lambda: not big.exists(), 600, 0.1)
+            t1 = wait_for("file acked and deleted", lambda: not big.exists(), 600, 0.1)
             _, cpu = meter.stop()
             rss_e, rss_i = peak_rss_bytes(proc.pid), peak_rss_bytes(ing.pid)
     return {
@@ -290,7 +265,7 @@ def backlog(tmp: Path, n: int) -> Figures:
     src = f"  - {{kind: capture, path: {tmp / 'capture'}}}"
     cfg = _config(tmp, down, key_id, key_file, src)
     with _edged(cfg):
-        _wait(
+        wait_for(
             "all committed to the outbox",
             lambda: not any((tmp / "capture").rglob("*.capture")),
             900,
@@ -310,7 +285,7 @@ def backlog(tmp: Path, n: int) -> Figures:
                     pass
                 ready = time.monotonic() - t0
                 t1 = time.monotonic()
-                t2 = _wait("drained", lambda: _count(tmp / "ingest") >= n, 900, 0.2)
+                t2 = wait_for("drained", lambda: ingest_count(tmp / "ingest") >= n, 900, 0.2)
                 rss = peak_rss_bytes(proc.pid)
                 rss_now = psutil.Process(proc.pid).memory_info().rss
     return {

@@ -42,11 +42,11 @@ from bench.common import (
     ingest_server,
     machine_info,
     module_main,
-    peak_rss_bytes,
     run_n,
     run_worker,
     write_result,
 )
+from tests.support.processes import peak_rss_bytes
 
 NAME = "outbox"
 PART = "bench-part"

@@ -41,12 +41,12 @@ from bench.common import (
     format_table,
     machine_info,
     module_main,
-    peak_rss_bytes,
     percentile,
     run_n,
     run_worker,
     write_result,
 )
+from tests.support.processes import peak_rss_bytes
 
 NAME = "sources"
 PART = "bench-part"

@@ -38,12 +38,12 @@ from bench.common import (
     ingest_server,
     machine_info,
     module_main,
-    peak_rss_bytes,
     percentile,
     run_n,
     run_worker,
     write_result,
 )
+from tests.support.processes import peak_rss_bytes
 
 NAME = "wire"
 BATCH = 1000

@@ -13,7 +13,6 @@ import os
 import sys
 import threading
 import time
-import uuid
 import warnings
 from collections.abc import AsyncIterator, Generator
 from dataclasses import dataclass
@@ -26,22 +25,7 @@ import trustme
 
 from edged.client import UploadClient
 from edged.ingest import ApiKey, IngestServer, IngestSettings
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-@dataclass(frozen=True)
-class Certs:
-    ca_file: Path
-    cert_file: Path
-    key_file: Path
-
-
-@dataclass(frozen=True)
-class KeyFile:
-    key_id: str
-    secret: str
-    path: Path
+from tests.support.credentials import Certs, KeyFile, make_key_file
 
 
 @pytest.fixture(scope="session")
@@ -56,15 +40,6 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
         with open(d / "cert.pem", "ab") as f:
             f.write(extra.bytes())
     return Certs(d / "ca.pem", d / "cert.pem", d / "key.pem")
-
-
-def make_key_file(directory: Path) -> KeyFile:
-    key_id, secret = str(uuid.uuid4()), uuid.uuid4().hex + uuid.uuid4().hex
-    path = directory / f"key-{key_id}"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secret + "\n")
-    return KeyFile(key_id, secret, path)
 
 
 @pytest.fixture

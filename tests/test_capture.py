@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import signal
 import stat
 import subprocess
@@ -39,10 +38,9 @@ from edged.capture import (
     split_legacy_images,
 )
 from edged.errors import CaptureFormatError
-from tests.procs import read_line
-
-REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO.parent / "shared" / "fixtures" / "robot-capture"
+from tests.support.capture_files import copy_tree, tabular_metadata, tabular_reading
+from tests.support.paths import FIXTURES, REPO
+from tests.support.processes import read_line
 
 FAST = settings(
     max_examples=60,
@@ -98,27 +96,6 @@ def py_value(obj: Any) -> struct_pb2.Value:
     return holder.fields["v"]
 
 
-def tabular_metadata(**kw: Any) -> pb.DataCaptureMetadata:
-    base: dict[str, Any] = {
-        "component_type": "rdk:component:sensor",
-        "component_name": "temp1",
-        "method_name": "Readings",
-        "type": pb.DATA_TYPE_TABULAR_SENSOR,
-        "file_extension": ".dat",
-        "tags": ["t1"],
-    }
-    base.update(kw)
-    return pb.DataCaptureMetadata(**base)
-
-
-def tabular_reading(seq: int, pad: int = 0) -> pb.SensorData:
-    reading = pb.SensorData()
-    reading.struct.update({"seq": seq, "pad": "x" * pad})
-    reading.metadata.time_requested.FromDatetime(datetime(2026, 1, 1, tzinfo=UTC))
-    reading.metadata.time_received.FromDatetime(datetime(2026, 1, 1, 0, 0, 1, tzinfo=UTC))
-    return reading
-
-
 class FakeClock:
     """Advances by `step` on every call, so names and ages are deterministic."""
 
@@ -148,17 +125,6 @@ def small_file(tmp: Path) -> tuple[Path, bytes]:
     readings.insert(2, pb.SensorData())  # zero-length body
     path = tmp / "small.capture"
     return path, write_file(path, tabular_metadata(), readings)
-
-
-def copy_tree(src: Path, dst: Path) -> None:
-    """Copy the read-only fixture tree as writable files."""
-    for item in src.rglob("*"):
-        target = dst / item.relative_to(src)
-        if item.is_dir():
-            target.mkdir(parents=True, exist_ok=True)
-        else:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(item, target)
 
 
 def read_is_robust(path: Path) -> ReadResult | None:

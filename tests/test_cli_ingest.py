@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from edged.client import UploadClient
-from tests.conftest import Certs, KeyFile, make_key_file
-from tests.procs import edged_cmd, ingest_process, peak_rss_bytes
+from tests.support.credentials import Certs, KeyFile, make_key_file
+from tests.support.processes import edged_cmd, ingest_process, peak_rss_bytes
 
 MiB = 1024 * 1024
 

@@ -7,7 +7,7 @@ import importlib.util
 from pathlib import Path
 from types import ModuleType
 
-from tests.test_data_client import SEED_SIGNATURES
+from tests.support.seed_signatures import SEED_SIGNATURES
 
 GENERATOR = Path(__file__).resolve().parents[1] / "docs" / "gen_client_md.py"
 

@@ -11,116 +11,16 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from edged.capture import CaptureWriter
-from tests.conftest import KeyFile
-from tests.procs import edged_cmd, ingest_process
-from tests.test_capture import tabular_metadata, tabular_reading
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
-def ingest_count(data: Path, table: str) -> int:
-    db_path = data / "ingest.sqlite3"
-    if not db_path.exists():
-        return 0
-    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
-    try:
-        return int(db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
-    finally:
-        db.close()
-
-
-def ingest_seqs(data: Path) -> list[int]:
-    db = sqlite3.connect(f"file:{data / 'ingest.sqlite3'}?mode=ro", uri=True)
-    try:
-        return sorted(int(json.loads(r[0])["seq"]) for r in db.execute("SELECT data FROM readings"))
-    finally:
-        db.close()
-
-
-def write_config(path: Path, body: str) -> Path:
-    path.write_text(body)
-    return path
-
-
-def base_config(tmp: Path, port: int, key: KeyFile, extra_sources: str = "") -> str:
-    return f"""\
-part_id: robot-e2e
-state_dir: {tmp / "state"}
-cloud:
-  address: 127.0.0.1:{port}
-  api_key_id: {key.key_id}
-  api_key_file: {key.path}
-  tls: false
-sources:
-  - kind: capture
-    path: {tmp / "capture"}
-  - kind: files
-    path: {tmp / "uploads"}
-    settle: 0s
-{extra_sources}upload:
-  backoff: {{initial: 50ms, max: 500ms}}
-status:
-  socket: {tmp / "edged.sock"}
-"""
-
-
-@contextmanager
-def daemon(
-    config: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
-) -> Iterator[subprocess.Popen[bytes]]:
-    log = config.with_suffix(".log").open("ab")
-    proc = subprocess.Popen(
-        edged_cmd("run", "-c", str(config), *args),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, **(env or {})},
-    )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(30)
-        log.close()
-
-
-def status(config: Path) -> dict[str, Any]:
-    """`edged status --json` against the socket next to `config` (named explicitly, so a
-    test may break the config file while the daemon runs)."""
-    out = subprocess.run(
-        edged_cmd("status", "--socket", str(config.parent / "edged.sock"), "--json"),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr
-    result: dict[str, Any] = json.loads(out.stdout)
-    return result
-
-
-def socket_up(path: Path) -> bool:
-    return path.exists()
-
-
-def write_capture(root: Path, start: int, n: int, per_file: int = 500) -> None:
-    for first in range(start, start + n, per_file):
-        with CaptureWriter(root, tabular_metadata()) as w:
-            for seq in range(first, min(first + per_file, start + n)):
-                w.write(tabular_reading(seq))
+from tests.support.capture_files import write_capture
+from tests.support.credentials import KeyFile
+from tests.support.daemon import base_config, daemon, edged_ctl, socket_up, status, write_config
+from tests.support.ingest_db import ingest_count, ingest_seqs
+from tests.support.processes import edged_cmd, ingest_process
+from tests.support.waiting import wait_for
 
 
 def test_files_in_data_stored_sources_deleted_status_true(tmp_path: Path, key: KeyFile) -> None:
@@ -345,16 +245,6 @@ def test_unit_file_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     )
     problems = [ln for ln in res.stderr.splitlines() if "edged.service" in ln]
     assert not problems, res.stderr
-
-
-def edged_ctl(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        edged_cmd(*args, "--socket", str(cfg.parent / "edged.sock")),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
 
 
 def test_control_commands_and_stale_socket(tmp_path: Path, key: KeyFile) -> None:

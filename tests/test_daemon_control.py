@@ -23,19 +23,12 @@ from edged.daemon.outbox import Item, Outbox
 from edged.daemon.sources.base import SourceContext
 from edged.daemon.sources.capture import CaptureSource
 from edged.daemon.status import MAX_CLIENTS, StatusServer
-from tests.conftest import KeyFile
-from tests.procs import edged_cmd, ingest_process
-from tests.test_capture import tabular_metadata, tabular_reading
-from tests.test_daemon import (
-    base_config,
-    daemon,
-    ingest_seqs,
-    socket_up,
-    status,
-    wait_for,
-    write_capture,
-    write_config,
-)
+from tests.support.capture_files import tabular_metadata, tabular_reading, write_capture
+from tests.support.credentials import KeyFile
+from tests.support.daemon import base_config, daemon, socket_up, status, write_config
+from tests.support.ingest_db import ingest_seqs
+from tests.support.processes import edged_cmd, ingest_process
+from tests.support.waiting import wait_for
 
 
 async def drain(box: Outbox) -> list[Item]:

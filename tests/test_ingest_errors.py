@@ -19,7 +19,7 @@ from edged.client import UploadClient, client_tls_context, upload_metadata
 from edged.errors import AuthError, UploadError
 from edged.ingest import ApiKey, IngestServer, IngestSettings
 from edged.ingest.guard import Limits
-from tests.conftest import Certs, KeyFile
+from tests.support.credentials import Certs, KeyFile
 
 Stub = data_sync_grpc.DataSyncServiceStub
 

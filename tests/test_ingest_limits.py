@@ -30,8 +30,8 @@ from edged.errors import ConfigError
 from edged.ingest import ApiKey, IngestServer, IngestSettings, KeyStore
 from edged.ingest.auth import AuthLimits
 from edged.ingest.guard import Limits, connections_for
-from tests.conftest import KeyFile, make_key_file
-from tests.procs import edged_cmd, ingest_process
+from tests.support.credentials import KeyFile, make_key_file
+from tests.support.processes import edged_cmd, ingest_process
 
 MiB = 1024 * 1024
 

@@ -1,16 +1,20 @@
 """The tree is the architecture (docs/architecture.md): which layer may import which.
 
 Checked on the source with `ast` (every import, also those inside functions), and once
-for real in a fresh interpreter, so a lazy import cannot hide an edge."""
+for real in a fresh interpreter, so a lazy import cannot hide an edge. Tests and benches
+share helpers through `tests/support/` only: no module imports a test module, conftest,
+or (from tests) `bench`."""
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
 
-PKG = Path(__file__).resolve().parents[1] / "edged"
+REPO = Path(__file__).resolve().parents[1]
+PKG = REPO / "edged"
 BASE = {"edged", "edged.errors", "edged.durable", "edged._proto"}
 """Foundation every layer may use: the exception hierarchy, fsync, generated protos."""
 
@@ -122,3 +126,62 @@ def test_importing_the_sdk_loads_no_daemon_ingest_or_cli() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert out.stdout.strip() == "[]", out.stdout
+
+
+# -- tests and benches --------------------------------------------------------------------
+
+
+def _imported(tree: ast.AST) -> list[str]:
+    """Every module an import in `tree` names, also `from pkg import module` and imports
+    in code strings run as child processes (`python -c CODE`)."""
+    found: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found += [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            with contextlib.suppress(SyntaxError):  # prose, not code
+                found += _imported(ast.parse(node.value)) if "import " in node.value else []
+    return found
+
+
+def bad_imports(code: str, *, from_tests: bool) -> list[str]:
+    """Modules `code` (from tests/ or bench/) may not import: a test module or conftest,
+    and from tests also bench. A helper two files need belongs in tests/support/."""
+
+    def bad(name: str) -> bool:
+        parts = name.split(".")
+        top, last = parts[0], parts[-1]
+        test_module = top == "tests" and (last.startswith("test_") or last == "conftest")
+        return test_module or (from_tests and top == "bench")
+
+    return [name for name in _imported(ast.parse(code)) if bad(name)]
+
+
+def test_no_test_module_imports_another_test_module_or_bench() -> None:
+    bad = [
+        f"{path.relative_to(REPO)} imports {name}"
+        for top in ("tests", "bench")
+        for path in sorted((REPO / top).rglob("*.py"))
+        if path != Path(__file__).resolve()  # its own examples of what is refused
+        for name in bad_imports(path.read_text(), from_tests=top == "tests")
+    ]
+    assert bad == []
+
+
+def test_the_test_import_checker_sees_a_violation() -> None:
+    """The rule is live: bench, a test module (also via `from tests import`), and one
+    imported inside a child process's code string; support modules are fine."""
+    code = (
+        "import bench.common\n"
+        "from tests import test_daemon\n"
+        "CHILD = 'from tests.test_outbox import meta\\nprint(meta())'\n"
+        "from tests.support.waiting import wait_for\n"
+    )
+    assert bad_imports(code, from_tests=True) == [
+        "bench.common",
+        "tests.test_daemon",
+        "tests.test_outbox",
+    ]
+    assert bad_imports("import bench.common\n", from_tests=False) == []

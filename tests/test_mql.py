@@ -19,7 +19,7 @@ from edged.ingest.mql import (
     run_mql,
     run_pipeline,
 )
-from tests.test_sql import A_ROWS, ORG_A, ORG_B, T0, build_db
+from tests.support.query_index import A_ROWS, ORG_A, ORG_B, T0, build_db
 
 Doc = dict[str, Any]
 

@@ -31,34 +31,20 @@ from edged._proto.app.dataset.v1.dataset_grpc import DatasetServiceStub
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.client import UploadClient, sensor_metadata, upload_metadata
 from edged.errors import UploadError
-from edged.ingest import ApiKey, IngestServer, IngestSettings, IngestStore, catalog
-from tests.conftest import Certs, KeyFile, make_key_file
-from tests.procs import ingest_process
-from tests.test_daemon import base_config, daemon, edged_ctl, status, wait_for, write_config
-from tests.test_query import ORG, ORG2, Api, _api, at, binary_req, status_of
+from edged.ingest import IngestServer, IngestStore, catalog
+from tests.support.credentials import Certs, KeyFile, make_key_file
+from tests.support.daemon import base_config, daemon, edged_ctl, status, write_config
+from tests.support.processes import ingest_process
+from tests.support.query_api import ORG, ORG2, Api, at, binary_req, status_of, two_orgs
+from tests.support.waiting import wait_for
 
 # -- fixtures and helpers -------------------------------------------------------------------
 
 
 @pytest.fixture
 async def orgs(tmp_path: Path, certs: Certs) -> AsyncIterator[tuple[IngestServer, Api, Api]]:
-    k1, k2 = make_key_file(tmp_path), make_key_file(tmp_path)
-    settings = IngestSettings(
-        data_dir=tmp_path / "ingest",
-        keys=(ApiKey(k1.key_id, k1.secret, ORG), ApiKey(k2.key_id, k2.secret, ORG2)),
-        tls_cert=certs.cert_file,
-        tls_key=certs.key_file,
-        shutdown_grace_s=2.0,
-        synchronous="OFF",
-    )
-    async with IngestServer(settings) as srv:
-        a = await _api(srv, k1.key_id, k1.secret, certs)
-        b = await _api(srv, k2.key_id, k2.secret, certs)
-        try:
-            yield srv, a, b
-        finally:
-            a.up.close()
-            b.up.close()
+    async with two_orgs(tmp_path, certs) as srv:
+        yield srv
 
 
 async def create_dataset(api: Api, org: str, name: str) -> str:

@@ -22,29 +22,13 @@ from edged.daemon.outbox import (
     KIND_TABULAR,
     Claim,
     FileRef,
-    Item,
     Outbox,
     OutboxLimits,
     Progress,
 )
 from edged.errors import OutboxFull
-from tests.procs import read_line
-
-
-async def take(box: Outbox) -> Item | None:
-    return await box.lease(lease_s=60.0, max_readings=1000, max_bytes=1 << 20)
-
-
-def meta(name: str = "s1") -> bytes:
-    return pb.UploadMetadata(
-        part_id="p", component_name=name, type=pb.DATA_TYPE_TABULAR_SENSOR
-    ).SerializeToString()
-
-
-def reading(i: int) -> bytes:
-    r = pb.SensorData()
-    r.struct.update({"seq": i})
-    return r.SerializeToString()
+from tests.support.outbox_items import meta, reading, take
+from tests.support.processes import read_line
 
 
 def seqs(blobs: list[bytes]) -> list[int]:
@@ -279,7 +263,7 @@ KILL_CHILD = """
 import asyncio, sys
 from pathlib import Path
 from edged.daemon.outbox import Outbox
-from tests.test_outbox import meta, reading
+from tests.support.outbox_items import meta, reading
 
 async def main() -> None:
     box = await Outbox.open(Path(sys.argv[1]))

@@ -1,5 +1,5 @@
-"""Regression tests for the outbox's crash and cancellation windows (found in review):
-each simulates the instant between two steps and checks nothing is lost or wedged."""
+"""The outbox interrupted between two steps, by a crash or a cancellation: each test
+simulates that instant and checks nothing is lost or wedged."""
 
 from __future__ import annotations
 
@@ -14,22 +14,12 @@ import pytest
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.capture import CaptureWriter
 from edged.daemon.config import SourceConfig
-from edged.daemon.outbox import INLINE_MAX, KIND_BINARY, KIND_FILE, Claim, FileRef, Item, Outbox
+from edged.daemon.outbox import INLINE_MAX, KIND_BINARY, KIND_FILE, Claim, FileRef, Outbox
 from edged.daemon.sources.base import SourceContext
 from edged.daemon.sources.capture import CaptureSource
 from edged.errors import OutboxFull
 from edged.ingest.storage import IngestStore
-
-
-async def take(box: Outbox) -> Item | None:
-    return await box.lease(lease_s=60, max_readings=1000, max_bytes=1 << 20)
-
-
-def meta(name: str) -> bytes:
-    return pb.UploadMetadata(
-        part_id="p", component_name=name, type=pb.DATA_TYPE_TABULAR_SENSOR
-    ).SerializeToString()
-
+from tests.support.outbox_items import meta, take
 
 CAMERA = pb.DataCaptureMetadata(
     component_type="rdk:component:camera",

@@ -12,8 +12,7 @@ import contextlib
 import datetime as dt
 import importlib.util
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,65 +20,30 @@ import bson
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpclib.const import Status
-from grpclib.exceptions import GRPCError
 
 from edged._proto.app.data.v1 import data_pb2 as dpb
-from edged._proto.app.data.v1.data_grpc import DataServiceStub
 from edged._proto.app.dataset.v1 import dataset_pb2 as spb
-from edged._proto.app.dataset.v1.dataset_grpc import DatasetServiceStub
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
-from edged.client import UploadClient, sensor_metadata, upload_metadata
-from edged.ingest import ApiKey, IngestServer, IngestSettings, IngestStore
-from tests.conftest import Certs, make_key_file
-
-T0 = dt.datetime(2026, 3, 1, 12, 0, 0, tzinfo=dt.UTC)
-ORG, ORG2, LOC = "org-1", "org-2", "loc-1"
-
-
-@dataclass
-class Api:
-    """One caller: its upload client and query stubs with the bearer token."""
-
-    up: UploadClient
-    data: DataServiceStub
-    sets: DatasetServiceStub
-    md: dict[str, str]
-
-
-async def _api(server: IngestServer, key_id: str, secret: str, certs: Certs) -> Api:
-    up = UploadClient(server.address, api_key_id=key_id, api_key=secret, ca_file=certs.ca_file)
-    return Api(up, DataServiceStub(up.channel), DatasetServiceStub(up.channel), await up.metadata())
+from edged.client import sensor_metadata, upload_metadata
+from edged.ingest import IngestServer, IngestStore
+from tests.support.credentials import Certs
+from tests.support.query_api import (
+    LOC,
+    ORG,
+    ORG2,
+    Api,
+    at,
+    binary_req,
+    status_of,
+    tabular_req,
+    two_orgs,
+)
 
 
 @pytest.fixture
 async def server(tmp_path: Path, certs: Certs) -> AsyncIterator[tuple[IngestServer, Api, Api]]:
-    k1, k2 = make_key_file(tmp_path), make_key_file(tmp_path)
-    settings = IngestSettings(
-        data_dir=tmp_path / "ingest",
-        keys=(ApiKey(k1.key_id, k1.secret, ORG, LOC), ApiKey(k2.key_id, k2.secret, ORG2)),
-        tls_cert=certs.cert_file,
-        tls_key=certs.key_file,
-        shutdown_grace_s=2.0,
-        synchronous="OFF",
-    )
-    async with IngestServer(settings) as srv:
-        a = await _api(srv, k1.key_id, k1.secret, certs)
-        b = await _api(srv, k2.key_id, k2.secret, certs)
-        try:
-            yield srv, a, b
-        finally:
-            a.up.close()
-            b.up.close()
-
-
-async def status_of(call: Awaitable[Any]) -> tuple[Status, str]:
-    with pytest.raises(GRPCError) as info:
-        await call
-    return info.value.status, info.value.message or ""
-
-
-def at(seconds: float) -> dt.datetime:
-    return T0 + dt.timedelta(seconds=seconds)
+    async with two_orgs(tmp_path, certs, location=LOC) as srv:
+        yield srv
 
 
 def ts(seconds: float) -> Timestamp:
@@ -125,20 +89,6 @@ async def upload_image(
     sensor.annotations.classifications.add(label="scene", confidence=0.5)
     res = await api.up.upload_binary_stream(meta, sensor, f"image-{n}".encode() * 100)
     return res.binary_data_id
-
-
-def tabular_req(
-    f: dpb.Filter | None = None, *, limit: int = 0, last: str = "", order: int = 0, **kw: Any
-) -> dpb.TabularDataByFilterRequest:
-    dr = dpb.DataRequest(filter=f or dpb.Filter(), limit=limit, last=last, sort_order=order)  # type: ignore[arg-type]
-    return dpb.TabularDataByFilterRequest(data_request=dr, **kw)
-
-
-def binary_req(
-    f: dpb.Filter | None = None, *, limit: int = 0, last: str = "", order: int = 0, **kw: Any
-) -> dpb.BinaryDataByFilterRequest:
-    dr = dpb.DataRequest(filter=f or dpb.Filter(), limit=limit, last=last, sort_order=order)  # type: ignore[arg-type]
-    return dpb.BinaryDataByFilterRequest(data_request=dr, **kw)
 
 
 # -- tabular --------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 from edged.cli import main
 from edged.client import UploadClient
 from edged.ingest import IngestServer
-from tests.conftest import Certs, KeyFile
+from tests.support.credentials import Certs, KeyFile
 
 T0 = dt.datetime(2026, 4, 1, tzinfo=dt.UTC)
 

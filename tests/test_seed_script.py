@@ -18,8 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import Certs, KeyFile
-from tests.interop.test_sdk_upload import ORG, read_index, running_ingest
+from tests.support.credentials import Certs, KeyFile
+from tests.support.ingest_db import read_index
+from tests.support.interop import ORG, running_ingest
 
 SEED_SOURCE = Path(__file__).with_name("seed_script") / "seed_example.py"
 

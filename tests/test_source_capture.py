@@ -35,8 +35,9 @@ from edged.daemon.sources.capture import (
 )
 from edged.daemon.uploader import Uploader, UploaderSettings
 from edged.ingest import IngestServer, IngestSettings
-from tests.procs import read_line
-from tests.test_capture import FIXTURES, copy_tree, tabular_metadata, tabular_reading
+from tests.support.capture_files import copy_tree, tabular_metadata, tabular_reading
+from tests.support.paths import FIXTURES
+from tests.support.processes import read_line
 
 FAST = UploaderSettings(workers=2, backoff_initial=0.01, backoff_max=0.05, idle_poll_s=0.05)
 needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"no fixtures at {FIXTURES}")
@@ -264,7 +265,7 @@ WRITER_CHILD = """
 import sys
 from pathlib import Path
 from edged.capture import CaptureWriter, frame
-from tests.test_capture import tabular_metadata, tabular_reading
+from tests.support.capture_files import tabular_metadata, tabular_reading
 
 writer = CaptureWriter(Path(sys.argv[1]), tabular_metadata(), max_file_bytes=2048)
 for seq in range(10**7):

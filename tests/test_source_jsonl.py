@@ -22,7 +22,7 @@ from edged.daemon.config import SourceConfig
 from edged.daemon.outbox import Outbox, OutboxLimits
 from edged.daemon.sources.base import SourceContext
 from edged.daemon.sources.jsonl import BadLine, JsonlSource, parse_line, parse_time
-from tests.procs import read_line
+from tests.support.processes import read_line
 
 REPO = Path(__file__).resolve().parents[1]
 NOW = 1_700_000_000.25

@@ -31,7 +31,7 @@ from edged.client import DataClient, connect, upload_metadata
 from edged.ingest import IngestServer
 from edged.ingest.sql import convert_value
 from edged.ingest.values import decode_python, decode_struct, encode_struct, to_bson
-from tests.conftest import Certs, KeyFile
+from tests.support.credentials import Certs, KeyFile
 
 NAN, INF = float("nan"), float("inf")
 ODD: dict[str, Any] = {

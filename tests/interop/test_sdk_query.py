@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Certs, KeyFile
-from tests.interop.test_sdk_upload import INTEROP_PYTHON, ORG, SDK_TIMEOUT_S, running_ingest
+from tests.support.credentials import Certs, KeyFile
+from tests.support.interop import INTEROP_PYTHON, ORG, SDK_TIMEOUT_S, running_ingest
 
 SCRIPT = Path(__file__).with_name("sdk_query.py")
 READING_COUNT, IMAGE_COUNT = 6, 5

@@ -9,38 +9,29 @@ every stored field and blob with what the SDK was given.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import re
-import selectors
-import signal
-import sqlite3
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import Certs, KeyFile, make_key_file
 from tests.interop import sdk_upload as sdk
-
-INTEROP_PYTHON = os.environ.get("EDGED_INTEROP_PYTHON", "")
-SCRIPT = Path(__file__).with_name("sdk_upload.py")
-ORG = sdk.ORG
-START_DEADLINE_S = 30.0
-SDK_TIMEOUT_S = 90.0
-STOP_TIMEOUT_S = 30.0
-_LISTENING = re.compile(
-    r"edged ingest: listening on 127\.0\.0\.1:(\d+) \(tls, 1 API key\(s\)\), data in (.+)"
+from tests.support.credentials import Certs, KeyFile, make_key_file
+from tests.support.ingest_db import read_index
+from tests.support.interop import (
+    INTEROP_PYTHON,
+    ORG,
+    SDK_TIMEOUT_S,
+    IngestProcess,
+    running_ingest,
 )
+
+SCRIPT = Path(__file__).with_name("sdk_upload.py")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 pytestmark = [
@@ -57,95 +48,11 @@ def ns(dt: datetime) -> int:
     return (dt - _EPOCH) // timedelta(microseconds=1) * 1000
 
 
-def edged_cmd() -> list[str]:
-    script = Path(sys.executable).with_name("edged")  # the console script users run
-    return [str(script)] if script.exists() else [sys.executable, "-m", "edged"]
-
-
-@dataclass
-class IngestProcess:
-    proc: subprocess.Popen[bytes]
-    port: int
-    data_dir: Path
-    stderr_path: Path
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
-
-    def stop(self) -> tuple[int, str]:
-        """SIGTERM, then wait for the graceful exit; returns (exit code, rest of stdout)."""
-        self.proc.send_signal(signal.SIGTERM)
-        out, _ = self.proc.communicate(timeout=STOP_TIMEOUT_S)
-        return self.proc.returncode, out.decode(errors="replace")
-
-
-def _first_line(proc: subprocess.Popen[bytes], deadline_s: float) -> str:
-    """The first stdout line, or fail once the deadline passes or the process exits."""
-    assert proc.stdout is not None
-    buf = b""
-    end = time.monotonic() + deadline_s
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        while not buf.endswith(b"\n"):
-            left = end - time.monotonic()
-            if left <= 0 or not sel.select(left):
-                raise AssertionError(f"edged ingest printed no line within {deadline_s}s: {buf!r}")
-            chunk = os.read(proc.stdout.fileno(), 4096)
-            if not chunk:
-                raise AssertionError(f"edged ingest exited ({proc.wait()}) before listening")
-            buf += chunk
-    first, _, _ = buf.partition(b"\n")
-    return first.decode()
-
-
-@contextlib.contextmanager
-def running_ingest(tmp_path: Path, key: KeyFile, certs: Certs) -> Iterator[IngestProcess]:
-    data_dir = tmp_path / "ingest-data"
-    stderr_path = tmp_path / "ingest.stderr"
-    args = [
-        *edged_cmd(), "ingest", "--listen", "127.0.0.1:0", "--data", str(data_dir),
-        "--api-key-id", key.key_id, "--api-key-file", str(key.path), "--org-id", ORG,
-        "--tls-cert", str(certs.cert_file), "--tls-key", str(certs.key_file),
-    ]  # fmt: skip
-    with stderr_path.open("wb") as err:
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, bufsize=0)
-    try:
-        try:
-            line = _first_line(proc, START_DEADLINE_S)
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\nstderr:\n{stderr_path.read_text()}") from None
-        match = _LISTENING.fullmatch(line)
-        assert match, f"unexpected first line from edged ingest: {line!r}"
-        assert match[2] == str(data_dir)
-        yield IngestProcess(proc, int(match[1]), data_dir, stderr_path)
-    finally:
-        if proc.poll() is None:  # the test failed before stopping it
-            proc.kill()
-            proc.communicate()
-        assert proc.stdout is not None
-        proc.stdout.close()
-
-
 def run_sdk(server: IngestProcess, key_id: str, key_file: Path, work_dir: Path) -> Any:
     work_dir.mkdir(exist_ok=True)
     # -I: the SDK interpreter sees neither PYTHONPATH nor the dev venv, only its own packages.
     cmd = [INTEROP_PYTHON, "-I", str(SCRIPT), server.address, key_id, str(key_file), str(work_dir)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=SDK_TIMEOUT_S, check=False)
-
-
-def read_index(data_dir: Path) -> dict[str, list[dict[str, Any]]]:
-    """Every row of the stopped server's index, opened read-only."""
-    uri = (data_dir / "ingest.sqlite3").as_uri() + "?mode=ro"
-    with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
-        db.row_factory = sqlite3.Row
-        return {
-            table: [dict(row) for row in db.execute(f"SELECT * FROM {table} ORDER BY rowid")]
-            for table in ("uploads", "readings", "binaries")
-        }
 
 
 @pytest.fixture(scope="module")

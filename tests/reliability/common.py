@@ -1,12 +1,25 @@
-"""Shared pieces of the reliability suite: cycle counts, result records, the writer."""
+"""Shared pieces of the reliability suite: cycle counts, result records, the writer, the
+faulty server."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
+import sys
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tests.support.credentials import KeyFile
+from tests.support.paths import REPO
+from tests.support.processes import read_line, stop_process
+
+_LISTEN = re.compile(rb"listening on [^ ]+:(\d+)")
 
 TORTURE = os.environ.get("EDGED_TORTURE") == "1"  # `make torture`: the full profile
 
@@ -35,7 +48,7 @@ WRITER = """
 import sys, time
 from pathlib import Path
 from edged.capture import CaptureWriter
-from tests.test_capture import tabular_metadata, tabular_reading
+from tests.support.capture_files import tabular_metadata, tabular_reading
 
 capture, uploads = Path(sys.argv[1]), Path(sys.argv[2])
 files, per_file, plain = map(int, sys.argv[3:6])
@@ -53,3 +66,65 @@ for n in range(files):
     time.sleep(0.02)
 print("done", seq, flush=True)
 """
+
+
+@dataclass
+class Faulty:
+    proc: subprocess.Popen[bytes]
+    port: int
+    counts_file: Path
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+@contextmanager
+def faulty_ingest(data: Path, key: KeyFile, args: Sequence[str] = ()) -> Iterator[Faulty]:
+    """faulty_ingest.py as a subprocess; on exit SIGTERM, wait, and read its call counts."""
+    counts = data.with_name(data.name + "-counts.json")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.reliability.faulty_ingest",
+            "--data",
+            str(data),
+            "--api-key-id",
+            key.key_id,
+            "--api-key-file",
+            str(key.path),
+            "--counts",
+            str(counts),
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        match = _LISTEN.search(read_line(proc, 30))
+        assert match, "faulty_ingest printed no listening line"
+        server = Faulty(proc, int(match[1]), counts)
+        yield server
+    finally:
+        stop_process(proc)
+        assert proc.stdout is not None
+        proc.stdout.close()
+    server.counts = json.loads(counts.read_text())
+
+
+def start_writer(tmp: Path, files: int, per_file: int, plain: int) -> subprocess.Popen[bytes]:
+    """WRITER as a child: capture files under tmp/capture, plain files under tmp/uploads."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            WRITER,
+            str(tmp / "capture"),
+            str(tmp / "uploads"),
+            str(files),
+            str(per_file),
+            str(plain),
+        ],
+        stdout=subprocess.PIPE,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )

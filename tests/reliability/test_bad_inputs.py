@@ -37,20 +37,19 @@ import os
 import shutil
 import sqlite3
 import stat
-import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import psutil
 
 from edged.capture import CaptureWriter
-from tests.conftest import KeyFile
-from tests.procs import edged_cmd, ingest_process
 from tests.reliability.common import cycles, record
-from tests.test_capture import tabular_metadata, tabular_reading
-from tests.test_daemon import base_config, ingest_count, ingest_seqs, status, wait_for, write_config
+from tests.support.capture_files import tabular_metadata, tabular_reading
+from tests.support.credentials import KeyFile
+from tests.support.daemon import base_config, daemon, edged_ctl, status, write_config
+from tests.support.ingest_db import ingest_count, ingest_seqs
+from tests.support.processes import ingest_process
+from tests.support.waiting import wait_for
 
 GiB, MiB = 1 << 30, 1 << 20
 HUGE = 5 * GiB
@@ -58,33 +57,6 @@ ROOT = os.geteuid() == 0
 # uid 0 without the capabilities that bypass file modes (see the module docstring).
 NO_DAC = ["setpriv", "--inh-caps=-dac_override,-dac_read_search"]
 NO_DAC += ["--bounding-set=-dac_override,-dac_read_search", "--"]
-
-
-@contextmanager
-def run_daemon(cfg: Path) -> Iterator[subprocess.Popen[bytes]]:
-    log = cfg.with_suffix(".log").open("ab")
-    proc = subprocess.Popen(
-        [*(NO_DAC if ROOT else []), *edged_cmd("run", "-c", str(cfg))],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(30)
-        log.close()
-
-
-def ctl(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        edged_cmd(*args, "--socket", str(cfg.parent / "edged.sock")),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
 
 
 def capture_bytes(tmp: Path, first: int, n: int) -> bytes:
@@ -154,7 +126,7 @@ def test_bad_inputs_end_in_their_documented_outcome(tmp_path: Path, key: KeyFile
         ],
     ) as (_, port):
         cfg = write_config(tmp_path / "edged.yaml", base_config(tmp_path, port, key))
-        with run_daemon(cfg) as proc:
+        with daemon(cfg, wrapper=NO_DAC if ROOT else ()) as proc:
             wait_for("status socket", (tmp_path / "edged.sock").exists)
             place(capture, b"good.capture", good)
             place(capture, b"corrupt.capture", corrupt)
@@ -183,7 +155,7 @@ def test_bad_inputs_end_in_their_documented_outcome(tmp_path: Path, key: KeyFile
 
             wait_for("unreadable file reported", lambda: "cannot read" in files_error())
             # The error names a path that is not UTF-8: JSON and the human view render it.
-            human = ctl(cfg, "status")
+            human = edged_ctl(cfg, "status")
             assert human.returncode == 0 and "locked\\xfe.bin" in human.stdout, human.stderr
             assert locked_capture.exists() and locked_plain.exists()  # left in place
             # Quarantine: each file with a .reason naming path, offset and cause.
@@ -197,7 +169,7 @@ def test_bad_inputs_end_in_their_documented_outcome(tmp_path: Path, key: KeyFile
             # The unreadable ones become readable: the next scan takes them.
             for p in (locked_capture, locked_plain):
                 p.chmod(0o600)
-            assert ctl(cfg, "sync-now").returncode == 0
+            assert edged_ctl(cfg, "sync-now").returncode == 0
             expected += range(4000, 4010)
             wait_for(
                 "unlocked capture",
@@ -208,7 +180,7 @@ def test_bad_inputs_end_in_their_documented_outcome(tmp_path: Path, key: KeyFile
             assert ingest_seqs(tmp_path / "ingest") == sorted(expected)
             # Names that are not UTF-8 travel with their odd bytes spelled \xNN.
             assert sorted(ingest_names(tmp_path / "ingest")) == ["bad\\xff", "locked\\xfe", "plain"]
-            assert ctl(cfg, "status", "--json").returncode == 0
+            assert edged_ctl(cfg, "status", "--json").returncode == 0
 
             # The huge sparse file: queued by reference, streamed, refused by the server.
             baseline = max(rss(proc.pid) for _ in range(5))
@@ -231,7 +203,7 @@ def test_bad_inputs_end_in_their_documented_outcome(tmp_path: Path, key: KeyFile
             queued = queued or st["outbox"]
             assert queued["stored_bytes"] < MiB, queued  # a reference, not a copy
             assert disk_usage(tmp_path / "state") < 64 * MiB
-            letters = ctl(cfg, "dead-letters", "--json")
+            letters = edged_ctl(cfg, "dead-letters", "--json")
             assert "INVALID_ARGUMENT" in letters.stdout and "--max-upload-bytes" in letters.stdout
             assert huge.exists() and huge.stat().st_size == HUGE  # kept for retry-dead
             assert peak - baseline < 64 * MiB, (peak, baseline)

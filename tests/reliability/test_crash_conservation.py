@@ -11,17 +11,15 @@ import os
 import random
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 
-from tests.conftest import KeyFile
-from tests.procs import ingest_process, read_line
-from tests.reliability.common import WRITER, cycles, record
-from tests.test_daemon import base_config, daemon, write_config
+from tests.reliability.common import cycles, record, start_writer
+from tests.support.credentials import KeyFile
+from tests.support.daemon import base_config, daemon, write_config
+from tests.support.processes import ingest_process, read_line
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -37,21 +35,7 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path, key: KeyFile) -
         port,
     ):
         cfg = write_config(tmp_path / "edged.yaml", base_config(tmp_path, port, key))
-        writer = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                WRITER,
-                str(tmp_path / "capture"),
-                str(tmp_path / "uploads"),
-                str(files),
-                str(per_file),
-                str(plain),
-            ],
-            stdout=subprocess.PIPE,
-            cwd=REPO,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-        )
+        writer = start_writer(tmp_path, files, per_file, plain)
         try:
             for _ in range(n_cycles):
                 with daemon(cfg) as proc:

@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import KeyFile
-from tests.procs import ingest_process
 from tests.reliability.common import record
-from tests.test_daemon import daemon, status, wait_for, write_capture, write_config
+from tests.support.capture_files import write_capture
+from tests.support.credentials import KeyFile
+from tests.support.daemon import daemon, status, write_config
+from tests.support.processes import ingest_process
+from tests.support.waiting import wait_for
 
 TMPFS_BYTES = 3 * 1024 * 1024
 

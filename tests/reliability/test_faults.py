@@ -14,97 +14,22 @@ consistent with the backoff schedule, and edged's RSS flat.
 from __future__ import annotations
 
 import json
-import os
-import re
 import sqlite3
 import subprocess
-import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from tests.conftest import KeyFile
-from tests.procs import read_line
-from tests.reliability.common import TORTURE, WRITER, cycles, record
-from tests.reliability.test_disk_full import free_port
-from tests.test_daemon import base_config, daemon, status, wait_for, write_config
+from tests.reliability.common import TORTURE, cycles, faulty_ingest, record, start_writer
+from tests.support.credentials import KeyFile
+from tests.support.daemon import base_config, daemon, status, write_config
+from tests.support.processes import free_port, read_line
+from tests.support.waiting import wait_for
 
-REPO = Path(__file__).resolve().parents[2]
-_LISTEN = re.compile(rb"listening on [^ ]+:(\d+)")
 BACKOFF_INITIAL, BACKOFF_MAX = 0.05, 0.5  # base_config's upload.backoff
 WORKERS = 4
-
-
-@dataclass
-class Faulty:
-    proc: subprocess.Popen[bytes]
-    port: int
-    counts_file: Path
-    counts: dict[str, int] = field(default_factory=dict)
-
-
-@contextmanager
-def faulty_ingest(data: Path, key: KeyFile, args: Sequence[str] = ()) -> Iterator[Faulty]:
-    """faulty_ingest.py as a subprocess; on exit SIGTERM, wait, and read its call counts."""
-    counts = data.with_name(data.name + "-counts.json")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tests.reliability.faulty_ingest",
-            "--data",
-            str(data),
-            "--api-key-id",
-            key.key_id,
-            "--api-key-file",
-            str(key.path),
-            "--counts",
-            str(counts),
-            *args,
-        ],
-        stdout=subprocess.PIPE,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    try:
-        match = _LISTEN.search(read_line(proc, 30))
-        assert match
-        server = Faulty(proc, int(match[1]), counts)
-        yield server
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        assert proc.stdout is not None
-        proc.stdout.close()
-    server.counts = json.loads(counts.read_text())
-
-
-def start_writer(tmp: Path, files: int, per_file: int, plain: int) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            WRITER,
-            str(tmp / "capture"),
-            str(tmp / "uploads"),
-            str(files),
-            str(per_file),
-            str(plain),
-        ],
-        stdout=subprocess.PIPE,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
 
 
 def finish_writer(writer: subprocess.Popen[bytes]) -> int:

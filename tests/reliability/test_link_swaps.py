@@ -32,7 +32,7 @@ from edged.daemon.sources.files import FilesSource
 from edged.daemon.sources.jsonl import JsonlSource
 from edged.daemon.uploader import Uploader, UploaderSettings
 from edged.ingest import IngestServer, IngestSettings
-from tests.test_capture import tabular_metadata, tabular_reading
+from tests.support.capture_files import tabular_metadata, tabular_reading
 
 SETTINGS = UploaderSettings(workers=1, backoff_initial=0.005, backoff_max=0.05, idle_poll_s=0.05)
 MARKER = b"OUTSIDE-SECRET-" + uuid.uuid4().hex.encode()

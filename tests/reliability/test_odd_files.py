@@ -21,7 +21,7 @@ from edged.daemon.sources.base import SourceContext, quarantine
 from edged.daemon.sources.capture import CaptureSource
 from edged.daemon.sources.files import file_metadata
 from edged.daemon.status_view import render
-from tests.test_capture import tabular_metadata, tabular_reading
+from tests.support.capture_files import tabular_metadata, tabular_reading
 
 ODD = os.fsdecode(b"odd-\xff.bin")  # the str Python hands out for that name: '\udcff'
 

@@ -9,18 +9,12 @@ import json
 from pathlib import Path
 
 from edged.capture import CaptureWriter
-from tests.conftest import KeyFile
-from tests.reliability.test_faults import faulty_ingest
-from tests.test_capture import tabular_metadata, tabular_reading
-from tests.test_daemon import (
-    base_config,
-    daemon,
-    edged_ctl,
-    ingest_count,
-    status,
-    wait_for,
-    write_config,
-)
+from tests.reliability.common import faulty_ingest
+from tests.support.capture_files import tabular_metadata, tabular_reading
+from tests.support.credentials import KeyFile
+from tests.support.daemon import base_config, daemon, edged_ctl, status, write_config
+from tests.support.ingest_db import ingest_count
+from tests.support.waiting import wait_for
 
 MAX_ATTEMPTS = 5
 

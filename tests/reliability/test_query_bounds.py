@@ -30,8 +30,8 @@ from edged._proto.app.dataset.v1.dataset_grpc import DatasetServiceStub
 from edged.client import UploadClient
 from edged.ingest import ApiKey, IngestServer, IngestSettings
 from edged.ingest.limits import QueryLimits
-from tests.conftest import KeyFile, make_key_file
-from tests.procs import ingest_process, peak_rss_bytes
+from tests.support.credentials import KeyFile, make_key_file
+from tests.support.processes import ingest_process, peak_rss_bytes
 
 MiB = 1 << 20
 ORG_A, ORG_B = "org-a", "org-b"

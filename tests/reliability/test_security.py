@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -26,32 +25,15 @@ from grpclib.exceptions import GRPCError
 from edged._proto.app.datasync.v1 import data_sync_grpc, data_sync_pb2
 from edged._proto.proto.rpc.v1 import auth_grpc, auth_pb2
 from edged.capture import CaptureWriter
-from tests.conftest import KeyFile
-from tests.procs import edged_cmd, ingest_process
 from tests.reliability.common import cycles, record
-from tests.test_capture import tabular_metadata, tabular_reading
-from tests.test_daemon import (
-    base_config,
-    daemon,
-    ingest_count,
-    ingest_seqs,
-    status,
-    wait_for,
-    write_capture,
-    write_config,
-)
+from tests.support.capture_files import tabular_metadata, tabular_reading, write_capture
+from tests.support.credentials import KeyFile
+from tests.support.daemon import base_config, daemon, edged_ctl, status, write_config
+from tests.support.ingest_db import ingest_count, ingest_seqs
+from tests.support.processes import ingest_process
+from tests.support.waiting import wait_for
 
 WRONG = "wrong-" + "0123456789abcdef" * 4  # a plausible secret the server does not know
-
-
-def ctl(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        edged_cmd(*args, "--socket", str(cfg.parent / "edged.sock")),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
 
 
 def set_secret(path: Path, secret: str) -> None:
@@ -141,11 +123,11 @@ def test_secret_never_leaks_wrong_key_then_fixed_and_modes(tmp_path: Path, key: 
             wait_for("quarantine", lambda: status(cfg)["quarantined"] == 1)
             wait_for("file queued", lambda: status(cfg)["outbox"]["per_kind"].get("file"))
             assert status(cfg)["state"] == "auth_failed"
-            outputs += [ctl(cfg, "status", "--json").stdout, ctl(cfg, "status").stdout]
+            outputs += [edged_ctl(cfg, "status", "--json").stdout, edged_ctl(cfg, "status").stdout]
 
             # The operator fixes the key file and resumes, as the README says.
             set_secret(daemon_key, key.secret)
-            resumed = ctl(cfg, "resume")
+            resumed = edged_ctl(cfg, "resume")
             assert resumed.returncode == 0, resumed.stderr
             wait_for(
                 "everything delivered after resume",
@@ -155,9 +137,9 @@ def test_secret_never_leaks_wrong_key_then_fixed_and_modes(tmp_path: Path, key: 
             wait_for("file delivered", lambda: ingest_count(tmp_path / "ingest", "binaries") == 1)
             assert status(cfg)["state"] == "running"
             outputs += [
-                ctl(cfg, "status", "--json").stdout,
-                ctl(cfg, "status").stdout,
-                ctl(cfg, "dead-letters", "--json").stdout,
+                edged_ctl(cfg, "status", "--json").stdout,
+                edged_ctl(cfg, "status").stdout,
+                edged_ctl(cfg, "dead-letters", "--json").stdout,
             ]
             state = tmp_path / "state"
             modes = {

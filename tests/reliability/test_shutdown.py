@@ -14,10 +14,12 @@ from pathlib import Path
 
 from edged.daemon.app import CANCEL_WAIT_S, SHUTDOWN_GRACE_S, cancel_within
 from edged.daemon.sources.watch import DirWatcher
-from tests.conftest import KeyFile
-from tests.procs import edged_cmd, ingest_process
 from tests.reliability.common import cycles, record
-from tests.test_daemon import daemon, ingest_count, status, wait_for, write_config
+from tests.support.credentials import KeyFile
+from tests.support.daemon import daemon, status, write_config
+from tests.support.ingest_db import ingest_count
+from tests.support.processes import edged_cmd, ingest_process
+from tests.support.waiting import wait_for
 
 MiB = 1024 * 1024
 EXIT_BOUND_S = SHUTDOWN_GRACE_S + CANCEL_WAIT_S + 5  # grace, cancel wait, closing
