@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "edged"
-BASE = {"edged", "edged.errors", "edged.durable", "edged._proto"}
-"""Foundation every layer may use: the exception hierarchy, fsync, generated protos."""
+BASE = {"edged", "edged.errors", "edged.durable", "edged._proto", "edged.options"}
+"""Foundation every layer may use: the exception hierarchy, fsync, generated protos, and
+config keys declared once (`options`: the daemon's file, the SDK's `cloud` section)."""
 
 ALLOWED: dict[str, set[str]] = {
     "base": set(),
