@@ -122,13 +122,14 @@ def _disk_bytes(state_dir: Path) -> int:
 
 
 async def _enqueue(spec: dict[str, Any]) -> Figures:
-    from edged.daemon.outbox import Outbox, OutboxLimits
+    from edged.daemon.config import OutboxConfig
+    from edged.daemon.outbox import Outbox
 
     n, chunk, state = int(spec["n"]), int(spec["chunk"]), Path(spec["state_dir"])
     meta, readings = _templates()
     rss_before = peak_rss_bytes(os.getpid())
     # No backpressure in the way: the backlog is the point (1M x ~150 B is far below 2 GiB).
-    box = await Outbox.open(state, OutboxLimits(min_free_disk=0))
+    box = await Outbox.open(state, OutboxConfig(min_free_disk=0))
     total_bytes = 0
     calls = 0
     meter = CpuMeter({"self": None})
@@ -162,12 +163,13 @@ async def _enqueue(spec: dict[str, Any]) -> Figures:
 
 async def _drain(spec: dict[str, Any]) -> Figures:
     from edged.client import UploadClient
-    from edged.daemon.outbox import Outbox, OutboxLimits
-    from edged.daemon.uploader import Uploader, UploaderSettings
+    from edged.daemon.config import OutboxConfig, UploadConfig
+    from edged.daemon.outbox import Outbox
+    from edged.daemon.uploader import Uploader
 
     state = Path(spec["state_dir"])
     t0 = time.perf_counter()
-    box = await Outbox.open(state, OutboxLimits(min_free_disk=0))
+    box = await Outbox.open(state, OutboxConfig(min_free_disk=0))
     await box.recover()
     open_s = time.perf_counter() - t0
     rss_open = peak_rss_bytes(os.getpid())
@@ -177,9 +179,7 @@ async def _drain(spec: dict[str, Any]) -> Figures:
     async with UploadClient(
         f"127.0.0.1:{spec['port']}", api_key_id=spec["key_id"], api_key=spec["key"], tls=False
     ) as client:
-        uploader = Uploader(
-            box, client, UploaderSettings(workers=WORKERS, batch_max_readings=BATCH)
-        )
+        uploader = Uploader(box, client, UploadConfig(workers=WORKERS, batch_max_readings=BATCH))
         meter = CpuMeter({"drainer": None, "server": int(spec["server_pid"])})
         meter.start()
         await asyncio.wait_for(uploader.run(until_empty=True), float(spec["timeout_s"]))

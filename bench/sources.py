@@ -122,15 +122,15 @@ def _write_files(root: Path, files: int, per_file: int) -> list[Path]:
 
 
 async def _open_source(spec: dict[str, Any]) -> Any:
-    from edged.daemon.config import SourceConfig
-    from edged.daemon.outbox import Outbox, OutboxLimits
+    from edged.daemon.config import OutboxConfig
+    from edged.daemon.outbox import Outbox
     from edged.daemon.sources.base import SourceContext
-    from edged.daemon.sources.capture import CaptureSource
+    from edged.daemon.sources.capture import CaptureConfig, CaptureSource
 
     state = Path(spec["state_dir"])
-    box = await Outbox.open(state, OutboxLimits(min_free_disk=0))
+    box = await Outbox.open(state, OutboxConfig(min_free_disk=0))
     ctx = SourceContext(PART, box, state)
-    return CaptureSource(SourceConfig(kind="capture", path=Path(spec["root"])), ctx)
+    return CaptureSource(CaptureConfig(path=Path(spec["root"])), ctx)
 
 
 async def _scan(spec: dict[str, Any]) -> Figures:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -27,12 +28,31 @@ from edged.daemon.config import (
     check_host,
     format_duration,
     format_size,
+    key_reference,
     load_config,
     parse_config,
     parse_duration,
     parse_size,
 )
+from edged.daemon.sources.base import KINDS, SourceKind
+from edged.daemon.sources.capture import CaptureConfig, CaptureSource
+from edged.daemon.sources.files import FilesConfig
+from edged.daemon.sources.jsonl import JsonlConfig
 from edged.errors import ConfigError, ConfigErrors
+from edged.options import (
+    Choice,
+    Duration,
+    Int,
+    Map,
+    Reader,
+    Size,
+    build,
+    dump,
+    keys,
+    option,
+    parse_document,
+    reference,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE = "conf/edged.yaml"
@@ -259,15 +279,13 @@ def test_full_config_parses_to_dataclasses() -> None:
             ca_file=Path("/etc/ssl/private-ca.pem"),
         ),
         sources=(
-            SourceConfig(
-                kind="capture",
+            CaptureConfig(
                 path=Path("/var/lib/robot/capture"),
                 prog_grace=120.0,
                 tags=("a",),
                 name="capture:/var/lib/robot/capture",
             ),
-            SourceConfig(
-                kind="jsonl",
+            JsonlConfig(
                 path=BASE / "logs/imu.jsonl",
                 component_type="rdk:component:movement_sensor",
                 component_name="imu",
@@ -275,8 +293,7 @@ def test_full_config_parses_to_dataclasses() -> None:
                 dataset_ids=("ds1", "ds2"),
                 name="jsonl:/etc/edged/logs/imu.jsonl",
             ),
-            SourceConfig(
-                kind="files",
+            FilesConfig(
                 path=Path("/var/lib/robot/uploads"),
                 patterns=("*.mp4", "*.bag"),
                 settle=10.0,
@@ -336,14 +353,17 @@ sources:
 """
     )
     capture, jsonl, files = config.sources
-    assert capture == SourceConfig("capture", BASE / "cap", name="capture:/etc/edged/cap")
+    assert isinstance(capture, CaptureConfig)
+    assert isinstance(jsonl, JsonlConfig)
+    assert isinstance(files, FilesConfig)
+    assert capture == CaptureConfig(path=BASE / "cap", name="capture:/etc/edged/cap")
     assert capture.prog_grace == 60.0
     assert (jsonl.component_type, jsonl.component_name, jsonl.method) == (
         "rdk:component:sensor",
         "imu",
         "Readings",
     )
-    assert jsonl.patterns == ()
+    assert not hasattr(jsonl, "patterns")  # each kind has only its own keys
     assert (files.patterns, files.settle, files.delete_after_upload) == (("*",), 10.0, True)
     assert files.name == "files:/etc/edged/up"
 
@@ -377,7 +397,8 @@ sources:
   - {<<: *base, path: b}
 """
     )
-    assert [(s.path.name, s.settle, s.tags) for s in config.sources] == [
+    assert all(isinstance(s, FilesConfig) for s in config.sources)
+    assert [(s.path.name, s.settle, s.tags) for s in config.sources] == [  # type: ignore[attr-defined]
         ("a", 3.0, ("t",)),
         ("b", 3.0, ("t",)),
     ]
@@ -469,7 +490,9 @@ def test_repo_configs_load() -> None:
         ("capture", var / "capture"),
         ("files", var / "uploads"),
     ]
-    assert default.sources[1].settle == 2.0
+    assert default.sources[1] == FilesConfig(
+        path=var / "uploads", name=f"files:{var / 'uploads'}", settle=2.0
+    )
     assert default.status.socket == var / "edged.sock"
     assert default.log == LogConfig("info", "text")
 
@@ -496,6 +519,75 @@ def test_example_config_mentions_every_key() -> None:
     example = yaml.safe_load((REPO / "config" / "edged.example.yaml").read_text())
     every_key = key_paths(yaml.safe_load(FULL)) | {"sources[].dataset_ids"}
     assert every_key <= key_paths(example), every_key - key_paths(example)
+
+
+def test_key_reference_gives_each_kind_its_own_keys() -> None:
+    rows = {key: (shown, help) for key, shown, help in key_reference()}
+    assert rows["sources[].kind"] == ("required", "what to watch: capture, files or jsonl")
+    assert rows["sources[].prog_grace"][0] == "1m"
+    assert rows["sources[].prog_grace"][1].startswith("capture only: ")
+    assert rows["sources[].component_name"][0] == "required"
+    assert rows["status.socket"][0] == "state_dir/edged.sock"
+    assert rows["upload.batch_max_bytes"][0] == "1MiB"
+    assert rows["log.level"] == ("info", "log verbosity (one of: debug, info, warning, error)")
+
+
+@dataclass(frozen=True)
+class _Toy:
+    """A section declared as every section is: one field a key."""
+
+    size: int = option(KIB, Size(1, MIB), "a size")
+    wait: float = option(1.0, Duration(positive=True), "a wait")
+    mode: str = option("a", Choice(("a", "b")), "a mode")
+
+
+def _read_toy(text: str) -> _Toy:
+    def read(r: Reader, top: Map) -> _Toy | None:
+        top.check_keys(keys(_Toy))
+        return build(r, top, _Toy)
+
+    return parse_document(text, "toy.yaml", Path("/"), read)
+
+
+def test_one_declaration_gives_reading_errors_dump_and_reference() -> None:
+    assert _read_toy("") == _Toy()
+    toy = _read_toy("size: 2KiB\nwait: 200ms\nmode: B\n")
+    assert toy == _Toy(2 * KIB, 0.2, "b")
+    assert dump(toy) == {"size": "2KiB", "wait": "200ms", "mode": "b"}
+    assert list(reference(_Toy, "toy")) == [
+        ("toy.size", "1KiB", "a size"),
+        ("toy.wait", "1s", "a wait"),
+        ("toy.mode", "a", "a mode (one of: a, b)"),
+    ]
+    with pytest.raises(ConfigErrors) as info:
+        _read_toy("size: 2MiB\nwiat: 1s\nmode: c\n")
+    assert info.value.problems == [
+        "toy.yaml:1: size: must be between 1B and 1MiB, got 2MiB",
+        "toy.yaml:2: wiat: unknown key 'wiat' (did you mean 'wait'?)",
+        "toy.yaml:3: mode: 'c' is not one of a, b",
+    ]
+
+
+@dataclass(frozen=True, kw_only=True)
+class _ToyConfig(SourceConfig):
+    kind = "toy"
+    speed: int = option(3, Int(1, 9), "how fast")
+
+
+def test_a_registered_kind_brings_its_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """config.py names no kind: registering one is all it takes to read, refuse and
+    document its keys."""
+    monkeypatch.setitem(KINDS, "toy", SourceKind(_ToyConfig, CaptureSource))
+    config = parse(MINIMAL + "sources:\n  - {kind: toy, path: /t, speed: 5}\n")
+    assert config.sources == (_ToyConfig(path=Path("/t"), speed=5, name="toy:/t"),)
+    assert config.to_dict()["sources"][0]["speed"] == 5
+    assert ("sources[].speed", "3", "toy only: how fast") in key_reference()
+    text = MINIMAL + "sources:\n  - {kind: files, path: /f, speed: 2}\n"
+    only_problem(
+        text, "speed", "sources[0].speed", "applies only to kind toy; this source is kind files"
+    )
+    text = MINIMAL + "sources:\n  - {kind: toy, path: /t, speed: 10}\n"
+    only_problem(text, "speed", "sources[0].speed", "must be between 1 and 9, got 10")
 
 
 # --------------------------------------------------------------------------- problems
@@ -699,7 +791,7 @@ def test_source_missing_kind_and_path() -> None:
     found = problems(text)
     line = line_of(text, "tags")
     assert found == [
-        f"{SOURCE}:{line}: sources[0].kind: is required (capture, jsonl or files)",
+        f"{SOURCE}:{line}: sources[0].kind: is required (capture, files or jsonl)",
         f"{SOURCE}:{line}: sources[0].path: is required (the directory or file to watch)",
     ]
 

@@ -18,10 +18,9 @@ import pytest
 
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.capture import CaptureWriter, frame
-from edged.daemon.config import SourceConfig
 from edged.daemon.outbox import Item, Outbox
 from edged.daemon.sources.base import SourceContext
-from edged.daemon.sources.capture import CaptureSource
+from edged.daemon.sources.capture import CaptureConfig, CaptureSource
 from edged.daemon.status import MAX_CLIENTS, StatusServer
 from tests.support.capture_files import tabular_metadata, tabular_reading, write_capture
 from tests.support.credentials import KeyFile
@@ -54,7 +53,7 @@ async def test_prog_with_a_live_writer_is_committed_but_not_deleted(tmp_path: Pa
         booted = time.time()
         os.utime(prog, (booted - 3600, booted - 3600))
         source = CaptureSource(
-            SourceConfig(kind="capture", path=cap, prog_grace=0.0),
+            CaptureConfig(path=cap, prog_grace=0.0),
             SourceContext("p", box, state),
             booted_at=booted,
         )
@@ -115,13 +114,13 @@ async def test_legacy_images_survive_a_crash_between_images(tmp_path: Path) -> N
         return uid  # pragma: no cover
 
     box.enqueue_item = die_after_first  # type: ignore[method-assign]
-    source = CaptureSource(SourceConfig(kind="capture", path=cap), SourceContext("p", box, state))
+    source = CaptureSource(CaptureConfig(path=cap), SourceContext("p", box, state))
     with pytest.raises(Killed):
         await source.scan_once()
     await box.close()
     box = await Outbox.open(state)
     await box.recover()
-    source = CaptureSource(SourceConfig(kind="capture", path=cap), SourceContext("p", box, state))
+    source = CaptureSource(CaptureConfig(path=cap), SourceContext("p", box, state))
     await source.scan_once()
     payloads = {item.inline for item in await drain(box)}
     assert payloads == {f"img-{i}".encode() * 50 for i in range(3)}  # none lost

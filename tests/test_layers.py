@@ -15,8 +15,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PKG = REPO / "edged"
-BASE = {"edged", "edged.errors", "edged.durable", "edged._proto"}
-"""Foundation every layer may use: the exception hierarchy, fsync, generated protos."""
+BASE = {"edged", "edged.errors", "edged.durable", "edged._proto", "edged.options"}
+"""Foundation every layer may use: the exception hierarchy, fsync, generated protos, and
+config keys declared once (`options`: the daemon's file, the SDK's `cloud` section)."""
 
 ALLOWED: dict[str, set[str]] = {
     "base": set(),

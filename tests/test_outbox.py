@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
+from edged.daemon.config import OutboxConfig
 from edged.daemon.outbox import (
     CLAIM_COMMITTED,
     CLAIM_DONE,
@@ -23,7 +24,6 @@ from edged.daemon.outbox import (
     Claim,
     FileRef,
     Outbox,
-    OutboxLimits,
     Progress,
 )
 from edged.errors import OutboxFull
@@ -192,7 +192,7 @@ async def test_claim_and_progress_commit_with_the_readings(box: Outbox) -> None:
 
 
 async def test_backpressure_when_full_then_space_returns(tmp_path: Path) -> None:
-    ob = await Outbox.open(tmp_path, OutboxLimits(max_bytes=1000, min_free_disk=0))
+    ob = await Outbox.open(tmp_path, OutboxConfig(max_bytes=1000, min_free_disk=0))
     await ob.enqueue_readings(meta(), [b"x" * 600])
     with pytest.raises(OutboxFull, match=r"outbox.max_bytes \(1000\)"):
         await ob.enqueue_readings(meta(), [b"y" * 600])
@@ -206,7 +206,7 @@ async def test_backpressure_when_full_then_space_returns(tmp_path: Path) -> None
 
 async def test_drop_oldest_counts_what_it_dropped(tmp_path: Path) -> None:
     ob = await Outbox.open(
-        tmp_path, OutboxLimits(max_bytes=1000, on_full="drop_oldest", min_free_disk=0)
+        tmp_path, OutboxConfig(max_bytes=1000, on_full="drop_oldest", min_free_disk=0)
     )
     for i in range(5):
         await ob.enqueue_readings(meta(), [reading(i), b"z" * 300])
@@ -222,7 +222,7 @@ async def test_drop_oldest_counts_what_it_dropped(tmp_path: Path) -> None:
 
 async def test_min_free_disk_is_backpressure(tmp_path: Path) -> None:
     free = [10_000]
-    ob = await Outbox.open(tmp_path, OutboxLimits(min_free_disk=5000), free_disk=lambda _: free[0])
+    ob = await Outbox.open(tmp_path, OutboxConfig(min_free_disk=5000), free_disk=lambda _: free[0])
     await ob.enqueue_readings(meta(), [b"a" * 100])
     free[0] = 5050
     with pytest.raises(OutboxFull, match="min_free_disk"):

@@ -13,10 +13,9 @@ import pytest
 
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.capture import CaptureWriter
-from edged.daemon.config import SourceConfig
 from edged.daemon.outbox import INLINE_MAX, KIND_BINARY, KIND_FILE, Claim, FileRef, Outbox
 from edged.daemon.sources.base import SourceContext
-from edged.daemon.sources.capture import CaptureSource
+from edged.daemon.sources.capture import CaptureConfig, CaptureSource
 from edged.errors import OutboxFull
 from edged.ingest.storage import IngestStore
 from tests.support.outbox_items import meta, take
@@ -87,13 +86,13 @@ async def test_crash_after_first_binary_reading_resumes_the_rest(tmp_path: Path)
         raise Killed
 
     box.enqueue_item = enqueue_then_die  # type: ignore[method-assign]
-    source = CaptureSource(SourceConfig(kind="capture", path=cap), SourceContext("p", box, state))
+    source = CaptureSource(CaptureConfig(path=cap), SourceContext("p", box, state))
     with pytest.raises(Killed):
         await source.scan_once()
     await box.close()
     box = await Outbox.open(state)
     await box.recover()
-    source = CaptureSource(SourceConfig(kind="capture", path=cap), SourceContext("p", box, state))
+    source = CaptureSource(CaptureConfig(path=cap), SourceContext("p", box, state))
     await source.scan_once()
     offsets = []
     while (item := await take(box)) is not None:

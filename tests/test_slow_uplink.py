@@ -22,8 +22,9 @@ from grpclib.events import RecvRequest
 
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.client import FileSlice, UploadClient, sensor_metadata, upload_metadata
+from edged.daemon.config import BackoffConfig, UploadConfig
 from edged.daemon.outbox import KIND_FILE, Claim, FileRef, Outbox
-from edged.daemon.uploader import Uploader, UploaderSettings
+from edged.daemon.uploader import Uploader
 from edged.errors import UploadError
 from edged.ingest import IngestServer, IngestSettings
 
@@ -166,17 +167,15 @@ async def test_big_file_over_a_slow_link_arrives_once(
         )
         # A second worker and a lease far shorter than the upload: only a renewed lease
         # keeps that worker from sending the same file again alongside.
-        settings = UploaderSettings(
+        settings = UploadConfig(
             workers=2,
             call_timeout=CALL_TIMEOUT,
-            lease_s=CALL_TIMEOUT,
-            backoff_initial=0.01,
-            backoff_max=0.05,
-            idle_poll_s=0.1,
+            lease=CALL_TIMEOUT,
+            backoff=BackoffConfig(initial=0.01, max=0.05),
         )
         async with Relay(_port(server), SLOW_RATE) as relay:
             async with UploadClient(relay.address, tls=False) as client:
-                up = Uploader(box, client, settings, rng=random.Random(1))
+                up = Uploader(box, client, settings, idle_poll_s=0.1, rng=random.Random(1))
                 await _run_until_empty_or_failed(up, 90)
             assert up.last_error is None
             assert (relay.connections, up.calls, calls.n) == (1, 1, 1)

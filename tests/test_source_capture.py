@@ -24,22 +24,23 @@ import pytest
 
 from edged.capture import CaptureWriter, frame
 from edged.client import UploadClient
-from edged.daemon.config import SourceConfig
+from edged.daemon.config import BackoffConfig, UploadConfig
 from edged.daemon.outbox import Outbox
 from edged.daemon.sources.base import SourceContext
 from edged.daemon.sources.capture import (
+    CaptureConfig,
     CaptureSource,
     lease_free,
     prog_wait_s,
     writer_gone,
 )
-from edged.daemon.uploader import Uploader, UploaderSettings
+from edged.daemon.uploader import Uploader
 from edged.ingest import IngestServer, IngestSettings
 from tests.support.capture_files import copy_tree, tabular_metadata, tabular_reading
 from tests.support.paths import FIXTURES
 from tests.support.processes import read_line
 
-FAST = UploaderSettings(workers=2, backoff_initial=0.01, backoff_max=0.05, idle_poll_s=0.05)
+FAST = UploadConfig(workers=2, backoff=BackoffConfig(initial=0.01, max=0.05))
 needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"no fixtures at {FIXTURES}")
 
 
@@ -61,7 +62,10 @@ async def env(tmp_path: Path) -> AsyncIterator[tuple[Outbox, IngestServer, Sourc
 async def drain(box: Outbox, server: IngestServer) -> None:
     async with UploadClient(server.address, tls=False) as client:
         await asyncio.wait_for(
-            Uploader(box, client, FAST, rng=random.Random(0)).run(until_empty=True), 60
+            Uploader(box, client, FAST, idle_poll_s=0.05, rng=random.Random(0)).run(
+                until_empty=True
+            ),
+            60,
         )
 
 
@@ -125,7 +129,7 @@ async def test_prog_with_mtime_in_the_future_is_recovered_after_grace_by_watchin
     )
     ahead = time.time() + 30 * 86400  # written while the clock was a month ahead
     os.utime(prog, (ahead, ahead))
-    source = CaptureSource(SourceConfig(kind="capture", path=root, prog_grace=60.0), ctx)
+    source = CaptureSource(CaptureConfig(path=root, prog_grace=60.0), ctx)
     await source.scan_once()
     assert prog.exists()  # just seen: not yet untouched for the grace period
     mono[0] += 61.0
@@ -151,7 +155,7 @@ async def test_header_less_prog_of_a_dead_writer_is_removed_not_quarantined(
     finished.write_bytes(b"")  # a finished file without a header is corrupt
     live = d / "2026-01-01T00_00_03.000000Z.prog"
     live.write_bytes(b"")
-    source = CaptureSource(SourceConfig(kind="capture", path=root, prog_grace=0.0), ctx)
+    source = CaptureSource(CaptureConfig(path=root, prog_grace=0.0), ctx)
     with caplog.at_level("INFO", "edged.sources.capture"), live.open("ab"):  # a live writer
         await source.scan_once()
         assert live.exists()  # its header is still in the writer's buffer
@@ -173,7 +177,7 @@ async def test_robot_fixtures_arrive_as_the_manifest_says(
     for prog in root.rglob("*.prog"):
         os.utime(prog, (hour_ago, hour_ago))
     manifest: dict[str, Any] = json.loads((FIXTURES / "manifest.json").read_text())
-    source = CaptureSource(SourceConfig(kind="capture", path=root, tags=("edge",)), ctx)
+    source = CaptureSource(CaptureConfig(path=root, tags=("edge",)), ctx)
     await source.scan_once()
     await drain(box, server)
 
@@ -239,7 +243,7 @@ async def test_thousands_of_files_appearing_while_running(
 ) -> None:
     box, _, ctx = env
     root = tmp_path / "capture"
-    source = CaptureSource(SourceConfig(kind="capture", path=root), ctx)
+    source = CaptureSource(CaptureConfig(path=root), ctx)
     task = asyncio.create_task(source.run())
     try:
         seq = 0
@@ -302,7 +306,7 @@ async def test_writer_killed_mid_write_every_whole_reading_arrives_once(
     root = tmp_path / "capture"
     flushed = await asyncio.to_thread(_kill_writer_midway, root)
     # After "a restart": the .prog is older than its grace period.
-    source = CaptureSource(SourceConfig(kind="capture", path=root, prog_grace=0.0), ctx)
+    source = CaptureSource(CaptureConfig(path=root, prog_grace=0.0), ctx)
     await source.scan_once()
     await drain(box, server)
     seqs = sorted(int(r.data["seq"]) for r in await server.store.readings())

@@ -13,10 +13,11 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
-from edged.daemon.config import SourceConfig
-from edged.daemon.outbox import KIND_FILE, Item, Outbox, OutboxLimits
+from edged.daemon.config import OutboxConfig
+from edged.daemon.outbox import KIND_FILE, Item, Outbox
 from edged.daemon.sources.base import SourceContext
 from edged.daemon.sources.files import (
+    FilesConfig,
     FilesSource,
     Seen,
     is_settled,
@@ -38,7 +39,7 @@ class Clock:
 
 @pytest.fixture
 async def box(tmp_path: Path) -> AsyncIterator[Outbox]:
-    ob = await Outbox.open(tmp_path / "state", OutboxLimits(synchronous="NORMAL"))
+    ob = await Outbox.open(tmp_path / "state", OutboxConfig(synchronous="NORMAL"))
     yield ob
     await ob.close()
 
@@ -54,7 +55,7 @@ def source(
     box: Outbox, root: Path, clock: Callable[[], float] | None = None, **kw: object
 ) -> FilesSource:
     settings: dict[str, object] = {"settle": 10.0, "name": "files-test"} | kw
-    config = SourceConfig(kind="files", path=root, **settings)  # type: ignore[arg-type]
+    config = FilesConfig(path=root, **settings)  # type: ignore[arg-type]
     ctx = SourceContext("part-1", box, box.state_dir, clock=clock or Clock())
     return FilesSource(config, ctx)
 
@@ -208,7 +209,7 @@ async def test_mtime_in_the_future_settles_by_watching(box: Outbox, root: Path) 
     clock catches up with its mtime: watched unchanged for `settle`, it goes."""
     mono = [500.0]
     ctx = SourceContext("part-1", box, box.state_dir, clock=Clock(), monotonic=lambda: mono[0])
-    src = FilesSource(SourceConfig(kind="files", path=root, settle=10.0, name="f"), ctx)
+    src = FilesSource(FilesConfig(path=root, settle=10.0, name="f"), ctx)
     put(root / "ahead.bin", age_s=-30 * 86400)  # mtime a month ahead of the clock
     await src.scan_once()
     mono[0] += 9.0
@@ -304,7 +305,7 @@ async def test_deleted_by_outbox_after_ack_by_default(box: Outbox, root: Path) -
 async def test_backpressure_leaves_file_until_space(tmp_path: Path, root: Path) -> None:
     free = {"bytes": 0}
     box = await Outbox.open(
-        tmp_path / "state", OutboxLimits(min_free_disk=1 << 20), free_disk=lambda _: free["bytes"]
+        tmp_path / "state", OutboxConfig(min_free_disk=1 << 20), free_disk=lambda _: free["bytes"]
     )
     try:
         f = put(root / "big.bin")

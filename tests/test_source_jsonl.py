@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
-from edged.daemon.config import SourceConfig
-from edged.daemon.outbox import Outbox, OutboxLimits
+from edged.daemon.config import OutboxConfig
+from edged.daemon.outbox import Outbox
 from edged.daemon.sources.base import SourceContext
-from edged.daemon.sources.jsonl import BadLine, JsonlSource, parse_line, parse_time
+from edged.daemon.sources.jsonl import BadLine, JsonlConfig, JsonlSource, parse_line, parse_time
 from tests.support.processes import read_line
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ S = 1_000_000_000
 
 @pytest.fixture
 async def box(tmp_path: Path) -> AsyncIterator[Outbox]:
-    ob = await Outbox.open(tmp_path / "state", OutboxLimits(synchronous="NORMAL"))
+    ob = await Outbox.open(tmp_path / "state", OutboxConfig(synchronous="NORMAL"))
     yield ob
     await ob.close()
 
@@ -47,8 +47,7 @@ def logs(tmp_path: Path) -> Path:
 def source(
     box: Outbox, path: Path, clock: Callable[[], float] = lambda: NOW, name: str = "imu"
 ) -> JsonlSource:
-    config = SourceConfig(
-        kind="jsonl",
+    config = JsonlConfig(
         path=path,
         name=name,
         component_type="rdk:component:movement_sensor",
@@ -381,7 +380,7 @@ async def test_glob_picks_up_files_and_rotated_names(box: Outbox, logs: Path) ->
 async def test_backpressure_keeps_offset(tmp_path: Path, logs: Path) -> None:
     free = {"bytes": 0}
     box = await Outbox.open(
-        tmp_path / "state", OutboxLimits(min_free_disk=1 << 20), free_disk=lambda _: free["bytes"]
+        tmp_path / "state", OutboxConfig(min_free_disk=1 << 20), free_disk=lambda _: free["bytes"]
     )
     try:
         f = logs / "imu.jsonl"
@@ -425,7 +424,6 @@ CHILD = """
 import asyncio, sys
 from pathlib import Path
 import edged.daemon.sources.jsonl as jsonl
-from edged.daemon.config import SourceConfig
 from edged.daemon.outbox import Outbox
 from edged.daemon.sources.base import SourceContext
 
@@ -433,7 +431,7 @@ jsonl.CHUNK = 1024  # many small transactions: more places for the kill to land
 
 async def main() -> None:
     box = await Outbox.open(Path(sys.argv[1]))
-    config = SourceConfig(kind="jsonl", path=Path(sys.argv[2]), name="imu", component_name="imu")
+    config = jsonl.JsonlConfig(path=Path(sys.argv[2]), name="imu", component_name="imu")
     src = jsonl.JsonlSource(config, SourceContext("p", box, Path(sys.argv[1])))
     print("ready", flush=True)
     await src.scan_once()

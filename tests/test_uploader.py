@@ -21,13 +21,12 @@ from grpclib.exceptions import GRPCError
 
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.client import UploadClient, sensor_metadata, upload_metadata
+from edged.daemon.config import BackoffConfig, UploadConfig
 from edged.daemon.outbox import KIND_BINARY, KIND_FILE, Claim, FileRef, Outbox
-from edged.daemon.uploader import STATE_AUTH_FAILED, Uploader, UploaderSettings
+from edged.daemon.uploader import STATE_AUTH_FAILED, Uploader
 from edged.ingest import IngestServer, IngestSettings
 
-FAST = UploaderSettings(
-    workers=4, batch_max_readings=100, backoff_initial=0.005, backoff_max=0.05, idle_poll_s=0.05
-)
+FAST = UploadConfig(workers=4, batch_max_readings=100, backoff=BackoffConfig(0.005, 0.05))
 
 
 @dataclass
@@ -156,7 +155,7 @@ async def test_everything_delivered_exactly_once(
 ) -> None:
     expected = await fill(box, tmp_path)
     async with UploadClient(server.address, tls=False) as client:
-        up = Uploader(box, client, FAST, rng=random.Random(1))
+        up = Uploader(box, client, FAST, idle_poll_s=0.05, rng=random.Random(1))
         await run_until_empty(up)
     assert await stored_seqs(server) == sorted(expected)
     assert len(await server.store.binaries()) == 9
@@ -171,7 +170,7 @@ async def test_half_the_calls_unavailable_everything_arrives_calls_bounded(
     faults.unavailable_share = 0.5
     expected = await fill(box, tmp_path)
     async with UploadClient(server.address, tls=False) as client:
-        up = Uploader(box, client, FAST, rng=random.Random(2))
+        up = Uploader(box, client, FAST, idle_poll_s=0.05, rng=random.Random(2))
         await run_until_empty(up)
     assert await stored_seqs(server) == sorted(expected)  # nothing lost, nothing twice
     assert len(await server.store.binaries()) == 9
@@ -188,7 +187,7 @@ async def test_permanent_rejection_dead_letters_only_that_component(
     faults.reject_component = "s1"
     expected = await fill(box, tmp_path)
     async with UploadClient(server.address, tls=False) as client:
-        up = Uploader(box, client, FAST, rng=random.Random(3))
+        up = Uploader(box, client, FAST, idle_poll_s=0.05, rng=random.Random(3))
         await run_until_empty(up)
         dead = await box.dead_letters()
         assert dead and all(d.status == "INVALID_ARGUMENT" for d in dead)
@@ -201,7 +200,7 @@ async def test_permanent_rejection_dead_letters_only_that_component(
         # The operator fixes the server side and retries the dead letters.
         faults.reject_component = None
         assert await box.retry_dead() == len(dead)
-        up = Uploader(box, client, FAST, rng=random.Random(4))
+        up = Uploader(box, client, FAST, idle_poll_s=0.05, rng=random.Random(4))
         await run_until_empty(up)
     assert await stored_seqs(server) == sorted(expected)
 
@@ -213,7 +212,7 @@ async def test_auth_failure_pauses_everything_and_loses_nothing(
     expected = await fill(box, tmp_path)
     before = await box.stats()
     async with UploadClient(server.address, tls=False) as client:
-        up = Uploader(box, client, FAST, rng=random.Random(5))
+        up = Uploader(box, client, FAST, idle_poll_s=0.05, rng=random.Random(5))
         task = asyncio.create_task(up.run())
         deadline = asyncio.get_running_loop().time() + 10
         while up.state != STATE_AUTH_FAILED:
@@ -243,11 +242,9 @@ async def test_auth_failure_pauses_everything_and_loses_nothing(
 async def test_offline_server_is_probed_not_hammered(box: Outbox, tmp_path: Path) -> None:
     """No server at all: while offline only one call at a time, spaced by backoff."""
     await box.enqueue_readings(tab_meta("s"), [reading(i) for i in range(10)])
-    settings = UploaderSettings(
-        workers=4, backoff_initial=0.05, backoff_max=0.2, idle_poll_s=0.05, call_timeout=2
-    )
+    settings = UploadConfig(workers=4, backoff=BackoffConfig(0.05, 0.2), call_timeout=2)
     async with UploadClient("127.0.0.1:1", tls=False) as client:  # port 1: refused
-        up = Uploader(box, client, settings, rng=random.Random(6))
+        up = Uploader(box, client, settings, idle_poll_s=0.05, rng=random.Random(6))
         task = asyncio.create_task(up.run())
         loop = asyncio.get_running_loop()
         start = loop.time()

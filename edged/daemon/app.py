@@ -27,13 +27,10 @@ from edged.client import UploadClient
 from edged.daemon.config import Config, SourceConfig, load_config
 from edged.daemon.logs import setup_logging
 from edged.daemon.notify import Notifier
-from edged.daemon.outbox import Outbox, OutboxLimits
-from edged.daemon.sources.base import Source, SourceContext
-from edged.daemon.sources.capture import CaptureSource
-from edged.daemon.sources.files import FilesSource
-from edged.daemon.sources.jsonl import JsonlSource
+from edged.daemon.outbox import Outbox
+from edged.daemon.sources.base import Source, SourceContext, make_source
 from edged.daemon.status import StatusServer
-from edged.daemon.uploader import Uploader, UploaderSettings
+from edged.daemon.uploader import Uploader
 from edged.errors import ConfigError, EdgedError
 from edged.ingest import ApiKey, IngestServer, IngestSettings
 from edged.wire.connection import connect
@@ -80,33 +77,6 @@ def _lock_state_dir(state_dir: Path) -> int:
     return fd
 
 
-def make_source(config: SourceConfig, ctx: SourceContext) -> Source:
-    if config.kind == "capture":
-        return CaptureSource(config, ctx)
-    if config.kind == "jsonl":
-        return JsonlSource(config, ctx)
-    return FilesSource(config, ctx)
-
-
-def uploader_settings(config: Config) -> UploaderSettings:
-    u = config.upload
-    return UploaderSettings(
-        workers=u.workers,
-        batch_max_readings=u.batch_max_readings,
-        batch_max_bytes=u.batch_max_bytes,
-        backoff_initial=u.backoff.initial,
-        backoff_max=u.backoff.max,
-        call_timeout=u.call_timeout,
-        lease_s=u.lease,
-        max_attempts=u.max_attempts,
-    )
-
-
-def outbox_limits(config: Config) -> OutboxLimits:
-    o = config.outbox
-    return OutboxLimits(o.max_bytes, o.on_full, o.min_free_disk, o.synchronous)
-
-
 @dataclass
 class _Running:
     source: Source
@@ -146,7 +116,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):  # before anything can be interrupted
             loop.add_signal_handler(sig, self._on_stop_signal)
-        self.outbox = await Outbox.open(cfg.state_dir, outbox_limits(cfg))
+        self.outbox = await Outbox.open(cfg.state_dir, cfg.outbox)
         try:
             recovered = await self.outbox.recover()
             log.info(
@@ -155,7 +125,7 @@ class Daemon:
                 ", ".join(f"{k}={v}" for k, v in recovered.items()),
             )
             self._client = await self._connect()
-            self.uploader = Uploader(self.outbox, self._client, uploader_settings(cfg))
+            self.uploader = Uploader(self.outbox, self._client, cfg.upload)
             status = StatusServer(cfg.status.socket, self.handle)
             await status.start()
             try:
@@ -402,10 +372,8 @@ class Daemon:
             self._start_source(source_cfg)
             log.info("source %s %s", name, "restarted" if current else "added")
         assert self.outbox is not None and self.uploader is not None
-        self.outbox.limits = outbox_limits(new)
-        self.uploader.settings = replace(
-            uploader_settings(new), workers=self.uploader.settings.workers
-        )
+        self.outbox.limits = new.outbox
+        self.uploader.config = replace(new.upload, workers=self.uploader.config.workers)
         self.config = replace(
             new,
             part_id=self.config.part_id,

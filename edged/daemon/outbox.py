@@ -40,6 +40,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import aiosqlite
 
+from edged.daemon.config import OutboxConfig
 from edged.daemon.policy import batch_take
 from edged.daemon.safefs import Identity, Swapped, locate, stat_under, unlink_under
 from edged.durable import fsync_dir
@@ -234,14 +235,6 @@ class OutboxStats:
     counters: dict[str, int] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class OutboxLimits:
-    max_bytes: int = 2 << 30
-    on_full: str = "backpressure"  # or "drop_oldest"
-    min_free_disk: int = 512 << 20
-    synchronous: str = "FULL"
-
-
 def _digest(metadata: bytes) -> bytes:
     return hashlib.blake2b(metadata, digest_size=16).digest()
 
@@ -276,7 +269,7 @@ class Outbox:
         self,
         db: aiosqlite.Connection,
         state_dir: Path,
-        limits: OutboxLimits,
+        limits: OutboxConfig,
         clock: Callable[[], float],
         free_disk: Callable[[Path], int],
     ) -> None:
@@ -300,7 +293,7 @@ class Outbox:
     async def open(
         cls,
         state_dir: Path,
-        limits: OutboxLimits | None = None,
+        limits: OutboxConfig | None = None,
         *,
         clock: Callable[[], float] = time.time,
         free_disk: Callable[[Path], int] | None = None,
@@ -311,7 +304,7 @@ class Outbox:
         db = await aiosqlite.connect(path, isolation_level=None)
         try:
             os.chmod(path, 0o600)
-            limits = limits or OutboxLimits()
+            limits = limits or OutboxConfig()
             await db.execute("PRAGMA journal_mode=WAL")
             await db.execute(f"PRAGMA synchronous={limits.synchronous}")
             # Keep the WAL small: on a nearly full disk it must not balloon before a

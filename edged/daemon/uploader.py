@@ -17,12 +17,12 @@ import random
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.client import ByteSource, FileSlice, UploadResult
+from edged.daemon.config import UploadConfig
 from edged.daemon.outbox import KIND_BINARY, KIND_TABULAR, Item, Outbox
 from edged.daemon.policy import Action, backoff_delay, binary_route, on_failure
 from edged.daemon.safefs import locate, open_under
@@ -71,19 +71,6 @@ class Sink(Protocol):
         item_id: str | None = None,
         timeout: float | None = None,
     ) -> UploadResult: ...
-
-
-@dataclass(frozen=True)
-class UploaderSettings:
-    workers: int = 4
-    batch_max_readings: int = 1000
-    batch_max_bytes: int = 1 << 20
-    backoff_initial: float = 0.2
-    backoff_max: float = 300.0
-    call_timeout: float = 60.0
-    lease_s: float = 300.0
-    idle_poll_s: float = 1.0
-    max_attempts: int = 5
 
 
 class Gate:
@@ -157,18 +144,20 @@ class Uploader:
         self,
         outbox: Outbox,
         sink: Sink,
-        settings: UploaderSettings,
+        config: UploadConfig,
         *,
+        idle_poll_s: float = 1.0,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.outbox = outbox
         self.sink = sink
-        self.settings = settings
+        self.config = config
+        self.idle_poll_s = idle_poll_s  # how often an idle worker looks again (tests: less)
         self._rng = rng or random.Random()
         self._wall = wall_clock
-        self.gate = Gate(settings.backoff_initial, settings.backoff_max, self._rng, clock)
+        self.gate = Gate(config.backoff.initial, config.backoff.max, self._rng, clock)
         self.rates = RateMeter(clock=clock)
         self.paused = False
         self.auth_failed = False
@@ -237,7 +226,7 @@ class Uploader:
         left that could be sent now or later (dead letters excepted): arq's burst mode."""
         self._until_empty = until_empty
         async with asyncio.TaskGroup() as tg:
-            for n in range(self.settings.workers):
+            for n in range(self.config.workers):
                 tg.create_task(self._worker(n), name=f"upload-worker-{n}")
 
     async def _worker(self, n: int) -> None:
@@ -267,10 +256,10 @@ class Uploader:
                 await asyncio.sleep(1.0)
 
     async def _one(self) -> None:
-        s = self.settings
+        s = self.config
         self.outbox.work_available.clear()
         item = await self.outbox.lease(
-            lease_s=s.lease_s, max_readings=s.batch_max_readings, max_bytes=s.batch_max_bytes
+            lease_s=s.lease, max_readings=s.batch_max_readings, max_bytes=s.batch_max_bytes
         )
         if item is None:
             await self._idle()
@@ -286,7 +275,7 @@ class Uploader:
         if self._until_empty and due is None and self.inflight == 0:
             self.stop()
             return
-        wait = self.settings.idle_poll_s if due is None else min(due, self.settings.idle_poll_s)
+        wait = self.idle_poll_s if due is None else min(due, self.idle_poll_s)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max(wait, 0.01)):  # not wait_for (see Gate.wait_open)
                 await self.outbox.work_available.wait()
@@ -299,8 +288,8 @@ class Uploader:
 
         async def renew() -> None:
             while True:
-                await asyncio.sleep(self.settings.lease_s / 2)
-                await self.outbox.extend_lease(item, self.settings.lease_s)
+                await asyncio.sleep(self.config.lease / 2)
+                await self.outbox.extend_lease(item, self.config.lease)
 
         renewer = asyncio.create_task(renew(), name=f"lease-{item.uid}")
         try:
@@ -339,7 +328,7 @@ class Uploader:
             transport=exc.transport,
             strikes=strikes + 1,
             others_ok=self._acks > ok_at_first,
-            max_attempts=self.settings.max_attempts,
+            max_attempts=self.config.max_attempts,
         )
         if action is Action.RETRY:
             self._remember_strike(item.uid, strikes + 1, ok_at_first)
@@ -351,7 +340,7 @@ class Uploader:
                 item.uid,
                 self.last_error,
                 strikes + 1,
-                self.settings.max_attempts,
+                self.config.max_attempts,
                 delay,
             )
         elif action is Action.OUTAGE:
@@ -382,8 +371,8 @@ class Uploader:
             self._resumed.clear()
 
     def _item_delay(self, item: Item) -> float:
-        s = self.settings
-        return backoff_delay(item.attempts + 1, s.backoff_initial, s.backoff_max, self._rng)
+        b = self.config.backoff
+        return backoff_delay(item.attempts + 1, b.initial, b.max, self._rng)
 
     def _remember_strike(self, uid: str, strikes: int, ok_at_first: int) -> None:
         """In memory on purpose: a restart gives a poison item `max_attempts` more tries,
@@ -393,7 +382,7 @@ class Uploader:
         self._strikes[uid] = (strikes, ok_at_first)
 
     async def _send(self, item: Item, opener: Callable[[], int] | None) -> UploadResult:
-        s = self.settings
+        s = self.config
         meta = pb.UploadMetadata.FromString(item.metadata)
         if item.kind == KIND_TABULAR:
             readings = await self.outbox.readings_of(item)

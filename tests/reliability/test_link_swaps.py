@@ -24,17 +24,17 @@ from grpclib.events import RecvRequest
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.capture import CaptureWriter
 from edged.client import UploadClient
-from edged.daemon.config import SourceConfig
-from edged.daemon.outbox import Outbox, OutboxLimits
+from edged.daemon.config import BackoffConfig, OutboxConfig, UploadConfig
+from edged.daemon.outbox import Outbox
 from edged.daemon.sources.base import SourceContext
-from edged.daemon.sources.capture import CaptureSource
-from edged.daemon.sources.files import FilesSource
-from edged.daemon.sources.jsonl import JsonlSource
-from edged.daemon.uploader import Uploader, UploaderSettings
+from edged.daemon.sources.capture import CaptureConfig, CaptureSource
+from edged.daemon.sources.files import FilesConfig, FilesSource
+from edged.daemon.sources.jsonl import JsonlConfig, JsonlSource
+from edged.daemon.uploader import Uploader
 from edged.ingest import IngestServer, IngestSettings
 from tests.support.capture_files import tabular_metadata, tabular_reading
 
-SETTINGS = UploaderSettings(workers=1, backoff_initial=0.005, backoff_max=0.05, idle_poll_s=0.05)
+SETTINGS = UploadConfig(workers=1, backoff=BackoffConfig(initial=0.005, max=0.05))
 MARKER = b"OUTSIDE-SECRET-" + uuid.uuid4().hex.encode()
 
 
@@ -66,7 +66,7 @@ async def server(tmp_path: Path, swap: SwapOnCall) -> AsyncIterator[IngestServer
 
 @pytest.fixture
 async def box(tmp_path: Path) -> AsyncIterator[Outbox]:
-    ob = await Outbox.open(tmp_path / "state", OutboxLimits(synchronous="NORMAL"))
+    ob = await Outbox.open(tmp_path / "state", OutboxConfig(synchronous="NORMAL"))
     yield ob
     await ob.close()
 
@@ -116,7 +116,7 @@ def leaked(server: IngestServer) -> bool:
 
 async def upload(box: Outbox, server: IngestServer) -> None:
     async with UploadClient(server.address, tls=False) as client:
-        up = Uploader(box, client, SETTINGS, rng=random.Random(7))
+        up = Uploader(box, client, SETTINGS, idle_poll_s=0.05, rng=random.Random(7))
         await asyncio.wait_for(up.run(until_empty=True), 60)
 
 
@@ -125,7 +125,7 @@ def ctx(box: Outbox) -> SourceContext:
 
 
 def files_source(box: Outbox, root: Path) -> FilesSource:
-    return FilesSource(SourceConfig(kind="files", path=root, settle=0.0), ctx(box))
+    return FilesSource(FilesConfig(path=root, settle=0.0), ctx(box))
 
 
 async def queue_files(src: FilesSource, box: Outbox, n: int) -> None:
@@ -221,7 +221,7 @@ async def test_capture_binary_swapped_file_and_directory_after_queueing(
     swapped = capture_binary(root, b"p" * 20_000, name="cam1")
     moved = capture_binary(root, b"q" * 20_000, name="cam2")
     honest = capture_binary(root, b"h" * 20_000, name="cam3")
-    src = CaptureSource(SourceConfig(kind="capture", path=root), ctx(box))
+    src = CaptureSource(CaptureConfig(path=root), ctx(box))
     await src.scan_once()
     assert (await box.stats()).items == 3
     target = secret(outside / "key.capture")
@@ -249,7 +249,7 @@ async def test_capture_binary_swap_after_open_deletes_nothing_outside(
 ) -> None:
     root = tmp_path / "capture"
     path = capture_binary(root, b"p" * 20_000)
-    src = CaptureSource(SourceConfig(kind="capture", path=root), ctx(box))
+    src = CaptureSource(CaptureConfig(path=root), ctx(box))
     await src.scan_once()
     if what == "file":
         target = twin(path, outside / "key.capture")
@@ -274,7 +274,7 @@ async def test_capture_directory_swapped_before_a_watcher_event_is_not_read(
         w.write(tabular_reading(1))
     (path,) = w.closed_paths
     body = path.read_bytes()
-    src = CaptureSource(SourceConfig(kind="capture", path=root), ctx(box))
+    src = CaptureSource(CaptureConfig(path=root), ctx(box))
     # Outside: a valid capture file of the same name, holding the outside "secret".
     fake = tabular_reading(2)
     fake.struct.update({"secret": MARKER.decode()})
@@ -303,8 +303,7 @@ async def test_jsonl_tailed_file_swapped_for_a_link_is_not_read(
     logs.mkdir()
     f = logs / "imu.jsonl"
     f.write_bytes(b'{"seq": 0}\n{"seq": 1}\n')
-    config = SourceConfig(
-        kind="jsonl",
+    config = JsonlConfig(
         path=logs / pattern,
         name="imu",
         component_type="c",

@@ -15,11 +15,10 @@ from typing import Any
 import pytest
 
 from edged.capture import CaptureWriter, open_capture
-from edged.daemon.config import SourceConfig
 from edged.daemon.outbox import CLAIM_PENDING, KIND_FILE, Claim, FileRef, Outbox, Progress
 from edged.daemon.sources.base import SourceContext, quarantine
-from edged.daemon.sources.capture import CaptureSource
-from edged.daemon.sources.files import file_metadata
+from edged.daemon.sources.capture import CaptureConfig, CaptureSource
+from edged.daemon.sources.files import FilesConfig, file_metadata
 from edged.daemon.status_view import render
 from tests.support.capture_files import tabular_metadata, tabular_reading
 
@@ -62,7 +61,7 @@ def test_wire_names_are_utf8(tmp_path: Path) -> None:
     path.write_bytes(b"x")
     meta = file_metadata(
         "p",
-        SourceConfig(kind="files", path=tmp_path),
+        FilesConfig(path=tmp_path),
         PurePosixPath("tag=\udcfe", ODD),
         path.stat(),
     )
@@ -121,7 +120,7 @@ async def test_unreadable_capture_file_does_not_hold_up_the_others(
     box = await Outbox.open(tmp_path / "state")
     try:
         source = CaptureSource(
-            SourceConfig(kind="capture", path=root), SourceContext("p", box, tmp_path / "state")
+            CaptureConfig(path=root), SourceContext("p", box, tmp_path / "state")
         )
         monkeypatch.setattr("edged.daemon.sources.capture.open_capture", refusing_open)
         await source.scan_once()  # raised PermissionError before the fix

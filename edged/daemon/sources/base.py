@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from edged.daemon.config import SourceConfig
 from edged.daemon.outbox import Outbox
@@ -59,8 +59,11 @@ class SourceContext:
 class Source(Protocol):
     name: str
     kind: str
-    config: SourceConfig
     stats: SourceStats
+
+    @property
+    def config(self) -> SourceConfig:
+        """Its kind's config class (read-only here, so each kind may narrow it)."""
 
     async def run(self) -> None:
         """Scan, watch and commit until cancelled."""
@@ -139,3 +142,28 @@ async def wait_for_space(ctx: SourceContext, stats: SourceStats, max_wait_s: flo
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(max_wait_s):  # not wait_for: it can drop a cancel (3.11)
             await ctx.outbox.space_available.wait()
+
+
+# --------------------------------------------------------------------------- kinds
+
+_C = TypeVar("_C", bound=SourceConfig)
+
+
+@dataclass(frozen=True)
+class SourceKind:
+    config: type[SourceConfig]
+    factory: Callable[[Any, SourceContext], Source]
+
+
+KINDS: dict[str, SourceKind] = {}
+"""Every source kind by name, registered by the last lines of its module; importing
+`edged.daemon.sources` imports them all."""
+
+
+def register(config: type[_C], factory: Callable[[_C, SourceContext], Source]) -> None:
+    """Make a kind known to the config reader (its keys) and to the daemon (its source)."""
+    KINDS[config.kind] = SourceKind(config, factory)
+
+
+def make_source(config: SourceConfig, ctx: SourceContext) -> Source:
+    return KINDS[config.kind].factory(config, ctx)

@@ -18,6 +18,7 @@ import fcntl
 import logging
 import os
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
@@ -37,10 +38,12 @@ from edged.daemon.sources.base import (
     SourceStats,
     note_root,
     quarantine,
+    register,
     wait_for_space,
 )
 from edged.daemon.sources.watch import DirWatcher
 from edged.errors import CaptureFormatError, IncompleteHeader, OutboxFull
+from edged.options import Duration, option
 
 log = logging.getLogger("edged.sources.capture")
 
@@ -133,7 +136,7 @@ class CaptureSource:
     kind = "capture"
 
     def __init__(
-        self, config: SourceConfig, ctx: SourceContext, *, booted_at: float | None = None
+        self, config: CaptureConfig, ctx: SourceContext, *, booted_at: float | None = None
     ) -> None:
         self.config = config
         self.ctx = ctx
@@ -503,3 +506,19 @@ class CaptureSource:
             )
         except Swapped as exc:
             log.warning("%s; not quarantining it (%s)", exc, reason)
+
+
+# --------------------------------------------------------------------------- kind
+
+
+@dataclass(frozen=True, kw_only=True)
+class CaptureConfig(SourceConfig):
+    """A directory of robot .capture files (and .prog files whose writer is gone)."""
+
+    kind = "capture"
+    prog_grace: float = option(
+        60.0, Duration(), "a .prog file is read once unchanged this long and its writer is gone"
+    )
+
+
+register(CaptureConfig, CaptureSource)

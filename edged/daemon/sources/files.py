@@ -44,10 +44,12 @@ from edged.daemon.sources.base import (
     SourceStats,
     is_ignored_name,
     note_root,
+    register,
     wait_for_space,
 )
 from edged.daemon.sources.watch import DirWatcher
 from edged.errors import OutboxFull
+from edged.options import Duration, Flag, Strings, option
 
 log = logging.getLogger("edged.sources.files")
 
@@ -161,7 +163,7 @@ def recheck_at(seen: Seen, settle_s: float) -> float:
 class FilesSource:
     kind = "files"
 
-    def __init__(self, config: SourceConfig, ctx: SourceContext) -> None:
+    def __init__(self, config: FilesConfig, ctx: SourceContext) -> None:
         self.config = config
         self.ctx = ctx
         self.name = config.name or f"files:{config.path}"
@@ -401,3 +403,27 @@ class FilesSource:
         self.stats.files_done += 1
         self.stats.backpressure = False
         self.stats.last_event_at = self.ctx.clock()
+
+
+# --------------------------------------------------------------------------- kind
+
+
+def _some_pattern(patterns: tuple[str, ...]) -> str | None:
+    return None if patterns else "needs at least one pattern"
+
+
+@dataclass(frozen=True, kw_only=True)
+class FilesConfig(SourceConfig):
+    """Any files in a directory, uploaded whole once they stop changing."""
+
+    kind = "files"
+    patterns: tuple[str, ...] = option(
+        ("*",), Strings(), "glob patterns matched against file names", check=_some_pattern
+    )
+    settle: float = option(10.0, Duration(), "a file is taken once unchanged this long")
+    delete_after_upload: bool = option(
+        True, Flag(), "delete the file after the server's ack; false: remember it"
+    )
+
+
+register(FilesConfig, FilesSource)

@@ -49,11 +49,13 @@ from edged.daemon.sources.base import (
     SourceStats,
     is_ignored_name,
     note_root,
+    register,
     wait_for_space,
 )
 from edged.daemon.sources.watch import DirWatcher
 from edged.durable import fsync_dir
 from edged.errors import OutboxFull
+from edged.options import Text, option, required
 
 log = logging.getLogger("edged.sources.jsonl")
 
@@ -179,7 +181,7 @@ class _Tail:
 class JsonlSource:
     kind = "jsonl"
 
-    def __init__(self, config: SourceConfig, ctx: SourceContext) -> None:
+    def __init__(self, config: JsonlConfig, ctx: SourceContext) -> None:
         self.config = config
         self.ctx = ctx
         self.name = config.name or f"jsonl:{config.path}"
@@ -540,3 +542,25 @@ def _skip_long_line(fd: int, offset: int, head: bytes, *, final: bool) -> tuple[
             # The record's `offset` math in _commit uses len(raw)+1; only the end matters.
             return [head], pos + nl + 1
         pos += len(piece)
+
+
+# --------------------------------------------------------------------------- kind
+
+
+@dataclass(frozen=True, kw_only=True)
+class JsonlConfig(SourceConfig):
+    """JSON-lines files tailed from a path or glob; each line is one reading."""
+
+    kind = "jsonl"
+    one_per_tree = False  # files, not trees: two tails in one directory are fine
+    component_type: str = option("rdk:component:sensor", Text(), "the readings' component type")
+    component_name: str = required(
+        Text(), "the component the readings belong to", "the component's name, e.g. imu"
+    )
+    method: str = option("Readings", Text(), "the method that produced the readings")
+
+    def watched_dir(self) -> Path:
+        return self.path.parent
+
+
+register(JsonlConfig, JsonlSource)
