@@ -53,6 +53,7 @@ from edged.options import (
     parse_document,
     reference,
 )
+from edged.wire.cloud import load_cloud
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE = "conf/edged.yaml"
@@ -588,6 +589,24 @@ def test_a_registered_kind_brings_its_keys(monkeypatch: pytest.MonkeyPatch) -> N
     )
     text = MINIMAL + "sources:\n  - {kind: toy, path: /t, speed: 10}\n"
     only_problem(text, "speed", "sources[0].speed", "must be between 1 and 9, got 10")
+
+
+def test_sdk_reads_the_cloud_section_with_the_daemons_messages(tmp_path: Path) -> None:
+    """`DataClient.from_config` reads `cloud` through `edged.wire.cloud`: same keys,
+    same file:line messages, other sections left to the daemon."""
+    conf = tmp_path / "edged.yaml"
+    conf.write_text(
+        "part_id: p\nsources: [{kind: nope}]\ncloud:\n  adress: h:1\n  ca_file: ca.pem\n"
+        "  tls: false\n"
+    )
+    with pytest.raises(ConfigErrors) as info:
+        load_cloud(conf)
+    assert info.value.problems == [
+        f"{conf}:4: cloud.adress: unknown key 'adress' (did you mean 'address'?)",
+        f"{conf}:5: cloud.ca_file: is set but cloud.tls is false",
+    ]
+    conf.write_text("cloud:\n  address: ' h:1 '\n  api_key_id: k\n  api_key_file: key\n")
+    assert load_cloud(conf) == CloudConfig("h:1", "k", tmp_path / "key")
 
 
 # --------------------------------------------------------------------------- problems
