@@ -29,6 +29,7 @@ from edged.daemon.config import (
     format_duration,
     format_size,
     key_reference,
+    key_table,
     load_config,
     parse_config,
     parse_duration,
@@ -515,11 +516,39 @@ def key_paths(node: object, path: str = "") -> set[str]:
     return found
 
 
-def test_example_config_mentions_every_key() -> None:
-    """The example is the user documentation: every key the loader knows is in it."""
+def leaf_key_paths(node: object) -> set[str]:
+    """`key_paths` without the sections (keys whose value is a mapping or the source list)."""
+    sections = {"sources"}
+    for path in key_paths(node):
+        value: object = node
+        for part in path.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if isinstance(value, dict):
+            sections.add(path)
+    return key_paths(node) - sections
+
+
+def test_example_config_has_exactly_the_declared_keys() -> None:
+    """The example is the user documentation: every declared key is in it, and no other."""
     example = yaml.safe_load((REPO / "config" / "edged.example.yaml").read_text())
-    every_key = key_paths(yaml.safe_load(FULL)) | {"sources[].dataset_ids"}
-    assert every_key <= key_paths(example), every_key - key_paths(example)
+    declared = {key for key, _, _ in key_reference()}
+    found = leaf_key_paths(example)
+    assert declared - found == set(), "keys missing from config/edged.example.yaml"
+    assert found - declared == set(), "keys in config/edged.example.yaml that do not exist"
+
+
+def readme_key_table() -> list[str]:
+    lines = (REPO / "README.md").read_text().splitlines()
+    start = lines.index(key_table()[0])
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
+    return lines[start:end]
+
+
+def test_readme_key_table_is_the_declarations() -> None:
+    """Every declared key is in the README's table with its default and help, and no other
+    key is: the table is derived from the declarations (paste the expected one)."""
+    expected = key_table()
+    assert readme_key_table() == expected, "README.md key table:\n" + "\n".join(expected)
 
 
 def test_key_reference_gives_each_kind_its_own_keys() -> None:
