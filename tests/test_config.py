@@ -569,6 +569,7 @@ class _Toy:
     size: int = option(KIB, Size(1, MIB), "a size")
     wait: float = option(1.0, Duration(positive=True), "a wait")
     mode: str = option("a", Choice(("a", "b")), "a mode")
+    limit: float | None = option(None, Duration(), "an optional limit")
 
 
 def _read_toy(text: str) -> _Toy:
@@ -581,13 +582,15 @@ def _read_toy(text: str) -> _Toy:
 
 def test_one_declaration_gives_reading_errors_dump_and_reference() -> None:
     assert _read_toy("") == _Toy()
-    toy = _read_toy("size: 2KiB\nwait: 200ms\nmode: B\n")
-    assert toy == _Toy(2 * KIB, 0.2, "b")
-    assert dump(toy) == {"size": "2KiB", "wait": "200ms", "mode": "b"}
+    assert dump(_Toy()) == {"size": "1KiB", "wait": "1s", "mode": "a", "limit": None}
+    toy = _read_toy("size: 2KiB\nwait: 200ms\nmode: B\nlimit: 1m\n")
+    assert toy == _Toy(2 * KIB, 0.2, "b", 60.0)
+    assert dump(toy) == {"size": "2KiB", "wait": "200ms", "mode": "b", "limit": "1m"}
     assert list(reference(_Toy, "toy")) == [
         ("toy.size", "1KiB", "a size"),
         ("toy.wait", "1s", "a wait"),
         ("toy.mode", "a", "a mode (one of: a, b)"),
+        ("toy.limit", "none", "an optional limit"),
     ]
     with pytest.raises(ConfigErrors) as info:
         _read_toy("size: 2MiB\nwiat: 1s\nmode: c\n")
