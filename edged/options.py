@@ -205,8 +205,12 @@ def default_of(f: Field[Any]) -> Any:
 
 
 def dump(config: object) -> dict[str, Any]:
-    """A config dataclass as plain data in config-file spelling (it parses back)."""
-    return {f.name: opt.kind.dump(getattr(config, f.name)) for f, opt in declared(type(config))}
+    """A config dataclass as plain data in config-file spelling (it parses back); an
+    unset optional value (None) is null whatever its kind."""
+    return {
+        f.name: None if (v := getattr(config, f.name)) is None else opt.kind.dump(v)
+        for f, opt in declared(type(config))
+    }
 
 
 def reference(cls: type, prefix: str = "") -> Iterator[tuple[str, str, str]]:
@@ -222,17 +226,15 @@ def reference(cls: type, prefix: str = "") -> Iterator[tuple[str, str, str]]:
             shown = "required"
         elif opt.shown is not None:
             shown = opt.shown
+        elif (default := default_of(f)) is None:
+            shown = "none"
         else:
-            shown = opt.kind.show(default_of(f))
+            shown = opt.kind.show(default)
         choices = getattr(opt.kind, "choices", None)
         yield path, shown, opt.help + (f" (one of: {', '.join(choices)})" if choices else "")
 
 
 # --------------------------------------------------------------------------- kinds
-
-
-def _none_or(value: Any, show: Callable[[Any], str]) -> str:
-    return "none" if value is None else show(value)
 
 
 @dataclass(frozen=True)
@@ -249,7 +251,7 @@ class Text:
         return value
 
     def show(self, value: Any) -> str:
-        return _none_or(value, str)
+        return str(value)
 
 
 @dataclass(frozen=True)
@@ -260,10 +262,10 @@ class FilePath:
         return r.path(node, path)
 
     def dump(self, value: Any) -> Any:
-        return None if value is None else str(value)
+        return str(value)
 
     def show(self, value: Any) -> str:
-        return _none_or(value, str)
+        return str(value)
 
 
 @dataclass(frozen=True)
@@ -277,7 +279,7 @@ class Flag:
         return value
 
     def show(self, value: Any) -> str:
-        return _none_or(value, lambda v: "true" if v else "false")
+        return "true" if value else "false"
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from edged.daemon.config import (
     format_duration,
     format_size,
     key_reference,
+    key_table,
     load_config,
     parse_config,
     parse_duration,
@@ -53,6 +54,7 @@ from edged.options import (
     parse_document,
     reference,
 )
+from edged.wire.cloud import load_cloud
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE = "conf/edged.yaml"
@@ -514,11 +516,39 @@ def key_paths(node: object, path: str = "") -> set[str]:
     return found
 
 
-def test_example_config_mentions_every_key() -> None:
-    """The example is the user documentation: every key the loader knows is in it."""
+def leaf_key_paths(node: object) -> set[str]:
+    """`key_paths` without the sections (keys whose value is a mapping or the source list)."""
+    sections = {"sources"}
+    for path in key_paths(node):
+        value: object = node
+        for part in path.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if isinstance(value, dict):
+            sections.add(path)
+    return key_paths(node) - sections
+
+
+def test_example_config_has_exactly_the_declared_keys() -> None:
+    """The example is the user documentation: every declared key is in it, and no other."""
     example = yaml.safe_load((REPO / "config" / "edged.example.yaml").read_text())
-    every_key = key_paths(yaml.safe_load(FULL)) | {"sources[].dataset_ids"}
-    assert every_key <= key_paths(example), every_key - key_paths(example)
+    declared = {key for key, _, _ in key_reference()}
+    found = leaf_key_paths(example)
+    assert declared - found == set(), "keys missing from config/edged.example.yaml"
+    assert found - declared == set(), "keys in config/edged.example.yaml that do not exist"
+
+
+def readme_key_table() -> list[str]:
+    lines = (REPO / "README.md").read_text().splitlines()
+    start = lines.index(key_table()[0])
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
+    return lines[start:end]
+
+
+def test_readme_key_table_is_the_declarations() -> None:
+    """Every declared key is in the README's table with its default and help, and no other
+    key is: the table is derived from the declarations (paste the expected one)."""
+    expected = key_table()
+    assert readme_key_table() == expected, "README.md key table:\n" + "\n".join(expected)
 
 
 def test_key_reference_gives_each_kind_its_own_keys() -> None:
@@ -539,6 +569,7 @@ class _Toy:
     size: int = option(KIB, Size(1, MIB), "a size")
     wait: float = option(1.0, Duration(positive=True), "a wait")
     mode: str = option("a", Choice(("a", "b")), "a mode")
+    limit: float | None = option(None, Duration(), "an optional limit")
 
 
 def _read_toy(text: str) -> _Toy:
@@ -551,13 +582,15 @@ def _read_toy(text: str) -> _Toy:
 
 def test_one_declaration_gives_reading_errors_dump_and_reference() -> None:
     assert _read_toy("") == _Toy()
-    toy = _read_toy("size: 2KiB\nwait: 200ms\nmode: B\n")
-    assert toy == _Toy(2 * KIB, 0.2, "b")
-    assert dump(toy) == {"size": "2KiB", "wait": "200ms", "mode": "b"}
+    assert dump(_Toy()) == {"size": "1KiB", "wait": "1s", "mode": "a", "limit": None}
+    toy = _read_toy("size: 2KiB\nwait: 200ms\nmode: B\nlimit: 1m\n")
+    assert toy == _Toy(2 * KIB, 0.2, "b", 60.0)
+    assert dump(toy) == {"size": "2KiB", "wait": "200ms", "mode": "b", "limit": "1m"}
     assert list(reference(_Toy, "toy")) == [
         ("toy.size", "1KiB", "a size"),
         ("toy.wait", "1s", "a wait"),
         ("toy.mode", "a", "a mode (one of: a, b)"),
+        ("toy.limit", "none", "an optional limit"),
     ]
     with pytest.raises(ConfigErrors) as info:
         _read_toy("size: 2MiB\nwiat: 1s\nmode: c\n")
@@ -588,6 +621,24 @@ def test_a_registered_kind_brings_its_keys(monkeypatch: pytest.MonkeyPatch) -> N
     )
     text = MINIMAL + "sources:\n  - {kind: toy, path: /t, speed: 10}\n"
     only_problem(text, "speed", "sources[0].speed", "must be between 1 and 9, got 10")
+
+
+def test_sdk_reads_the_cloud_section_with_the_daemons_messages(tmp_path: Path) -> None:
+    """`DataClient.from_config` reads `cloud` through `edged.wire.cloud`: same keys,
+    same file:line messages, other sections left to the daemon."""
+    conf = tmp_path / "edged.yaml"
+    conf.write_text(
+        "part_id: p\nsources: [{kind: nope}]\ncloud:\n  adress: h:1\n  ca_file: ca.pem\n"
+        "  tls: false\n"
+    )
+    with pytest.raises(ConfigErrors) as info:
+        load_cloud(conf)
+    assert info.value.problems == [
+        f"{conf}:4: cloud.adress: unknown key 'adress' (did you mean 'address'?)",
+        f"{conf}:5: cloud.ca_file: is set but cloud.tls is false",
+    ]
+    conf.write_text("cloud:\n  address: ' h:1 '\n  api_key_id: k\n  api_key_file: key\n")
+    assert load_cloud(conf) == CloudConfig("h:1", "k", tmp_path / "key")
 
 
 # --------------------------------------------------------------------------- problems

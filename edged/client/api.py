@@ -51,6 +51,7 @@ from edged.client.data_client import (
     create_filter,
 )
 from edged.errors import AuthError, ConfigError, InvalidArgument, SourceError, UploadError
+from edged.wire.cloud import load_cloud
 from edged.wire.connection import Connection, Raw, client_tls_context, parse_address
 from edged.wire.connection import connect as wire_connect
 from edged.wire.keyfile import API_KEY_ENV, resolve_api_key
@@ -586,19 +587,17 @@ class DataClient(UploadClient, DataQueries):
     ) -> DataClient:
         """A client for the server the daemon's config file uploads to, with its address,
         API key (`cloud.api_key_file`, or EDGED_API_KEY which wins), TLS and CA file.
-        Raises `ConfigError` for an invalid file or for `cloud.address: embedded` (that
-        server lives inside the daemon's process; nothing else can connect to it).
+        Only the `cloud` section is read, with the daemon's rules. Raises `ConfigError` for
+        an invalid one or for `cloud.address: embedded` (that server lives inside the
+        daemon's process; nothing else can connect to it).
 
         Example::
 
             async with DataClient.from_config("/etc/edged/edged.yaml") as dc:
                 print(await dc.tags_by_filter())
         """
-        # The daemon's file format, read by the daemon's own reader: the one import of
-        # the daemon from the SDK, made only here (docs/architecture.md).
-        from edged.daemon.config import load_config
-
-        cloud = load_config(Path(config_path)).cloud
+        # The `cloud` section as the daemon reads it (declared below the SDK, in wire).
+        cloud = load_cloud(Path(config_path))
         if cloud.embedded:
             raise ConfigError(
                 f"{config_path}: cloud.address is 'embedded', which runs inside the daemon's"

@@ -7,9 +7,11 @@ source kind declares its own keys in its module (`sources/capture.py`, ...) and
 registers there (`sources.base.register`); this module knows no kind by name. The
 `cloud` section is declared in `edged.wire.cloud`, where the SDK reads it too.
 
-To add a key: add one field with `option(...)` to the dataclass of its section (a
-source kind's key: to that kind's config class), then its line in the README table
-and config/edged.example.yaml (tests/test_config.py checks both).
+To add a key: add one field `name: type = option(default, Kind(...), "help")` to the
+dataclass of its section (a key every source has: `SourceConfig`; one kind's key: that
+kind's config class), a rule over several keys to the section's `problems()`; then
+paste `key_table()` into the README and add the key to config/edged.example.yaml
+(tests/test_config.py checks both).
 """
 
 from __future__ import annotations
