@@ -159,6 +159,20 @@ def write_result(
 Column = tuple[str, str, str]
 """(key in the row, header, format spec such as ',.0f')."""
 
+CPU_RSS: list[Column] = [
+    ("cpu_pct", "CPU%", ".0f"),
+    ("rss_mib", "peak RSS MiB", ".1f"),
+]
+"""The measured process's CPU% and peak RSS (one-process tables)."""
+
+CLIENT_SERVER: list[Column] = [
+    ("cpu_client_pct", "CPU% client", ".0f"),
+    ("cpu_server_pct", "CPU% server", ".0f"),
+    ("rss_client_mib", "peak RSS client MiB", ".1f"),
+    ("rss_server_mib", "peak RSS server MiB", ".1f"),
+]
+"""CPU% and peak RSS of the client and of the server (two-process tables)."""
+
 
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column]) -> str:
     """A Markdown table (readable as plain text too)."""

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    CPU_RSS,
     Column,
     CpuMeter,
     Figures,
@@ -66,8 +67,7 @@ ENQUEUE_COLUMNS: list[Column] = [
     ("readings_per_s", "readings/s", ",.0f"),
     ("mb_per_s", "MB/s", ".2f"),
     ("calls_per_s", "calls/s", ".0f"),
-    ("cpu_pct", "CPU%", ".0f"),
-    ("rss_mib", "peak RSS MiB", ".1f"),
+    *CPU_RSS,
     ("disk_mib", "outbox on disk MiB", ".1f"),
     ("disk_bytes_per_reading", "disk B/reading", ".0f"),
 ]

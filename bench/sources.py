@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    CPU_RSS,
     Column,
     CpuMeter,
     Figures,
@@ -66,8 +67,7 @@ SCAN_COLUMNS: list[Column] = [
     ("readings_per_s", "readings/s", ",.0f"),
     ("mib_per_s", "MiB/s", ".1f"),
     ("seconds", "s", ".2f"),
-    ("cpu_pct", "CPU%", ".0f"),
-    ("rss_mib", "peak RSS MiB", ".1f"),
+    *CPU_RSS,
 ]
 LATENCY_COLUMNS: list[Column] = [
     ("files", "files", ",d"),
@@ -76,8 +76,7 @@ LATENCY_COLUMNS: list[Column] = [
     ("p90_ms", "p90 ms", ".1f"),
     ("p99_ms", "p99 ms", ".1f"),
     ("max_ms", "max ms", ".1f"),
-    ("cpu_pct", "CPU%", ".0f"),
-    ("rss_mib", "peak RSS MiB", ".1f"),
+    *CPU_RSS,
 ]
 
 

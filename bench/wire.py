@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    CLIENT_SERVER,
     Column,
     CpuMeter,
     Figures,
@@ -61,20 +62,14 @@ TABULAR_COLUMNS: list[Column] = [
     ("calls_per_s", "calls/s", ".1f"),
     ("p50_ms", "p50 ms", ".1f"),
     ("p99_ms", "p99 ms", ".1f"),
-    ("cpu_client_pct", "CPU% client", ".0f"),
-    ("cpu_server_pct", "CPU% server", ".0f"),
-    ("rss_client_mib", "peak RSS client MiB", ".1f"),
-    ("rss_server_mib", "peak RSS server MiB", ".1f"),
+    *CLIENT_SERVER,
 ]
 FILE_COLUMNS: list[Column] = [
     ("path", "path", ""),
     ("size_mib", "size MiB", ".0f"),
     ("mib_per_s", "MiB/s", ".1f"),
     ("seconds", "s", ".2f"),
-    ("cpu_client_pct", "CPU% client", ".0f"),
-    ("cpu_server_pct", "CPU% server", ".0f"),
-    ("rss_client_mib", "peak RSS client MiB", ".1f"),
-    ("rss_server_mib", "peak RSS server MiB", ".1f"),
+    *CLIENT_SERVER,
 ]
 
 

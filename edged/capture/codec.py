@@ -55,6 +55,7 @@ __all__ = [
     "capture_subdir",
     "decode_varint32",
     "encode_varint",
+    "field_span",
     "frame",
     "open_capture",
     "split_legacy_images",

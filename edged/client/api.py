@@ -89,7 +89,6 @@ __all__ = [
 ]
 
 DEFAULT_CHUNK = 64 * 1024
-UNARY_BINARY_MAX = 1_000_000
 
 _Req = TypeVar("_Req")
 _StreamResp = TypeVar("_StreamResp", pb.StreamingDataCaptureUploadResponse, pb.FileUploadResponse)

@@ -313,13 +313,18 @@ class DataQueryService(data_grpc.DataServiceBase):
     async def _read(self, fn: Callable[[sqlite3.Connection], _R]) -> _R:
         return await self._store.read(fn, self._runner.executor)
 
-    async def _run_engine(self, org: str, rejected: type[Exception], job: Any) -> list[bytes]:
-        """One SQL/MQL job on the query pool: the limits' breaches are RESOURCE_EXHAUSTED,
-        the caller's mistakes INVALID_ARGUMENT."""
-        max_bytes = self._limits.max_result_bytes
+    async def _run_engine(
+        self, module: str, method: str, org: str, query: Any, **limits: int
+    ) -> list[bytes]:
+        """One SQL/MQL query on the query pool, with the engine's own names for the
+        limits in `limits`: their breaches are RESOURCE_EXHAUSTED, the caller's mistakes
+        INVALID_ARGUMENT."""
+        run, rejected = _engine(module, method)
+        path, max_bytes = self._store.db_path, self._limits.max_result_bytes
 
         def work(control: QueryControl) -> list[bytes]:
-            return encode_documents(job(control), max_bytes)
+            rows = run(path, org, query, max_result_bytes=max_bytes, control=control, **limits)
+            return encode_documents(rows, max_bytes)
 
         try:
             return await self._runner.run(org, work)
@@ -364,20 +369,14 @@ class DataQueryService(data_grpc.DataServiceBase):
         org = check_org(self._keys, caller, req.organization_id, "organization_id")
         if not req.sql_query.strip():
             raise invalid("sql_query is required")
-        run, rejected = _engine("sql", "TabularDataBySQL")
-        lim, path, query = self._limits, self._store.db_path, req.sql_query
+        lim = self._limits
         raw = await self._run_engine(
+            "sql",
+            "TabularDataBySQL",
             org,
-            rejected,
-            lambda control: run(
-                path,
-                org,
-                query,
-                max_rows=lim.max_rows,
-                max_result_bytes=lim.max_result_bytes,
-                max_value_bytes=lim.max_value_bytes,
-                control=control,
-            ),
+            req.sql_query,
+            max_rows=lim.max_rows,
+            max_value_bytes=lim.max_value_bytes,
         )
         await stream.send_message(dpb.TabularDataBySQLResponse(raw_data=raw))
 
@@ -399,21 +398,15 @@ class DataQueryService(data_grpc.DataServiceBase):
                 pipeline.append(dict(bson.decode(raw)))
             except Exception:  # bson raises several types for malformed input
                 raise invalid(f"mql_binary[{i}] is not a BSON document") from None
-        run, rejected = _engine("mql", "TabularDataByMQL")
-        lim, path = self._limits, self._store.db_path
+        lim = self._limits
         raw = await self._run_engine(
+            "mql",
+            "TabularDataByMQL",
             org,
-            rejected,
-            lambda control: run(
-                path,
-                org,
-                pipeline,
-                max_docs=lim.max_rows,
-                max_result_bytes=lim.max_result_bytes,
-                max_doc_bytes=lim.max_value_bytes,
-                max_nodes=lim.max_pipeline_nodes,
-                control=control,
-            ),
+            pipeline,
+            max_docs=lim.max_rows,
+            max_doc_bytes=lim.max_value_bytes,
+            max_nodes=lim.max_pipeline_nodes,
         )
         await stream.send_message(dpb.TabularDataByMQLResponse(raw_data=raw))
 

@@ -17,7 +17,7 @@ import pytest
 from tests.reliability.common import record
 from tests.support.capture_files import write_capture
 from tests.support.credentials import KeyFile
-from tests.support.daemon import daemon, status, write_config
+from tests.support.daemon import cloud_section, daemon, status, write_config
 from tests.support.processes import ingest_process
 from tests.support.waiting import wait_for
 
@@ -58,12 +58,7 @@ def test_state_dir_full_is_backpressure_then_recovers(tmp_path: Path, key: KeyFi
             f"""\
 part_id: robot-full
 state_dir: {state}
-cloud:
-  address: 127.0.0.1:{port}
-  api_key_id: {key.key_id}
-  api_key_file: {key.path}
-  tls: false
-sources:
+{cloud_section(port, key)}sources:
   - kind: capture
     path: {tmp_path / "capture"}
 upload:

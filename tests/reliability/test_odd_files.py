@@ -1,9 +1,9 @@
-"""Regression tests, in process, for the bugs test_bad_inputs.py found end to end:
+"""Odd files, in process (test_bad_inputs.py covers them end to end):
 
-- a file name that is not UTF-8 (Linux names are bytes) crashed a source: SQLite text and
-  protobuf strings must be UTF-8, and the source's crash-restart loop hit the same file
-  on every restart, so every file after it waited forever;
-- a capture file edged may not read (EACCES) crashed the capture source the same way.
+- a file name that is not UTF-8 (Linux names are bytes) is stored, sent and shown: SQLite
+  text and protobuf strings must be UTF-8, and a source that crashed on one would hit the
+  same file on every restart, so every file after it would wait forever;
+- a capture file edged may not read (EACCES) does not hold up the others.
 """
 
 from __future__ import annotations

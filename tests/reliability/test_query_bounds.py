@@ -1,4 +1,4 @@
-"""Issue #13: what one tenant's queries may cost everyone else, against real servers.
+"""What one tenant's queries may cost everyone else, against real servers.
 
 Memory and starvation run `edged ingest` as a subprocess (peak RSS from /proc); status
 mapping runs an in-process server. Bounds are generous: they separate "bounded" from

@@ -16,7 +16,7 @@ from edged.daemon.app import CANCEL_WAIT_S, SHUTDOWN_GRACE_S, cancel_within
 from edged.daemon.sources.watch import DirWatcher
 from tests.reliability.common import cycles, record
 from tests.support.credentials import KeyFile
-from tests.support.daemon import daemon, status, write_config
+from tests.support.daemon import cloud_section, daemon, status, write_config
 from tests.support.ingest_db import ingest_count
 from tests.support.processes import edged_cmd, ingest_process
 from tests.support.waiting import wait_for
@@ -29,12 +29,7 @@ def files_config(tmp: Path, port: int, key: KeyFile) -> str:
     return f"""\
 part_id: robot-stop
 state_dir: {tmp / "state"}
-cloud:
-  address: 127.0.0.1:{port}
-  api_key_id: {key.key_id}
-  api_key_file: {key.path}
-  tls: false
-sources:
+{cloud_section(port, key)}sources:
   - kind: files
     path: {tmp / "uploads"}
     settle: 200ms

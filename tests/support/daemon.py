@@ -19,17 +19,23 @@ def write_config(path: Path, body: str) -> Path:
     return path
 
 
-def base_config(tmp: Path, port: int, key: KeyFile, extra_sources: str = "") -> str:
-    """A capture and a files source under `tmp`, uploading to 127.0.0.1:`port` without TLS."""
+def cloud_section(port: int, key: KeyFile) -> str:
+    """The `cloud:` section of a config: 127.0.0.1:`port` with `key`, without TLS."""
     return f"""\
-part_id: robot-e2e
-state_dir: {tmp / "state"}
 cloud:
   address: 127.0.0.1:{port}
   api_key_id: {key.key_id}
   api_key_file: {key.path}
   tls: false
-sources:
+"""
+
+
+def base_config(tmp: Path, port: int, key: KeyFile, extra_sources: str = "") -> str:
+    """A capture and a files source under `tmp`, uploading to 127.0.0.1:`port` without TLS."""
+    return f"""\
+part_id: robot-e2e
+state_dir: {tmp / "state"}
+{cloud_section(port, key)}sources:
   - kind: capture
     path: {tmp / "capture"}
   - kind: files
