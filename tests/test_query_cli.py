@@ -84,6 +84,7 @@ async def test_export_binaries_writes_every_file_with_progress(
     for n, i in enumerate(ids):
         assert (out / f"{i}.png").read_bytes() == f"img{n}".encode() * 1000
     assert "5/5" in captured.err and "[" in captured.err
+    assert "\r" not in captured.err  # not a terminal: lines, no redrawn bar
     assert "exported 5 file(s), 20000 bytes" in captured.out
 
 

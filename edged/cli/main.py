@@ -345,7 +345,16 @@ def build_parser() -> argparse.ArgumentParser:
     from edged.cli import query as query_cli
 
     query_cli.add_parser(sub).set_defaults(func=_cmd_query)
+    from edged.cli import upload as upload_cli
+
+    upload_cli.add_parser(sub).set_defaults(func=_cmd_upload)
     return parser
+
+
+def _cmd_upload(args: argparse.Namespace) -> int:
+    from edged.cli import upload as upload_cli
+
+    return asyncio.run(upload_cli.run(args))
 
 
 def _cmd_query(args: argparse.Namespace) -> int:

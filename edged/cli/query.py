@@ -13,7 +13,6 @@ import asyncio
 import datetime as dt
 import json
 import mimetypes
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import bson
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from edged._proto.app.data.v1 import data_pb2 as dpb
+from edged.cli.progress import Progress
 from edged.client.data_client import struct_to_dict
 from edged.daemon.config import absolute_path
 from edged.errors import ConfigError, EdgedError, UploadError
@@ -176,13 +176,6 @@ async def sql(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress(done: int, total: int, nbytes: int) -> None:
-    width = 30
-    filled = width * done // total if total else width
-    bar = "#" * filled + "-" * (width - filled)
-    print(f"\r[{bar}] {done}/{total}  {nbytes / 1048576:.1f} MiB", end="", file=sys.stderr)
-
-
 def export_name(meta: dpb.BinaryMetadata) -> str:
     """<binary_data_id><ext>: unique, and never a path the server could steer."""
     ext = meta.file_ext or mimetypes.guess_extension(meta.capture_metadata.mime_type) or ""
@@ -204,7 +197,8 @@ async def export_binaries(args: argparse.Namespace) -> int:
         )
         total = min(count.count, args.limit) if args.limit else count.count
         done = nbytes = 0
-        _progress(done, total, nbytes)
+        progress = Progress(total)
+        progress.update(done, nbytes)
         async for _, item in _pages(conn, args, binary=True):
             name = export_name(item.metadata)
             if "/" in name or name.startswith("."):
@@ -212,8 +206,8 @@ async def export_binaries(args: argparse.Namespace) -> int:
             (out / name).write_bytes(item.binary)
             done += 1
             nbytes += len(item.binary)
-            _progress(done, max(total, done), nbytes)
-        print(file=sys.stderr)
+            progress.update(done, nbytes, f"{name} ({len(item.binary)} B)")
+        progress.close()
     print(f"exported {done} file(s), {nbytes} bytes, to {out}")
     return 0
 
