@@ -9,17 +9,20 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from edged import __version__
 from edged.daemon.config import absolute_path, check_host, format_size, load_config, parse_size
 from edged.errors import ConfigError, ConfigErrors, EdgedError
-from edged.ingest import ApiKey, IngestServer, IngestSettings
-from edged.ingest.auth import AuthLimits, short_key_problem
+from edged.ingest import require_server
+from edged.ingest.auth import ApiKey, AuthLimits, short_key_problem
 from edged.ingest.flags import flagged
 from edged.ingest.guard import Limits
 from edged.ingest.limits import QueryLimits
 from edged.wire.keyfile import read_secret_file
+
+if TYPE_CHECKING:  # the server needs the `ingest` extra: loaded by `edged ingest` only
+    from edged.ingest.server import IngestSettings
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 _L = TypeVar("_L")
@@ -65,6 +68,9 @@ def _ingest_settings(args: argparse.Namespace) -> IngestSettings:
     )
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ConfigError("--tls-cert and --tls-key go together")
+    require_server()
+    from edged.ingest.server import IngestSettings
+
     host, port = args.listen
     return IngestSettings(
         data_dir=args.data,
@@ -134,6 +140,8 @@ def _add_limit_flags(p: argparse.ArgumentParser, cls: type) -> None:
 
 
 async def _serve_ingest(settings: IngestSettings) -> None:
+    from edged.ingest.server import IngestServer
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -348,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     from edged.cli import upload as upload_cli
 
     upload_cli.add_parser(sub).set_defaults(func=_cmd_upload)
+    from edged.cli import units
+
+    units.add_parser(sub).set_defaults(func=units.run)
     return parser
 
 

@@ -17,12 +17,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import bson
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from edged._proto.app.data.v1 import data_pb2 as dpb
 from edged.cli.progress import Progress
-from edged.client.data_client import struct_to_dict
+from edged.client.data_client import load_bson, struct_to_dict
 from edged.daemon.config import absolute_path
 from edged.errors import ConfigError, EdgedError, UploadError
 from edged.wire.connection import Connection, connect
@@ -171,6 +170,7 @@ async def sql(args: argparse.Namespace) -> int:
             dpb.TabularDataBySQLRequest(organization_id=args.org_id or "", sql_query=args.query),
             dpb.TabularDataBySQLResponse,
         )
+        bson = load_bson("edged query sql")
         for raw in resp.raw_data:
             print(json.dumps(bson.decode(raw), default=str))
     return 0

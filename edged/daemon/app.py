@@ -20,7 +20,7 @@ import time
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edged import __version__
 from edged.client import UploadClient
@@ -35,9 +35,12 @@ from edged.daemon.sources.jsonl import JsonlSource
 from edged.daemon.status import StatusServer
 from edged.daemon.uploader import Uploader, UploaderSettings
 from edged.errors import ConfigError, EdgedError
-from edged.ingest import ApiKey, IngestServer, IngestSettings
+from edged.ingest import require_server
 from edged.wire.connection import connect
 from edged.wire.keyfile import api_key, resolve_api_key
+
+if TYPE_CHECKING:
+    from edged.ingest import IngestServer
 
 log = logging.getLogger("edged")
 
@@ -125,7 +128,7 @@ class Daemon:
         self._signals = 0
         self.abandoned: set[asyncio.Task[Any]] = set()
         self._sources: dict[str, _Running] = {}
-        self._ingest: IngestServer | None = None
+        self._ingest: IngestServer | None = None  # cloud.address: embedded
         self._client: UploadClient | None = None
         self.outbox: Outbox | None = None
         self.uploader: Uploader | None = None
@@ -275,6 +278,9 @@ class Daemon:
     async def _connect(self) -> UploadClient:
         cloud = self.config.cloud
         if cloud.embedded:
+            require_server("cloud.address: embedded")
+            from edged.ingest import ApiKey, IngestServer, IngestSettings
+
             key = ApiKey(str(uuid.uuid4()), secrets.token_urlsafe(32), "local")
             self._ingest = IngestServer(
                 IngestSettings(data_dir=self.config.state_dir / "ingest", keys=(key,))
