@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -12,7 +13,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from edged import __version__
-from edged.daemon.config import absolute_path, check_host, format_size, load_config, parse_size
+from edged.daemon.config import (
+    absolute_path,
+    check_host,
+    format_size,
+    load_config,
+    parse_duration,
+    parse_size,
+)
 from edged.errors import ConfigError, ConfigErrors, EdgedError
 from edged.ingest import require_server
 from edged.ingest.auth import ApiKey, AuthLimits, short_key_problem
@@ -32,6 +40,13 @@ DEFAULT_CONFIG = Path("/etc/edged/edged.yaml")
 def _size_arg(text: str) -> int:
     try:
         return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _duration_arg(text: str) -> float:
+    try:
+        return parse_duration(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -167,7 +182,14 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from edged.daemon.app import run_daemon
 
-    return asyncio.run(run_daemon(args.config, until_empty=args.until_empty))
+    limit = args.until_empty
+    return asyncio.run(
+        run_daemon(
+            args.config,
+            until_empty=limit is not None,
+            limit_s=None if limit is None or limit == math.inf else limit,
+        )
+    )
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
@@ -269,8 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-c", "--config", type=absolute_path, default=DEFAULT_CONFIG)
     run.add_argument(
         "--until-empty",
-        action="store_true",
-        help="scan every source once, upload everything, then exit",
+        nargs="?",
+        const=math.inf,
+        type=_duration_arg,
+        metavar="LIMIT",
+        help="scan every source once, upload everything, then exit; with LIMIT (e.g. 10m)"
+        " give up after that long, and at once on refused credentials or certificate,"
+        " exiting 1 with what stayed queued",
     )
     run.set_defaults(func=_cmd_run)
 

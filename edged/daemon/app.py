@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from edged import __version__
 from edged.client import UploadClient
-from edged.daemon.config import Config, SourceConfig, load_config
+from edged.daemon.config import Config, SourceConfig, format_duration, load_config
 from edged.daemon.logs import setup_logging
 from edged.daemon.notify import Notifier
 from edged.daemon.outbox import Outbox, OutboxLimits
@@ -117,9 +117,13 @@ class _Running:
 
 
 class Daemon:
-    def __init__(self, config: Config, *, until_empty: bool = False) -> None:
+    def __init__(
+        self, config: Config, *, until_empty: bool = False, limit_s: float | None = None
+    ) -> None:
         self.config = config
         self.until_empty = until_empty
+        self.limit_s = limit_s  # --until-empty LIMIT: give up after this long
+        self.gave_up: str | None = None  # why --until-empty stopped before the outbox emptied
         self.started = time.monotonic()
         self.notifier = Notifier()
         self._stop = asyncio.Event()
@@ -200,7 +204,29 @@ class Daemon:
             raise uploads.exception()  # type: ignore[misc]
         stats = await self.outbox.stats() if self.outbox else None
         log.info("stopped cleanly; %s item(s) stay queued", stats.items if stats else "?")
+        if self.gave_up is not None:
+            log.error("%s", await self._left_behind(self.gave_up))
+            return 1
         return 0
+
+    async def _left_behind(self, why: str) -> str:
+        """`--until-empty` gave up: what stayed queued, for the operator (one block)."""
+        assert self.outbox is not None
+        stats = await self.outbox.stats()
+        shown = 20
+        lines = [
+            f"--until-empty stopped: {why}; {stats.items} item(s), {stats.bytes} bytes stayed"
+            f" queued (dead letters: {stats.dead_letters}):"
+        ]
+        rows = await self.outbox.waiting(shown)
+        for kind, path, count, size, error in rows:
+            what = path if path is not None else f"{count} reading(s)"
+            lines.append(f"  {kind} {what} ({size} B)" + (f": {error}" if error else ""))
+        if stats.readings and not any(kind == "tabular" for kind, *_ in rows):
+            lines.append(f"  tabular {stats.readings} reading(s) not yet sent")
+        if len(rows) == shown:
+            lines.append("  ... (`edged status` shows the whole backlog)")
+        return "\n".join(lines)
 
     async def _shutdown(self, uploads: asyncio.Task[None], pinger: asyncio.Task[None]) -> None:
         """Stage 1, until SHUTDOWN_GRACE_S or a second signal, whichever comes first:
@@ -230,7 +256,11 @@ class Daemon:
             )
 
     async def _wait_until_empty(self, uploads: asyncio.Task[None]) -> None:
-        """`--until-empty`: one scan of every source, then drain (arq's burst mode)."""
+        """`--until-empty`: one scan of every source, then drain (arq's burst mode); give
+        up (`gave_up`) once the limit passes or uploads stop for a reason only an
+        operator can fix (credentials, certificate)."""
+        loop = asyncio.get_running_loop()
+        deadline = None if self.limit_s is None else loop.time() + self.limit_s
         await cancel_within([r.task for r in self._sources.values()], CANCEL_WAIT_S)
         for running in self._sources.values():
             await running.source.scan_once()
@@ -238,7 +268,21 @@ class Daemon:
         stop = asyncio.create_task(self._stop.wait())
         while not self._stop.is_set() and not uploads.done():
             # Nothing left that could be sent now or later (dead letters wait for retry-dead).
-            if self.uploader.inflight == 0 and await self.outbox.next_due_in() is None:
+            # `waiting` counts leased items too: a worker holds its lease a moment before
+            # it counts as in flight, and that item was once taken for "nothing left".
+            if (
+                self.uploader.inflight == 0
+                and await self.outbox.next_due_in() is None
+                and not await self.outbox.waiting(1)
+            ):
+                break
+            if self.uploader.halted:
+                self.gave_up = f"uploads are {self.uploader.state} ({self.uploader.last_error})"
+                break
+            if deadline is not None and loop.time() >= deadline:
+                self.gave_up = f"time limit of {format_duration(self.limit_s or 0)} reached"
+                if self.uploader.last_error:
+                    self.gave_up += f" (last error: {self.uploader.last_error})"
                 break
             await asyncio.wait({stop, uploads}, timeout=0.1, return_when=asyncio.FIRST_COMPLETED)
         stop.cancel()
@@ -528,10 +572,12 @@ class Daemon:
         return {"ok": False, "error": f"unknown cmd {cmd!r}; known: {known}"}
 
 
-async def run_daemon(config_path: Path, *, until_empty: bool = False) -> int:
+async def run_daemon(
+    config_path: Path, *, until_empty: bool = False, limit_s: float | None = None
+) -> int:
     config = load_config(config_path)
     setup_logging(config.log.level, config.log.format)
-    daemon = Daemon(config, until_empty=until_empty)
+    daemon = Daemon(config, until_empty=until_empty, limit_s=limit_s)
     try:
         rc = await daemon.run()
     finally:
