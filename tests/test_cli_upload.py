@@ -119,3 +119,15 @@ def test_progress_redraws_only_on_a_terminal() -> None:
         p.close()
     assert tty.getvalue().count("\r") == 2 and tty.getvalue().endswith("\n")
     assert pipe.getvalue() == "[1/2] first\n[2/2] second\n"
+
+
+def test_tls_to_a_plaintext_server_stops_at_once_and_hints_insecure(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        (tmp_path / "d").mkdir(exist_ok=True)
+        (tmp_path / "d" / name).write_bytes(b"x")
+    with ingest_process(tmp_path / "ingest") as (_, port):
+        res = _upload(str(tmp_path / "d"), "--address", f"127.0.0.1:{port}", "--part-id", "p")
+    assert res.returncode == 1
+    assert "retry" not in res.stderr  # the same for every file: not retried
+    assert "add --insecure" in res.stdout
+    assert "not uploaded (2):" in res.stdout

@@ -221,18 +221,30 @@ def _cmd_status(args: argparse.Namespace) -> int:
     import json
     import time
 
+    from edged.daemon.status import request
     from edged.daemon.status_view import render
 
     if args.interval <= 0:
         raise ConfigError(f"--interval must be a positive number of seconds, not {args.interval}")
+    sock = _socket_of(args)  # once: a bad config file ends --watch, a missing daemon not
+    clear = "\x1b[2J\x1b[H" if args.watch and sys.stdout.isatty() else ""
     for n in range(1_000_000 if args.watch else 1):
-        answer = _ask(args, {"cmd": "status"})
+        try:
+            answer = request(sock, {"cmd": "status"})
+        except EdgedError as exc:
+            if not args.watch:
+                raise
+            # A restart, an upgrade, a crash: keep watching for the daemon to come back.
+            answer = {"ok": False, "error": str(exc)}
+        if not answer.get("ok") and not args.watch:
+            raise EdgedError(str(answer.get("error", "the daemon refused the request")))
         if args.json:
             print(json.dumps(answer, indent=None if args.watch else 2), flush=True)
+        elif not answer.get("ok"):
+            print(f"{clear}edged: {answer.get('error')}", flush=True)
+            print("waiting for the daemon to answer (Ctrl-C to leave)", flush=True)
         else:
-            if args.watch:
-                print("\x1b[2J\x1b[H", end="")
-            print(render(answer), flush=True)
+            print(f"{clear}{render(answer)}", flush=True)
         if args.watch and n < 999_999:
             time.sleep(args.interval)
     return EXIT_OK

@@ -6,11 +6,12 @@ key, TLS and CA. The connection itself is `edged.wire.connect()`'s."""
 from __future__ import annotations
 
 import argparse
+import ssl
 from pathlib import Path
 from typing import TypeVar
 
 from edged.daemon.config import absolute_path, load_config
-from edged.errors import ConfigError
+from edged.errors import ConfigError, UploadError
 from edged.wire.connection import Connection, connect
 from edged.wire.keyfile import API_KEY_ENV, api_key, resolve_api_key
 
@@ -92,3 +93,17 @@ def open_target(
         timeout=timeout,
     )
     return conn, None
+
+
+def hint(exc: UploadError) -> str:
+    """A next step for a TLS handshake that failed, appended to the error sentence."""
+    cause: BaseException | None = exc
+    for _ in range(16):
+        if cause is None:
+            return ""
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return " (the server's certificate is not trusted: --ca-file names its CA)"
+        if isinstance(cause, ssl.SSLError) and cause.reason == "WRONG_VERSION_NUMBER":
+            return " (the server does not speak TLS: is it plaintext? then add --insecure)"
+        cause = cause.__cause__ or cause.__context__
+    return ""

@@ -23,7 +23,7 @@ from typing import Any
 
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.cli.progress import Progress
-from edged.cli.target import add_flags, open_target
+from edged.cli.target import add_flags, hint, open_target
 from edged.client.api import FileSlice, UploadClient, upload_metadata
 from edged.daemon.policy import Verdict, backoff_delay, classify
 from edged.daemon.status_view import human_bytes
@@ -101,6 +101,13 @@ def _open(path: Path) -> tuple[int, int]:
     return fd, st.st_size
 
 
+class _Stop(Exception):
+    """No file can get through (credentials, TLS): the rest are not tried."""
+
+    def __init__(self, exc: UploadError) -> None:
+        super().__init__(f"{exc.status.name}: {exc.message}{hint(exc)}")
+
+
 async def _send_one(
     client: UploadClient,
     path: Path,
@@ -133,6 +140,8 @@ async def _send_one(
             except AuthError:
                 raise
             except UploadError as exc:
+                if hint(exc):  # a TLS set-up problem: the same for every file
+                    raise _Stop(exc) from exc
                 retryable = exc.transport or classify(exc.status) is Verdict.TRANSIENT
                 if not retryable or attempt > args.retries:
                     raise
@@ -164,9 +173,10 @@ async def run(args: argparse.Namespace) -> int:
         for n, path in enumerate(files, 1):
             try:
                 binary_id, size = await _send_one(client, path, args, part_id, rng, progress)
-            except AuthError as exc:
+            except (AuthError, _Stop) as exc:
                 progress.close()
-                reason = f"{exc.status.name}: {exc.message}"
+                reason = str(_Stop(exc) if isinstance(exc, AuthError) else exc)
+                progress.line(f"{path}: not uploaded, nor the rest: {reason}")
                 out.failed += [{"path": str(p), "reason": reason} for p in files[n - 1 :]]
                 break
             except UploadError as exc:

@@ -487,6 +487,7 @@ class Daemon:
         readings_s, bytes_s = up.rates.rates()
         c = stats.counters
         sources = []
+        now = time.time()  # the sources stamp events with wall time (compared with mtimes)
         for running in self._sources.values():
             s = running.source
             sources.append(
@@ -495,9 +496,11 @@ class Daemon:
                     "kind": s.kind,
                     "path": str(s.config.path),
                     **s.stats.as_dict(),
+                    "last_event_age_s": _age(now, s.stats.last_event_at),
                 }
             )
         wait = up.gate.wait_s() if up.gate.closed else None
+        success_age, error_age = up.ages()
         return {
             "ok": True,
             "version": __version__,
@@ -524,7 +527,9 @@ class Daemon:
             "cloud": {
                 "address": self.cloud_address,
                 "last_success_at": up.last_success_at,
+                "last_success_age_s": _round(success_age),
                 "last_error": up.last_error,
+                "last_error_age_s": _round(error_age),
                 "next_retry_in_s": wait,
                 "calls": up.calls,
                 "inflight": up.inflight,
@@ -570,6 +575,15 @@ class Daemon:
             return {"ok": True, "requeued": n}
         known = "status, sync-now, pause, resume, dead-letters, retry-dead"
         return {"ok": False, "error": f"unknown cmd {cmd!r}; known: {known}"}
+
+
+def _round(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 1)
+
+
+def _age(now: float, then: float | None) -> float | None:
+    """Seconds since `then` by the daemon's clock (never the reader's), at least 0."""
+    return None if then is None else round(max(0.0, now - then), 1)
 
 
 async def run_daemon(

@@ -169,6 +169,7 @@ class Uploader:
         self.settings = settings
         self._rng = rng or random.Random()
         self._wall = wall_clock
+        self._clock = clock
         self.gate = Gate(settings.backoff_initial, settings.backoff_max, self._rng, clock)
         self.rates = RateMeter(clock=clock)
         self.paused = False
@@ -181,9 +182,30 @@ class Uploader:
         self.inflight = 0
         self.calls = 0
         self.last_success_at: float | None = None
-        self.last_error: str | None = None
+        # Monotonic times for ages in `edged status`: the daemon's own clock, immune to
+        # wall-clock steps and to the reader's clock.
+        self.last_success_mono: float | None = None
+        self.last_error_mono: float | None = None
+        self._last_error: str | None = None
         self._acks = 0  # calls the server accepted, to tell a poison item from an outage
         self._strikes: dict[str, tuple[int, int]] = {}  # uid -> (failures, _acks at first)
+
+    @property
+    def last_error(self) -> str | None:
+        return self._last_error
+
+    @last_error.setter
+    def last_error(self, text: str | None) -> None:
+        self._last_error = text
+        self.last_error_mono = None if text is None else self._clock()
+
+    def ages(self) -> tuple[float | None, float | None]:
+        """Seconds since the last success and since the last error (None: never)."""
+        now = self._clock()
+        return (
+            None if self.last_success_mono is None else now - self.last_success_mono,
+            None if self.last_error_mono is None else now - self.last_error_mono,
+        )
 
     # -- control -------------------------------------------------------------------------
 
@@ -340,6 +362,7 @@ class Uploader:
         self._strikes.pop(item.uid, None)
         self.gate.success()
         self.last_success_at = self._wall()
+        self.last_success_mono = self._clock()
         self.rates.add(item.count, item.bytes)
 
     async def _failed(self, item: Item, exc: UploadError) -> None:
