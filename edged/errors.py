@@ -92,3 +92,15 @@ class ConfigErrors(ConfigError):
     def __init__(self, problems: list[str]) -> None:
         self.problems = list(problems)
         super().__init__("\n".join(self.problems))
+
+
+class MissingExtra(ConfigError):
+    """A feature needs an optional dependency this install lacks: the robot install
+    carries only what the daemon needs; the server and BSON results come with
+    `pip install 'edged[ingest]'`."""
+
+    def __init__(self, what: str, extra: str = "ingest") -> None:
+        self.extra = extra
+        super().__init__(
+            f"{what} needs dependencies this install lacks: pip install 'edged[{extra}]'"
+        )

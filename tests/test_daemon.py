@@ -17,7 +17,15 @@ import pytest
 
 from tests.support.capture_files import write_capture
 from tests.support.credentials import KeyFile
-from tests.support.daemon import base_config, daemon, edged_ctl, socket_up, status, write_config
+from tests.support.daemon import (
+    base_config,
+    daemon,
+    edged_ctl,
+    embedded_config,
+    socket_up,
+    status,
+    write_config,
+)
 from tests.support.ingest_db import ingest_count, ingest_seqs
 from tests.support.processes import edged_cmd, ingest_process
 from tests.support.waiting import wait_for
@@ -89,14 +97,6 @@ def test_sigterm_mid_drain_exit_0_then_restart_loses_nothing(tmp_path: Path, key
     seqs = ingest_seqs(tmp_path / "ingest")
     assert seqs == list(range(30_000)), f"after {partial} before the restart"
     assert not list((tmp_path / "capture").rglob("*.capture"))
-
-
-def embedded_config(tmp: Path, sources: str) -> Path:
-    return write_config(
-        tmp / "edged.yaml",
-        f"part_id: robot-e2e\nstate_dir: {tmp / 'state'}\nsources:\n{sources}"
-        f"status:\n  socket: {tmp / 'edged.sock'}\n",
-    )
 
 
 def test_until_empty_uploads_files_settled_by_their_mtime(tmp_path: Path) -> None:

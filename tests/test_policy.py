@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import ssl
 
 import pytest
 from grpclib.const import Status
@@ -14,9 +15,11 @@ from edged.daemon.policy import (
     backoff_delay,
     batch_take,
     binary_route,
+    cert_problem,
     classify,
     on_failure,
 )
+from edged.errors import UploadError
 from edged.wire.progress import StreamSample, progressed, watch_interval
 
 CLASSIFY = [
@@ -170,3 +173,31 @@ def test_on_failure(
         status, transport=transport, strikes=strikes, others_ok=others_ok, max_attempts=5
     )
     assert got is want
+
+
+def _rejected_certificate() -> UploadError:
+    """What the connection raises for a server certificate that fails verification."""
+    cause = ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] ...")
+    cause.verify_message = "unable to get local issuer certificate"
+    try:
+        raise UploadError(Status.UNAVAILABLE, "transport error", transport=True) from cause
+    except UploadError as exc:
+        return exc
+
+
+def test_a_rejected_certificate_is_configuration_not_an_outage() -> None:
+    exc = _rejected_certificate()
+    assert cert_problem(exc) == "unable to get local issuer certificate"
+    assert cert_problem(UploadError(Status.UNAVAILABLE, "refused", transport=True)) is None
+    wrong_protocol = ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number")
+    assert cert_problem(wrong_protocol) is None
+    for rejected, action in ((True, Action.TLS_FAILED), (False, Action.OUTAGE)):
+        got = on_failure(
+            Status.UNAVAILABLE,
+            transport=True,
+            strikes=1,
+            others_ok=False,
+            max_attempts=5,
+            cert_rejected=rejected,
+        )
+        assert got is action

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from edged.cli import main
+from edged.cli.query import MANIFEST
 from edged.client import UploadClient
 from edged.ingest import IngestServer
 from tests.support.credentials import Certs, KeyFile
@@ -80,10 +81,11 @@ async def test_export_binaries_writes_every_file_with_progress(
     argv = ["query", "export-binaries", str(out), *_base(ingest, key, certs)]
     assert await asyncio.to_thread(main, argv) == 0
     captured = capsys.readouterr()
-    assert sorted(p.name for p in out.iterdir()) == sorted(f"{i}.png" for i in ids)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*(f"{i}.png" for i in ids), MANIFEST])
     for n, i in enumerate(ids):
         assert (out / f"{i}.png").read_bytes() == f"img{n}".encode() * 1000
     assert "5/5" in captured.err and "[" in captured.err
+    assert "\r" not in captured.err  # not a terminal: lines, no redrawn bar
     assert "exported 5 file(s), 20000 bytes" in captured.out
 
 
@@ -125,3 +127,72 @@ def test_query_maps_transport_faults_like_every_call(
     err = capsys.readouterr().err
     assert "query failed: UNAVAILABLE" in err, err
     assert "upload" not in err
+
+
+async def test_export_keeps_unique_original_names_and_writes_a_manifest(
+    ingest: IngestServer, client: UploadClient, key: KeyFile, certs: Certs, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    ids = {}
+    for name, ext, data in (
+        ("run-1", ".mp4", b"video"),
+        ("notes", ".txt", b"first notes"),
+        ("notes", ".txt", b"other notes"),  # the same name twice: both get their ids
+        ("../../etc/passwd", "", b"hostile"),  # a name that would leave the directory
+    ):
+        ids[data] = await client.file_upload(
+            "part-1", data, component_name="cam", file_name=name, file_extension=ext,
+            tags=["t"],
+        )  # fmt: skip
+    out = tmp_path / "export"
+    argv = ["query", "export-binaries", str(out), *_base(ingest, key, certs), "--json"]
+    assert await asyncio.to_thread(main, argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["exported"] == 4 and summary["manifest"] == str(out / MANIFEST)
+    assert (out / "run-1.mp4").read_bytes() == b"video"
+    for data in (b"first notes", b"other notes"):
+        assert (out / f"{ids[data]}.txt").read_bytes() == data
+    assert not (out / "notes.txt").exists()
+    assert not (tmp_path / "etc").exists()
+    rows = [json.loads(line) for line in (out / MANIFEST).read_text().splitlines()]
+    by_id = {r["binary_data_id"]: r for r in rows}
+    assert set(by_id) == set(ids.values())
+    video = by_id[ids[b"video"]]
+    assert video["file"] == "run-1.mp4" and video["original_name"] == "run-1.mp4"
+    assert video["component_name"] == "cam" and video["tags"] == ["t"] and video["size"] == 5
+    hostile = by_id[ids[b"hostile"]]
+    assert hostile["original_name"] == "../../etc/passwd"
+    assert hostile["file"].startswith(ids[b"hostile"])
+    assert (out / hostile["file"]).read_bytes() == b"hostile"
+
+
+async def test_query_takes_the_daemon_config(
+    ingest: IngestServer, client: UploadClient, key: KeyFile, certs: Certs, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    ids = await _seed(client)
+    cfg = tmp_path / "edged.yaml"
+    cfg.write_text(
+        f"part_id: p\nstate_dir: {tmp_path / 'state'}\ncloud:\n  address: {ingest.address}\n"
+        f"  api_key_id: {key.key_id}\n  api_key_file: {key.path}\n  ca_file: {certs.ca_file}\n"
+    )
+    argv = ["query", "binary", "-c", str(cfg), "--tag", "odd", "--json"]
+    assert await asyncio.to_thread(main, argv) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["binary_data_id"] for r in rows] == [ids[1], ids[3]]
+    mixed = ["query", "binary", "-c", str(cfg), "--address", ingest.address]
+    assert await asyncio.to_thread(main, mixed) == 2
+    assert "drop --address" in capsys.readouterr().err
+
+
+async def test_tls_to_a_plaintext_server_says_query_failed_and_hints_insecure(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edged.ingest import IngestSettings
+
+    async with IngestServer(IngestSettings(data_dir=tmp_path / "plain")) as plain:
+        argv = ["query", "tabular", "--address", plain.address]
+        assert await asyncio.to_thread(main, argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("edged: query failed: UNAVAILABLE:"), err
+    assert "upload failed" not in err and "--insecure" in err

@@ -5,21 +5,32 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from edged import __version__
-from edged.daemon.config import absolute_path, check_host, format_size, load_config, parse_size
+from edged.daemon.config import (
+    absolute_path,
+    check_host,
+    format_size,
+    load_config,
+    parse_duration,
+    parse_size,
+)
 from edged.errors import ConfigError, ConfigErrors, EdgedError
-from edged.ingest import ApiKey, IngestServer, IngestSettings
-from edged.ingest.auth import AuthLimits, short_key_problem
+from edged.ingest import require_server
+from edged.ingest.auth import ApiKey, AuthLimits, short_key_problem
 from edged.ingest.flags import flagged
 from edged.ingest.guard import Limits
 from edged.ingest.limits import QueryLimits
 from edged.wire.keyfile import read_secret_file
+
+if TYPE_CHECKING:  # the server needs the `ingest` extra: loaded by `edged ingest` only
+    from edged.ingest.server import IngestSettings
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 _L = TypeVar("_L")
@@ -29,6 +40,13 @@ DEFAULT_CONFIG = Path("/etc/edged/edged.yaml")
 def _size_arg(text: str) -> int:
     try:
         return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _duration_arg(text: str) -> float:
+    try:
+        return parse_duration(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -65,6 +83,9 @@ def _ingest_settings(args: argparse.Namespace) -> IngestSettings:
     )
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ConfigError("--tls-cert and --tls-key go together")
+    require_server()
+    from edged.ingest.server import IngestSettings
+
     host, port = args.listen
     return IngestSettings(
         data_dir=args.data,
@@ -134,6 +155,8 @@ def _add_limit_flags(p: argparse.ArgumentParser, cls: type) -> None:
 
 
 async def _serve_ingest(settings: IngestSettings) -> None:
+    from edged.ingest.server import IngestServer
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -159,7 +182,14 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from edged.daemon.app import run_daemon
 
-    return asyncio.run(run_daemon(args.config, until_empty=args.until_empty))
+    limit = args.until_empty
+    return asyncio.run(
+        run_daemon(
+            args.config,
+            until_empty=limit is not None,
+            limit_s=None if limit is None or limit == math.inf else limit,
+        )
+    )
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
@@ -191,18 +221,30 @@ def _cmd_status(args: argparse.Namespace) -> int:
     import json
     import time
 
+    from edged.daemon.status import request
     from edged.daemon.status_view import render
 
     if args.interval <= 0:
         raise ConfigError(f"--interval must be a positive number of seconds, not {args.interval}")
+    sock = _socket_of(args)  # once: a bad config file ends --watch, a missing daemon not
+    clear = "\x1b[2J\x1b[H" if args.watch and sys.stdout.isatty() else ""
     for n in range(1_000_000 if args.watch else 1):
-        answer = _ask(args, {"cmd": "status"})
+        try:
+            answer = request(sock, {"cmd": "status"})
+        except EdgedError as exc:
+            if not args.watch:
+                raise
+            # A restart, an upgrade, a crash: keep watching for the daemon to come back.
+            answer = {"ok": False, "error": str(exc)}
+        if not answer.get("ok") and not args.watch:
+            raise EdgedError(str(answer.get("error", "the daemon refused the request")))
         if args.json:
             print(json.dumps(answer, indent=None if args.watch else 2), flush=True)
+        elif not answer.get("ok"):
+            print(f"{clear}edged: {answer.get('error')}", flush=True)
+            print("waiting for the daemon to answer (Ctrl-C to leave)", flush=True)
         else:
-            if args.watch:
-                print("\x1b[2J\x1b[H", end="")
-            print(render(answer), flush=True)
+            print(f"{clear}{render(answer)}", flush=True)
         if args.watch and n < 999_999:
             time.sleep(args.interval)
     return EXIT_OK
@@ -261,8 +303,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-c", "--config", type=absolute_path, default=DEFAULT_CONFIG)
     run.add_argument(
         "--until-empty",
-        action="store_true",
-        help="scan every source once, upload everything, then exit",
+        nargs="?",
+        const=math.inf,
+        type=_duration_arg,
+        metavar="LIMIT",
+        help="scan every source once, upload everything, then exit; with LIMIT (e.g. 10m)"
+        " give up after that long, and at once on refused credentials or certificate,"
+        " exiting 1 with what stayed queued",
     )
     run.set_defaults(func=_cmd_run)
 
@@ -345,7 +392,19 @@ def build_parser() -> argparse.ArgumentParser:
     from edged.cli import query as query_cli
 
     query_cli.add_parser(sub).set_defaults(func=_cmd_query)
+    from edged.cli import upload as upload_cli
+
+    upload_cli.add_parser(sub).set_defaults(func=_cmd_upload)
+    from edged.cli import units
+
+    units.add_parser(sub).set_defaults(func=units.run)
     return parser
+
+
+def _cmd_upload(args: argparse.Namespace) -> int:
+    from edged.cli import upload as upload_cli
+
+    return asyncio.run(upload_cli.run(args))
 
 
 def _cmd_query(args: argparse.Namespace) -> int:

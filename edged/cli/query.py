@@ -13,20 +13,21 @@ import asyncio
 import datetime as dt
 import json
 import mimetypes
-import sys
+import os
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import bson
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from edged._proto.app.data.v1 import data_pb2 as dpb
-from edged.client.data_client import struct_to_dict
+from edged.cli.progress import Progress
+from edged.cli.target import add_flags, hint, open_target
+from edged.client.data_client import load_bson, struct_to_dict
 from edged.daemon.config import absolute_path
-from edged.errors import ConfigError, EdgedError, UploadError
-from edged.wire.connection import Connection, connect
-from edged.wire.keyfile import API_KEY_ENV, resolve_api_key
+from edged.errors import EdgedError, UploadError
+from edged.wire.connection import Connection
 
 _DATA = "/viam.app.data.v1.DataService/"
 PAGE = 1000
@@ -66,21 +67,9 @@ def build_filter(args: argparse.Namespace) -> dpb.Filter:
 
 
 def _client(args: argparse.Namespace) -> Connection:
-    key = resolve_api_key(args.api_key_file)
-    if (key is None) != (args.api_key_id is None):
-        raise ConfigError(
-            f"--api-key-id needs a key (--api-key-file or {API_KEY_ENV}), and a key needs"
-            " --api-key-id"
-        )
-    return connect(
-        args.address,
-        kind=Connection,
-        api_key_id=args.api_key_id,
-        api_key=key,
-        tls=not args.insecure,
-        ca_file=args.ca_file,
-        timeout=None,  # a page of binaries may take long on a slow link; no call deadline
-    )
+    # No call deadline: a page of binaries may take long on a slow link.
+    conn, _ = open_target(args, Connection, timeout=None)
+    return conn
 
 
 def _ts_text(ts: Timestamp, present: bool) -> str:
@@ -171,16 +160,13 @@ async def sql(args: argparse.Namespace) -> int:
             dpb.TabularDataBySQLRequest(organization_id=args.org_id or "", sql_query=args.query),
             dpb.TabularDataBySQLResponse,
         )
+        bson = load_bson("edged query sql")
         for raw in resp.raw_data:
             print(json.dumps(bson.decode(raw), default=str))
     return 0
 
 
-def _progress(done: int, total: int, nbytes: int) -> None:
-    width = 30
-    filled = width * done // total if total else width
-    bar = "#" * filled + "-" * (width - filled)
-    print(f"\r[{bar}] {done}/{total}  {nbytes / 1048576:.1f} MiB", end="", file=sys.stderr)
+MANIFEST = "manifest.jsonl"
 
 
 def export_name(meta: dpb.BinaryMetadata) -> str:
@@ -189,6 +175,66 @@ def export_name(meta: dpb.BinaryMetadata) -> str:
     ext = ext if ext.startswith(".") or not ext else f".{ext}"
     safe = "".join(c for c in ext if c.isalnum() or c == ".")
     return f"{meta.binary_data_id}{safe}"
+
+
+def original_name(meta: dpb.BinaryMetadata) -> str | None:
+    """The name the file was uploaded with, if it is a plain file name (no directory, not
+    hidden, printable, at most 255 bytes); None when the server's text could steer a path."""
+    name = meta.file_name + meta.file_ext if meta.file_name else ""
+    if (
+        not name
+        or name in (".", "..", MANIFEST)
+        or name.startswith(".")
+        or any(c in name for c in "/\\\0")
+        or not name.isprintable()
+        or len(name.encode("utf-8", "surrogateescape")) > 255
+    ):
+        return None
+    return name
+
+
+def pick_name(meta: dpb.BinaryMetadata, counts: Counter[str], used: set[str]) -> str:
+    """The original name when exactly one item of the export has it, else the id name."""
+    name = original_name(meta)
+    if name is None or counts[name] != 1 or name in used:
+        name = export_name(meta)
+    used.add(name)
+    return name
+
+
+def manifest_row(meta: dpb.BinaryMetadata, file: str, size: int) -> dict[str, Any]:
+    cm = meta.capture_metadata
+    return {
+        "file": file,
+        "binary_data_id": meta.binary_data_id,
+        "original_name": meta.file_name + meta.file_ext,
+        "size": size,
+        "time_requested": _ts_text(meta.time_requested, meta.HasField("time_requested")),
+        "part_id": cm.part_id,
+        "component_type": cm.component_type,
+        "component_name": cm.component_name,
+        "method_name": cm.method_name,
+        "mime_type": cm.mime_type,
+        "tags": list(cm.tags),
+        "dataset_ids": list(meta.dataset_ids),
+    }
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """Write `path`, never through a symlink planted in the export directory."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+async def _name_counts(conn: Connection, args: argparse.Namespace) -> Counter[str]:
+    """How often each original name occurs among the items to export (metadata only)."""
+    counts: Counter[str] = Counter()
+    listing = argparse.Namespace(**{**vars(args), "dir": None})
+    async for _, item in _pages(conn, listing, binary=True):
+        if name := original_name(item.metadata):
+            counts[name] += 1
+    return counts
 
 
 async def export_binaries(args: argparse.Namespace) -> int:
@@ -203,18 +249,28 @@ async def export_binaries(args: argparse.Namespace) -> int:
             dpb.BinaryDataByFilterResponse,
         )
         total = min(count.count, args.limit) if args.limit else count.count
+        counts = await _name_counts(conn, args)
+        used: set[str] = set()
         done = nbytes = 0
-        _progress(done, total, nbytes)
-        async for _, item in _pages(conn, args, binary=True):
-            name = export_name(item.metadata)
-            if "/" in name or name.startswith("."):
-                raise EdgedError(f"server sent an unusable binary data id {name!r}")
-            (out / name).write_bytes(item.binary)
-            done += 1
-            nbytes += len(item.binary)
-            _progress(done, max(total, done), nbytes)
-        print(file=sys.stderr)
-    print(f"exported {done} file(s), {nbytes} bytes, to {out}")
+        progress = Progress(total)
+        progress.update(done, nbytes)
+        with open(out / MANIFEST, "w", encoding="utf-8") as manifest:
+            async for _, item in _pages(conn, args, binary=True):
+                name = pick_name(item.metadata, counts, used)
+                if "/" in name or name.startswith(".") or name == MANIFEST:
+                    raise EdgedError(f"server sent an unusable binary data id {name!r}")
+                _write_new(out / name, item.binary)
+                row = manifest_row(item.metadata, name, len(item.binary))
+                manifest.write(json.dumps(row) + "\n")
+                done += 1
+                nbytes += len(item.binary)
+                progress.update(done, nbytes, f"{name} ({len(item.binary)} B)")
+        progress.close()
+    summary = {"exported": done, "bytes": nbytes, "dir": str(out), "manifest": str(out / MANIFEST)}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"exported {done} file(s), {nbytes} bytes, to {out} (list: {out / MANIFEST})")
     return 0
 
 
@@ -230,7 +286,7 @@ async def run(args: argparse.Namespace) -> int:
     try:
         return await COMMANDS[args.query_command](args)
     except UploadError as exc:  # re-authentication already tried, transport faults mapped
-        raise EdgedError(f"query failed: {exc.status.name}: {exc.message}") from exc
+        raise EdgedError(f"query failed: {exc.status.name}: {exc.message}{hint(exc)}") from exc
     finally:
         await asyncio.sleep(0.05)  # let the closed connection's TLS transport finish closing
 
@@ -243,16 +299,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     qs = q.add_subparsers(dest="query_command", required=True)
 
     def common(p: argparse.ArgumentParser, *, filters: bool = True) -> None:
-        p.add_argument("--address", required=True, help="HOST:PORT of the ingest server")
-        p.add_argument("--api-key-id", help="API key id")
-        p.add_argument(
-            "--api-key-file",
-            type=absolute_path,
-            help=f"file (0600) with the key; or set {API_KEY_ENV}",
-        )
-        p.add_argument("--insecure", action="store_true", help="plaintext (no TLS)")
-        p.add_argument("--tls", action="store_false", dest="insecure", help="TLS (the default)")
-        p.add_argument("--ca-file", type=absolute_path, help="CA bundle to verify the server with")
+        add_flags(p)
         p.add_argument("--json", action="store_true", help="one JSON object per line")
         if filters:
             p.add_argument("--component-name")
@@ -272,7 +319,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     common(s, filters=False)
     e = qs.add_parser("export-binaries", help="download matching binary data into DIR")
     e.add_argument(
-        "dir", type=absolute_path, help="directory to write <binary_data_id><ext> files into"
+        "dir",
+        type=absolute_path,
+        help="directory to write the files into (original names where unique, else"
+        " <binary_data_id><ext>) with manifest.jsonl listing each",
     )
     common(e)
     return q

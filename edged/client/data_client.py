@@ -20,14 +20,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO, TypeVar
 
-import bson
 from google.protobuf.message import Message
 from google.protobuf.struct_pb2 import Struct, Value
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from edged._proto.app.data.v1 import data_pb2 as dpb
 from edged._proto.app.dataset.v1 import dataset_pb2 as spb
-from edged.errors import InvalidArgument
+from edged.errors import InvalidArgument, MissingExtra
 
 BinaryData = dpb.BinaryData
 BinaryID = dpb.BinaryID
@@ -43,6 +42,16 @@ Dataset = spb.Dataset
 _DATA = "/viam.app.data.v1.DataService/"
 _DATASET = "/viam.app.dataset.v1.DatasetService/"
 _Msg = TypeVar("_Msg", bound=Message)
+
+
+def load_bson(call: str) -> Any:
+    """pymongo's bson, imported on first use: the robot install (no `ingest` extra)
+    uploads and queries without it; only SQL/MQL rows, which are BSON, need it."""
+    try:
+        import bson
+    except ImportError:
+        raise MissingExtra(f"{call} (its rows are BSON)") from None
+    return bson
 
 
 @dataclass
@@ -271,6 +280,7 @@ class DataQueries:
         """
         request = dpb.TabularDataBySQLRequest(organization_id=organization_id, sql_query=sql_query)
         resp = await self.unary(_DATA + "TabularDataBySQL", request, dpb.TabularDataBySQLResponse)
+        bson = load_bson("tabular_data_by_sql")
         return [bson.decode(raw) for raw in resp.raw_data]
 
     async def tabular_data_by_mql(
@@ -290,6 +300,7 @@ class DataQueries:
             raise InvalidArgument(
                 "tabular_data_by_mql", "mql_binary must be a non-empty list of pipeline stages"
             )
+        bson = load_bson("tabular_data_by_mql")
         stages = [s if isinstance(s, bytes) else bson.encode(s) for s in mql_binary]
         request = dpb.TabularDataByMQLRequest(organization_id=organization_id, mql_binary=stages)
         resp = await self.unary(_DATA + "TabularDataByMQL", request, dpb.TabularDataByMQLResponse)

@@ -20,11 +20,11 @@ import time
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edged import __version__
 from edged.client import UploadClient
-from edged.daemon.config import Config, SourceConfig, load_config
+from edged.daemon.config import Config, SourceConfig, format_duration, load_config
 from edged.daemon.logs import setup_logging
 from edged.daemon.notify import Notifier
 from edged.daemon.outbox import Outbox
@@ -32,9 +32,12 @@ from edged.daemon.sources.base import Source, SourceContext, make_source
 from edged.daemon.status import StatusServer
 from edged.daemon.uploader import Uploader
 from edged.errors import ConfigError, EdgedError
-from edged.ingest import ApiKey, IngestServer, IngestSettings
+from edged.ingest import require_server
 from edged.wire.connection import connect
 from edged.wire.keyfile import api_key, resolve_api_key
+
+if TYPE_CHECKING:
+    from edged.ingest import IngestServer
 
 log = logging.getLogger("edged")
 
@@ -84,9 +87,13 @@ class _Running:
 
 
 class Daemon:
-    def __init__(self, config: Config, *, until_empty: bool = False) -> None:
+    def __init__(
+        self, config: Config, *, until_empty: bool = False, limit_s: float | None = None
+    ) -> None:
         self.config = config
         self.until_empty = until_empty
+        self.limit_s = limit_s  # --until-empty LIMIT: give up after this long
+        self.gave_up: str | None = None  # why --until-empty stopped before the outbox emptied
         self.started = time.monotonic()
         self.notifier = Notifier()
         self._stop = asyncio.Event()
@@ -95,7 +102,7 @@ class Daemon:
         self._signals = 0
         self.abandoned: set[asyncio.Task[Any]] = set()
         self._sources: dict[str, _Running] = {}
-        self._ingest: IngestServer | None = None
+        self._ingest: IngestServer | None = None  # cloud.address: embedded
         self._client: UploadClient | None = None
         self.outbox: Outbox | None = None
         self.uploader: Uploader | None = None
@@ -167,7 +174,29 @@ class Daemon:
             raise uploads.exception()  # type: ignore[misc]
         stats = await self.outbox.stats() if self.outbox else None
         log.info("stopped cleanly; %s item(s) stay queued", stats.items if stats else "?")
+        if self.gave_up is not None:
+            log.error("%s", await self._left_behind(self.gave_up))
+            return 1
         return 0
+
+    async def _left_behind(self, why: str) -> str:
+        """`--until-empty` gave up: what stayed queued, for the operator (one block)."""
+        assert self.outbox is not None
+        stats = await self.outbox.stats()
+        shown = 20
+        lines = [
+            f"--until-empty stopped: {why}; {stats.items} item(s), {stats.bytes} bytes stayed"
+            f" queued (dead letters: {stats.dead_letters}):"
+        ]
+        rows = await self.outbox.waiting(shown)
+        for kind, path, count, size, error in rows:
+            what = path if path is not None else f"{count} reading(s)"
+            lines.append(f"  {kind} {what} ({size} B)" + (f": {error}" if error else ""))
+        if stats.readings and not any(kind == "tabular" for kind, *_ in rows):
+            lines.append(f"  tabular {stats.readings} reading(s) not yet sent")
+        if len(rows) == shown:
+            lines.append("  ... (`edged status` shows the whole backlog)")
+        return "\n".join(lines)
 
     async def _shutdown(self, uploads: asyncio.Task[None], pinger: asyncio.Task[None]) -> None:
         """Stage 1, until SHUTDOWN_GRACE_S or a second signal, whichever comes first:
@@ -197,7 +226,11 @@ class Daemon:
             )
 
     async def _wait_until_empty(self, uploads: asyncio.Task[None]) -> None:
-        """`--until-empty`: one scan of every source, then drain (arq's burst mode)."""
+        """`--until-empty`: one scan of every source, then drain (arq's burst mode); give
+        up (`gave_up`) once the limit passes or uploads stop for a reason only an
+        operator can fix (credentials, certificate)."""
+        loop = asyncio.get_running_loop()
+        deadline = None if self.limit_s is None else loop.time() + self.limit_s
         await cancel_within([r.task for r in self._sources.values()], CANCEL_WAIT_S)
         for running in self._sources.values():
             await running.source.scan_once()
@@ -205,7 +238,21 @@ class Daemon:
         stop = asyncio.create_task(self._stop.wait())
         while not self._stop.is_set() and not uploads.done():
             # Nothing left that could be sent now or later (dead letters wait for retry-dead).
-            if self.uploader.inflight == 0 and await self.outbox.next_due_in() is None:
+            # `waiting` counts leased items too: a worker holds its lease a moment before
+            # it counts as in flight, and that item was once taken for "nothing left".
+            if (
+                self.uploader.inflight == 0
+                and await self.outbox.next_due_in() is None
+                and not await self.outbox.waiting(1)
+            ):
+                break
+            if self.uploader.halted:
+                self.gave_up = f"uploads are {self.uploader.state} ({self.uploader.last_error})"
+                break
+            if deadline is not None and loop.time() >= deadline:
+                self.gave_up = f"time limit of {format_duration(self.limit_s or 0)} reached"
+                if self.uploader.last_error:
+                    self.gave_up += f" (last error: {self.uploader.last_error})"
                 break
             await asyncio.wait({stop, uploads}, timeout=0.1, return_when=asyncio.FIRST_COMPLETED)
         stop.cancel()
@@ -245,6 +292,9 @@ class Daemon:
     async def _connect(self) -> UploadClient:
         cloud = self.config.cloud
         if cloud.embedded:
+            require_server("cloud.address: embedded")
+            from edged.ingest import ApiKey, IngestServer, IngestSettings
+
             key = ApiKey(str(uuid.uuid4()), secrets.token_urlsafe(32), "local")
             self._ingest = IngestServer(
                 IngestSettings(data_dir=self.config.state_dir / "ingest", keys=(key,))
@@ -405,6 +455,7 @@ class Daemon:
         readings_s, bytes_s = up.rates.rates()
         c = stats.counters
         sources = []
+        now = time.time()  # the sources stamp events with wall time (compared with mtimes)
         for running in self._sources.values():
             s = running.source
             sources.append(
@@ -413,9 +464,11 @@ class Daemon:
                     "kind": s.kind,
                     "path": str(s.config.path),
                     **s.stats.as_dict(),
+                    "last_event_age_s": _age(now, s.stats.last_event_at),
                 }
             )
         wait = up.gate.wait_s() if up.gate.closed else None
+        success_age, error_age = up.ages()
         return {
             "ok": True,
             "version": __version__,
@@ -442,7 +495,9 @@ class Daemon:
             "cloud": {
                 "address": self.cloud_address,
                 "last_success_at": up.last_success_at,
+                "last_success_age_s": _round(success_age),
                 "last_error": up.last_error,
+                "last_error_age_s": _round(error_age),
                 "next_retry_in_s": wait,
                 "calls": up.calls,
                 "inflight": up.inflight,
@@ -490,10 +545,21 @@ class Daemon:
         return {"ok": False, "error": f"unknown cmd {cmd!r}; known: {known}"}
 
 
-async def run_daemon(config_path: Path, *, until_empty: bool = False) -> int:
+def _round(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 1)
+
+
+def _age(now: float, then: float | None) -> float | None:
+    """Seconds since `then` by the daemon's clock (never the reader's), at least 0."""
+    return None if then is None else round(max(0.0, now - then), 1)
+
+
+async def run_daemon(
+    config_path: Path, *, until_empty: bool = False, limit_s: float | None = None
+) -> int:
     config = load_config(config_path)
     setup_logging(config.log.level, config.log.format)
-    daemon = Daemon(config, until_empty=until_empty)
+    daemon = Daemon(config, until_empty=until_empty, limit_s=limit_s)
     try:
         rc = await daemon.run()
     finally:

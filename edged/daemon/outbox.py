@@ -930,6 +930,18 @@ class Outbox:
             for r in rows
         ]
 
+    async def waiting(self, limit: int = 20) -> list[tuple[str, str | None, int, int, str | None]]:
+        """(kind, path, readings, bytes, last error) of the oldest `limit` items still to
+        send (dead letters excepted); readings not yet batched are in `stats()` only. For
+        `edged run --until-empty` to say what stayed queued."""
+        async with self._db.execute(
+            "SELECT kind, path, count, bytes, last_error FROM items i WHERE NOT EXISTS"
+            " (SELECT 1 FROM dead_letters d WHERE d.item_id=i.id) ORDER BY id LIMIT ?",
+            (limit,),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [(r[0], _fs_path(r[1]) if r[1] else None, r[2], r[3], r[4]) for r in rows]
+
     @_atomic
     async def retry_dead(self, ids: Sequence[int] | None = None) -> int:
         """Put dead letters back in the queue (all of them when `ids` is None)."""

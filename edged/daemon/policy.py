@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import random
+import ssl
 from collections.abc import Sequence
 
 from grpclib.const import Status
@@ -56,13 +57,36 @@ class Action(enum.Enum):
     RETRY = "retry"  # this item only, on its own backoff; the gate and other items go on
     DEAD = "dead"  # dead-letter it with the server's message
     PAUSE = "pause"  # credentials: pause every upload
+    # The server's certificate failed verification: configuration (CA file, server name,
+    # expired certificate, clock), not an outage. Stop every upload and say why, rather
+    # than probe forever as OFFLINE.
+    TLS_FAILED = "tls_failed"
 
 
 _SERVER_WIDE = frozenset({Status.UNAVAILABLE, Status.RESOURCE_EXHAUSTED})
 
 
+def cert_problem(exc: BaseException) -> str | None:
+    """Why the server's certificate was rejected, if that is what `exc` (or an error
+    that caused it) is; None for anything else. The chain is bounded."""
+    seen: BaseException | None = exc
+    for _ in range(16):
+        if seen is None:
+            return None
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return seen.verify_message or seen.reason or str(seen)
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def on_failure(
-    status: Status, *, transport: bool, strikes: int, others_ok: bool, max_attempts: int
+    status: Status,
+    *,
+    transport: bool,
+    strikes: int,
+    others_ok: bool,
+    max_attempts: int,
+    cert_rejected: bool = False,
 ) -> Action:
     """Outage or poison item? No answer at all (`transport`), or a server saying it is
     unavailable or overloaded, is an outage: the gate closes. A transient error the
@@ -70,7 +94,10 @@ def on_failure(
     off alone, and once it has failed `max_attempts` times (`strikes`, this one
     included) while the server accepted other calls (`others_ok`), it is dead-lettered.
     Without other successes it keeps retrying: a server failing everything must not
-    turn the whole backlog into dead letters."""
+    turn the whole backlog into dead letters. A certificate that fails verification
+    (`cert_rejected`) looks like a transport fault but is configuration: TLS_FAILED."""
+    if cert_rejected:
+        return Action.TLS_FAILED
     verdict = classify(status)
     if verdict is Verdict.GLOBAL:
         return Action.PAUSE

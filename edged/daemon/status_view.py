@@ -24,8 +24,27 @@ def human_age(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
-def _ago(ts: float | None) -> str:
-    return "never" if ts is None else f"{human_age(time.time() - ts)} ago"
+NAME_WIDTH = 40
+_HINTS = {
+    "auth_failed": "fix the API key, then `edged resume` (or reload)",
+    "tls_failed": "fix cloud.ca_file or the server's certificate, then `edged resume`",
+}
+
+
+def _ago(d: dict[str, Any], key: str) -> str:
+    """`3m ago` from the daemon's `<key>_age_s` (its own monotonic clock); the wall-clock
+    `<key>_at` only from a daemon too old to report ages."""
+    age = d.get(f"{key}_age_s")
+    if age is None and d.get(f"{key}_at") is not None:
+        age = max(0.0, time.time() - d[f"{key}_at"])
+    return "never" if age is None else f"{human_age(age)} ago"
+
+
+def _name_cell(name: str) -> tuple[str, str]:
+    """(line before, cell): a name too long for its column gets a line of its own."""
+    if len(name) <= NAME_WIDTH:
+        return "", f"{name:<{NAME_WIDTH}}"
+    return f"  {name}\n", " " * NAME_WIDTH
 
 
 def render(s: dict[str, Any]) -> str:
@@ -33,10 +52,13 @@ def render(s: dict[str, Any]) -> str:
     lines = [
         f"edged {s['version']}  state: {s['state'].upper()}  up {human_age(s['uptime_s'])}"
         f"  part: {s.get('part_id', '-')}",
-        f"cloud     {cloud['address']}  last success {_ago(cloud['last_success_at'])}",
+        f"cloud     {cloud['address']}  last success {_ago(cloud, 'last_success')}",
     ]
     if cloud.get("last_error"):
-        lines.append(f"          last error: {cloud['last_error']}")
+        when = _ago(cloud, "last_error") if "last_error_age_s" in cloud else ""
+        lines.append(f"          last error{' ' + when if when else ''}: {cloud['last_error']}")
+    if hint := _HINTS.get(s["state"]):
+        lines.append(f"          {hint}")
     if cloud.get("next_retry_in_s") is not None:
         lines.append(f"          next retry in {cloud['next_retry_in_s']:.1f}s")
     lines += [
@@ -55,9 +77,10 @@ def render(s: dict[str, Any]) -> str:
     if s["sources"]:
         lines.append("sources")
         for src in s["sources"]:
-            last = _ago(src.get("last_event_at"))
+            last = _ago(src, "last_event")
+            before, cell = _name_cell(src["name"])
             lines.append(
-                f"  {src['name']:<40} seen {src['files_seen']:>7}  last {last}"
+                f"{before}  {cell} seen {src['files_seen']:>7}  last {last}"
                 + (f"  error: {src['last_error']}" if src.get("last_error") else "")
             )
     # Paths that are not UTF-8 arrive as lone surrogates: show their bytes as \xNN

@@ -24,7 +24,7 @@ from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.client import ByteSource, FileSlice, UploadResult
 from edged.daemon.config import UploadConfig
 from edged.daemon.outbox import KIND_BINARY, KIND_TABULAR, Item, Outbox
-from edged.daemon.policy import Action, backoff_delay, binary_route, on_failure
+from edged.daemon.policy import Action, backoff_delay, binary_route, cert_problem, on_failure
 from edged.daemon.safefs import locate, open_under
 from edged.errors import OutboxFull, SourceError, UploadError
 
@@ -34,6 +34,7 @@ STATE_RUNNING = "running"
 STATE_PAUSED = "paused"
 STATE_OFFLINE = "offline"
 STATE_AUTH_FAILED = "auth_failed"
+STATE_TLS_FAILED = "tls_failed"
 STATE_DRAINING = "draining"
 MAX_TRACKED_STRIKES = 10_000  # items with item-specific failures remembered at once
 
@@ -157,10 +158,12 @@ class Uploader:
         self.idle_poll_s = idle_poll_s  # how often an idle worker looks again (tests: less)
         self._rng = rng or random.Random()
         self._wall = wall_clock
+        self._clock = clock
         self.gate = Gate(config.backoff.initial, config.backoff.max, self._rng, clock)
         self.rates = RateMeter(clock=clock)
         self.paused = False
         self.auth_failed = False
+        self.tls_failed: str | None = None  # why the server's certificate was rejected
         self.draining = False
         self._resumed = asyncio.Event()
         self._resumed.set()
@@ -168,9 +171,30 @@ class Uploader:
         self.inflight = 0
         self.calls = 0
         self.last_success_at: float | None = None
-        self.last_error: str | None = None
+        # Monotonic times for ages in `edged status`: the daemon's own clock, immune to
+        # wall-clock steps and to the reader's clock.
+        self.last_success_mono: float | None = None
+        self.last_error_mono: float | None = None
+        self._last_error: str | None = None
         self._acks = 0  # calls the server accepted, to tell a poison item from an outage
         self._strikes: dict[str, tuple[int, int]] = {}  # uid -> (failures, _acks at first)
+
+    @property
+    def last_error(self) -> str | None:
+        return self._last_error
+
+    @last_error.setter
+    def last_error(self, text: str | None) -> None:
+        self._last_error = text
+        self.last_error_mono = None if text is None else self._clock()
+
+    def ages(self) -> tuple[float | None, float | None]:
+        """Seconds since the last success and since the last error (None: never)."""
+        now = self._clock()
+        return (
+            None if self.last_success_mono is None else now - self.last_success_mono,
+            None if self.last_error_mono is None else now - self.last_error_mono,
+        )
 
     # -- control -------------------------------------------------------------------------
 
@@ -180,6 +204,8 @@ class Uploader:
             return STATE_DRAINING
         if self.auth_failed:
             return STATE_AUTH_FAILED
+        if self.tls_failed is not None:
+            return STATE_TLS_FAILED
         if self.paused:
             return STATE_PAUSED
         if self.gate.closed:
@@ -190,10 +216,16 @@ class Uploader:
         self.paused = True
         self._resumed.clear()
 
+    @property
+    def halted(self) -> bool:
+        """Stopped until an operator acts: refused credentials or a rejected certificate."""
+        return self.auth_failed or self.tls_failed is not None
+
     def clear_auth_failure(self) -> None:
         """A config reload: retry with the (maybe new) key, but keep an operator's pause."""
-        if self.auth_failed:
+        if self.halted:
             self.auth_failed = False
+            self.tls_failed = None
             if not self.paused:
                 self._resumed.set()
             self.gate.open_now()
@@ -203,6 +235,7 @@ class Uploader:
         """Clears pause and auth stop (operators call it after fixing credentials)."""
         self.paused = False
         self.auth_failed = False
+        self.tls_failed = None
         self._resumed.set()
         self.gate.open_now()
         self.outbox.work_available.set()
@@ -231,14 +264,14 @@ class Uploader:
 
     async def _worker(self, n: int) -> None:
         while not self._stop.is_set():
-            if self.paused or self.auth_failed:
+            if self.paused or self.halted:
                 await self._resumed.wait()
                 continue
             try:
                 if self.gate.closed:
                     async with self.gate.probe:
                         await self.gate.wait_open()
-                        if not self._stop.is_set() and not self.paused and not self.auth_failed:
+                        if not self._stop.is_set() and not self.paused and not self.halted:
                             await self._one()
                 else:
                     await self._one()
@@ -318,17 +351,20 @@ class Uploader:
         self._strikes.pop(item.uid, None)
         self.gate.success()
         self.last_success_at = self._wall()
+        self.last_success_mono = self._clock()
         self.rates.add(item.count, item.bytes)
 
     async def _failed(self, item: Item, exc: UploadError) -> None:
         self.last_error = f"{exc.status.name}: {exc.message}"
         strikes, ok_at_first = self._strikes.pop(item.uid, (0, self._acks))
+        cert = cert_problem(exc)
         action = on_failure(
             exc.status,
             transport=exc.transport,
             strikes=strikes + 1,
             others_ok=self._acks > ok_at_first,
             max_attempts=self.config.max_attempts,
+            cert_rejected=cert is not None,
         )
         if action is Action.RETRY:
             self._remember_strike(item.uid, strikes + 1, ok_at_first)
@@ -359,6 +395,17 @@ class Uploader:
         elif action is Action.DEAD:
             log.warning("item %s dead-lettered: %s", item.uid, self.last_error)
             await self.outbox.dead_letter(item, exc.status.name, exc.message)
+        elif action is Action.TLS_FAILED:
+            await self.outbox.release(item)
+            self.last_error = f"the server's TLS certificate failed verification: {cert}"
+            if self.tls_failed is None:
+                log.error(
+                    "uploads stopped: %s; fix cloud.ca_file or the server's certificate (name,"
+                    " expiry, the robot's clock), then run `edged resume` or reload the config",
+                    self.last_error,
+                )
+            self.tls_failed = cert
+            self._resumed.clear()
         else:
             await self.outbox.release(item)
             if not self.auth_failed:

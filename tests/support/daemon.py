@@ -96,3 +96,11 @@ def status(config: Path) -> dict[str, Any]:
 
 def socket_up(path: Path) -> bool:
     return path.exists()
+
+
+def embedded_config(tmp: Path, sources: str) -> Path:
+    return write_config(
+        tmp / "edged.yaml",
+        f"part_id: robot-e2e\nstate_dir: {tmp / 'state'}\nsources:\n{sources}"
+        f"status:\n  socket: {tmp / 'edged.sock'}\n",
+    )
