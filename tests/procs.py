@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,13 +23,21 @@ def edged_cmd(*args: str) -> list[str]:
 
 @contextmanager
 def ingest_process(
-    data: Path | str, extra: Sequence[str] = (), *, cwd: Path | None = None
+    data: Path | str,
+    extra: Sequence[str] = (),
+    *,
+    cwd: Path | None = None,
+    log: Path | None = None,
 ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """`edged ingest` on 127.0.0.1:0; yields (process, port); SIGTERM + wait on exit."""
+    """`edged ingest` on 127.0.0.1:0; yields (process, port); SIGTERM + wait on exit.
+
+    Its stderr (one access line per call) goes to `log` or a temporary file, never to
+    an unread pipe, which would block the server once 64 KiB of lines are waiting."""
+    err = open(log, "ab") if log is not None else tempfile.TemporaryFile()  # noqa: SIM115
     proc = subprocess.Popen(
         edged_cmd("ingest", "--listen", "127.0.0.1:0", "--data", str(data), *extra),
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=err,
         cwd=cwd,
     )
     try:
@@ -44,9 +53,9 @@ def ingest_process(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        for stream in (proc.stdout, proc.stderr):
-            if stream:
-                stream.close()
+        if proc.stdout:
+            proc.stdout.close()
+        err.close()
 
 
 def peak_rss_bytes(pid: int) -> int:

@@ -239,9 +239,11 @@ class OutboxConfig:
 
 @dataclass(frozen=True)
 class StatusConfig:
-    """The local control socket; the default (state_dir/edged.sock) is filled in by the loader."""
+    """The local control socket; the default (state_dir/edged.sock) is filled in by the loader.
+    `metrics_listen`: HOST:PORT of Prometheus /metrics (None: off, the default)."""
 
     socket: Path
+    metrics_listen: str | None = None
 
 
 @dataclass(frozen=True)
@@ -307,7 +309,8 @@ class Config:
                 "min_free_disk": format_size(o.min_free_disk),
                 "synchronous": o.synchronous,
             },
-            "status": {"socket": str(self.status.socket)},
+            "status": {"socket": str(self.status.socket)}
+            | ({"metrics_listen": m} if (m := self.status.metrics_listen) else {}),
             "log": {"level": self.log.level, "format": self.log.format},
         }
 
@@ -359,7 +362,7 @@ UPLOAD_KEYS = (
 )
 BACKOFF_KEYS = ("initial", "max")
 OUTBOX_KEYS = ("max_bytes", "on_full", "min_free_disk", "synchronous")
-STATUS_KEYS = ("socket",)
+STATUS_KEYS = ("socket", "metrics_listen")
 LOG_KEYS = ("level", "format")
 
 # Where a misplaced top-level key belongs, for the hint.
@@ -717,6 +720,15 @@ def _read_cloud(r: _Reader, m: _Map | None) -> CloudConfig:
     return CloudConfig(address, key_id, key_file, tls, ca_file)
 
 
+def split_listen(text: str) -> tuple[str, int] | None:
+    """HOST:PORT to listen on (port 0 picks one) as (host, port), or None if it is not."""
+    host, _, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not host or any(c.isspace() for c in host) or not port.isdigit() or int(port) > 65535:
+        return None
+    return host, int(port)
+
+
 def _address_problem(address: str) -> str | None:
     example = "(e.g. sync.example.com:443, or 'embedded')"
     if "://" in address:
@@ -912,9 +924,17 @@ def _read_config(r: _Reader, top: _Map) -> Config | None:
     log = _read_log(r, top.section("log"))
     status_map = top.section("status")
     socket: Path | None = None
+    metrics_listen: str | None = None
     if status_map is not None:
         status_map.check_keys(STATUS_KEYS)
         socket = status_map.read("socket", r.path, None)
+        metrics_listen = status_map.read("metrics_listen", r.string, None)
+        if metrics_listen is not None and split_listen(metrics_listen) is None:
+            r.problem(
+                status_map.key_line("metrics_listen"),
+                "status.metrics_listen",
+                f"{metrics_listen!r} is not HOST:PORT (e.g. 127.0.0.1:9464; port 0 picks one)",
+            )
     if socket is None and state_dir is not None:
         socket = state_dir / "edged.sock"
     if socket is not None and len(os.fsencode(socket)) > MAX_SOCKET_PATH:
@@ -934,7 +954,7 @@ def _read_config(r: _Reader, top: _Map) -> Config | None:
         sources=sources,
         upload=upload,
         outbox=outbox,
-        status=StatusConfig(socket),
+        status=StatusConfig(socket, metrics_listen),
         log=log,
         lines=r.lines,
     )

@@ -19,11 +19,12 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.client import ByteSource, FileSlice, UploadResult
-from edged.daemon.outbox import KIND_BINARY, KIND_TABULAR, Item, Outbox
+from edged.daemon.metrics import DaemonMetrics
+from edged.daemon.outbox import KIND_BINARY, KIND_FILE, KIND_TABULAR, Item, Outbox
 from edged.daemon.policy import Action, backoff_delay, binary_route, on_failure
 from edged.daemon.safefs import locate, open_under
 from edged.errors import OutboxFull, SourceError, UploadError
@@ -162,11 +163,14 @@ class Uploader:
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        metrics: DaemonMetrics | None = None,
     ) -> None:
         self.outbox = outbox
         self.sink = sink
         self.settings = settings
+        self.metrics = metrics or DaemonMetrics()
         self._rng = rng or random.Random()
+        self._clock = clock
         self._wall = wall_clock
         self.gate = Gate(settings.backoff_initial, settings.backoff_max, self._rng, clock)
         self.rates = RateMeter(clock=clock)
@@ -312,27 +316,53 @@ class Uploader:
                 log.warning("item %s: lease renewal failed: %s", item.uid, renewer.exception())
 
     async def _deliver(self, item: Item) -> None:
+        started = self._clock()
         try:
             self.calls += 1
             with _pinned(item) as opener:
                 async with self._holding(item):
                     await self._send(item, opener)
         except UploadError as exc:
-            await self._failed(item, exc)
+            took = self._clock() - started
+            self.metrics.call_ended(item.kind, took, exc.status.name)
+            await self._failed(item, exc, took)
             return
         except SourceError as exc:
-            log.warning("item %s dead-lettered: %s", item.uid, exc)
+            log.warning(
+                "item %s dead-lettered: %s",
+                item.uid,
+                exc,
+                extra=_fields(item, "dead_lettered", status="SOURCE"),
+            )
             await self.outbox.dead_letter(item, "SOURCE", str(exc))
+            self.metrics.dead_lettered.labels("SOURCE").inc()
             return
+        took = self._clock() - started
+        self.metrics.call_ended(item.kind, took, "OK")
         await self.outbox.ack(item)
+        self.metrics.uploaded(item.kind, item.count, item.bytes)
         self._acks += 1
         self._strikes.pop(item.uid, None)
         self.gate.success()
         self.last_success_at = self._wall()
         self.rates.add(item.count, item.bytes)
+        # One line per file at info; tabular batches and binary readings only at debug.
+        log.log(
+            logging.INFO if item.kind == KIND_FILE else logging.DEBUG,
+            "uploaded %s %s: %d reading(s), %d bytes in %.0f ms",
+            item.kind,
+            item.path if item.path is not None and not item.stored else item.uid,
+            item.count,
+            item.bytes,
+            took * 1000,
+            extra=_fields(item, "uploaded", status="OK", duration_ms=round(took * 1000, 3)),
+        )
 
-    async def _failed(self, item: Item, exc: UploadError) -> None:
+    async def _failed(self, item: Item, exc: UploadError, took: float = 0.0) -> None:
         self.last_error = f"{exc.status.name}: {exc.message}"
+        fields = _fields(
+            item, "upload_failed", status=exc.status.name, duration_ms=round(took * 1000, 3)
+        )
         strikes, ok_at_first = self._strikes.pop(item.uid, (0, self._acks))
         action = on_failure(
             exc.status,
@@ -345,6 +375,7 @@ class Uploader:
             self._remember_strike(item.uid, strikes + 1, ok_at_first)
             delay = self._item_delay(item)
             await self.outbox.retry_later(item, delay, self.last_error)
+            self.metrics.retries.labels(item.kind).inc()
             log.info(
                 "item %s: %s (failure %d of at most %d while others get through);"
                 " retrying it in %.1fs",
@@ -353,12 +384,14 @@ class Uploader:
                 strikes + 1,
                 self.settings.max_attempts,
                 delay,
+                extra=fields | {"retry_in_s": round(delay, 3)},
             )
         elif action is Action.OUTAGE:
             if strikes:
                 self._remember_strike(item.uid, strikes, ok_at_first)
             delay = self._item_delay(item)
             await self.outbox.retry_later(item, delay, self.last_error)
+            self.metrics.retries.labels(item.kind).inc()
             gate_delay = self.gate.failure()
             log.info(
                 "item %s: %s; retrying it in %.1fs, next probe in %.1fs",
@@ -366,10 +399,17 @@ class Uploader:
                 self.last_error,
                 delay,
                 gate_delay,
+                extra=fields | {"retry_in_s": round(delay, 3)},
             )
         elif action is Action.DEAD:
-            log.warning("item %s dead-lettered: %s", item.uid, self.last_error)
+            log.warning(
+                "item %s dead-lettered: %s",
+                item.uid,
+                self.last_error,
+                extra=fields | {"event": "dead_lettered"},
+            )
             await self.outbox.dead_letter(item, exc.status.name, exc.message)
+            self.metrics.dead_lettered.labels(exc.status.name).inc()
         else:
             await self.outbox.release(item)
             if not self.auth_failed:
@@ -377,6 +417,7 @@ class Uploader:
                     "uploads paused: the server refused our credentials (%s); fix the API key"
                     " and run `edged resume` or reload the config",
                     self.last_error,
+                    extra=fields | {"event": "auth_failed"},
                 )
             self.auth_failed = True
             self._resumed.clear()
@@ -420,6 +461,21 @@ class Uploader:
                 meta, sensor, payload, item_id=item.uid, timeout=timeout
             )
         return await self.sink.upload_file(meta, payload, item_id=item.uid, timeout=timeout)
+
+
+def _fields(item: Item, event: str, **more: Any) -> dict[str, Any]:
+    """The structured fields of a log line about `item` (JSON logs; docs/operations.md)."""
+    fields: dict[str, Any] = {
+        "event": event,
+        "item_id": item.uid,
+        "kind": item.kind,
+        "readings": item.count,
+        "bytes": item.bytes,
+        "attempt": item.attempts + 1,
+    }
+    if item.path is not None and not item.stored:
+        fields["path"] = item.path
+    return fields | more
 
 
 def _path(item: Item) -> Path:
