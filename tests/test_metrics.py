@@ -10,6 +10,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -580,3 +581,21 @@ def test_json_lines_carry_extra_fields_and_the_running_source() -> None:
     assert doc["bytes"] == 3 and doc["source"] == "cams"
     for internal in ("args", "pathname", "lineno", "msecs", "exc_info"):
         assert internal not in doc
+
+
+def test_json_format_turns_python_warnings_into_json_lines() -> None:
+    """A library's warning (watchdog warns on a re-added inotify watch) must not be the one
+    raw line in a JSON log."""
+    script = (
+        "import warnings\n"
+        "from edged.daemon.logs import setup_logging\n"
+        "setup_logging('info', 'json')\n"
+        "warnings.warn('callback already exists', RuntimeWarning)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1, out.stderr
+    doc = json.loads(lines[0])
+    assert doc["level"] == "warning" and "callback already exists" in doc["msg"]

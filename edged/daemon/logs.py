@@ -69,6 +69,9 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # Python warnings (a library's RuntimeWarning) become records too: with `json`, a raw
+    # warning text would be the one line a collector cannot parse.
+    logging.captureWarnings(True)
     # Library chatter (h2 frames, watchdog inotify) is noise at info level.
     for noisy in ("hpack", "h2", "grpclib", "watchdog", "aiosqlite", "asyncio"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
