@@ -179,6 +179,22 @@ async def test_half_the_calls_unavailable_everything_arrives_calls_bounded(
     assert successes == 24
     assert faults.failed < 4 * successes
     assert up.calls == faults.calls
+    # Its metrics tell the same story, call for call.
+    assert metric(up, "edged_uploaded_items_total") == successes
+    assert metric(up, "edged_upload_failures_total", status="UNAVAILABLE") == faults.failed
+    assert metric(up, "edged_upload_retries_total") == faults.failed
+    assert metric(up, "edged_upload_duration_seconds_count") == faults.calls
+    assert metric(up, "edged_uploaded_readings_total", kind="tabular") == len(expected)
+
+
+def metric(up: Uploader, name: str, **labels: str) -> float:
+    """Sum of `name`'s samples whose labels include `labels`, from the uploader's registry."""
+    return sum(
+        s.value
+        for family in up.metrics.registry.collect()
+        for s in family.samples
+        if s.name == name and labels.items() <= s.labels.items()
+    )
 
 
 async def test_permanent_rejection_dead_letters_only_that_component(

@@ -21,6 +21,7 @@ from edged.daemon.config import (
     parse_duration,
     parse_size,
 )
+from edged.daemon.logs import setup_logging
 from edged.errors import ConfigError, ConfigErrors, EdgedError
 from edged.ingest import require_server
 from edged.ingest.auth import ApiKey, AuthLimits, short_key_problem
@@ -99,6 +100,7 @@ def _ingest_settings(args: argparse.Namespace) -> IngestSettings:
         limits=_limits(Limits, args),
         auth=_limits(AuthLimits, args),
         query_limits=_limits(QueryLimits, args),
+        metrics_listen=args.metrics_listen,
     )
 
 
@@ -169,12 +171,18 @@ async def _serve_ingest(settings: IngestSettings) -> None:
             f" {settings.data_dir}",
             flush=True,
         )
+        if server.metrics_server is not None:
+            print(
+                f"edged ingest: metrics on http://{server.metrics_server.address}/metrics",
+                flush=True,
+            )
         await stop.wait()
         print("edged ingest: stopping; finishing in-flight uploads", flush=True)
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
     settings = _ingest_settings(args)
+    setup_logging(args.log_level, args.log_format)
     asyncio.run(_serve_ingest(settings))
     return EXIT_OK
 
@@ -377,6 +385,24 @@ def build_parser() -> argparse.ArgumentParser:
         type=_size_arg,
         default=64 << 30,
         help="largest streamed upload accepted (default 64GiB)",
+    )
+    ing.add_argument(
+        "--metrics-listen",
+        type=parse_listen,
+        default=None,
+        help="HOST:PORT to serve Prometheus /metrics on (default: off; port 0 picks one)",
+    )
+    ing.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="text, or json: one object per line with fields (default text)",
+    )
+    ing.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default="info",
+        help="info logs one access line per call (default info)",
     )
     ing.add_argument(
         "--grace",

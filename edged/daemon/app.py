@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 from edged import __version__
 from edged.client import UploadClient
-from edged.daemon.config import Config, SourceConfig, format_duration, load_config
-from edged.daemon.logs import setup_logging
+from edged.daemon.config import Config, SourceConfig, format_duration, load_config, split_listen
+from edged.daemon.logs import current_source, setup_logging
+from edged.daemon.metrics import DaemonMetrics, disk_figures
 from edged.daemon.notify import Notifier
 from edged.daemon.outbox import Outbox
 from edged.daemon.sources.base import Source, SourceContext, make_source
@@ -33,6 +34,7 @@ from edged.daemon.status import StatusServer
 from edged.daemon.uploader import Uploader
 from edged.errors import ConfigError, EdgedError
 from edged.ingest import require_server
+from edged.ingest.metrics import MetricsServer
 from edged.wire.connection import connect
 from edged.wire.keyfile import api_key, resolve_api_key
 
@@ -107,6 +109,8 @@ class Daemon:
         self.outbox: Outbox | None = None
         self.uploader: Uploader | None = None
         self.cloud_address = config.cloud.address
+        self.metrics = DaemonMetrics()
+        self.metrics_server: MetricsServer | None = None
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -131,13 +135,17 @@ class Daemon:
                 cfg.state_dir / "outbox.sqlite3",
                 ", ".join(f"{k}={v}" for k, v in recovered.items()),
             )
+            self.outbox.on_enqueue = self._enqueued
             self._client = await self._connect()
-            self.uploader = Uploader(self.outbox, self._client, cfg.upload)
+            self.uploader = Uploader(self.outbox, self._client, cfg.upload, metrics=self.metrics)
             status = StatusServer(cfg.status.socket, self.handle)
             await status.start()
             try:
+                await self._start_metrics()
                 return await self._serve()
             finally:
+                if self.metrics_server is not None:
+                    await self.metrics_server.stop()
                 await status.stop()
         finally:
             await self._close()
@@ -233,7 +241,11 @@ class Daemon:
         deadline = None if self.limit_s is None else loop.time() + self.limit_s
         await cancel_within([r.task for r in self._sources.values()], CANCEL_WAIT_S)
         for running in self._sources.values():
-            await running.source.scan_once()
+            token = current_source.set(running.source.name)
+            try:
+                await running.source.scan_once()
+            finally:
+                current_source.reset(token)
         assert self.uploader is not None and self.outbox is not None
         stop = asyncio.create_task(self._stop.wait())
         while not self._stop.is_set() and not uploads.done():
@@ -297,7 +309,11 @@ class Daemon:
 
             key = ApiKey(str(uuid.uuid4()), secrets.token_urlsafe(32), "local")
             self._ingest = IngestServer(
-                IngestSettings(data_dir=self.config.state_dir / "ingest", keys=(key,))
+                IngestSettings(
+                    data_dir=self.config.state_dir / "ingest",
+                    keys=(key,),
+                    access_log_level=logging.DEBUG,  # the uploader already logs each call
+                )
             )
             await self._ingest.start()
             self.cloud_address = f"embedded ({self._ingest.address})"
@@ -353,6 +369,7 @@ class Daemon:
     async def _guard(self, source: Source) -> None:
         """A source that crashes is logged and restarted after a pause, never crash-loops
         the daemon (its files stay on disk, so nothing is lost)."""
+        current_source.set(source.name)  # this task's own context: its logs and counts
         for attempt in range(1, 1_000_000):
             try:
                 await source.run()
@@ -435,6 +452,38 @@ class Daemon:
 
     # -- status --------------------------------------------------------------------------
 
+    async def _start_metrics(self) -> None:
+        """/metrics when `status.metrics_listen` is set (off by default)."""
+        listen = self.config.status.metrics_listen
+        where = split_listen(listen) if listen else None
+        if where is None:
+            return
+        self.metrics_server = MetricsServer(
+            self.metrics.registry, *where, refresh=self._refresh_metrics
+        )
+        await self.metrics_server.start()
+        log.info("metrics on http://%s/metrics", self.metrics_server.address)
+
+    def _enqueued(self, kind: str, readings: int, nbytes: int) -> None:
+        """Outbox hook after each committed enqueue; it runs in the enqueuing source's
+        context, so the count and the line carry that source's name."""
+        if not readings:
+            return  # a claim or an offset only: nothing queued
+        self.metrics.enqueued(kind, readings, nbytes)
+        log.debug(
+            "enqueued %d %s reading(s), %d bytes",
+            readings,
+            kind,
+            nbytes,
+            extra={"event": "enqueued", "kind": kind, "readings": readings, "bytes": nbytes},
+        )
+
+    async def _refresh_metrics(self) -> None:
+        """The snapshot the scrape-time collector reads: status plus disk figures."""
+        snapshot = await self.status()
+        snapshot |= await asyncio.to_thread(disk_figures, self.config.state_dir)
+        self.metrics.snapshot.status = snapshot
+
     def _status_line(self) -> str:
         state = self.uploader.state if self.uploader else "starting"
         return f"{state}; uploading to {self.cloud_address}"
@@ -509,6 +558,7 @@ class Daemon:
                 "bytes": c.get("dropped_bytes", 0),
             },
             "sources": sources,
+            "metrics": None if self.metrics_server is None else self.metrics_server.address,
         }
 
     async def handle(self, req: dict[str, Any]) -> dict[str, Any]:

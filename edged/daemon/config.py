@@ -87,6 +87,7 @@ __all__ = [
     "parse_config",
     "parse_duration",
     "parse_size",
+    "split_listen",
 ]
 
 # gRPC's default message cap is 4 MiB; edged never sends more, leaving 1 KiB for framing.
@@ -331,6 +332,21 @@ class OutboxConfig:
     )
 
 
+def split_listen(text: str) -> tuple[str, int] | None:
+    """HOST:PORT to listen on (port 0 picks one) as (host, port), or None if it is not."""
+    host, _, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not host or any(c.isspace() for c in host) or not port.isdigit() or int(port) > 65535:
+        return None
+    return host, int(port)
+
+
+def _listen_problem(text: str) -> str | None:
+    if split_listen(text) is None:
+        return f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:9464; port 0 picks one)"
+    return None
+
+
 @dataclass(frozen=True)
 class StatusConfig:
     """The local control socket."""
@@ -339,6 +355,12 @@ class StatusConfig:
         FilePath(),
         "Unix socket of `edged status`, `sync-now`, ... (at most 107 bytes)",
         "state_dir/edged.sock",
+    )
+    metrics_listen: str | None = option(
+        None,
+        Text(),
+        "HOST:PORT of Prometheus `/metrics` (port 0 picks one); none: off",
+        check=_listen_problem,
     )
 
 

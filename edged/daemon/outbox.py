@@ -288,6 +288,7 @@ class Outbox:
         self._page = 0
         self.work_available = asyncio.Event()
         self.space_available = asyncio.Event()
+        self.on_enqueue: Callable[[str, int, int], None] = lambda kind, n, nbytes: None  # metrics
 
     @classmethod
     async def open(
@@ -551,6 +552,7 @@ class Outbox:
         self._stored_bytes += need
         self._readings += len(readings)
         self._reading_bytes += need
+        self.on_enqueue(KIND_TABULAR, len(readings), need)
         if readings:
             self.work_available.set()
 
@@ -625,6 +627,7 @@ class Outbox:
             raise
         self._book_drop(*dropped)
         self._stored_bytes += need
+        self.on_enqueue(kind, 1, length)
         self.work_available.set()
         return uid
 

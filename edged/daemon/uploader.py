@@ -18,12 +18,13 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.client import ByteSource, FileSlice, UploadResult
 from edged.daemon.config import UploadConfig
-from edged.daemon.outbox import KIND_BINARY, KIND_TABULAR, Item, Outbox
+from edged.daemon.metrics import DaemonMetrics
+from edged.daemon.outbox import KIND_BINARY, KIND_FILE, KIND_TABULAR, Item, Outbox
 from edged.daemon.policy import Action, backoff_delay, binary_route, cert_problem, on_failure
 from edged.daemon.safefs import locate, open_under
 from edged.errors import OutboxFull, SourceError, UploadError
@@ -151,14 +152,16 @@ class Uploader:
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        metrics: DaemonMetrics | None = None,
     ) -> None:
         self.outbox = outbox
         self.sink = sink
         self.config = config
         self.idle_poll_s = idle_poll_s  # how often an idle worker looks again (tests: less)
+        self.metrics = metrics or DaemonMetrics()
         self._rng = rng or random.Random()
-        self._wall = wall_clock
         self._clock = clock
+        self._wall = wall_clock
         self.gate = Gate(config.backoff.initial, config.backoff.max, self._rng, clock)
         self.rates = RateMeter(clock=clock)
         self.paused = False
@@ -334,28 +337,54 @@ class Uploader:
                 log.warning("item %s: lease renewal failed: %s", item.uid, renewer.exception())
 
     async def _deliver(self, item: Item) -> None:
+        started = self._clock()
         try:
             self.calls += 1
             with _pinned(item) as opener:
                 async with self._holding(item):
                     await self._send(item, opener)
         except UploadError as exc:
-            await self._failed(item, exc)
+            took = self._clock() - started
+            self.metrics.call_ended(item.kind, took, exc.status.name)
+            await self._failed(item, exc, took)
             return
         except SourceError as exc:
-            log.warning("item %s dead-lettered: %s", item.uid, exc)
+            log.warning(
+                "item %s dead-lettered: %s",
+                item.uid,
+                exc,
+                extra=_fields(item, "dead_lettered", status="SOURCE"),
+            )
             await self.outbox.dead_letter(item, "SOURCE", str(exc))
+            self.metrics.dead_lettered.labels("SOURCE").inc()
             return
+        took = self._clock() - started
+        self.metrics.call_ended(item.kind, took, "OK")
         await self.outbox.ack(item)
+        self.metrics.uploaded(item.kind, item.count, item.bytes)
         self._acks += 1
         self._strikes.pop(item.uid, None)
         self.gate.success()
         self.last_success_at = self._wall()
         self.last_success_mono = self._clock()
         self.rates.add(item.count, item.bytes)
+        # One line per file at info; tabular batches and binary readings only at debug.
+        log.log(
+            logging.INFO if item.kind == KIND_FILE else logging.DEBUG,
+            "uploaded %s %s: %d reading(s), %d bytes in %.0f ms",
+            item.kind,
+            item.path if item.path is not None and not item.stored else item.uid,
+            item.count,
+            item.bytes,
+            took * 1000,
+            extra=_fields(item, "uploaded", status="OK", duration_ms=round(took * 1000, 3)),
+        )
 
-    async def _failed(self, item: Item, exc: UploadError) -> None:
+    async def _failed(self, item: Item, exc: UploadError, took: float = 0.0) -> None:
         self.last_error = f"{exc.status.name}: {exc.message}"
+        fields = _fields(
+            item, "upload_failed", status=exc.status.name, duration_ms=round(took * 1000, 3)
+        )
         strikes, ok_at_first = self._strikes.pop(item.uid, (0, self._acks))
         cert = cert_problem(exc)
         action = on_failure(
@@ -370,6 +399,7 @@ class Uploader:
             self._remember_strike(item.uid, strikes + 1, ok_at_first)
             delay = self._item_delay(item)
             await self.outbox.retry_later(item, delay, self.last_error)
+            self.metrics.retries.labels(item.kind).inc()
             log.info(
                 "item %s: %s (failure %d of at most %d while others get through);"
                 " retrying it in %.1fs",
@@ -378,12 +408,14 @@ class Uploader:
                 strikes + 1,
                 self.config.max_attempts,
                 delay,
+                extra=fields | {"retry_in_s": round(delay, 3)},
             )
         elif action is Action.OUTAGE:
             if strikes:
                 self._remember_strike(item.uid, strikes, ok_at_first)
             delay = self._item_delay(item)
             await self.outbox.retry_later(item, delay, self.last_error)
+            self.metrics.retries.labels(item.kind).inc()
             gate_delay = self.gate.failure()
             log.info(
                 "item %s: %s; retrying it in %.1fs, next probe in %.1fs",
@@ -391,10 +423,17 @@ class Uploader:
                 self.last_error,
                 delay,
                 gate_delay,
+                extra=fields | {"retry_in_s": round(delay, 3)},
             )
         elif action is Action.DEAD:
-            log.warning("item %s dead-lettered: %s", item.uid, self.last_error)
+            log.warning(
+                "item %s dead-lettered: %s",
+                item.uid,
+                self.last_error,
+                extra=fields | {"event": "dead_lettered"},
+            )
             await self.outbox.dead_letter(item, exc.status.name, exc.message)
+            self.metrics.dead_lettered.labels(exc.status.name).inc()
         elif action is Action.TLS_FAILED:
             await self.outbox.release(item)
             self.last_error = f"the server's TLS certificate failed verification: {cert}"
@@ -413,6 +452,7 @@ class Uploader:
                     "uploads paused: the server refused our credentials (%s); fix the API key"
                     " and run `edged resume` or reload the config",
                     self.last_error,
+                    extra=fields | {"event": "auth_failed"},
                 )
             self.auth_failed = True
             self._resumed.clear()
@@ -456,6 +496,21 @@ class Uploader:
                 meta, sensor, payload, item_id=item.uid, timeout=timeout
             )
         return await self.sink.upload_file(meta, payload, item_id=item.uid, timeout=timeout)
+
+
+def _fields(item: Item, event: str, **more: Any) -> dict[str, Any]:
+    """The structured fields of a log line about `item` (JSON logs; docs/operations.md)."""
+    fields: dict[str, Any] = {
+        "event": event,
+        "item_id": item.uid,
+        "kind": item.kind,
+        "readings": item.count,
+        "bytes": item.bytes,
+        "attempt": item.attempts + 1,
+    }
+    if item.path is not None and not item.stored:
+        fields["path"] = item.path
+    return fields | more
 
 
 def _path(item: Item) -> Path:

@@ -28,7 +28,15 @@ from edged._proto.app.datasync.v1 import data_sync_grpc
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.ingest import catalog
 from edged.ingest.auth import KeyStore
-from edged.ingest.storage import KIND_BINARY, KIND_FILE, BlobWriter, IngestStore, UploadIds
+from edged.ingest.metrics import stored
+from edged.ingest.storage import (
+    KIND_BINARY,
+    KIND_FILE,
+    KIND_TABULAR,
+    BlobWriter,
+    IngestStore,
+    UploadIds,
+)
 from edged.ingest.validate import (
     check_bbox_ids,
     check_capture_upload,
@@ -87,6 +95,8 @@ class DataSyncService(data_sync_grpc.DataSyncServiceBase):
                     req.sensor_contents,
                     location_id=self._location(stream),
                 )
+            nbytes = sum(r.ByteSize() for r in req.sensor_contents)
+            stored(KIND_TABULAR, len(req.sensor_contents), nbytes)
         elif ids is None:
             reading = req.sensor_contents[0]
             blob = self._store.new_blob()
@@ -103,6 +113,7 @@ class DataSyncService(data_sync_grpc.DataSyncServiceBase):
                         mime_type_for(req.metadata, reading.metadata),
                         location_id=self._location(stream),
                     )
+                stored(KIND_BINARY, 1, len(reading.binary))
             finally:
                 blob.discard()
         await stream.send_message(
@@ -204,7 +215,7 @@ class DataSyncService(data_sync_grpc.DataSyncServiceBase):
                         " (--max-upload-bytes)",
                     )
             with _dataset_errors(where):
-                return await self._store.store_blob(
+                ids = await self._store.store_blob(
                     org,
                     item_id,
                     kind,
@@ -214,5 +225,7 @@ class DataSyncService(data_sync_grpc.DataSyncServiceBase):
                     mime_type,
                     location_id=self._location(stream),
                 )
+            stored(kind, 1, blob.size)
+            return ids
         finally:
             blob.discard()

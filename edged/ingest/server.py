@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl
 import weakref
 from collections.abc import Callable, Coroutine
@@ -39,6 +40,7 @@ from edged.ingest.guard import (
     server_config,
 )
 from edged.ingest.limits import QueryLimits, QueryRunner, set_sqlite_heap_limit
+from edged.ingest.metrics import IngestMetrics, MetricsServer, peer_name
 from edged.ingest.query import DataQueryService
 from edged.ingest.storage import IngestStore
 
@@ -60,6 +62,8 @@ class IngestSettings:
     extra_hooks: tuple[Callable[[RecvRequest], Coroutine[Any, Any, None]], ...] = field(default=())
     limits: Limits = field(default_factory=Limits)
     auth: AuthLimits = field(default_factory=AuthLimits)
+    metrics_listen: tuple[str, int] | None = None  # (host, port) of /metrics; None: off
+    access_log_level: int = logging.INFO  # one line per call (metrics.IngestMetrics.ended)
 
 
 class _RequestCodec(ProtoCodec):
@@ -131,6 +135,8 @@ class IngestServer:
         self._idle = asyncio.Event()
         self._idle.set()
         self.port = settings.port
+        self.metrics = IngestMetrics(settings.access_log_level)
+        self.metrics_server: MetricsServer | None = None
 
     @property
     def store(self) -> IngestStore:
@@ -167,6 +173,11 @@ class IngestServer:
         sockets = getattr(self._server._server, "sockets", None)
         if sockets:
             self.port = int(sockets[0].getsockname()[1])
+        guard = self.guard
+        self.metrics.watch(lambda: len(guard.connections), lambda: guard.refused_connections)
+        if s.metrics_listen is not None:
+            self.metrics_server = MetricsServer(self.metrics.registry, *s.metrics_listen)
+            await self.metrics_server.start()
 
     def _make_guard(self) -> Guard:
         """The guard and its connection cap (from the raised descriptor limit if unset)."""
@@ -178,16 +189,26 @@ class IngestServer:
         return Guard(limits, self.keys, cap)
 
     async def _on_request(self, event: RecvRequest) -> None:
-        if self._draining:
-            raise GRPCError(Status.UNAVAILABLE, "server is shutting down; retry later")
-        await self.keys.on_request(event)
+        """The one place every call passes: drain/auth refusals, in-flight count, and
+        (in `IngestMetrics.observe`) the call's metrics and access line."""
+        method = event.method_name
+        auth = event.metadata.get("authorization")
+        key = self.keys.peek(auth if isinstance(auth, str) else None)
+        org = key.org_id if key is not None else "" if not self.keys.enabled else "-"
+        try:
+            if self._draining:
+                raise GRPCError(Status.UNAVAILABLE, "server is shutting down; retry later")
+            await self.keys.on_request(event)
+        except GRPCError as exc:
+            self.metrics.ended(method, org, peer_name(event.peer), exc.status, 0.0)
+            raise
         inner = event.method_func
 
         async def tracked(stream: Any) -> None:
             self._inflight += 1
             self._idle.clear()
             try:
-                await inner(stream)
+                await self.metrics.observe(inner, stream, method, org)
             finally:
                 self._inflight -= 1
                 if self._inflight == 0:
@@ -200,6 +221,9 @@ class IngestServer:
         if self._server is None:
             return
         self._draining = True
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
+            self.metrics_server = None
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

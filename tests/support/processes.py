@@ -9,10 +9,12 @@ import selectors
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import IO
 
 _LISTEN = re.compile(rb"listening on [^ ]+:(\d+)")
 
@@ -62,10 +64,11 @@ def ingest_process(
 ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     """`edged ingest` on 127.0.0.1:0; yields (process, port); SIGTERM + wait on exit.
 
-    Its stderr is a pipe the caller may read, or the file `log` for long runs (nobody
-    reads a bench's pipe, and a full pipe would stall the server)."""
+    Its stderr (one access line per call) goes to the file `log` or a temporary file,
+    never to an unread pipe, which would stall the server once 64 KiB of lines wait."""
     with ExitStack() as stack:
-        err = stack.enter_context(log.open("wb")) if log is not None else subprocess.PIPE
+        sink: IO[bytes] = log.open("ab") if log is not None else tempfile.TemporaryFile()  # noqa: SIM115
+        err = stack.enter_context(sink)
         proc = subprocess.Popen(
             edged_cmd("ingest", "--listen", "127.0.0.1:0", "--data", str(data), *extra),
             stdout=subprocess.PIPE,
@@ -80,9 +83,8 @@ def ingest_process(
             yield proc, int(match[1])
         finally:
             stop_process(proc)
-            for stream in (proc.stdout, proc.stderr):
-                if stream:
-                    stream.close()
+            if proc.stdout:
+                proc.stdout.close()
 
 
 def peak_rss_bytes(pid: int) -> int:
