@@ -23,15 +23,8 @@ from pathlib import Path
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.capture import CaptureReader, field_span, open_capture, split_legacy_images
 from edged.daemon.config import SourceConfig
-from edged.daemon.outbox import (
-    CLAIM_COMMITTED,
-    CLAIM_COMMITTING,
-    KIND_BINARY,
-    Claim,
-    FileRef,
-    Progress,
-)
-from edged.daemon.safefs import Identity, Swapped, open_under, stat_under, unlink_under
+from edged.daemon.outbox import KIND_BINARY, Claim, ClaimState, FileRef, Progress
+from edged.daemon.safefs import Identity, Swapped, open_under, stat_under
 from edged.daemon.sources.base import (
     SourceContext,
     SourceStats,
@@ -229,11 +222,11 @@ class CaptureSource:
         if not stat.S_ISREG(st.st_mode):
             return
         claim = await self.ctx.outbox.claim_of(str(path))
-        committing = claim is not None and claim[0] == CLAIM_COMMITTING
+        committing = claim is not None and claim.state is ClaimState.COMMITTING
         if claim is not None and not committing:
-            if claim[0] != CLAIM_COMMITTED:
+            if claim.state is not ClaimState.COMMITTED:
                 return  # binary readings still queued by reference
-            if (st.st_size, st.st_mtime_ns) == claim[1:]:
+            if claim.same_version(st.st_size, st.st_mtime_ns):
                 await self._retire(path, st)  # crashed between commit and delete
                 return
             # A .prog that grew after we committed it: its writer was alive after all.
@@ -473,17 +466,13 @@ class CaptureSource:
         return Progress(self.name, str(path), st.st_ino, offset, 0)
 
     async def _retire(self, path: Path, st: os.stat_result) -> None:
-        """Every reading is committed: delete the file (only if it is still the one read,
-        reached without links), then forget it."""
-        try:
-            unlink_under(self.root, path.relative_to(self.root), Identity.of(st))
-        except FileNotFoundError:
-            pass  # a directory on the way went: so did the file
-        except Swapped as exc:
-            log.warning("%s; not deleting anything", exc)
-        await self.ctx.outbox.forget_claim(str(path), self.name)
-        if path.suffix == ".capture":  # its offset may have been kept under the .prog name
-            await self.ctx.outbox.forget_claim(str(path.with_suffix(".prog")), self.name)
+        """Every reading is committed: the ledger deletes the file (only if it is still
+        the one read, reached without links) and forgets it, with the offset that may
+        have been kept under its `.prog` name."""
+        also = [str(path.with_suffix(".prog"))] if path.suffix == ".capture" else []
+        await self.ctx.outbox.retire_committed(
+            str(path), str(self.root), Identity.of(st), source=self.name, also=also
+        )
 
     def _quarantine(
         self, path: Path, st: os.stat_result, reason: str, *, keep_original: bool

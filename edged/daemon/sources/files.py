@@ -37,7 +37,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.daemon.config import SourceConfig
-from edged.daemon.outbox import CLAIM_DONE, KIND_FILE, Claim, FileRef
+from edged.daemon.outbox import KIND_FILE, Claim, FileRef
 from edged.daemon.safefs import Identity, Swapped, open_under
 from edged.daemon.sources.base import (
     SourceContext,
@@ -345,12 +345,9 @@ class FilesSource:
 
     async def _in_outbox(self, path: Path, seen: Seen) -> bool:
         claim = await self.ctx.outbox.claim_of(str(path))
-        if claim is None:
-            return False
-        state, size, mtime_ns = claim
-        if state == CLAIM_DONE and (size, mtime_ns) != (seen.size, seen.mtime_ns):
-            return False  # uploaded and kept, then changed: a new version to send
-        self._known[path] = (size, mtime_ns)
+        if claim is None or claim.send_again(seen.size, seen.mtime_ns):
+            return False  # unknown, or uploaded and kept, then changed: a new version
+        self._known[path] = (claim.size, claim.mtime_ns)
         return True
 
     async def _enqueue(self, path: Path, root: Path, st: os.stat_result) -> None:
