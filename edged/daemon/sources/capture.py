@@ -32,7 +32,7 @@ from edged.daemon.sources.base import (
     quarantine,
     wait_for_space,
 )
-from edged.daemon.sources.watch import DirWatcher
+from edged.daemon.sources.watch import WatchLoop
 from edged.errors import CaptureFormatError, IncompleteHeader, OutboxFull
 
 log = logging.getLogger("edged.sources.capture")
@@ -133,7 +133,7 @@ class CaptureSource:
         self.name = config.name or f"capture:{config.path}"
         self.root = config.path
         self.stats = SourceStats()
-        self._watcher: DirWatcher | None = None
+        self._watch = WatchLoop(self, self.root)
         self._booted_at = boot_time() if booted_at is None else booted_at
         # Both keyed by .prog path, bounded by the files present (pruned on every scan).
         self._prog_waiting: dict[Path, float] = {}  # when to look again (ctx.monotonic)
@@ -144,29 +144,26 @@ class CaptureSource:
 
     def request_rescan(self) -> None:
         """`sync-now`: the running loop does a full pass (see Source.request_rescan)."""
-        if self._watcher is not None:
-            self._watcher.request_rescan()
+        self._watch.request_rescan()
 
     async def run(self) -> None:
-        with DirWatcher(self.root) as watcher:
-            self._watcher = watcher
-            await self.scan_once()
-            next_scan = self.ctx.monotonic() + self.ctx.rescan_s
-            while True:
-                now = self.ctx.monotonic()
-                wake = min([next_scan, *self._prog_waiting.values()])
-                was_active = watcher.active
-                timeout = watcher.timeout(max(0.0, wake - now))
-                appeared = not was_active and watcher.active  # root just created: scan it
-                changed = await watcher.wait(0.0 if appeared else timeout)
-                if changed is None or appeared or self.ctx.monotonic() >= next_scan:
-                    await self.scan_once()
-                    next_scan = self.ctx.monotonic() + self.ctx.rescan_s
-                    continue
-                due = [p for p, t in self._prog_waiting.items() if t <= self.ctx.monotonic()]
-                for path in sorted({*changed, *due}):
-                    if path.suffix in (".capture", ".prog") and self._inside(path):
-                        await self.consider(path)
+        await self._watch.run()
+
+    async def on_changes(self, changed: set[Path]) -> None:
+        """Changed capture files, and `.prog` files whose grace period is over."""
+        due = [p for p, t in self._prog_waiting.items() if t <= self.ctx.monotonic()]
+        for path in sorted({*changed, *due}):
+            if path.suffix in (".capture", ".prog") and self._inside(path):
+                await self.consider(path)
+
+    def wake_at(self) -> float | None:
+        return min(self._prog_waiting.values(), default=None)
+
+    def wants_scan(self) -> bool:
+        return False
+
+    def blocked(self) -> bool:
+        return False  # `consider` waits for space itself: a file is committed whole
 
     async def scan_once(self) -> None:
         """Every capture file under the root, oldest name first (names are timestamps)."""
