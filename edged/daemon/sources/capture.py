@@ -28,6 +28,7 @@ from edged.daemon.safefs import Identity, Swapped, open_under, stat_under
 from edged.daemon.sources.base import (
     SourceContext,
     SourceStats,
+    is_ignored_name,
     note_root,
     quarantine,
     wait_for_space,
@@ -95,6 +96,11 @@ def lease_free(root: Path, path: Path, st: os.stat_result | None = None) -> bool
         os.close(fd)
 
 
+def wanted_file(name: str) -> bool:
+    """A capture file (or a writer's `.prog`), not a hidden or temporary name."""
+    return name.endswith((".capture", ".prog")) and not is_ignored_name(name)
+
+
 def upload_metadata_for(
     header: pb.DataCaptureMetadata, part_id: str, config: SourceConfig
 ) -> pb.UploadMetadata:
@@ -153,7 +159,7 @@ class CaptureSource:
         """Changed capture files, and `.prog` files whose grace period is over."""
         due = [p for p, t in self._prog_waiting.items() if t <= self.ctx.monotonic()]
         for path in sorted({*changed, *due}):
-            if path.suffix in (".capture", ".prog") and self._inside(path):
+            if wanted_file(path.name) and self._inside(path):
                 await self.consider(path)
 
     def wake_at(self) -> float | None:
@@ -191,7 +197,7 @@ class CaptureSource:
                 if entry.is_dir(follow_symlinks=False):
                     if entry.name not in ROBOT_DIRS and not entry.name.startswith("."):
                         stack.append(Path(entry.path))
-                elif entry.name.endswith((".capture", ".prog")):
+                elif wanted_file(entry.name):
                     found.append(Path(entry.path))
         found.sort()
         return found
