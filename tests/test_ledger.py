@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from edged.daemon import outbox as outbox_module
 from edged.daemon.ledger import (
     ClaimRecord,
     ClaimState,
@@ -140,5 +141,62 @@ async def test_retiring_a_capture_forgets_its_claim_and_both_offsets(tmp_path: P
         assert await box.claim_of(str(f)) is None
         assert await box.progress_of("cap", str(f)) is None
         assert await box.progress_of("cap", prog) is None
+    finally:
+        await box.close()
+
+
+async def test_the_tidy_up_after_a_retire_rides_in_the_next_transaction(tmp_path: Path) -> None:
+    """Forgetting a retired file's claim costs no commit of its own: reads see it at once,
+    the next write (or close) stores it, and if it is lost (a crash) `recover` sweeps the
+    committed claim of a file that is gone."""
+    root = tmp_path / "cap"
+    root.mkdir()
+    state = tmp_path / "state"
+    box = await Outbox.open(state)
+    try:
+        for name in ("a", "b"):
+            f = root / f"{name}.capture"
+            f.write_bytes(b"x")
+            st = f.stat()
+            claim = Claim(str(f), st.st_size, st.st_mtime_ns, root=str(root))
+            await box.enqueue_readings(
+                b"m", [b"r"], claim=claim, progress=Progress("cap", str(f), st.st_ino, 1, 0)
+            )
+            await box.retire_committed(str(f), str(root), Identity.of(st), source="cap")
+            assert await box.claim_of(str(f)) is None
+            assert await box.progress_of("cap", str(f)) is None
+        box._tidy.clear()  # as if the process died before its next write: b's is lost
+    finally:
+        await box.close()
+    box = await Outbox.open(state)
+    try:
+        a, b = str(root / "a.capture"), str(root / "b.capture")
+        assert await box.claim_of(a) is None  # written by b's transaction
+        record = await box.claim_of(b)
+        assert record is not None and record.state is ClaimState.COMMITTED
+        # A committed claim below a root that is not there (an unmounted card) is kept.
+        elsewhere = tmp_path / "unmounted" / "c.capture"
+        await box.enqueue_readings(
+            b"m", [], claim=Claim(str(elsewhere), 1, 1, root=str(elsewhere.parent))
+        )
+        assert (await box.recover())["claims_swept"] == 1
+        assert await box.claim_of(b) is None and await box.progress_of("cap", b) is None
+        assert await box.claim_of(str(elsewhere)) is not None
+    finally:
+        await box.close()
+
+
+async def test_waiting_tidy_ups_are_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(outbox_module, "TIDY_MAX", 3)
+    box = await Outbox.open(tmp_path / "state")
+    try:
+        for n in range(3):
+            f = tmp_path / f"{n}.capture"
+            f.write_bytes(b"x")
+            st = f.stat()
+            await box.retire_committed(str(f), str(tmp_path), Identity.of(st), source="cap")
+            assert len(box._tidy) == (n + 1) % 3  # the third is written at once, with all
     finally:
         await box.close()

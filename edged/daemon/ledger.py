@@ -284,6 +284,16 @@ class Ledger:
             row = await cur.fetchone()
         return Progress(source, path, row[0], row[1], row[2]) if row else None
 
+    async def committed(self) -> list[tuple[str, str]]:
+        """(path, root) of committed claims; the path's directory stands in for a root
+        that was not recorded."""
+        async with self._db.execute(
+            "SELECT path, root FROM claims WHERE state=?", (ClaimState.COMMITTED.value,)
+        ) as q:
+            rows = await q.fetchall()
+        found = [(fs_path(p), None if r is None else fs_path(r)) for p, r in rows]
+        return [(path, root or os.path.dirname(path)) for path, root in found]
+
     async def orphans(self) -> list[str]:
         """Pending claims no item reads from any more: an ack was cut before the delete."""
         async with self._db.execute(
@@ -292,6 +302,12 @@ class Ledger:
             (ClaimState.PENDING.value,),
         ) as q:
             return [fs_path(r[0]) for r in await q.fetchall()]
+
+
+def is_gone(path: str, root: str) -> bool:
+    """The file is not there, though its root is: it was retired (a root that is missing,
+    such as an unmounted card, says nothing). Blocking."""
+    return os.path.isdir(root) and not os.path.lexists(path)
 
 
 # -- how paths and identities are stored ------------------------------------------------

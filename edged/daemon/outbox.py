@@ -11,18 +11,23 @@ write together commits together:
 
 Order that makes it safe: a robot file is deleted only after what it held is committed
 (readings) or acknowledged (items reading from it), and its claim is forgotten only
-after the delete, so a crash in between is finished by `recover()`.
+after the delete, so a crash in between is finished by `recover()`. That tidy-up after
+a delete is not written on its own: it rides in the next transaction (`Tidy`), so a
+file costs one commit, not two; until then reads already see it (`claim_of`,
+`progress_of`), and `close()` writes what is left.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -37,6 +42,7 @@ from edged.daemon.ledger import (
     Retired,
     claim_after_retire,
     claim_on_enqueue,
+    is_gone,
     retire_file,
 )
 from edged.daemon.queue import (
@@ -79,6 +85,35 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
+log = logging.getLogger("edged.outbox")
+
+TIDY_MAX = 1024  # tidy-ups waiting for a transaction; at this many they get their own
+
+
+@dataclass(frozen=True)
+class Tidy:
+    """The ledger write due after a robot file was retired; it waits for the next
+    transaction. `committed_only`: forget the claim only if still committed, and only
+    `source`'s offsets (a source retired the file); else store `state` (None: forget
+    the claim and every offset of the path), as the last ack decided."""
+
+    state: ClaimState | None
+    source: str | None = None
+    committed_only: bool = False
+
+    def claim(self, record: ClaimRecord | None) -> ClaimRecord | None:
+        """`record` as it reads once this is written."""
+        if record is None:
+            return None
+        if self.committed_only:
+            return None if record.state is ClaimState.COMMITTED else record
+        return None if self.state is None else replace(record, state=self.state)
+
+    def hides_progress(self, source: str) -> bool:
+        if self.committed_only:
+            return self.source == source
+        return self.state is None
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(
@@ -198,6 +233,7 @@ class Outbox:
         self._clock = clock
         self._lock = asyncio.Lock()
         self._writes: set[asyncio.Future[Any]] = set()
+        self._tidy: dict[str, Tidy] = {}  # by path; written by the next transaction
         self.work_available = asyncio.Event()
         self.space_available = self.space.available
 
@@ -254,9 +290,15 @@ class Outbox:
         return box
 
     async def close(self) -> None:
-        """Let shielded writes finish (a cancelled caller does not wait for them), then close."""
+        """Let shielded writes finish (a cancelled caller does not wait for them), write
+        the tidy-up still waiting, then close."""
         if self._writes:
             await asyncio.gather(*self._writes, return_exceptions=True)
+        if self._tidy:
+            try:
+                await self.tidy()
+            except (OutboxFull, sqlite3.Error) as exc:  # recover() finishes it next time
+                log.warning("outbox closed with its tidy-up unwritten: %s", exc)
         await self._db.close()
 
     async def settled(self) -> None:
@@ -279,8 +321,12 @@ class Outbox:
         async with self._lock:
             try:
                 await self._db.execute("BEGIN IMMEDIATE")
+                tidied = await self._write_tidy(self._db)
                 yield self._db
                 await self._db.execute("COMMIT")
+                for path, tidy in tidied.items():
+                    if self._tidy.get(path) is tidy:
+                        del self._tidy[path]
             except BaseException as exc:
                 if self._db.in_transaction:
                     with contextlib.suppress(sqlite3.Error):
@@ -289,6 +335,24 @@ class Outbox:
                 if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower():
                     raise OutboxFull(f"outbox database cannot grow: {exc}") from exc
                 raise
+
+    async def _write_tidy(self, db: aiosqlite.Connection) -> dict[str, Tidy]:
+        """Write every waiting tidy-up first in this transaction (so a write of the same
+        path after it wins); what was written, to drop once it commits."""
+        tidied = dict(self._tidy)
+        for path, tidy in tidied.items():
+            if tidy.committed_only:
+                await self.ledger.forget_committed(db, [path], tidy.source)
+            else:
+                await self.ledger.set_state(db, path, tidy.state)
+        return tidied
+
+    @_atomic
+    async def tidy(self) -> None:
+        """Write the waiting tidy-up now (in its own transaction)."""
+        if self._tidy:
+            async with self._tx():
+                pass
 
     # -- space -------------------------------------------------------------------------
 
@@ -384,7 +448,9 @@ class Outbox:
 
     async def claim_of(self, path: str) -> ClaimRecord | None:
         """The ledger's claim on a source file, or None if it knows none."""
-        return await self.ledger.claim_of(path)
+        record = await self.ledger.claim_of(path)
+        tidy = self._tidy.get(path)
+        return record if tidy is None else tidy.claim(record)
 
     @_atomic
     async def finish_claim(self, path: str) -> None:
@@ -415,14 +481,18 @@ class Outbox:
     ) -> Retired:
         """Every reading of `path` is committed: delete the file (if it is still the one
         read, reached below `root` without links), then forget its claim and `source`'s
-        offsets of it and of the `also` keys (e.g. the `.prog` name it was written under),
-        in one transaction."""
+        offsets of it and of the `also` keys (e.g. the `.prog` name it was written under)
+        with the next transaction."""
         outcome = await asyncio.to_thread(retire_file, path, root, ident)
-        async with self._tx() as db:
-            await self.ledger.forget_committed(db, [path, *also], source)
+        for key in (path, *also):
+            self._tidy[key] = Tidy(None, source, committed_only=True)
+        await self._bound_tidy()
         return outcome
 
     async def progress_of(self, source: str, path: str) -> Progress | None:
+        tidy = self._tidy.get(path)
+        if tidy is not None and tidy.hides_progress(source):
+            return None
         return await self.ledger.progress_of(source, path)
 
     @_atomic
@@ -441,10 +511,22 @@ class Outbox:
         orphans = await self.ledger.orphans()
         for path in orphans:
             await self._settle_file(path)
+        # Committed claims of files that are gone: retired, and the tidy-up was lost.
+        committed = await self.ledger.committed()
+        gone = [p for p, root in committed if await asyncio.to_thread(is_gone, p, root)]
+        if gone:
+            async with self._tx() as db:
+                for path in gone:
+                    await self.ledger.set_state(db, path, None)
         owned = await self.queue.spooled()
         swept = await asyncio.to_thread(self.space.sweep_spool, owned)
         self.work_available.set()
-        return {"leases_released": released, "claims_settled": len(orphans), "spool_swept": swept}
+        return {
+            "leases_released": released,
+            "claims_settled": len(orphans),
+            "claims_swept": len(gone),
+            "spool_swept": swept,
+        }
 
     @_atomic
     async def lease(
@@ -502,6 +584,8 @@ class Outbox:
         found = await self.ledger.stored_claim(path)
         if found is None or found[0] is not ClaimState.PENDING:
             return  # unknown, or the source is still queuing readings of it
+        if (tidy := self._tidy.get(path)) is not None and not tidy.committed_only:
+            return  # settled already; its new state waits for the next transaction
         claim = found[1]
         outcome = await asyncio.to_thread(
             retire_file,
@@ -512,8 +596,13 @@ class Outbox:
             mtime_ns=claim.mtime_ns,
             delete=claim.delete_after,
         )
-        async with self._tx() as db:
-            await self.ledger.set_state(db, path, claim_after_retire(outcome))
+        self._tidy[path] = Tidy(claim_after_retire(outcome))
+        await self._bound_tidy()
+
+    async def _bound_tidy(self) -> None:
+        """Memory stays bounded even when no other write comes along."""
+        if len(self._tidy) >= TIDY_MAX:
+            await self.tidy()
 
     @_atomic
     async def retry_later(self, item: Item, delay_s: float, error: str) -> None:
