@@ -15,13 +15,13 @@ import pytest
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.daemon.config import OutboxConfig
 from edged.daemon.outbox import (
-    CLAIM_COMMITTED,
-    CLAIM_DONE,
     INLINE_MAX,
     KIND_BINARY,
     KIND_FILE,
     KIND_TABULAR,
     Claim,
+    ClaimRecord,
+    ClaimState,
     FileRef,
     Outbox,
     Progress,
@@ -178,14 +178,18 @@ async def test_kept_file_is_remembered_after_upload(box: Outbox, tmp_path: Path)
     assert item is not None
     await box.ack(item)
     assert source.exists()
-    assert await box.claim_of(str(source)) == (CLAIM_DONE, 10, st.st_mtime_ns)
+    assert await box.claim_of(str(source)) == ClaimRecord(
+        str(source), ClaimState.DONE, 10, st.st_mtime_ns
+    )
 
 
 async def test_claim_and_progress_commit_with_the_readings(box: Outbox) -> None:
     claim = Claim("/cap/a.capture", 123, 456)
     prog = Progress("jsonl:/x", "/x/imu.jsonl", 99, 4096, 12)
     await box.enqueue_readings(meta(), [reading(1)], claim=claim, progress=prog)
-    assert await box.claim_of("/cap/a.capture") == (CLAIM_COMMITTED, 123, 456)
+    assert await box.claim_of("/cap/a.capture") == ClaimRecord(
+        "/cap/a.capture", ClaimState.COMMITTED, 123, 456
+    )
     assert await box.progress_of("jsonl:/x", "/x/imu.jsonl") == prog
     await box.forget_claim("/cap/a.capture")
     assert await box.claim_of("/cap/a.capture") is None

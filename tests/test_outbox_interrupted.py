@@ -14,6 +14,7 @@ import pytest
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.capture import CaptureWriter
 from edged.daemon.outbox import INLINE_MAX, KIND_BINARY, KIND_FILE, Claim, FileRef, Outbox
+from edged.daemon.queue import scalar
 from edged.daemon.sources.base import SourceContext
 from edged.daemon.sources.capture import CaptureConfig, CaptureSource
 from edged.errors import OutboxFull
@@ -132,7 +133,7 @@ async def test_rolled_back_metadata_id_is_not_reused_for_other_readings(tmp_path
     box = await Outbox.open(tmp_path, free_disk=lambda _: 1 << 40)
     await box.enqueue_readings(meta("A"), [b"a-reading"])
     db = box._db
-    pages = await box._scalar("PRAGMA page_count")
+    pages = await scalar(db, "PRAGMA page_count")
     await db.execute(f"PRAGMA max_page_count={pages}")  # the disk is full now
     with pytest.raises(OutboxFull):
         await box.enqueue_readings(meta("B"), [b"b" * 50_000])

@@ -1,67 +1,119 @@
 """The durable outbox: every reading and file edged has taken responsibility for.
 
-All SQL of the daemon lives here. One aiosqlite connection (single writer, WAL,
-`synchronous=FULL` by default); each public write is one transaction under a lock.
+All SQL of the daemon lives in this module and the three it composes, each owning one
+seam; they share one aiosqlite connection (single writer, WAL, `synchronous=FULL` by
+default) and each public write below is one transaction under a lock, so what they
+write together commits together:
+- `queue`: readings and items in, leases out, acks and dead letters;
+- `ledger`: claims on source files and offsets of tailed files, a typed state machine;
+  the only code that deletes a robot file;
+- `space`: size and free-disk limits, the on_full policy, the reserve file, the spool.
 
-What is stored where:
-- tabular readings: one row each in `readings`, already encoded as SensorData bytes,
-  tied to an encoded UploadMetadata in `meta`. They are grouped into upload batches
-  only when leased: a batch is an id range [lo, hi] of one metadata, recorded once
-  (no per-reading rewrite) and moving the metadata's `batched_upto` watermark. A
-  batch keeps its id across retries and restarts, so the ingest side can de-duplicate
-  a batch that was sent twice. Reading ids only grow (AUTOINCREMENT), so a range never
-  takes in a reading enqueued later.
-- binary readings and files: one row each in `items`, the bytes inline (small), in a
-  private spool file, or left in the source file (path, offset, length) until acked.
-- `claims`: source files the outbox knows (committed and deletable, waiting for an
-  upload, or uploaded and kept), so a restart neither loses nor re-reads them.
-- `offsets`: how far a tailed file has been committed, written in the same
-  transaction as its readings.
-- `dead_letters`: items the server rejected for good, with status and message.
+Order that makes it safe: a robot file is deleted only after what it held is committed
+(readings) or acknowledged (items reading from it), and its claim is forgotten only
+after the delete, so a crash in between is finished by `recover()`. That tidy-up after
+a delete is not written on its own: it rides in the next transaction (`Tidy`), so a
+file costs one commit, not two; until then reads already see it (`claim_of`,
+`progress_of`), and `close()` writes what is left.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import hashlib
 import logging
 import os
-import shutil
 import sqlite3
-import stat
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import aiosqlite
 
 from edged.daemon.config import OutboxConfig
-from edged.daemon.policy import batch_take
-from edged.daemon.safefs import Identity, Swapped, locate, stat_under, unlink_under
-from edged.durable import fsync_dir
+from edged.daemon.ledger import (
+    Claim,
+    ClaimRecord,
+    ClaimState,
+    Ledger,
+    Progress,
+    Retired,
+    claim_after_retire,
+    claim_on_enqueue,
+    is_gone,
+    retire_file,
+)
+from edged.daemon.queue import (
+    INLINE_MAX,
+    KIND_BINARY,
+    KIND_FILE,
+    KIND_TABULAR,
+    KINDS,
+    DeadLetter,
+    FileRef,
+    Item,
+    KindStats,
+    NewItem,
+    OutboxStats,
+    Queue,
+    scalar,
+)
+from edged.daemon.safefs import Identity
+from edged.daemon.space import WAL_LIMIT, Space, disk_free, unlink_own
 from edged.errors import OutboxFull
 
-log = logging.getLogger("edged.outbox")
+__all__ = [
+    "ADDED_COLUMNS",
+    "INLINE_MAX",
+    "KINDS",
+    "KIND_BINARY",
+    "KIND_FILE",
+    "KIND_TABULAR",
+    "Claim",
+    "ClaimRecord",
+    "ClaimState",
+    "DeadLetter",
+    "FileRef",
+    "Item",
+    "KindStats",
+    "Outbox",
+    "OutboxStats",
+    "Progress",
+]
+
 _T = TypeVar("_T")
+log = logging.getLogger("edged.outbox")
 
-KIND_TABULAR = "tabular"
-KIND_BINARY = "binary"
-KIND_FILE = "file"
-KINDS = (KIND_TABULAR, KIND_BINARY, KIND_FILE)
+TIDY_MAX = 1024  # tidy-ups waiting for a transaction; at this many they get their own
 
-CLAIM_COMMITTED = "committed"  # readings copied in; the source file may be deleted
-CLAIM_COMMITTING = "committing"  # the source is still queuing readings of this file
-CLAIM_PENDING = "pending"  # fully queued; items still reference the file
-CLAIM_DONE = "done"  # uploaded and kept on disk: never send again
 
-INLINE_MAX = 256 * 1024  # larger payloads handed over as bytes go to a spool file
-WAL_LIMIT = 1 << 20
-WRITE_AMPLIFICATION = 3  # bytes on disk per payload byte (WAL, then table and index)
+@dataclass(frozen=True)
+class Tidy:
+    """The ledger write due after a robot file was retired; it waits for the next
+    transaction. `committed_only`: forget the claim only if still committed, and only
+    `source`'s offsets (a source retired the file); else store `state` (None: forget
+    the claim and every offset of the path), as the last ack decided."""
+
+    state: ClaimState | None
+    source: str | None = None
+    committed_only: bool = False
+
+    def claim(self, record: ClaimRecord | None) -> ClaimRecord | None:
+        """`record` as it reads once this is written."""
+        if record is None:
+            return None
+        if self.committed_only:
+            return None if record.state is ClaimState.COMMITTED else record
+        return None if self.state is None else replace(record, state=self.state)
+
+    def hides_progress(self, source: str) -> bool:
+        if self.committed_only:
+            return self.source == source
+        return self.state is None
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(
@@ -139,106 +191,6 @@ ADDED_COLUMNS = (
     ("claims", "ino", "INTEGER"),
 )
 
-_ITEM_COLS = (
-    "i.id, i.uid, i.kind, m.metadata, i.sensor, i.inline, i.path, i.offset, i.length,"
-    " i.stored, i.count, i.bytes, i.enqueued_at, i.attempts, i.root, i.dev, i.ino"
-)
-
-
-@dataclass(frozen=True)
-class Claim:
-    """A source file handed to the outbox, identified by what it looked like then.
-    `root`: the source's directory, below which no symlink is followed when the file is
-    deleted; `ident`: the file's (device, inode) when it was queued."""
-
-    path: str
-    size: int
-    mtime_ns: int
-    delete_after: bool = True
-    root: str | None = None
-    ident: Identity | None = None
-
-
-@dataclass(frozen=True)
-class Progress:
-    """A tailed file's committed position, stored with the readings it covers."""
-
-    source: str
-    path: str
-    inode: int
-    offset: int
-    line: int
-
-
-@dataclass(frozen=True)
-class FileRef:
-    """Payload bytes left in a source file until the upload is acknowledged; `root` and
-    `ident` as in Claim: the uploader reads only that file, reached without links."""
-
-    path: str
-    offset: int
-    length: int
-    root: str | None = None
-    ident: Identity | None = None
-
-
-@dataclass(frozen=True)
-class Item:
-    """One upload call's worth of work, leased by one worker."""
-
-    id: int
-    uid: str
-    kind: str
-    metadata: bytes
-    sensor: bytes | None
-    inline: bytes | None
-    path: str | None
-    offset: int
-    length: int
-    stored: bool
-    count: int
-    bytes: int
-    enqueued_at: float
-    attempts: int
-    root: str | None = None
-    ident: Identity | None = None
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    id: int
-    uid: str
-    kind: str
-    count: int
-    bytes: int
-    status: str
-    message: str
-    dead_at: float
-    path: str | None
-
-
-@dataclass(frozen=True)
-class KindStats:
-    items: int = 0
-    bytes: int = 0
-
-
-@dataclass(frozen=True)
-class OutboxStats:
-    items: int
-    readings: int
-    bytes: int
-    stored_bytes: int
-    oldest_age_s: float | None
-    per_kind: dict[str, KindStats]
-    dead_letters: int
-    counters: dict[str, int] = field(default_factory=dict)
-
-
-def _digest(metadata: bytes) -> bytes:
-    return hashlib.blake2b(metadata, digest_size=16).digest()
-
-
 _P = ParamSpec("_P")
 
 
@@ -275,20 +227,29 @@ class Outbox:
     ) -> None:
         self._db = db
         self.state_dir = state_dir
-        self.spool_dir = state_dir / "spool"
-        self.limits = limits
+        self.space = Space(state_dir, limits, free_disk)
+        self.queue = Queue(db)
+        self.ledger = Ledger(db)
         self._clock = clock
-        self._free_disk = free_disk
         self._lock = asyncio.Lock()
         self._writes: set[asyncio.Future[Any]] = set()
-        self._meta_ids: dict[bytes, int] = {}
-        self._stored_bytes = 0
-        self._readings = 0
-        self._reading_bytes = 0
-        self._page = 0
+        self._tidy: dict[str, Tidy] = {}  # by path; written by the next transaction
         self.work_available = asyncio.Event()
-        self.space_available = asyncio.Event()
+        self.space_available = self.space.available
         self.on_enqueue: Callable[[str, int, int], None] = lambda kind, n, nbytes: None  # metrics
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.space.spool_dir
+
+    @property
+    def limits(self) -> OutboxConfig:
+        return self.space.limits
+
+    @limits.setter
+    def limits(self, limits: OutboxConfig) -> None:
+        """Applied on reload (SIGHUP); checked by the next write."""
+        self.space.limits = limits
 
     @classmethod
     async def open(
@@ -318,21 +279,27 @@ class Outbox:
         except BaseException:
             await db.close()
             raise
-        box = cls(db, state_dir, limits, clock, free_disk or _disk_free)
-        box.ensure_reserve()
+        box = cls(db, state_dir, limits, clock, free_disk or disk_free)
+        box.space.ensure_reserve()
         async with db.execute("SELECT count(*), coalesce(sum(size),0) FROM readings") as cur:
             row = await cur.fetchone()
         assert row is not None
-        box._readings, box._reading_bytes = int(row[0]), int(row[1])
-        box._stored_bytes = box._reading_bytes + await box._scalar(
-            "SELECT coalesce(sum(bytes),0) FROM items WHERE stored=1"
+        box.space.held.add_readings(int(row[0]), int(row[1]))
+        box.space.held.stored_bytes += await scalar(
+            db, "SELECT coalesce(sum(bytes),0) FROM items WHERE stored=1"
         )
         return box
 
     async def close(self) -> None:
-        """Let shielded writes finish (a cancelled caller does not wait for them), then close."""
+        """Let shielded writes finish (a cancelled caller does not wait for them), write
+        the tidy-up still waiting, then close."""
         if self._writes:
             await asyncio.gather(*self._writes, return_exceptions=True)
+        if self._tidy:
+            try:
+                await self.tidy()
+            except (OutboxFull, sqlite3.Error) as exc:  # recover() finishes it next time
+                log.warning("outbox closed with its tidy-up unwritten: %s", exc)
         await self._db.close()
 
     async def settled(self) -> None:
@@ -345,13 +312,6 @@ class Outbox:
         if not task.cancelled():
             task.exception()  # retrieved: the caller may be gone (it was cancelled)
 
-    # -- helpers -----------------------------------------------------------------------
-
-    async def _scalar(self, sql: str, args: Sequence[Any] = ()) -> int:
-        async with self._db.execute(sql, args) as cur:
-            row = await cur.fetchone()
-        return int(row[0]) if row and row[0] is not None else 0
-
     @contextlib.asynccontextmanager
     async def _tx(self) -> Any:
         """One write transaction; ENOSPC and friends become OutboxFull (backpressure).
@@ -362,165 +322,47 @@ class Outbox:
         async with self._lock:
             try:
                 await self._db.execute("BEGIN IMMEDIATE")
+                tidied = await self._write_tidy(self._db)
                 yield self._db
                 await self._db.execute("COMMIT")
+                for path, tidy in tidied.items():
+                    if self._tidy.get(path) is tidy:
+                        del self._tidy[path]
             except BaseException as exc:
                 if self._db.in_transaction:
                     with contextlib.suppress(sqlite3.Error):
                         await self._db.execute("ROLLBACK")
-                self._meta_ids.clear()  # ids cached by the rolled-back transaction
+                self.queue.forget_cached()  # ids cached by the rolled-back transaction
                 if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower():
                     raise OutboxFull(f"outbox database cannot grow: {exc}") from exc
                 raise
 
+    async def _write_tidy(self, db: aiosqlite.Connection) -> dict[str, Tidy]:
+        """Write every waiting tidy-up first in this transaction (so a write of the same
+        path after it wins); what was written, to drop once it commits."""
+        tidied = dict(self._tidy)
+        for path, tidy in tidied.items():
+            if tidy.committed_only:
+                await self.ledger.forget_committed(db, [path], tidy.source)
+            else:
+                await self.ledger.set_state(db, path, tidy.state)
+        return tidied
+
+    @_atomic
+    async def tidy(self) -> None:
+        """Write the waiting tidy-up now (in its own transaction)."""
+        if self._tidy:
+            async with self._tx():
+                pass
+
+    # -- space -------------------------------------------------------------------------
+
     @property
     def reserve_bytes(self) -> int:
-        return min(max(self.limits.min_free_disk // 4, 256 * 1024), 16 << 20)
+        return self.space.reserve_bytes
 
     def ensure_reserve(self) -> None:
-        """Keep a small file of disk space aside: when the disk fills up anyway, deleting
-        it lets uploads and acks (which also write) go on, and acks free space."""
-        path = self.state_dir / "reserve"
-        if path.exists():
-            return
-        if self._free_disk(self.state_dir) - self.reserve_bytes < self.limits.min_free_disk:
-            return
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            os.posix_fallocate(fd, 0, self.reserve_bytes)
-        except OSError:
-            path.unlink(missing_ok=True)
-        finally:
-            os.close(fd)
-
-    def _release_reserve(self) -> bool:
-        path = self.state_dir / "reserve"
-        if not path.exists():
-            return False
-        path.unlink()
-        log.warning("disk full under %s: released the reserve so uploads can go on", self.state_dir)
-        return True
-
-    async def _drain_path(self, op: Callable[[], Awaitable[_T]]) -> _T:
-        """Run an upload-path write; on a full disk spend the reserve and try once more."""
-        try:
-            return await op()
-        except OutboxFull:
-            if not self._release_reserve():
-                raise
-            return await op()
-
-    async def _page_size(self) -> int:
-        if not self._page:
-            self._page = await self._scalar("PRAGMA page_size")
-        return self._page
-
-    async def _meta_id(self, db: aiosqlite.Connection, metadata: bytes) -> int:
-        digest = _digest(metadata)
-        cached = self._meta_ids.get(digest)
-        if cached is not None:
-            return cached
-        await db.execute(
-            "INSERT INTO meta(digest, metadata) VALUES (?, ?) ON CONFLICT DO NOTHING",
-            (digest, metadata),
-        )
-        meta_id = await self._scalar("SELECT id FROM meta WHERE digest=?", (digest,))
-        self._meta_ids[digest] = meta_id
-        return meta_id
-
-    async def _make_room(self, db: aiosqlite.Connection, need: int) -> tuple[int, int]:
-        """Apply the size and free-disk limits before a write (inside its transaction)."""
-        on_disk = need * WRITE_AMPLIFICATION
-        free = self._free_disk(self.state_dir)
-        if free - on_disk < self.limits.min_free_disk:
-            # Pages freed by acked items are reused before the file grows: count them.
-            free += await self._scalar("PRAGMA freelist_count") * await self._page_size()
-        if free - on_disk < self.limits.min_free_disk:
-            self.space_available.clear()
-            raise OutboxFull(
-                f"free disk under {self.state_dir} is {free} bytes, below"
-                f" outbox.min_free_disk ({self.limits.min_free_disk})"
-            )
-        self.ensure_reserve()
-        over = self._stored_bytes + need - self.limits.max_bytes
-        if over <= 0:
-            return 0, 0
-        if self.limits.on_full != "drop_oldest":
-            self.space_available.clear()
-            raise OutboxFull(
-                f"outbox holds {self._stored_bytes} bytes; {need} more would pass"
-                f" outbox.max_bytes ({self.limits.max_bytes})"
-            )
-        return await self._drop_oldest(db, over)
-
-    async def _drop_oldest(self, db: aiosqlite.Connection, need: int) -> tuple[int, int]:
-        """Delete the oldest readings in no batch; (readings, bytes) dropped, which the
-        caller books once its transaction commits."""
-        freed = 0
-        async with db.execute(
-            "SELECT r.id, r.size FROM readings r JOIN meta m ON m.id=r.meta_id"
-            " WHERE r.id > m.batched_upto ORDER BY r.id LIMIT 100000"
-        ) as cur:
-            rows = await cur.fetchall()
-        doomed: list[tuple[int]] = []
-        for rid, size in rows:
-            if freed >= need:
-                break
-            freed += size
-            doomed.append((rid,))
-        dropped = len(doomed)
-        await db.executemany("DELETE FROM readings WHERE id=?", doomed)
-        if freed < need:
-            raise OutboxFull(
-                f"outbox.max_bytes ({self.limits.max_bytes}) reached and nothing left to drop"
-            )
-        await self._bump(db, dropped_readings=dropped, dropped_bytes=freed)
-        return dropped, freed
-
-    def _book_drop(self, dropped: int, freed: int) -> None:
-        self._stored_bytes -= freed
-        self._readings -= dropped
-        self._reading_bytes -= freed
-
-    async def _bump(self, db: aiosqlite.Connection, **deltas: int) -> None:
-        await db.executemany(
-            "INSERT INTO counters(name, value) VALUES (?, ?)"
-            " ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
-            [(k, v) for k, v in deltas.items() if v],
-        )
-
-    async def _put_claim(self, db: aiosqlite.Connection, claim: Claim | None, state: str) -> None:
-        if claim is not None:
-            await db.execute(
-                "INSERT INTO claims(path, size, mtime_ns, state, delete_after, root, dev, ino)"
-                " VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(path) DO UPDATE SET size=excluded.size,"
-                " mtime_ns=excluded.mtime_ns, state=excluded.state,"
-                " delete_after=excluded.delete_after, root=excluded.root, dev=excluded.dev,"
-                " ino=excluded.ino",
-                (
-                    _db_path(claim.path),
-                    claim.size,
-                    claim.mtime_ns,
-                    state,
-                    int(claim.delete_after),
-                    *_location(claim.root, claim.ident),
-                ),
-            )
-
-    async def _put_progress(self, db: aiosqlite.Connection, progress: Progress | None) -> None:
-        if progress is not None:
-            await db.execute(
-                "INSERT INTO offsets(source, path, inode, offset, line) VALUES (?,?,?,?,?)"
-                " ON CONFLICT(source, path) DO UPDATE SET inode=excluded.inode,"
-                " offset=excluded.offset, line=excluded.line",
-                (
-                    progress.source,
-                    _db_path(progress.path),
-                    progress.inode,
-                    progress.offset,
-                    progress.line,
-                ),
-            )
+        self.space.ensure_reserve()
 
     # -- enqueue -----------------------------------------------------------------------
 
@@ -538,20 +380,13 @@ class Outbox:
         need = sum(len(r) for r in readings)
         now = self._clock()
         async with self._tx() as db:
-            dropped = await self._make_room(db, need)
-            if readings:
-                meta_id = await self._meta_id(db, metadata)
-                await db.executemany(
-                    "INSERT INTO readings(meta_id, data, size, enqueued_at) VALUES (?,?,?,?)",
-                    [(meta_id, r, len(r), now) for r in readings],
-                )
-            await self._put_claim(db, claim, CLAIM_COMMITTED)
-            await self._put_progress(db, progress)
-            await self._bump(db, enqueued_readings=len(readings))
-        self._book_drop(*dropped)
-        self._stored_bytes += need
-        self._readings += len(readings)
-        self._reading_bytes += need
+            dropped = await self.space.make_room(db, need)
+            await self.queue.add_readings(db, metadata, readings, now)
+            state = claim_on_enqueue(by_reference=False, more=False)
+            await self.ledger.put_claim(db, claim, state)
+            await self.ledger.put_progress(db, progress)
+        self.space.held.drop_readings(*dropped)
+        self.space.held.add_readings(len(readings), need)
         self.on_enqueue(KIND_TABULAR, len(readings), need)
         if readings:
             self.work_available.set()
@@ -575,123 +410,98 @@ class Outbox:
         ack must not delete it yet; `finish_claim` ends that."""
         assert kind in (KIND_BINARY, KIND_FILE)
         uid = uuid.uuid4().hex
-        inline: bytes | None = None
-        path: str | None = None
-        offset, stored = 0, False
-        where = _location(None, None)
         if isinstance(payload, FileRef):
-            path, offset, length = payload.path, payload.offset, payload.length
-            where = _location(payload.root, payload.ident)
+            new = NewItem(
+                uid,
+                kind,
+                sensor,
+                None,
+                payload.path,
+                payload.offset,
+                payload.length,
+                False,
+                payload.root,
+                payload.ident,
+            )
         elif len(payload) <= INLINE_MAX:
-            inline, length, stored = payload, len(payload), True
+            new = NewItem(uid, kind, sensor, payload, None, 0, len(payload), True)
         else:
-            length, stored = len(payload), True
-            try:
-                path = str(await asyncio.to_thread(self._spool, uid, payload))
-            except OSError as exc:
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise OutboxFull(f"spool directory {self.spool_dir} is full") from exc
-                raise
-        need = length if stored else 0
+            spooled = await asyncio.to_thread(self.space.spool, uid, payload)
+            new = NewItem(uid, kind, sensor, None, str(spooled), 0, len(payload), True)
+        need = new.length if new.stored else 0
         now = self._clock()
         try:
             async with self._tx() as db:
-                dropped = await self._make_room(db, need)
-                meta_id = await self._meta_id(db, metadata)
-                await db.execute(
-                    "INSERT INTO items(uid, kind, meta_id, sensor, inline, path, offset, length,"
-                    " stored, count, bytes, enqueued_at, root, dev, ino)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (
-                        uid,
-                        kind,
-                        meta_id,
-                        sensor,
-                        inline,
-                        None if path is None else _db_path(path),
-                        offset,
-                        length,
-                        int(stored),
-                        1,
-                        length,
-                        now,
-                        *where,
-                    ),
-                )
-                await self._put_claim(db, claim, CLAIM_COMMITTING if more else CLAIM_PENDING)
-                await self._put_progress(db, progress)
-                await self._bump(db, enqueued_items=1)
+                dropped = await self.space.make_room(db, need)
+                await self.queue.add_item(db, metadata, new, now)
+                state = claim_on_enqueue(by_reference=True, more=more)
+                await self.ledger.put_claim(db, claim, state)
+                await self.ledger.put_progress(db, progress)
         except BaseException:
-            if stored and path:
-                Path(path).unlink(missing_ok=True)
+            if new.stored and new.path:
+                Path(new.path).unlink(missing_ok=True)
             raise
-        self._book_drop(*dropped)
-        self._stored_bytes += need
-        self.on_enqueue(kind, 1, length)
+        self.space.held.drop_readings(*dropped)
+        self.space.held.stored_bytes += need
+        self.on_enqueue(kind, 1, new.length)
         self.work_available.set()
         return uid
 
-    def _spool(self, uid: str, payload: bytes) -> Path:
-        path = self.spool_dir / uid
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            view = memoryview(payload)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        except BaseException:
-            path.unlink(missing_ok=True)
-            raise
-        finally:
-            os.close(fd)
-        fsync_dir(self.spool_dir)
-        return path
-
     # -- claims and offsets (sources ask these) ----------------------------------------
 
-    async def claim_of(self, path: str) -> tuple[str, int, int] | None:
-        """(state, size, mtime_ns) of a claimed source file, or None if unknown."""
-        async with self._db.execute(
-            "SELECT state, size, mtime_ns FROM claims WHERE path=?", (_db_path(path),)
-        ) as cur:
-            row = await cur.fetchone()
-        return (str(row[0]), int(row[1]), int(row[2])) if row else None
+    async def claim_of(self, path: str) -> ClaimRecord | None:
+        """The ledger's claim on a source file, or None if it knows none."""
+        record = await self.ledger.claim_of(path)
+        tidy = self._tidy.get(path)
+        return record if tidy is None else tidy.claim(record)
 
     @_atomic
     async def finish_claim(self, path: str) -> None:
         """The source queued every reading of `path`: from now on the last ack deletes it
         (at once if every item was already acknowledged)."""
-        key = _db_path(path)
         async with self._tx() as db:
-            await db.execute(
-                "UPDATE claims SET state=? WHERE path=? AND state=?",
-                (CLAIM_PENDING, key, CLAIM_COMMITTING),
-            )
-            still = await self._scalar("SELECT count(*) FROM items WHERE path=?", (key,))
+            await self.ledger.finish(db, path)
+            still = await self.queue.refs_to(db, path)
         if not still:
             await self._settle_file(path)
 
     @_atomic
     async def forget_claim(self, path: str, source: str | None = None) -> None:
-        """The source deleted a committed file: nothing left to remember (nor its offset)."""
+        """Forget a committed claim (the file changed since: its source reads the rest),
+        and with `source` also that source's offset of it."""
         async with self._tx() as db:
-            key = _db_path(path)
-            await db.execute("DELETE FROM claims WHERE path=? AND state=?", (key, CLAIM_COMMITTED))
-            if source is not None:
-                await db.execute("DELETE FROM offsets WHERE source=? AND path=?", (source, key))
+            await self.ledger.forget_committed(db, [path], source)
+
+    @_atomic
+    async def retire_committed(
+        self,
+        path: str,
+        root: str,
+        ident: Identity,
+        *,
+        source: str,
+        also: Sequence[str] = (),
+    ) -> Retired:
+        """Every reading of `path` is committed: delete the file (if it is still the one
+        read, reached below `root` without links), then forget its claim and `source`'s
+        offsets of it and of the `also` keys (e.g. the `.prog` name it was written under)
+        with the next transaction."""
+        outcome = await asyncio.to_thread(retire_file, path, root, ident)
+        for key in (path, *also):
+            self._tidy[key] = Tidy(None, source, committed_only=True)
+        await self._bound_tidy()
+        return outcome
 
     async def progress_of(self, source: str, path: str) -> Progress | None:
-        async with self._db.execute(
-            "SELECT inode, offset, line FROM offsets WHERE source=? AND path=?",
-            (source, _db_path(path)),
-        ) as cur:
-            row = await cur.fetchone()
-        return Progress(source, path, row[0], row[1], row[2]) if row else None
+        tidy = self._tidy.get(path)
+        if tidy is not None and tidy.hides_progress(source):
+            return None
+        return await self.ledger.progress_of(source, path)
 
     @_atomic
     async def save_progress(self, progress: Progress) -> None:
         async with self._tx() as db:
-            await self._put_progress(db, progress)
+            await self.ledger.put_progress(db, progress)
 
     # -- leasing and outcomes ----------------------------------------------------------
 
@@ -700,28 +510,26 @@ class Outbox:
         """Start-up: a previous process's leases mean nothing now; finish acks that were
         cut between their commit and the file delete; drop spool files no item owns."""
         async with self._tx() as db:
-            cur = await db.execute(
-                "UPDATE items SET lease_until=NULL WHERE lease_until IS NOT NULL"
-            )
-            released = cur.rowcount
-        async with self._db.execute(
-            "SELECT path FROM claims c WHERE state=? AND NOT EXISTS"
-            " (SELECT 1 FROM items i WHERE i.path=c.path)",
-            (CLAIM_PENDING,),
-        ) as q:
-            orphans = [_fs_path(r[0]) for r in await q.fetchall()]
+            released = await self.queue.release_all(db)
+        orphans = await self.ledger.orphans()
         for path in orphans:
             await self._settle_file(path)
-        async with self._db.execute(
-            "SELECT path FROM items WHERE stored=1 AND path IS NOT NULL"
-        ) as q:
-            owned = {_fs_path(r[0]) for r in await q.fetchall()}
-        swept = 0
-        for spool in list(self.spool_dir.iterdir()):
-            if str(spool) not in owned:
-                swept += _unlink(str(spool))
+        # Committed claims of files that are gone: retired, and the tidy-up was lost.
+        committed = await self.ledger.committed()
+        gone = [p for p, root in committed if await asyncio.to_thread(is_gone, p, root)]
+        if gone:
+            async with self._tx() as db:
+                for path in gone:
+                    await self.ledger.set_state(db, path, None)
+        owned = await self.queue.spooled()
+        swept = await asyncio.to_thread(self.space.sweep_spool, owned)
         self.work_available.set()
-        return {"leases_released": released, "claims_settled": len(orphans), "spool_swept": swept}
+        return {
+            "leases_released": released,
+            "claims_settled": len(orphans),
+            "claims_swept": len(gone),
+            "spool_swept": swept,
+        }
 
     @_atomic
     async def lease(
@@ -733,394 +541,126 @@ class Outbox:
     ) -> Item | None:
         """The next due item, leased for `lease_s`; forms a new tabular batch if none is
         waiting. None if nothing is due."""
-        return await self._drain_path(lambda: self._lease(lease_s, max_readings, max_bytes))
+        return await self.space.drain_path(lambda: self._lease(lease_s, max_readings, max_bytes))
 
     async def _lease(self, lease_s: float, max_readings: int, max_bytes: int) -> Item | None:
         now = self._clock()
         async with self._tx() as db:
-            async with db.execute(
-                f"SELECT {_ITEM_COLS} FROM items i JOIN meta m ON m.id=i.meta_id"
-                " WHERE i.next_attempt_at <= ? AND (i.lease_until IS NULL OR i.lease_until < ?)"
-                " AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.item_id=i.id)"
-                " ORDER BY i.next_attempt_at, i.id LIMIT 1",
-                (now, now),
-            ) as cur:
-                row = await cur.fetchone()
-            free = await self._oldest_unbatched(db)
-            if free is not None and (row is None or free[1] < row[12]):
-                row = await self._new_batch(db, free[0], max_readings, max_bytes)
-            if row is None:
-                return None
-            await db.execute("UPDATE items SET lease_until=? WHERE id=?", (now + lease_s, row[0]))
-        return Item(
-            id=row[0],
-            uid=row[1],
-            kind=row[2],
-            metadata=row[3],
-            sensor=row[4],
-            inline=row[5],
-            path=None if row[6] is None else _fs_path(row[6]),
-            offset=row[7],
-            length=row[8],
-            stored=bool(row[9]),
-            count=row[10],
-            bytes=row[11],
-            enqueued_at=row[12],
-            attempts=row[13],
-            root=None if row[14] is None else _fs_path(row[14]),
-            ident=_identity(row[15], row[16]),
-        )
-
-    async def _oldest_unbatched(self, db: aiosqlite.Connection) -> tuple[int, float] | None:
-        """(meta_id, enqueued_at) of the oldest reading in no batch; one index probe per
-        metadata (there are few: one per component and method)."""
-        async with db.execute(
-            "SELECT m.id, (SELECT r.id FROM readings r WHERE r.meta_id=m.id"
-            " AND r.id > m.batched_upto ORDER BY r.id LIMIT 1) AS first FROM meta m"
-        ) as cur:
-            firsts = [(int(mid), int(first)) for mid, first in await cur.fetchall() if first]
-        if not firsts:
-            return None
-        meta_id, first = min(firsts, key=lambda f: f[1])
-        async with db.execute("SELECT enqueued_at FROM readings WHERE id=?", (first,)) as cur:
-            row = await cur.fetchone()
-        assert row is not None
-        return meta_id, float(row[0])
-
-    async def _new_batch(
-        self, db: aiosqlite.Connection, meta_id: int, max_readings: int, max_bytes: int
-    ) -> Any:
-        """Bind the oldest unbatched readings of one metadata to a new item, for good."""
-        async with db.execute(
-            "SELECT r.id, r.size, r.enqueued_at FROM readings r JOIN meta m ON m.id=r.meta_id"
-            " WHERE r.meta_id=? AND r.id > m.batched_upto ORDER BY r.id LIMIT ?",
-            (meta_id, max_readings),
-        ) as cur:
-            rows = list(await cur.fetchall())
-        n = batch_take([r[1] for r in rows], max_readings, max_bytes)
-        rows = rows[:n]
-        size = sum(r[1] for r in rows)
-        uid = uuid.uuid4().hex
-        cur2 = await db.execute(
-            "INSERT INTO items(uid, kind, meta_id, stored, lo, hi, count, bytes, enqueued_at)"
-            " VALUES (?,?,?,0,?,?,?,?,?)",
-            (uid, KIND_TABULAR, meta_id, rows[0][0], rows[-1][0], n, size, rows[0][2]),
-        )
-        batch_id = cur2.lastrowid
-        await db.execute("UPDATE meta SET batched_upto=? WHERE id=?", (rows[-1][0], meta_id))
-        async with db.execute(
-            f"SELECT {_ITEM_COLS} FROM items i JOIN meta m ON m.id=i.meta_id WHERE i.id=?",
-            (batch_id,),
-        ) as cur:
-            return await cur.fetchone()
+            return await self.queue.lease(db, now, lease_s, max_readings, max_bytes)
 
     @_atomic
     async def extend_lease(self, item: Item, seconds: float) -> None:
         """Hold `item` for `seconds` more: a big stream may outlast the default lease, and
         an expired lease would hand the same item to a second worker mid-upload."""
         async with self._tx() as db:
-            await db.execute(
-                "UPDATE items SET lease_until=? WHERE id=?", (self._clock() + seconds, item.id)
-            )
+            await self.queue.extend_lease(db, item, self._clock() + seconds)
 
     async def readings_of(self, item: Item) -> list[bytes]:
-        async with self._db.execute(
-            "SELECT r.data FROM items i JOIN readings r ON r.meta_id=i.meta_id"
-            " AND r.id BETWEEN i.lo AND i.hi WHERE i.id=? ORDER BY r.id",
-            (item.id,),
-        ) as cur:
-            return [bytes(r[0]) for r in await cur.fetchall()]
+        return await self.queue.readings_of(item)
 
     @_atomic
     async def ack(self, item: Item) -> None:
         """The server acknowledged `item`: delete it (and its readings) in one transaction;
         then delete a source or spool file no other item needs."""
-        await self._drain_path(lambda: self._ack(item))
+        await self.space.drain_path(lambda: self._ack(item))
 
     async def _ack(self, item: Item) -> None:
         async with self._tx() as db:
-            if item.kind == KIND_TABULAR:
-                await db.execute(
-                    "DELETE FROM readings WHERE id IN (SELECT r.id FROM items i JOIN readings r"
-                    " ON r.meta_id=i.meta_id AND r.id BETWEEN i.lo AND i.hi WHERE i.id=?)",
-                    (item.id,),
-                )
-            cur = await db.execute("DELETE FROM items WHERE id=?", (item.id,))
-            if cur.rowcount == 0:
+            if not await self.queue.ack(db, item):
                 return  # acknowledged already (a late duplicate): nothing to book twice
-            await db.execute("DELETE FROM dead_letters WHERE item_id=?", (item.id,))
-            await self._bump(
-                db, uploaded_items=1, uploaded_readings=item.count, uploaded_bytes=item.bytes
-            )
-            last_ref = item.path is not None and not await self._scalar(
-                "SELECT count(*) FROM items WHERE path=?", (_db_path(item.path),)
-            )
+            last_ref = item.path is not None and not await self.queue.refs_to(db, item.path)
         if item.kind == KIND_TABULAR:
-            self._readings -= item.count
-            self._reading_bytes -= item.bytes
+            self.space.held.drop_readings(item.count, item.bytes)
+        elif item.stored:
+            self.space.held.stored_bytes -= item.bytes
         if item.stored or item.kind == KIND_TABULAR:
-            self._stored_bytes -= item.bytes
-            self.space_available.set()
+            self.space.available.set()
         if item.path is not None and item.stored:
-            _unlink(item.path)  # our own spool file; a crash here is swept by recover()
+            unlink_own(item.path)  # our own spool file; a crash here is swept by recover()
         elif item.path is not None and last_ref:
             await self._settle_file(item.path)
 
     async def _settle_file(self, path: str) -> None:
-        """No item reads `path` any more: delete it if its claim says so, then forget the
-        claim and offsets. The claim outlives the unlink, so a crash in between is
+        """No item reads `path` any more: retire it as its claim says, then store the
+        claim's next state. The claim outlives the unlink, so a crash in between is
         finished by `recover()` instead of leaving the file to be sent again."""
-        key = _db_path(path)
-        async with self._db.execute(
-            "SELECT state, delete_after, size, mtime_ns, root, dev, ino FROM claims WHERE path=?",
-            (key,),
-        ) as cur:
-            row = await cur.fetchone()
-        if row is None or row[0] != CLAIM_PENDING:
+        found = await self.ledger.stored_claim(path)
+        if found is None or found[0] is not ClaimState.PENDING:
             return  # unknown, or the source is still queuing readings of it
-        root = None if row[4] is None else _fs_path(row[4])
-        forget = await asyncio.to_thread(
-            _retire_file, path, root, _identity(row[5], row[6]), row[2], row[3], bool(row[1])
+        if (tidy := self._tidy.get(path)) is not None and not tidy.committed_only:
+            return  # settled already; its new state waits for the next transaction
+        claim = found[1]
+        outcome = await asyncio.to_thread(
+            retire_file,
+            path,
+            claim.root,
+            claim.ident,
+            size=claim.size,
+            mtime_ns=claim.mtime_ns,
+            delete=claim.delete_after,
         )
-        async with self._tx() as db:
-            if forget:
-                await db.execute("DELETE FROM claims WHERE path=?", (key,))
-                await db.execute("DELETE FROM offsets WHERE path=?", (key,))
-            else:
-                await db.execute("UPDATE claims SET state=? WHERE path=?", (CLAIM_DONE, key))
+        self._tidy[path] = Tidy(claim_after_retire(outcome))
+        await self._bound_tidy()
+
+    async def _bound_tidy(self) -> None:
+        """Memory stays bounded even when no other write comes along."""
+        if len(self._tidy) >= TIDY_MAX:
+            await self.tidy()
 
     @_atomic
     async def retry_later(self, item: Item, delay_s: float, error: str) -> None:
         async with self._tx() as db:
-            await db.execute(
-                "UPDATE items SET attempts=attempts+1, next_attempt_at=?, lease_until=NULL,"
-                " last_error=? WHERE id=?",
-                (self._clock() + delay_s, _text(error), item.id),
-            )
-            await self._bump(db, retries=1)
+            await self.queue.retry_later(db, item, self._clock() + delay_s, error)
 
     @_atomic
     async def release(self, item: Item) -> None:
         """Give a leased item back untouched (pause, shutdown, auth stop)."""
         async with self._tx() as db:
-            await db.execute("UPDATE items SET lease_until=NULL WHERE id=?", (item.id,))
+            await self.queue.release(db, item)
 
     @_atomic
     async def dead_letter(self, item: Item, status: str, message: str) -> None:
-        message = _text(message)
         async with self._tx() as db:
-            await db.execute(
-                "INSERT OR REPLACE INTO dead_letters(item_id, status, message, dead_at)"
-                " VALUES (?,?,?,?)",
-                (item.id, status, message, self._clock()),
-            )
-            await db.execute(
-                "UPDATE items SET attempts=attempts+1, lease_until=NULL, last_error=? WHERE id=?",
-                (f"{status}: {message}", item.id),
-            )
-            await self._bump(db, dead_lettered=1)
+            await self.queue.dead_letter(db, item, status, message, self._clock())
 
     async def dead_letters(self) -> list[DeadLetter]:
-        async with self._db.execute(
-            "SELECT i.id, i.uid, i.kind, i.count, i.bytes, d.status, d.message, d.dead_at,"
-            " i.path FROM dead_letters d JOIN items i ON i.id=d.item_id ORDER BY d.dead_at"
-        ) as cur:
-            rows = await cur.fetchall()
-        return [
-            DeadLetter(
-                r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], _fs_path(r[8]) if r[8] else None
-            )
-            for r in rows
-        ]
+        return await self.queue.dead_letters()
 
     async def waiting(self, limit: int = 20) -> list[tuple[str, str | None, int, int, str | None]]:
-        """(kind, path, readings, bytes, last error) of the oldest `limit` items still to
-        send (dead letters excepted); readings not yet batched are in `stats()` only. For
-        `edged run --until-empty` to say what stayed queued."""
-        async with self._db.execute(
-            "SELECT kind, path, count, bytes, last_error FROM items i WHERE NOT EXISTS"
-            " (SELECT 1 FROM dead_letters d WHERE d.item_id=i.id) ORDER BY id LIMIT ?",
-            (limit,),
-        ) as cur:
-            rows = await cur.fetchall()
-        return [(r[0], _fs_path(r[1]) if r[1] else None, r[2], r[3], r[4]) for r in rows]
+        """What stayed queued, oldest first (readings not yet batched are in `stats()`
+        only): for `edged run --until-empty` to say what it leaves behind."""
+        return await self.queue.waiting(limit)
 
     @_atomic
     async def retry_dead(self, ids: Sequence[int] | None = None) -> int:
         """Put dead letters back in the queue (all of them when `ids` is None)."""
         async with self._tx() as db:
-            if ids is None:
-                cur = await db.execute(
-                    "UPDATE items SET attempts=0, next_attempt_at=0 WHERE id IN"
-                    " (SELECT item_id FROM dead_letters)"
-                )
-                n = cur.rowcount
-                await db.execute("DELETE FROM dead_letters")
-            else:
-                marks = ",".join("?" * len(ids))
-                cur = await db.execute(
-                    f"UPDATE items SET attempts=0, next_attempt_at=0 WHERE id IN ({marks})"
-                    f" AND id IN (SELECT item_id FROM dead_letters)",
-                    list(ids),
-                )
-                n = cur.rowcount
-                await db.execute(f"DELETE FROM dead_letters WHERE item_id IN ({marks})", list(ids))
+            n = await self.queue.retry_dead(db, ids)
         if n:
             self.work_available.set()
-        return int(n)
+        return n
 
     @_atomic
     async def make_all_due(self) -> None:
         """`sync-now`: forget every item's backoff."""
         async with self._tx() as db:
-            await db.execute("UPDATE items SET next_attempt_at=0 WHERE next_attempt_at > 0")
+            await self.queue.make_all_due(db)
         self.work_available.set()
 
     async def next_due_in(self) -> float | None:
         """Seconds until the earliest waiting item is due (None: nothing waiting). Items
         leased right now are not waiting: counting them made idle workers spin."""
-        if await self._oldest_unbatched(self._db) is not None:
-            return 0.0
-        now = self._clock()
-        async with self._db.execute(
-            "SELECT min(next_attempt_at) FROM items i WHERE (lease_until IS NULL OR"
-            " lease_until < ?) AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.item_id=i.id)",
-            (now,),
-        ) as cur:
-            row = await cur.fetchone()
-        if row is None or row[0] is None:
-            return None
-        return max(0.0, float(row[0]) - now)
+        return await self.queue.next_due_in(self._clock())
 
     # -- status ------------------------------------------------------------------------
 
     async def stats(self) -> OutboxStats:
         """Backlog per kind; for tabular data `items` counts readings, batched or not.
         Cheap at any backlog: reading totals are kept in memory, the rest is indexed."""
-        async with self._db.execute(
-            "SELECT kind, count(*), coalesce(sum(bytes),0), min(enqueued_at) FROM items"
-            " WHERE kind != ? GROUP BY kind",
-            (KIND_TABULAR,),
-        ) as cur:
-            kinds = await cur.fetchall()
-        async with self._db.execute("SELECT enqueued_at FROM readings ORDER BY id LIMIT 1") as cur:
-            first = await cur.fetchone()
-        oldest = float(first[0]) if first else None
-        per_kind: dict[str, KindStats] = {k: KindStats() for k in KINDS}
-        per_kind[KIND_TABULAR] = KindStats(self._readings, self._reading_bytes)
-        for kind, n, size, enq in kinds:
-            per_kind[kind] = KindStats(n, size)
-            if enq is not None and (oldest is None or enq < oldest):
-                oldest = enq
-        readings = self._readings
-        async with self._db.execute("SELECT name, value FROM counters") as cur:
-            counters = {str(k): int(v) for k, v in await cur.fetchall()}
-        return OutboxStats(
-            items=sum(k.items for k in per_kind.values()),
-            readings=readings,
-            bytes=sum(k.bytes for k in per_kind.values()),
-            stored_bytes=self._stored_bytes,
-            oldest_age_s=None if oldest is None else max(0.0, self._clock() - oldest),
-            per_kind=per_kind,
-            dead_letters=await self._scalar("SELECT count(*) FROM dead_letters"),
-            counters=counters,
+        held = self.space.held
+        return await self.queue.stats(
+            held.readings, held.reading_bytes, held.stored_bytes, self._clock()
         )
-
-
-def _db_path(path: str) -> str | bytes:
-    """A path as the outbox stores it: text, or, for a name that is not valid UTF-8
-    (Linux names are bytes; SQLite text must be UTF-8), its raw bytes as a BLOB. The same
-    path always maps to the same value, so lookups and joins match."""
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:
-        return os.fsencode(path)
-    return path
-
-
-def _fs_path(value: str | bytes) -> str:
-    """Inverse of `_db_path`."""
-    return os.fsdecode(value) if isinstance(value, bytes) else str(value)
-
-
-def _text(message: str) -> str:
-    """Free text (errors naming odd paths) made storable as SQLite text."""
-    return message.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def _unlink(path: str) -> bool:
-    """Delete one of our own spool files; False (logged) if the OS refuses."""
-    try:
-        Path(path).unlink(missing_ok=True)
-    except OSError as exc:
-        log.warning("cannot delete %s after upload: %s", path, exc.strerror)
-        return False
-    return True
-
-
-def _retire_file(
-    path: str,
-    root: str | None,
-    ident: Identity | None,
-    size: int,
-    mtime_ns: int,
-    delete_after: bool,
-) -> bool:
-    """Delete an uploaded source file if its claim says so; True: forget the claim.
-
-    Reached only below `root` without links, and deleted only if it is still the file
-    that was queued. Rewritten since (other size, mtime or inode): kept, and forgetting
-    the claim lets its source queue the new version. A link or a non-file in its place:
-    nothing is deleted, and the claim is kept as done so the path is not sent again."""
-    try:
-        base, rel = locate(path, root)
-        st = stat_under(base, rel)
-        if stat.S_ISLNK(st.st_mode) or not stat.S_ISREG(st.st_mode):
-            raise Swapped(f"{path} is no longer a regular file (a symlink now?)")
-    except FileNotFoundError:
-        return True
-    except Swapped as exc:
-        log.warning("%s; not deleting anything after its upload", exc)
-        return False
-    except (OSError, ValueError) as exc:
-        log.warning("cannot check %s after upload: %s", path, exc)
-        return False
-    if (ident is not None and Identity.of(st) != ident) or (
-        mtime_ns and (st.st_size, st.st_mtime_ns) != (size, mtime_ns)
-    ):
-        log.warning("%s changed after it was queued; keeping it", path)
-        return True
-    if not delete_after:
-        return False  # kept on purpose: remember it, never resend
-    try:
-        unlink_under(base, rel, Identity.of(st))
-    except Swapped as exc:
-        log.warning("%s; not deleting anything after its upload", exc)
-        return False
-    except OSError as exc:
-        log.warning("cannot delete %s after upload: %s", path, exc.strerror or exc)
-        return False
-    return True
-
-
-_I64 = 1 << 63
-
-
-def _location(
-    root: str | None, ident: Identity | None
-) -> tuple[str | bytes | None, int | None, int | None]:
-    """(root, dev, ino) as stored; device and inode numbers are unsigned 64-bit, SQLite
-    integers signed, so the upper half is stored as negative numbers."""
-    if ident is None:
-        return (None if root is None else _db_path(root), None, None)
-    dev, ino = (v - 2 * _I64 if v >= _I64 else v for v in ident)
-    return (None if root is None else _db_path(root), dev, ino)
-
-
-def _identity(dev: int | None, ino: int | None) -> Identity | None:
-    if dev is None or ino is None:
-        return None
-    return Identity(dev + 2 * _I64 if dev < 0 else dev, ino + 2 * _I64 if ino < 0 else ino)
 
 
 async def _add_columns(db: aiosqlite.Connection) -> None:
@@ -1131,7 +671,3 @@ async def _add_columns(db: aiosqlite.Connection) -> None:
         for t, column, kind in ADDED_COLUMNS:
             if t == table and column not in have:
                 await db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
-
-
-def _disk_free(path: Path) -> int:
-    return shutil.disk_usage(path).free

@@ -15,7 +15,15 @@ from typing import Any
 import pytest
 
 from edged.capture import CaptureWriter, open_capture
-from edged.daemon.outbox import CLAIM_PENDING, KIND_FILE, Claim, FileRef, Outbox, Progress
+from edged.daemon.outbox import (
+    KIND_FILE,
+    Claim,
+    ClaimRecord,
+    ClaimState,
+    FileRef,
+    Outbox,
+    Progress,
+)
 from edged.daemon.sources.base import SourceContext, quarantine
 from edged.daemon.sources.capture import CaptureConfig, CaptureSource
 from edged.daemon.sources.files import FilesConfig, file_metadata
@@ -37,7 +45,9 @@ async def test_outbox_stores_and_finds_paths_that_are_not_utf8(tmp_path: Path) -
             FileRef(str(path), 0, 100),
             claim=Claim(str(path), st.st_size, st.st_mtime_ns),
         )
-        assert await box.claim_of(str(path)) == (CLAIM_PENDING, st.st_size, st.st_mtime_ns)
+        assert await box.claim_of(str(path)) == ClaimRecord(
+            str(path), ClaimState.PENDING, st.st_size, st.st_mtime_ns
+        )
         await box.save_progress(Progress("src", str(path), st.st_ino, 7, 0))
         progress = await box.progress_of("src", str(path))
         assert progress is not None and progress.offset == 7

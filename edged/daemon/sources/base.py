@@ -1,8 +1,13 @@
 """What every source shares: its context, status counters, quarantine, backpressure.
 
-A source's contract (the same contract suite runs against each): a file appears →
-its readings are committed to the outbox → only then is the file retired. Bad input
-is moved to quarantine with a reason, never dropped and never retried forever.
+A source's contract (`tests/test_source_contract.py` runs it against every kind): a
+file appears → its readings are committed to the outbox, exactly once, also across a
+restart → only then is the file retired (by the outbox's ledger). Bad input is moved to
+quarantine with a reason naming the path (and byte offset), never dropped, never
+retried forever, and never holds up the files after it. Nothing is read through a
+symlink, hidden and temporary names (`is_ignored_name`) are never input, a file still
+being written is not taken early, a full outbox leaves the file where it is, a missing
+directory is `last_error` until it appears, and a source stops promptly when cancelled.
 """
 
 from __future__ import annotations

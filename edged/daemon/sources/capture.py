@@ -24,24 +24,18 @@ from pathlib import Path
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.capture import CaptureReader, field_span, open_capture, split_legacy_images
 from edged.daemon.config import SourceConfig
-from edged.daemon.outbox import (
-    CLAIM_COMMITTED,
-    CLAIM_COMMITTING,
-    KIND_BINARY,
-    Claim,
-    FileRef,
-    Progress,
-)
-from edged.daemon.safefs import Identity, Swapped, open_under, stat_under, unlink_under
+from edged.daemon.outbox import KIND_BINARY, Claim, ClaimState, FileRef, Progress
+from edged.daemon.safefs import Identity, Swapped, open_under, stat_under
 from edged.daemon.sources.base import (
     SourceContext,
     SourceStats,
+    is_ignored_name,
     note_root,
     quarantine,
     register,
     wait_for_space,
 )
-from edged.daemon.sources.watch import DirWatcher
+from edged.daemon.sources.watch import WatchLoop
 from edged.errors import CaptureFormatError, IncompleteHeader, OutboxFull
 from edged.options import Duration, option
 
@@ -105,6 +99,11 @@ def lease_free(root: Path, path: Path, st: os.stat_result | None = None) -> bool
         os.close(fd)
 
 
+def wanted_file(name: str) -> bool:
+    """A capture file (or a writer's `.prog`), not a hidden or temporary name."""
+    return name.endswith((".capture", ".prog")) and not is_ignored_name(name)
+
+
 def upload_metadata_for(
     header: pb.DataCaptureMetadata, part_id: str, config: SourceConfig
 ) -> pb.UploadMetadata:
@@ -143,7 +142,7 @@ class CaptureSource:
         self.name = config.name or f"capture:{config.path}"
         self.root = config.path
         self.stats = SourceStats()
-        self._watcher: DirWatcher | None = None
+        self._watch = WatchLoop(self, self.root)
         self._booted_at = boot_time() if booted_at is None else booted_at
         # Both keyed by .prog path, bounded by the files present (pruned on every scan).
         self._prog_waiting: dict[Path, float] = {}  # when to look again (ctx.monotonic)
@@ -154,29 +153,26 @@ class CaptureSource:
 
     def request_rescan(self) -> None:
         """`sync-now`: the running loop does a full pass (see Source.request_rescan)."""
-        if self._watcher is not None:
-            self._watcher.request_rescan()
+        self._watch.request_rescan()
 
     async def run(self) -> None:
-        with DirWatcher(self.root) as watcher:
-            self._watcher = watcher
-            await self.scan_once()
-            next_scan = self.ctx.monotonic() + self.ctx.rescan_s
-            while True:
-                now = self.ctx.monotonic()
-                wake = min([next_scan, *self._prog_waiting.values()])
-                was_active = watcher.active
-                timeout = watcher.timeout(max(0.0, wake - now))
-                appeared = not was_active and watcher.active  # root just created: scan it
-                changed = await watcher.wait(0.0 if appeared else timeout)
-                if changed is None or appeared or self.ctx.monotonic() >= next_scan:
-                    await self.scan_once()
-                    next_scan = self.ctx.monotonic() + self.ctx.rescan_s
-                    continue
-                due = [p for p, t in self._prog_waiting.items() if t <= self.ctx.monotonic()]
-                for path in sorted({*changed, *due}):
-                    if path.suffix in (".capture", ".prog") and self._inside(path):
-                        await self.consider(path)
+        await self._watch.run()
+
+    async def on_changes(self, changed: set[Path]) -> None:
+        """Changed capture files, and `.prog` files whose grace period is over."""
+        due = [p for p, t in self._prog_waiting.items() if t <= self.ctx.monotonic()]
+        for path in sorted({*changed, *due}):
+            if wanted_file(path.name) and self._inside(path):
+                await self.consider(path)
+
+    def wake_at(self) -> float | None:
+        return min(self._prog_waiting.values(), default=None)
+
+    def wants_scan(self) -> bool:
+        return False
+
+    def blocked(self) -> bool:
+        return False  # `consider` waits for space itself: a file is committed whole
 
     async def scan_once(self) -> None:
         """Every capture file under the root, oldest name first (names are timestamps)."""
@@ -204,7 +200,7 @@ class CaptureSource:
                 if entry.is_dir(follow_symlinks=False):
                     if entry.name not in ROBOT_DIRS and not entry.name.startswith("."):
                         stack.append(Path(entry.path))
-                elif entry.name.endswith((".capture", ".prog")):
+                elif wanted_file(entry.name):
                     found.append(Path(entry.path))
         found.sort()
         return found
@@ -232,11 +228,11 @@ class CaptureSource:
         if not stat.S_ISREG(st.st_mode):
             return
         claim = await self.ctx.outbox.claim_of(str(path))
-        committing = claim is not None and claim[0] == CLAIM_COMMITTING
+        committing = claim is not None and claim.state is ClaimState.COMMITTING
         if claim is not None and not committing:
-            if claim[0] != CLAIM_COMMITTED:
+            if claim.state is not ClaimState.COMMITTED:
                 return  # binary readings still queued by reference
-            if (st.st_size, st.st_mtime_ns) == claim[1:]:
+            if claim.same_version(st.st_size, st.st_mtime_ns):
                 await self._retire(path, st)  # crashed between commit and delete
                 return
             # A .prog that grew after we committed it: its writer was alive after all.
@@ -476,17 +472,13 @@ class CaptureSource:
         return Progress(self.name, str(path), st.st_ino, offset, 0)
 
     async def _retire(self, path: Path, st: os.stat_result) -> None:
-        """Every reading is committed: delete the file (only if it is still the one read,
-        reached without links), then forget it."""
-        try:
-            unlink_under(self.root, path.relative_to(self.root), Identity.of(st))
-        except FileNotFoundError:
-            pass  # a directory on the way went: so did the file
-        except Swapped as exc:
-            log.warning("%s; not deleting anything", exc)
-        await self.ctx.outbox.forget_claim(str(path), self.name)
-        if path.suffix == ".capture":  # its offset may have been kept under the .prog name
-            await self.ctx.outbox.forget_claim(str(path.with_suffix(".prog")), self.name)
+        """Every reading is committed: the ledger deletes the file (only if it is still
+        the one read, reached without links) and forgets it, with the offset that may
+        have been kept under its `.prog` name."""
+        also = [str(path.with_suffix(".prog"))] if path.suffix == ".capture" else []
+        await self.ctx.outbox.retire_committed(
+            str(path), str(self.root), Identity.of(st), source=self.name, also=also
+        )
 
     def _quarantine(
         self, path: Path, st: os.stat_result, reason: str, *, keep_original: bool

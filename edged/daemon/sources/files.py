@@ -37,7 +37,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.daemon.config import SourceConfig
-from edged.daemon.outbox import CLAIM_DONE, KIND_FILE, Claim, FileRef
+from edged.daemon.outbox import KIND_FILE, Claim, FileRef
 from edged.daemon.safefs import Identity, Swapped, open_under
 from edged.daemon.sources.base import (
     SourceContext,
@@ -45,9 +45,8 @@ from edged.daemon.sources.base import (
     is_ignored_name,
     note_root,
     register,
-    wait_for_space,
 )
-from edged.daemon.sources.watch import DirWatcher
+from edged.daemon.sources.watch import MIN_WAIT_S, WatchLoop
 from edged.errors import OutboxFull
 from edged.options import Duration, Flag, Strings, option
 
@@ -55,7 +54,6 @@ log = logging.getLogger("edged.sources.files")
 
 ROBOT_DIRS = frozenset({"failed", "datasetUpload", "sequences"})
 CAPTURE_SUFFIXES = (".capture", ".prog")
-MIN_WAIT_S = 0.05  # never spin: the loop always waits at least this long
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -168,7 +166,7 @@ class FilesSource:
         self.ctx = ctx
         self.name = config.name or f"files:{config.path}"
         self.stats = SourceStats()
-        self._watcher: DirWatcher | None = None
+        self._watch = WatchLoop(self, config.path)
         self.patterns = config.patterns or ("*",)
         self._root: Path | None = None
         # All bounded by the files/dirs present: pruned on every full scan.
@@ -182,38 +180,22 @@ class FilesSource:
 
     def request_rescan(self) -> None:
         """`sync-now`: the running loop does a full pass (see Source.request_rescan)."""
-        if self._watcher is not None:
-            self._watcher.request_rescan()
+        self._watch.request_rescan()
 
     async def run(self) -> None:
-        with DirWatcher(self._watch_root()) as watcher:
-            self._watcher = watcher
-            await self.scan_once()
-            next_rescan = self.ctx.monotonic() + self.ctx.rescan_s
-            while True:
-                if self._blocked:
-                    await wait_for_space(self.ctx, self.stats)
-                changed = await watcher.wait(watcher.timeout(self._timeout(next_rescan)))
-                try:
-                    now = self.ctx.monotonic()
-                    if changed is None or self._root is None or now >= next_rescan:
-                        next_rescan = now + self.ctx.rescan_s
-                        await self.scan_once()
-                    else:
-                        await self._check_changed(changed)
-                except OSError as exc:  # EIO and the like: say so, try again next round
-                    self.stats.last_error = f"{exc.filename or self.config.path}: {exc}"
-                    log.warning("%s: %s", self.name, self.stats.last_error)
+        self._watch.root = self._watch_root()
+        await self._watch.run()
 
-    def _timeout(self, next_rescan: float) -> float:
-        now = self.ctx.monotonic()
-        wait = next_rescan - now
-        if self._blocked:
-            wait = min(wait, MIN_WAIT_S)
-        if self._pending:
-            settle = self.config.settle
-            wait = min(wait, min(recheck_at(s, settle) for s in self._pending.values()) - now)
-        return min(max(wait, MIN_WAIT_S), self.ctx.rescan_s)
+    def wake_at(self) -> float | None:
+        """When the first file not settled yet deserves another look."""
+        settle = self.config.settle
+        return min((recheck_at(s, settle) for s in self._pending.values()), default=None)
+
+    def wants_scan(self) -> bool:
+        return self._root is None  # the root appeared: walk it whole
+
+    def blocked(self) -> bool:
+        return self._blocked
 
     async def scan_once(self) -> None:
         note_root(self.name, self.stats, self.config.path)
@@ -228,7 +210,7 @@ class FilesSource:
         self._warned &= present | dirs
         await self._consider(files)
 
-    async def _check_changed(self, changed: set[Path]) -> None:
+    async def on_changes(self, changed: set[Path]) -> None:
         """Watcher paths plus pending files that are due; new directories are walked."""
         root = self._resolve_root()
         if root is None:
@@ -347,12 +329,9 @@ class FilesSource:
 
     async def _in_outbox(self, path: Path, seen: Seen) -> bool:
         claim = await self.ctx.outbox.claim_of(str(path))
-        if claim is None:
-            return False
-        state, size, mtime_ns = claim
-        if state == CLAIM_DONE and (size, mtime_ns) != (seen.size, seen.mtime_ns):
-            return False  # uploaded and kept, then changed: a new version to send
-        self._known[path] = (size, mtime_ns)
+        if claim is None or claim.send_again(seen.size, seen.mtime_ns):
+            return False  # unknown, or uploaded and kept, then changed: a new version
+        self._known[path] = (claim.size, claim.mtime_ns)
         return True
 
     async def _enqueue(self, path: Path, root: Path, st: os.stat_result) -> None:

@@ -33,7 +33,6 @@ import math
 import os
 import re
 import stat
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -50,9 +49,8 @@ from edged.daemon.sources.base import (
     is_ignored_name,
     note_root,
     register,
-    wait_for_space,
 )
-from edged.daemon.sources.watch import DirWatcher
+from edged.daemon.sources.watch import WatchLoop
 from edged.durable import fsync_dir
 from edged.errors import OutboxFull
 from edged.options import Text, option, required
@@ -63,7 +61,6 @@ CHUNK = 256 * 1024  # bytes read (and lines committed) per transaction
 MAX_LINE = 1024 * 1024  # a longer line is quarantined (first QUARANTINE_TEXT bytes kept)
 QUARANTINE_TEXT = 64 * 1024
 POLL_S = 1.0  # tracked files are stat'ed at least this often (inotify may miss appends)
-MIN_WAIT_S = 0.05
 MAX_VANISHED = 1024
 
 
@@ -186,8 +183,8 @@ class JsonlSource:
         self.ctx = ctx
         self.name = config.name or f"jsonl:{config.path}"
         self.stats = SourceStats()
-        self._watcher: DirWatcher | None = None
         self.dir, self.pattern = split_glob(config.path)
+        self._watch = WatchLoop(self, self.dir, recursive=False)
         self._explicit = not any(c in self.pattern for c in "*?[")
         self._tails: dict[Path, _Tail] = {}  # only files present (a vanished one is dropped)
         self._vanished: dict[Path, int] = {}  # key -> inode it had when we saw it go
@@ -209,32 +206,21 @@ class JsonlSource:
 
     def request_rescan(self) -> None:
         """`sync-now`: the running loop does a full pass (see Source.request_rescan)."""
-        if self._watcher is not None:
-            self._watcher.request_rescan()
+        self._watch.request_rescan()
 
     async def run(self) -> None:
-        with DirWatcher(self.dir, recursive=False) as watcher:
-            self._watcher = watcher
-            await self.scan_once()
-            next_rescan = time.monotonic() + self.ctx.rescan_s
-            while True:
-                if self._blocked:
-                    await wait_for_space(self.ctx, self.stats)
-                was_active = watcher.active
-                wait = max(min(POLL_S, next_rescan - time.monotonic()), MIN_WAIT_S)
-                changed = await watcher.wait(watcher.timeout(wait))
-                appeared = watcher.active and not was_active  # the directory came to be
-                try:
-                    if changed is None or appeared or time.monotonic() >= next_rescan:
-                        next_rescan = time.monotonic() + self.ctx.rescan_s
-                        await self.scan_once()
-                    else:
-                        await self._tick(changed)
-                except OSError as exc:  # EIO and the like: say so, try again next round
-                    self.stats.last_error = f"{exc.filename or self.dir}: {exc.strerror or exc}"
-                    log.warning("%s: %s", self.name, self.stats.last_error)
+        await self._watch.run()
 
-    async def _tick(self, changed: set[Path]) -> None:
+    def wake_at(self) -> float | None:
+        return self.ctx.monotonic() + POLL_S  # tracked files are polled: appends may be missed
+
+    def wants_scan(self) -> bool:
+        return False
+
+    def blocked(self) -> bool:
+        return self._blocked
+
+    async def on_changes(self, changed: set[Path]) -> None:
         """Tracked files (a cheap stat each) plus new matching paths the watcher saw."""
         fresh = {p for p in changed if p.parent == self.dir and self._matches(p.name)}
         if self._explicit:

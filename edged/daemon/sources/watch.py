@@ -1,22 +1,37 @@
-"""A thin shell around watchdog: events only say "look at this path soon".
+"""The one watch loop every source kind runs, around a thin shell over watchdog.
 
-Events can be lost (inotify overflow, network filesystems), so sources also scan fully
-at start-up and every `rescan_s`; the watcher just makes the common case fast.
-Paths are handed to the event loop with `call_soon_threadsafe` and collected in a
-bounded set; an overflowing set turns into one full rescan.
+Events only say "look at this path soon" and can be lost (inotify overflow, network
+filesystems), so `WatchLoop` also scans fully at start-up, every `rescan_s`, when the
+watched directory appears, and on request (`sync-now`); the watcher just makes the
+common case fast. Paths are handed to the event loop with `call_soon_threadsafe` and
+collected in a bounded set; an overflowing set turns into one full rescan.
+
+A source kind plugs in through `Watched`: a full pass, a pass over changed paths, and
+when its own timers (a file settling, a tailed file to poll) want it woken. Waits use
+the context's monotonic clock; an OSError in a pass is named in the source's
+`last_error` and logged, and the loop goes on (anything else is a bug: the daemon's
+guard logs it and restarts the source after a pause).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+from collections.abc import Awaitable
 from pathlib import Path
 from types import TracebackType
+from typing import Protocol
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+from edged.daemon.sources.base import SourceContext, SourceStats, wait_for_space
+
+log = logging.getLogger("edged.sources")
+
 MAX_PENDING = 10_000
+MIN_WAIT_S = 0.05  # never spin: the loop always waits at least this long
 
 
 class _Handler(FileSystemEventHandler):
@@ -115,3 +130,91 @@ class DirWatcher:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+class Watched(Protocol):
+    """What a source kind hands the watch loop."""
+
+    name: str
+    ctx: SourceContext
+    stats: SourceStats
+
+    async def scan_once(self) -> None:
+        """A full pass over the source's files."""
+
+    async def on_changes(self, changed: set[Path]) -> None:
+        """A pass over paths the watcher saw change, plus files whose timers are due."""
+
+    def wake_at(self) -> float | None:
+        """When (ctx.monotonic) a timer of the source is due; None: no timer."""
+
+    def wants_scan(self) -> bool:
+        """A full pass is needed before changes mean anything (e.g. root not known)."""
+
+    def blocked(self) -> bool:
+        """The outbox refused the last write: wait for space before the next pass."""
+
+
+def next_wait(
+    now: float, next_scan: float, wake: float | None, rescan_s: float, blocked: bool
+) -> float:
+    """Seconds to wait for events: until the next rescan or source timer, briefly when
+    backpressured, never less than MIN_WAIT_S (no spinning), never more than rescan_s."""
+    deadline = next_scan if wake is None else min(next_scan, wake)
+    wait = deadline - now
+    if blocked:
+        wait = min(wait, MIN_WAIT_S)
+    return min(max(wait, MIN_WAIT_S), max(rescan_s, MIN_WAIT_S))
+
+
+class WatchLoop:
+    """Scan, then watch `root` and hand changes to `source` until cancelled."""
+
+    def __init__(self, source: Watched, root: Path, *, recursive: bool = True) -> None:
+        self.source = source
+        self.root = root
+        self.recursive = recursive
+        self._watcher: DirWatcher | None = None
+
+    def request_rescan(self) -> None:
+        """`sync-now`: a full pass soon, in the loop (never two passes at once)."""
+        if self._watcher is not None:
+            self._watcher.request_rescan()
+
+    async def run(self) -> None:
+        source, ctx = self.source, self.source.ctx
+        with DirWatcher(self.root, recursive=self.recursive) as watcher:
+            self._watcher = watcher
+            await self._pass(source.scan_once())
+            next_scan = ctx.monotonic() + ctx.rescan_s
+            while True:
+                if source.blocked():
+                    await wait_for_space(ctx, source.stats)
+                wait = next_wait(
+                    ctx.monotonic(), next_scan, source.wake_at(), ctx.rescan_s, source.blocked()
+                )
+                was_active = watcher.active
+                timeout = watcher.timeout(wait)
+                appeared = not was_active and watcher.active  # the root just came to be
+                changed = await watcher.wait(0.0 if appeared else timeout)
+                if (
+                    changed is None
+                    or appeared
+                    or source.wants_scan()
+                    or ctx.monotonic() >= next_scan
+                ):
+                    await self._pass(source.scan_once())
+                    next_scan = ctx.monotonic() + ctx.rescan_s
+                else:
+                    await self._pass(source.on_changes(changed))
+
+    async def _pass(self, step: Awaitable[None]) -> None:
+        try:
+            await step
+        except OSError as exc:  # EIO and the like: say so, try again next round
+            stats = self.source.stats
+            stats.last_error = f"{exc.filename or self.root}: {exc.strerror or exc}"
+            log.warning("%s: %s", self.source.name, stats.last_error)

@@ -1,0 +1,473 @@
+"""The upload queue of the outbox: readings and items in, leases out, acks and dead letters.
+
+What is stored where:
+- tabular readings: one row each in `readings`, already encoded as SensorData bytes,
+  tied to an encoded UploadMetadata in `meta`. They are grouped into upload batches
+  only when leased: a batch is an id range [lo, hi] of one metadata, recorded once
+  (no per-reading rewrite) and moving the metadata's `batched_upto` watermark. A
+  batch keeps its id across retries and restarts, so the ingest side can de-duplicate
+  a batch that was sent twice. Reading ids only grow (AUTOINCREMENT), so a range never
+  takes in a reading enqueued later.
+- binary readings and files: one row each in `items`, the bytes inline (small), in a
+  private spool file, or left in the source file (path, offset, length) until acked.
+- `dead_letters`: items the server rejected for good, with status and message.
+
+Every write here takes the connection of a transaction the outbox has open
+(`outbox.Outbox`), so it commits together with the claim or offset it belongs to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiosqlite
+
+from edged.daemon.ledger import db_path, fs_path, identity, location
+from edged.daemon.policy import batch_take
+from edged.daemon.safefs import Identity
+
+KIND_TABULAR = "tabular"
+KIND_BINARY = "binary"
+KIND_FILE = "file"
+KINDS = (KIND_TABULAR, KIND_BINARY, KIND_FILE)
+
+INLINE_MAX = 256 * 1024  # larger payloads handed over as bytes go to a spool file
+
+_ITEM_COLS = (
+    "i.id, i.uid, i.kind, m.metadata, i.sensor, i.inline, i.path, i.offset, i.length,"
+    " i.stored, i.count, i.bytes, i.enqueued_at, i.attempts, i.root, i.dev, i.ino"
+)
+
+
+@dataclass(frozen=True)
+class FileRef:
+    """Payload bytes left in a source file until the upload is acknowledged; `root` and
+    `ident` as in Claim: the uploader reads only that file, reached without links."""
+
+    path: str
+    offset: int
+    length: int
+    root: str | None = None
+    ident: Identity | None = None
+
+
+@dataclass(frozen=True)
+class Item:
+    """One upload call's worth of work, leased by one worker."""
+
+    id: int
+    uid: str
+    kind: str
+    metadata: bytes
+    sensor: bytes | None
+    inline: bytes | None
+    path: str | None
+    offset: int
+    length: int
+    stored: bool
+    count: int
+    bytes: int
+    enqueued_at: float
+    attempts: int
+    root: str | None = None
+    ident: Identity | None = None
+
+
+@dataclass(frozen=True)
+class NewItem:
+    """An item row about to be inserted (what `Outbox.enqueue_item` worked out)."""
+
+    uid: str
+    kind: str
+    sensor: bytes | None
+    inline: bytes | None
+    path: str | None
+    offset: int
+    length: int
+    stored: bool
+    root: str | None = None
+    ident: Identity | None = None
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    id: int
+    uid: str
+    kind: str
+    count: int
+    bytes: int
+    status: str
+    message: str
+    dead_at: float
+    path: str | None
+
+
+@dataclass(frozen=True)
+class KindStats:
+    items: int = 0
+    bytes: int = 0
+
+
+@dataclass(frozen=True)
+class OutboxStats:
+    items: int
+    readings: int
+    bytes: int
+    stored_bytes: int
+    oldest_age_s: float | None
+    per_kind: dict[str, KindStats]
+    dead_letters: int
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+async def scalar(db: aiosqlite.Connection, sql: str, args: Sequence[Any] = ()) -> int:
+    async with db.execute(sql, args) as cur:
+        row = await cur.fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
+
+
+async def bump(db: aiosqlite.Connection, **deltas: int) -> None:
+    """Add to the outbox's lifetime counters (in the caller's transaction)."""
+    await db.executemany(
+        "INSERT INTO counters(name, value) VALUES (?, ?)"
+        " ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+        [(k, v) for k, v in deltas.items() if v],
+    )
+
+
+def text(message: str) -> str:
+    """Free text (errors naming odd paths) made storable as SQLite text."""
+    return message.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _digest(metadata: bytes) -> bytes:
+    return hashlib.blake2b(metadata, digest_size=16).digest()
+
+
+def _item(row: Any) -> Item:
+    return Item(
+        id=row[0],
+        uid=row[1],
+        kind=row[2],
+        metadata=row[3],
+        sensor=row[4],
+        inline=row[5],
+        path=None if row[6] is None else fs_path(row[6]),
+        offset=row[7],
+        length=row[8],
+        stored=bool(row[9]),
+        count=row[10],
+        bytes=row[11],
+        enqueued_at=row[12],
+        attempts=row[13],
+        root=None if row[14] is None else fs_path(row[14]),
+        ident=identity(row[15], row[16]),
+    )
+
+
+class Queue:
+    """The items, readings and dead-letter SQL."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+        self._meta_ids: dict[bytes, int] = {}
+
+    def forget_cached(self) -> None:
+        """A transaction rolled back: metadata ids it cached may not exist."""
+        self._meta_ids.clear()
+
+    async def _meta_id(self, db: aiosqlite.Connection, metadata: bytes) -> int:
+        digest = _digest(metadata)
+        cached = self._meta_ids.get(digest)
+        if cached is not None:
+            return cached
+        await db.execute(
+            "INSERT INTO meta(digest, metadata) VALUES (?, ?) ON CONFLICT DO NOTHING",
+            (digest, metadata),
+        )
+        meta_id = await scalar(db, "SELECT id FROM meta WHERE digest=?", (digest,))
+        self._meta_ids[digest] = meta_id
+        return meta_id
+
+    # -- in -----------------------------------------------------------------------------
+
+    async def add_readings(
+        self, db: aiosqlite.Connection, metadata: bytes, readings: Sequence[bytes], now: float
+    ) -> None:
+        if readings:
+            meta_id = await self._meta_id(db, metadata)
+            await db.executemany(
+                "INSERT INTO readings(meta_id, data, size, enqueued_at) VALUES (?,?,?,?)",
+                [(meta_id, r, len(r), now) for r in readings],
+            )
+        await bump(db, enqueued_readings=len(readings))
+
+    async def add_item(
+        self, db: aiosqlite.Connection, metadata: bytes, new: NewItem, now: float
+    ) -> None:
+        meta_id = await self._meta_id(db, metadata)
+        await db.execute(
+            "INSERT INTO items(uid, kind, meta_id, sensor, inline, path, offset, length,"
+            " stored, count, bytes, enqueued_at, root, dev, ino)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                new.uid,
+                new.kind,
+                meta_id,
+                new.sensor,
+                new.inline,
+                None if new.path is None else db_path(new.path),
+                new.offset,
+                new.length,
+                int(new.stored),
+                1,
+                new.length,
+                now,
+                *location(new.root, new.ident),
+            ),
+        )
+        await bump(db, enqueued_items=1)
+
+    # -- out ----------------------------------------------------------------------------
+
+    async def lease(
+        self,
+        db: aiosqlite.Connection,
+        now: float,
+        lease_s: float,
+        max_readings: int,
+        max_bytes: int,
+    ) -> Item | None:
+        """The next due item, leased until `now + lease_s`; forms a new tabular batch if
+        none is waiting."""
+        async with db.execute(
+            f"SELECT {_ITEM_COLS} FROM items i JOIN meta m ON m.id=i.meta_id"
+            " WHERE i.next_attempt_at <= ? AND (i.lease_until IS NULL OR i.lease_until < ?)"
+            " AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.item_id=i.id)"
+            " ORDER BY i.next_attempt_at, i.id LIMIT 1",
+            (now, now),
+        ) as cur:
+            row = await cur.fetchone()
+        free = await self.oldest_unbatched(db)
+        if free is not None and (row is None or free[1] < row[12]):
+            row = await self._new_batch(db, free[0], max_readings, max_bytes)
+        if row is None:
+            return None
+        await db.execute("UPDATE items SET lease_until=? WHERE id=?", (now + lease_s, row[0]))
+        return _item(row)
+
+    async def oldest_unbatched(self, db: aiosqlite.Connection) -> tuple[int, float] | None:
+        """(meta_id, enqueued_at) of the oldest reading in no batch; one index probe per
+        metadata (there are few: one per component and method)."""
+        async with db.execute(
+            "SELECT m.id, (SELECT r.id FROM readings r WHERE r.meta_id=m.id"
+            " AND r.id > m.batched_upto ORDER BY r.id LIMIT 1) AS first FROM meta m"
+        ) as cur:
+            firsts = [(int(mid), int(first)) for mid, first in await cur.fetchall() if first]
+        if not firsts:
+            return None
+        meta_id, first = min(firsts, key=lambda f: f[1])
+        async with db.execute("SELECT enqueued_at FROM readings WHERE id=?", (first,)) as cur:
+            row = await cur.fetchone()
+        assert row is not None
+        return meta_id, float(row[0])
+
+    async def _new_batch(
+        self,
+        db: aiosqlite.Connection,
+        meta_id: int,
+        max_readings: int,
+        max_bytes: int,
+    ) -> Any:
+        """Bind the oldest unbatched readings of one metadata to a new item, for good."""
+        async with db.execute(
+            "SELECT r.id, r.size, r.enqueued_at FROM readings r JOIN meta m ON m.id=r.meta_id"
+            " WHERE r.meta_id=? AND r.id > m.batched_upto ORDER BY r.id LIMIT ?",
+            (meta_id, max_readings),
+        ) as cur:
+            rows = list(await cur.fetchall())
+        n = batch_take([r[1] for r in rows], max_readings, max_bytes)
+        rows = rows[:n]
+        size = sum(r[1] for r in rows)
+        uid = uuid.uuid4().hex
+        cur2 = await db.execute(
+            "INSERT INTO items(uid, kind, meta_id, stored, lo, hi, count, bytes, enqueued_at)"
+            " VALUES (?,?,?,0,?,?,?,?,?)",
+            (uid, KIND_TABULAR, meta_id, rows[0][0], rows[-1][0], n, size, rows[0][2]),
+        )
+        batch_id = cur2.lastrowid
+        await db.execute("UPDATE meta SET batched_upto=? WHERE id=?", (rows[-1][0], meta_id))
+        async with db.execute(
+            f"SELECT {_ITEM_COLS} FROM items i JOIN meta m ON m.id=i.meta_id WHERE i.id=?",
+            (batch_id,),
+        ) as cur:
+            return await cur.fetchone()
+
+    async def extend_lease(self, db: aiosqlite.Connection, item: Item, until: float) -> None:
+        await db.execute("UPDATE items SET lease_until=? WHERE id=?", (until, item.id))
+
+    async def release_all(self, db: aiosqlite.Connection) -> int:
+        """A previous process's leases mean nothing now."""
+        cur = await db.execute("UPDATE items SET lease_until=NULL WHERE lease_until IS NOT NULL")
+        return int(cur.rowcount)
+
+    async def readings_of(self, item: Item) -> list[bytes]:
+        async with self._db.execute(
+            "SELECT r.data FROM items i JOIN readings r ON r.meta_id=i.meta_id"
+            " AND r.id BETWEEN i.lo AND i.hi WHERE i.id=? ORDER BY r.id",
+            (item.id,),
+        ) as cur:
+            return [bytes(r[0]) for r in await cur.fetchall()]
+
+    # -- outcomes -----------------------------------------------------------------------
+
+    async def ack(self, db: aiosqlite.Connection, item: Item) -> bool:
+        """Delete an acknowledged item and its readings; False if it was gone already
+        (a late duplicate ack: nothing to book twice)."""
+        if item.kind == KIND_TABULAR:
+            await db.execute(
+                "DELETE FROM readings WHERE id IN (SELECT r.id FROM items i JOIN readings r"
+                " ON r.meta_id=i.meta_id AND r.id BETWEEN i.lo AND i.hi WHERE i.id=?)",
+                (item.id,),
+            )
+        cur = await db.execute("DELETE FROM items WHERE id=?", (item.id,))
+        if cur.rowcount == 0:
+            return False
+        await db.execute("DELETE FROM dead_letters WHERE item_id=?", (item.id,))
+        await bump(db, uploaded_items=1, uploaded_readings=item.count, uploaded_bytes=item.bytes)
+        return True
+
+    async def refs_to(self, db: aiosqlite.Connection, path: str) -> int:
+        """How many items still read from `path`."""
+        return await scalar(db, "SELECT count(*) FROM items WHERE path=?", (db_path(path),))
+
+    async def retry_later(
+        self, db: aiosqlite.Connection, item: Item, at: float, error: str
+    ) -> None:
+        await db.execute(
+            "UPDATE items SET attempts=attempts+1, next_attempt_at=?, lease_until=NULL,"
+            " last_error=? WHERE id=?",
+            (at, text(error), item.id),
+        )
+        await bump(db, retries=1)
+
+    async def release(self, db: aiosqlite.Connection, item: Item) -> None:
+        await db.execute("UPDATE items SET lease_until=NULL WHERE id=?", (item.id,))
+
+    async def dead_letter(
+        self, db: aiosqlite.Connection, item: Item, status: str, message: str, now: float
+    ) -> None:
+        message = text(message)
+        await db.execute(
+            "INSERT OR REPLACE INTO dead_letters(item_id, status, message, dead_at)"
+            " VALUES (?,?,?,?)",
+            (item.id, status, message, now),
+        )
+        await db.execute(
+            "UPDATE items SET attempts=attempts+1, lease_until=NULL, last_error=? WHERE id=?",
+            (f"{status}: {message}", item.id),
+        )
+        await bump(db, dead_lettered=1)
+
+    async def waiting(self, limit: int) -> list[tuple[str, str | None, int, int, str | None]]:
+        """(kind, path, readings, bytes, last error) of the oldest `limit` items still to
+        send, dead letters excepted."""
+        async with self._db.execute(
+            "SELECT kind, path, count, bytes, last_error FROM items i WHERE NOT EXISTS"
+            " (SELECT 1 FROM dead_letters d WHERE d.item_id=i.id) ORDER BY id LIMIT ?",
+            (limit,),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [(r[0], fs_path(r[1]) if r[1] else None, r[2], r[3], r[4]) for r in rows]
+
+    async def dead_letters(self) -> list[DeadLetter]:
+        async with self._db.execute(
+            "SELECT i.id, i.uid, i.kind, i.count, i.bytes, d.status, d.message, d.dead_at,"
+            " i.path FROM dead_letters d JOIN items i ON i.id=d.item_id ORDER BY d.dead_at"
+        ) as cur:
+            rows = await cur.fetchall()
+        return [
+            DeadLetter(
+                r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], fs_path(r[8]) if r[8] else None
+            )
+            for r in rows
+        ]
+
+    async def retry_dead(self, db: aiosqlite.Connection, ids: Sequence[int] | None) -> int:
+        if ids is None:
+            cur = await db.execute(
+                "UPDATE items SET attempts=0, next_attempt_at=0 WHERE id IN"
+                " (SELECT item_id FROM dead_letters)"
+            )
+            n = cur.rowcount
+            await db.execute("DELETE FROM dead_letters")
+        else:
+            marks = ",".join("?" * len(ids))
+            cur = await db.execute(
+                f"UPDATE items SET attempts=0, next_attempt_at=0 WHERE id IN ({marks})"
+                f" AND id IN (SELECT item_id FROM dead_letters)",
+                list(ids),
+            )
+            n = cur.rowcount
+            await db.execute(f"DELETE FROM dead_letters WHERE item_id IN ({marks})", list(ids))
+        return int(n)
+
+    async def make_all_due(self, db: aiosqlite.Connection) -> None:
+        await db.execute("UPDATE items SET next_attempt_at=0 WHERE next_attempt_at > 0")
+
+    async def next_due_in(self, now: float) -> float | None:
+        if await self.oldest_unbatched(self._db) is not None:
+            return 0.0
+        async with self._db.execute(
+            "SELECT min(next_attempt_at) FROM items i WHERE (lease_until IS NULL OR"
+            " lease_until < ?) AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.item_id=i.id)",
+            (now,),
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None or row[0] is None:
+            return None
+        return max(0.0, float(row[0]) - now)
+
+    async def spooled(self) -> set[str]:
+        """Spool files some item owns."""
+        async with self._db.execute(
+            "SELECT path FROM items WHERE stored=1 AND path IS NOT NULL"
+        ) as q:
+            return {fs_path(r[0]) for r in await q.fetchall()}
+
+    # -- status -------------------------------------------------------------------------
+
+    async def stats(
+        self, readings: int, reading_bytes: int, stored_bytes: int, now: float
+    ) -> OutboxStats:
+        async with self._db.execute(
+            "SELECT kind, count(*), coalesce(sum(bytes),0), min(enqueued_at) FROM items"
+            " WHERE kind != ? GROUP BY kind",
+            (KIND_TABULAR,),
+        ) as cur:
+            kinds = await cur.fetchall()
+        async with self._db.execute("SELECT enqueued_at FROM readings ORDER BY id LIMIT 1") as cur:
+            first = await cur.fetchone()
+        oldest = float(first[0]) if first else None
+        per_kind: dict[str, KindStats] = {k: KindStats() for k in KINDS}
+        per_kind[KIND_TABULAR] = KindStats(readings, reading_bytes)
+        for kind, n, size, enq in kinds:
+            per_kind[kind] = KindStats(n, size)
+            if enq is not None and (oldest is None or enq < oldest):
+                oldest = enq
+        async with self._db.execute("SELECT name, value FROM counters") as cur:
+            counters = {str(k): int(v) for k, v in await cur.fetchall()}
+        return OutboxStats(
+            items=sum(k.items for k in per_kind.values()),
+            readings=readings,
+            bytes=sum(k.bytes for k in per_kind.values()),
+            stored_bytes=stored_bytes,
+            oldest_age_s=None if oldest is None else max(0.0, now - oldest),
+            per_kind=per_kind,
+            dead_letters=await scalar(self._db, "SELECT count(*) FROM dead_letters"),
+            counters=counters,
+        )
