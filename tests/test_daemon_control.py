@@ -38,9 +38,7 @@ def test_second_daemon_on_the_same_state_dir_refuses_to_start(tmp_path: Path, ke
 def test_sync_now_never_commits_data_twice_and_reload_keeps_pause(
     tmp_path: Path, key: KeyFile
 ) -> None:
-    with ingest_process(
-        tmp_path / "ingest", ["--api-key-id", key.key_id, "--api-key-file", str(key.path)]
-    ) as (_, port):
+    with ingest_process(tmp_path / "ingest", key.ingest_args()) as (_, port):
         cfg = write_config(tmp_path / "edged.yaml", base_config(tmp_path, port, key))
         with daemon(cfg) as proc:
             wait_for("status socket", lambda: socket_up(tmp_path / "edged.sock"))
@@ -72,10 +70,7 @@ def test_until_empty_exits_with_a_dead_lettered_tabular_batch(tmp_path: Path, ke
     with ingest_process(
         tmp_path / "ingest",
         [
-            "--api-key-id",
-            key.key_id,
-            "--api-key-file",
-            str(key.path),
+            *key.ingest_args(),
             "--max-message-bytes",
             "2000",
         ],

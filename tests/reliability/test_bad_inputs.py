@@ -117,10 +117,7 @@ def test_bad_inputs_end_in_their_documented_outcome(tmp_path: Path, key: KeyFile
     with ingest_process(
         tmp_path / "ingest",
         [
-            "--api-key-id",
-            key.key_id,
-            "--api-key-file",
-            str(key.path),
+            *key.ingest_args(),
             "--max-upload-bytes",
             f"{cap_mib}MiB",
         ],

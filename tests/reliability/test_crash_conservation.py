@@ -30,10 +30,7 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path, key: KeyFile) -
     rng = random.Random(int(os.environ.get("EDGED_TORTURE_SEED", "1")))
     data = tmp_path / "ingest"
     max_rss = 0
-    with ingest_process(data, ["--api-key-id", key.key_id, "--api-key-file", str(key.path)]) as (
-        _,
-        port,
-    ):
+    with ingest_process(data, key.ingest_args()) as (_, port):
         cfg = write_config(tmp_path / "edged.yaml", base_config(tmp_path, port, key))
         writer = start_writer(tmp_path, files, per_file, plain)
         try:

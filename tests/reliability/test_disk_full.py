@@ -85,10 +85,7 @@ status:
                 [
                     "--listen",
                     f"127.0.0.1:{port}",
-                    "--api-key-id",
-                    key.key_id,
-                    "--api-key-file",
-                    str(key.path),
+                    *key.ingest_args(),
                 ],
             ):
                 wait_for(

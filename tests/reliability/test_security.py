@@ -93,11 +93,10 @@ def test_secret_never_leaks_wrong_key_then_fixed_and_modes(tmp_path: Path, key: 
         f.write(WRONG + "\n")
     stdout_path, stderr_path = tmp_path / "ingest.out", tmp_path / "ingest.err"
     outputs: list[str] = []
-    with ingest_process(
-        tmp_path / "ingest",
-        ["--api-key-id", key.key_id, "--api-key-file", str(key.path)],
-        log=stderr_path,
-    ) as (ingest, port):
+    with ingest_process(tmp_path / "ingest", key.ingest_args(), log=stderr_path) as (
+        ingest,
+        port,
+    ):
         body = base_config(tmp_path, port, key).replace(str(key.path), str(daemon_key))
         cfg = write_config(tmp_path / "edged.yaml", body)
         write_capture(tmp_path / "capture", 0, readings // 2)

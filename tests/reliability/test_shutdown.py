@@ -66,9 +66,7 @@ def test_sigterm_at_random_moments_of_large_uploads(tmp_path: Path, key: KeyFile
     names: list[str] = []
     slowest = 0.0
     second_signals = 0
-    with ingest_process(
-        tmp_path / "ingest", ["--api-key-id", key.key_id, "--api-key-file", str(key.path)]
-    ) as (_, port):
+    with ingest_process(tmp_path / "ingest", key.ingest_args()) as (_, port):
         cfg = write_config(tmp_path / "edged.yaml", files_config(tmp_path, port, key))
         log = cfg.with_suffix(".log")
         for cycle in range(n):

@@ -21,6 +21,10 @@ class KeyFile:
     secret: str
     path: Path
 
+    def ingest_args(self) -> list[str]:
+        """The `edged ingest` flags that make this key the server's one key."""
+        return ["--api-key-id", self.key_id, "--api-key-file", str(self.path)]
+
 
 def make_key_file(directory: Path) -> KeyFile:
     """A fresh API key in a new mode-0600 file `key-<id>` under `directory`."""
