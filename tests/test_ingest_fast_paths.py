@@ -153,3 +153,14 @@ async def test_concurrent_tabular_uploads_share_transactions_and_fail_alone(
         assert len(await store.readings("org")) == 22
     finally:
         await store.close()
+
+
+def test_key_cache_holds_only_short_keys() -> None:
+    """Keys are cached by their bytes; a caller sending huge keys must not grow it."""
+    from edged.ingest import values
+
+    huge = "k" * 100_000
+    text, _ = encode_struct(_struct({huge: 1.0, "short": 2.0}))
+    assert json.loads(text) == {huge: 1.0, "short": 2.0}
+    assert huge.encode() not in values._KEY_TEXT
+    assert b"short" in values._KEY_TEXT

@@ -174,13 +174,15 @@ def _struct_text(buf: bytes, pos: int, end: int, nan: list[bool]) -> str:
 _KEY_TEXT: dict[bytes, str] = {}
 """Encoded key -> its JSON text and ": ". Readings of one component repeat their keys."""
 _KEY_TEXT_MAX = 4096
+_KEY_CACHED_BYTES = 64  # with the count: the cache holds at most ~1 MiB of keys
 
 
 def _key_text(key: bytes) -> str:
     text = str(_json_str(key.decode())) + ": "
-    if len(_KEY_TEXT) >= _KEY_TEXT_MAX:
-        _KEY_TEXT.clear()  # bounded: a caller sending ever new keys only loses the cache
-    _KEY_TEXT[key] = text
+    if len(key) <= _KEY_CACHED_BYTES:
+        if len(_KEY_TEXT) >= _KEY_TEXT_MAX:
+            _KEY_TEXT.clear()  # a caller sending ever new keys only loses the cache
+        _KEY_TEXT[key] = text
     return text
 
 
