@@ -15,7 +15,7 @@ INTEROP_STAMP := $(INTEROP_VENV)/.installed
 # The stock SDK we prove wire compatibility with (separate venv: its protos clash with ours).
 VIAM_SDK := viam-sdk==0.85.1
 
-.PHONY: venv run test lint type unit proto interop bench torture reliability clean
+.PHONY: venv run test lint type unit proto interop bench bench-compare torture reliability clean
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
@@ -58,8 +58,13 @@ proto: $(STAMP)
 interop: $(STAMP) $(INTEROP_STAMP)
 	EDGED_INTEROP_PYTHON=$(abspath $(INTEROP_VENV))/bin/python $(BIN)/pytest -m interop tests/interop
 
-bench: $(STAMP)
+bench: $(STAMP) $(INTEROP_STAMP)
 	$(BIN)/python -m bench
+
+# The stock seed client (viam-sdk, in its own venv) and edged against one acknowledging
+# server, in one run: readings/s, CPU per reading, MB/s, peak RSS and ratios.
+bench-compare: $(STAMP) $(INTEROP_STAMP)
+	$(BIN)/python -m bench compare
 
 # Reliability suite: `reliability` = quick profile, `torture` = full (200 SIGKILL cycles);
 # both rewrite docs/reliability.md with the figures of the run.

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import e2e, outbox, query, sources, wire
+from bench import compare, e2e, outbox, query, sources, wire
 
 BENCHMARKS: dict[str, Callable[[bool, int | None], Path]] = {
     wire.NAME: wire.run,
@@ -15,6 +15,7 @@ BENCHMARKS: dict[str, Callable[[bool, int | None], Path]] = {
     sources.NAME: sources.run,
     e2e.NAME: e2e.run,
     query.NAME: query.run,
+    compare.NAME: compare.run,
 }
 
 

@@ -71,6 +71,10 @@ CAPTURE_SUFFIX: Final = ".capture"
 
 _MAX_VARINT32: Final = (1 << 32) - 1
 _MAX_VARINT64: Final = (1 << 64) - 1
+_MORE: Final = object()
+"""`_frame_batch`: records were framed; more may follow."""
+_EDGE: Final = object()
+"""`_frame_batch`: no record lies whole in the window (big body, cut or growing file)."""
 
 
 # --------------------------------------------------------------------------- framing
@@ -161,17 +165,81 @@ def _read_varint(buf: bytes, pos: int) -> tuple[int, int] | None:
 # ---------------------------------------------------------------------------- reader
 
 
-@dataclass(frozen=True, slots=True)
 class CaptureRecord:
-    """One whole reading; `raw` is stored as is so the outbox never re-encodes."""
+    """One whole reading; `raw` is stored as is so the outbox never re-encodes.
 
-    offset: int
-    """Byte offset of the record's length prefix."""
-    end: int
-    """Byte offset just past the body: where the next record (or resumption) starts."""
-    raw: bytes
-    """The encoded `SensorData` body exactly as it is in the file."""
-    reading: pb.SensorData
+    `reading` is parsed from `raw` on first use (the bytes were already checked to parse
+    as `SensorData`): tabular readings are forwarded as `raw` and never need the message.
+    """
+
+    __slots__ = ("_reading", "end", "offset", "raw")
+
+    def __init__(
+        self, offset: int, end: int, raw: bytes, reading: pb.SensorData | None = None
+    ) -> None:
+        self.offset = offset
+        """Byte offset of the record's length prefix."""
+        self.end = end
+        """Byte offset just past the body: where the next record (or resumption) starts."""
+        self.raw = raw
+        """The encoded `SensorData` body exactly as it is in the file."""
+        self._reading = reading
+
+    @property
+    def reading(self) -> pb.SensorData:
+        """The parsed `SensorData` (parsed once, on first access)."""
+        if self._reading is None:
+            self._reading = pb.SensorData.FromString(self.raw)
+        return self._reading
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, CaptureRecord):
+            return NotImplemented
+        return (self.offset, self.end, self.raw) == (other.offset, other.end, other.raw)
+
+    def __hash__(self) -> int:
+        return hash((self.offset, self.end, self.raw))
+
+    def __repr__(self) -> str:
+        return f"CaptureRecord(offset={self.offset}, end={self.end}, raw=<{len(self.raw)} bytes>)"
+
+
+def _parse_into(record: CaptureRecord) -> tuple[int, str] | None:
+    """Parse one record and keep its message; (0, reason) if it does not parse."""
+    try:
+        record._reading = pb.SensorData.FromString(record.raw)
+    except Exception as exc:  # upb raises DecodeError; any parse failure is the bytes'
+        return 0, str(exc) or type(exc).__name__
+    return None
+
+
+def first_unparsable(bodies: list[bytes]) -> tuple[int, str] | None:
+    """(index, reason) of the first body that does not parse as `SensorData`, or None."""
+    return _first_unparsable(bodies, [encode_varint(len(body)) + body for body in bodies])
+
+
+def _first_unparsable(bodies: list[bytes], frames: list[bytes]) -> tuple[int, str] | None:
+    """`first_unparsable`, given each body's frame (length prefix + body) too.
+
+    All bodies are checked in one C-level parse, as the `sensor_contents` of a
+    `DataCaptureUploadRequest` (tag 0x12 before each frame; no Python message per
+    body). Only when that fails is each body parsed alone, so the answer is exactly
+    what a parse of each body alone says (nested one level deeper, a body can only
+    fail more, e.g. on the recursion limit, and then its own parse decides).
+    """
+    if not bodies:
+        return None
+    try:
+        pb.DataCaptureUploadRequest.FromString(b"\x12" + b"\x12".join(frames))
+        return None
+    except Exception:  # upb raises DecodeError; find the body, and say why
+        pass
+    for i, body in enumerate(bodies):
+        try:
+            pb.SensorData.FromString(body)
+        except Exception as exc:  # any parse failure is the bytes'
+            return i, str(exc) or type(exc).__name__
+    return None
 
 
 class _Window:
@@ -279,37 +347,86 @@ class CaptureReader:
         self.truncated_at = None
         window = _Window(self._fd, self._chunk)
         while True:
-            prefix = window.get(pos, MAX_PREFIX_BYTES)
-            if not prefix:
-                return  # clean end on a record boundary
-            try:
-                decoded = decode_varint32(prefix)
-            except ValueError as exc:
-                raise CaptureFormatError(self.path, pos, str(exc)) from exc
-            if decoded is None:
-                self.truncated_at = pos  # the file ends inside the length prefix
-                return
-            length, used = decoded
-            body_start = pos + used
-            if length > size - body_start:
-                size = os.fstat(self._fd).st_size  # a live file may have grown since
-                if length > size - body_start:
-                    self.truncated_at = pos  # never allocate what the file cannot hold
+            batch, frames, pos, stop = self._frame_batch(window, pos)
+            if stop is _EDGE:
+                record, size = self._edge_record(window, pos, size)
+                if record is None:
+                    self.truncated_at = pos
                     return
-            raw = window.get(body_start, length)
-            if len(raw) < length:
-                self.truncated_at = pos  # the file shrank under us
-                return
-            reading = pb.SensorData()
-            try:
-                reading.ParseFromString(raw)
-            except Exception as exc:  # upb raises DecodeError; any parse failure is the bytes'
-                raise CaptureFormatError(
-                    self.path, pos, f"reading does not parse as SensorData: {exc}"
-                ) from exc
-            end = body_start + length
-            yield CaptureRecord(offset=pos, end=end, raw=raw, reading=reading)
-            pos = end
+                batch, pos, stop = [record], record.end, _MORE
+            if len(batch) == 1:  # a lone record (a big binary one): parse it once, keep it
+                bad = _parse_into(batch[0])
+            else:
+                bad = _first_unparsable([r.raw for r in batch], frames)
+            if bad is not None:
+                index, reason = bad
+                yield from batch[:index]
+                why = f"reading does not parse as SensorData: {reason}"
+                raise CaptureFormatError(self.path, batch[index].offset, why)
+            yield from batch
+            if stop is None:
+                return  # clean end on a record boundary
+
+    def _frame_batch(
+        self, window: _Window, pos: int
+    ) -> tuple[list[CaptureRecord], list[bytes], int, object]:
+        """Frame the records that lie whole in one read window at `pos`, unparsed.
+
+        Returns (records, their frames, position after them, stop): stop is `_MORE`
+        (call again from the position), None (clean end of file at the position) or
+        `_EDGE` (no whole record in the window: `_cut_or_corrupt` decides).
+        Raises CaptureFormatError for a bad length prefix when no record precedes it.
+        """
+        data = window.get(pos, self._chunk)
+        n, i = len(data), 0
+        batch: list[CaptureRecord] = []
+        frames: list[bytes] = []
+        while i < n:
+            first = data[i]
+            if first < 0x80:  # a one-byte prefix, decoded inline: the common case
+                length, body = first, i + 1
+            else:
+                try:
+                    decoded = decode_varint32(data, i)
+                except ValueError as exc:
+                    if batch:
+                        break  # yield what precedes it first; the next call raises
+                    raise CaptureFormatError(self.path, pos, str(exc)) from exc
+                if decoded is None:
+                    break  # the prefix crosses the window's end
+                length, body = decoded
+            end = body + length
+            if end > n:
+                break  # the body crosses the window's end
+            batch.append(CaptureRecord(pos + i, pos + end, data[body:end]))
+            frames.append(data[i:end])
+            i = end
+        if batch:
+            return batch, frames, pos + i, _MORE
+        return batch, frames, pos, None if n == 0 else _EDGE
+
+    def _edge_record(
+        self, window: _Window, pos: int, size: int
+    ) -> tuple[CaptureRecord | None, int]:
+        """The record at `pos` that no read window holds whole: (record, size) if the
+        file holds it (a big body, or the file grew), else (None, size): truncated."""
+        prefix = window.get(pos, MAX_PREFIX_BYTES)
+        try:
+            decoded = decode_varint32(prefix)
+        except ValueError as exc:
+            raise CaptureFormatError(self.path, pos, str(exc)) from exc
+        if decoded is None:
+            return None, size  # the file ends inside the length prefix
+        length, used = decoded
+        body_start = pos + used
+        if length > size - body_start:
+            size = os.fstat(self._fd).st_size  # a live file may have grown since
+            if length > size - body_start:
+                return None, size  # never allocate what the file cannot hold
+        raw = window.get(body_start, length)
+        if len(raw) < length:
+            return None, size  # the file shrank under us
+        return CaptureRecord(pos, body_start + length, raw), size
 
     def close(self) -> None:
         """Release the file descriptor (idempotent)."""

@@ -122,9 +122,24 @@ def encode_capture_request(metadata: pb.UploadMetadata, readings: Sequence[bytes
     """DataCaptureUploadRequest bytes from pre-encoded SensorData, without re-encoding them."""
     meta = metadata.SerializeToString()
     parts = [b"\x0a", encode_varint(len(meta)), meta]
-    for blob in readings:
-        parts += (b"\x12", encode_varint(len(blob)), blob)
+    for blob in readings:  # tag 2 + length inline for the usual sizes: no call per reading
+        n = len(blob)
+        if n < 0x80:
+            parts += (bytes((0x12, n)), blob)
+        elif n < 0x4000:
+            parts += (bytes((0x12, n & 0x7F | 0x80, n >> 7)), blob)
+        else:
+            parts += (b"\x12", encode_varint(n), blob)
     return b"".join(parts)
+
+
+def file_chunk(chunk: bytes) -> Raw:
+    """FileUploadRequest{file_contents: FileData{data: chunk}} encoded in one copy of the
+    chunk (building the messages would copy it three times)."""
+    if not chunk:
+        return Raw(b"\x12\x00")  # proto3 leaves an empty `data` out
+    inner = encode_varint(len(chunk))
+    return Raw(b"\x12" + encode_varint(1 + len(inner) + len(chunk)) + b"\x0a" + inner + chunk)
 
 
 def _timestamp(value: dt.datetime) -> Timestamp:
@@ -302,7 +317,7 @@ class UploadClient(Connection):
         return await self._stream(
             "StreamingDataCaptureUpload",
             first,
-            lambda chunk: pb.StreamingDataCaptureUploadRequest(data=chunk),
+            lambda chunk: Raw(b"\x12" + encode_varint(len(chunk)) + chunk),  # data = 2
             pb.StreamingDataCaptureUploadResponse,
             source,
             item_id=item_id,
@@ -321,7 +336,7 @@ class UploadClient(Connection):
         return await self._stream(
             "FileUpload",
             pb.FileUploadRequest(metadata=metadata),
-            lambda chunk: pb.FileUploadRequest(file_contents=pb.FileData(data=chunk)),
+            file_chunk,
             pb.FileUploadResponse,
             source,
             item_id=item_id,
@@ -332,7 +347,7 @@ class UploadClient(Connection):
         self,
         method: str,
         first: _Req,
-        wrap: Callable[[bytes], _Req],
+        wrap: Callable[[bytes], Raw],
         resp_type: type[_StreamResp],
         source: ByteSource,
         *,
@@ -345,10 +360,10 @@ class UploadClient(Connection):
         that long without progress, never for its total length, so a big file gets through
         a link of any speed."""
 
-        async def send(stream: Stream[_Req, _StreamResp]) -> None:
+        async def send(stream: Stream[Any, _StreamResp]) -> None:
             await stream.send_message(first)
             async for chunk in iter_source(source, self.chunk_size):
-                await stream.send_message(wrap(chunk))
+                await stream.send_message(wrap(chunk))  # encoded here: no message copies
             await stream.end()
 
         reply = await self._call(

@@ -15,9 +15,11 @@ blobs, also before the bytes are received.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import sqlite3
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from grpclib.const import Status
@@ -46,6 +48,10 @@ from edged.ingest.validate import (
 )
 
 ITEM_ID_KEY = "edged-item-id"
+GROUP_MAX_CALLS = 32
+"""Most tabular uploads one group commit holds (bounds one transaction's size and time)."""
+
+Store = Callable[[sqlite3.Connection], UploadIds]
 
 
 def _item_id(stream: Stream[Any, Any]) -> str | None:
@@ -65,11 +71,74 @@ def _dataset_errors(where: str) -> Iterator[None]:
         ) from None
 
 
+def run_each(conn: sqlite3.Connection, stores: list[Store]) -> list[UploadIds | Exception]:
+    """Run several uploads' stores in the open transaction, each in its own savepoint:
+    one that fails (an unknown dataset) leaves no row and does not fail the others."""
+    results: list[UploadIds | Exception] = []
+    for store in stores:
+        conn.execute("SAVEPOINT upload")
+        try:
+            results.append(store(conn))
+        except Exception as exc:
+            conn.execute("ROLLBACK TO upload")
+            results.append(exc)
+        conn.execute("RELEASE upload")
+    return results
+
+
+class GroupCommit:
+    """Concurrent tabular uploads share one fsync'd transaction.
+
+    A call that finds no commit running starts one at once (no added wait); calls that
+    arrive while it commits are stored together in the next transaction. Each caller is
+    answered only after the COMMIT holding its rows, so an ack still means durable."""
+
+    def __init__(self, store: IngestStore, max_calls: int = GROUP_MAX_CALLS) -> None:
+        self._store = store
+        self._max = max_calls
+        self._pending: list[tuple[Store, asyncio.Future[UploadIds]]] = []
+        self._committer: asyncio.Task[None] | None = None
+
+    async def run(self, store: Store) -> UploadIds:
+        done: asyncio.Future[UploadIds] = asyncio.get_running_loop().create_future()
+        self._pending.append((store, done))
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.ensure_future(self._commit_all())
+        # Shielded like IngestStore.write: a caller that gives up does not take its rows
+        # out of a transaction already under way.
+        return await asyncio.shield(done)
+
+    async def _commit_all(self) -> None:
+        while self._pending:
+            group, self._pending = self._pending[: self._max], self._pending[self._max :]
+            stores = [store for store, _ in group]
+            try:
+                results = await self._store.write(functools.partial(run_each, stores=stores))
+            except Exception as exc:  # the COMMIT (or the thread) failed: nobody's rows
+                for _, done in group:
+                    if not done.done():
+                        done.set_exception(exc)
+                continue
+            except BaseException:  # cancelled (shutdown): no caller may wait forever
+                for _, done in group + self._pending:
+                    done.cancel()
+                self._pending = []
+                raise
+            for (_, done), result in zip(group, results, strict=True):
+                if done.done():
+                    continue
+                if isinstance(result, Exception):
+                    done.set_exception(result)
+                else:
+                    done.set_result(result)
+
+
 class DataSyncService(data_sync_grpc.DataSyncServiceBase):
     def __init__(self, store: IngestStore, keys: KeyStore, *, max_upload_bytes: int) -> None:
         self._store = store
         self._keys = keys
         self._max_upload = max_upload_bytes
+        self._group = GroupCommit(store)
 
     def _org(self, stream: Stream[Any, Any]) -> str:
         return self._keys.caller(stream).org_id
@@ -87,14 +156,11 @@ class DataSyncService(data_sync_grpc.DataSyncServiceBase):
         item_id = _item_id(stream)
         ids = await self._store.find_upload(org, item_id)
         if ids is None and req.metadata.type == pb.DATA_TYPE_TABULAR_SENSOR:
+            rows = self._store.tabular_writer(
+                org, item_id, req.metadata, req.sensor_contents, location_id=self._location(stream)
+            )
             with _dataset_errors("metadata"):
-                ids = await self._store.store_tabular(
-                    org,
-                    item_id,
-                    req.metadata,
-                    req.sensor_contents,
-                    location_id=self._location(stream),
-                )
+                ids = await self._group.run(rows)
             nbytes = sum(r.ByteSize() for r in req.sensor_contents)
             stored(KIND_TABULAR, len(req.sensor_contents), nbytes)
         elif ids is None:

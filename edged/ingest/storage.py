@@ -496,6 +496,21 @@ class IngestStore:
         *,
         location_id: str = "",
     ) -> UploadIds:
+        return await self.write(
+            self.tabular_writer(org_id, item_id, meta, readings, location_id=location_id)
+        )
+
+    def tabular_writer(
+        self,
+        org_id: str,
+        item_id: str | None,
+        meta: pb.UploadMetadata,
+        readings: Sequence[pb.SensorData],
+        *,
+        location_id: str = "",
+    ) -> Callable[[sqlite3.Connection], UploadIds]:
+        """The rows of one tabular upload, built now, and the function that stores them
+        inside a write transaction (`write`, or a group commit of several uploads)."""
         ids = UploadIds(file_id=uuid.uuid4().hex, binary_data_id="")
         now = time.time_ns()
         common = (
@@ -539,7 +554,7 @@ class IngestStore:
             )
             return ids
 
-        return await self.write(store)
+        return store
 
     async def store_blob(
         self,

@@ -21,7 +21,9 @@ from __future__ import annotations
 import json
 import math
 import re
+import struct as _struct
 from collections.abc import Mapping
+from json.encoder import encode_basestring_ascii as _json_str
 from typing import Any
 
 import bson
@@ -69,13 +71,184 @@ def _strict_token(match: re.Match[str]) -> str:
 
 
 def encode_struct(struct: Struct) -> tuple[str, bytes | None]:
-    """(`data` JSON text, `data_exact` bytes or None): the stored form of one reading."""
+    """(`data` JSON text, `data_exact` bytes or None): the stored form of one reading.
+
+    Read straight from the Struct's wire bytes (`struct_json`), which gives the same
+    text as the general path below, several times faster; a shape the fast reader
+    does not take (an unset Value, a repeated key, ...) goes the general way."""
+    exact = struct.SerializeToString()
+    try:
+        text, nan = struct_json(exact)
+    except _Unusual:
+        return _encode_struct_general(struct)
+    return text, exact if nan else None
+
+
+def _encode_struct_general(struct: Struct) -> tuple[str, bytes | None]:
     obj = python_struct(struct)
     text = json.dumps(obj)
     if "NaN" not in text and "Infinity" not in text:
         return text, None  # cheap test; the regex below only runs when it may matter
     text = _NON_FINITE.sub(_strict_token, text)
     return text, struct.SerializeToString() if _has_nan(obj) else None
+
+
+# -- the fast reader: Struct wire bytes -> the stored JSON text ---------------------------
+# Struct = repeated (1: entry {1: key, 2: Value}); Value = oneof null_value (1, varint),
+# number_value (2, fixed64), string_value (3), bool_value (4, varint), struct_value (5),
+# list_value (6: ListValue = repeated 1: Value). The text is what json.dumps writes for
+# python_struct() (keys in wire order, which is the map's order; ", " and ": "
+# separators; ASCII escapes; floats by repr), with NaN -> null and +-Inf -> +-9e999.
+
+
+class _Unusual(Exception):
+    """The bytes hold a shape the fast reader leaves to the general path."""
+
+
+_DOUBLE = _struct.Struct("<d").unpack_from
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise _Unusual
+        byte = buf[pos]
+        value |= (byte & 0x7F) << shift
+        pos += 1
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _length(buf: bytes, pos: int, end: int) -> tuple[int, int]:
+    """(start, end) of the length-delimited field body whose length prefix is at pos."""
+    n = buf[pos] if pos < end else 0x80
+    if n < 0x80:
+        pos += 1
+    else:
+        n, pos = _varint(buf, pos)
+    if pos + n > end:
+        raise _Unusual
+    return pos, pos + n
+
+
+def struct_json(buf: bytes) -> tuple[str, bool]:
+    """(JSON text, whether a NaN was written as null) of an encoded Struct."""
+    nan = [False]
+    try:
+        return _struct_text(buf, 0, len(buf), nan), nan[0]
+    except (IndexError, UnicodeDecodeError):
+        raise _Unusual from None
+
+
+def _struct_text(buf: bytes, pos: int, end: int, nan: list[bool]) -> str:
+    parts = []
+    keys = set()
+    while pos < end:
+        # entry: 0x0A len, key: 0x0A len key, value: 0x12 len Value
+        n, kl = buf[pos + 1], buf[pos + 3]
+        if buf[pos] != 0x0A or n >= 0x80 or kl >= 0x80 or buf[pos + 2] != 0x0A:
+            stop, key, vstart = _entry(buf, pos, end)  # a long entry (or not an entry)
+        else:  # the usual short entry, read inline
+            stop = pos + 2 + n
+            kstop = pos + 4 + kl
+            key = buf[pos + 4 : kstop]
+            if buf[kstop] != 0x12 or kstop + 2 + buf[kstop + 1] != stop or stop > end:
+                stop, key, vstart = _entry(buf, pos, end)
+            else:
+                vstart = kstop + 2
+        if key in keys:
+            raise _Unusual  # a repeated key: the last one wins, and keeps the first place
+        keys.add(key)
+        head = _KEY_TEXT.get(key) or _key_text(key)
+        if buf[vstart] == 0x11 and vstart + 9 == stop:  # a number, the usual value
+            x = _DOUBLE(buf, vstart + 1)[0]
+            parts.append(head + (repr(x) if x - x == 0 else _non_finite(x, nan)))
+        else:
+            parts.append(head + _value_text(buf, vstart, stop, nan))
+        pos = stop
+    return "{" + ", ".join(parts) + "}"
+
+
+_KEY_TEXT: dict[bytes, str] = {}
+"""Encoded key -> its JSON text and ": ". Readings of one component repeat their keys."""
+_KEY_TEXT_MAX = 4096
+_KEY_CACHED_BYTES = 64  # with the count: the cache holds at most ~1 MiB of keys
+
+
+def _key_text(key: bytes) -> str:
+    text = str(_json_str(key.decode())) + ": "
+    if len(key) <= _KEY_CACHED_BYTES:
+        if len(_KEY_TEXT) >= _KEY_TEXT_MAX:
+            _KEY_TEXT.clear()  # a caller sending ever new keys only loses the cache
+        _KEY_TEXT[key] = text
+    return text
+
+
+def _entry(buf: bytes, pos: int, end: int) -> tuple[int, bytes, int]:
+    """(end, key, Value start) of the map entry at pos, any length prefixes."""
+    if buf[pos] != 0x0A:
+        raise _Unusual
+    start, stop = _length(buf, pos + 1, end)
+    if start >= stop or buf[start] != 0x0A:
+        raise _Unusual
+    kstart, kstop = _length(buf, start + 1, stop)
+    if kstop >= stop or buf[kstop] != 0x12:
+        raise _Unusual  # no Value
+    vstart, vstop = _length(buf, kstop + 1, stop)
+    if vstop != stop:
+        raise _Unusual
+    return stop, buf[kstart:kstop], vstart
+
+
+def _non_finite(x: float, nan: list[bool]) -> str:
+    if math.isnan(x):
+        nan[0] = True
+        return "null"
+    return "9e999" if x > 0 else "-9e999"
+
+
+def _value_text(buf: bytes, pos: int, end: int, nan: list[bool]) -> str:
+    if pos >= end:
+        raise _Unusual  # no kind set
+    tag = buf[pos]
+    if tag == 0x11:
+        if pos + 9 != end:
+            raise _Unusual
+        x = _DOUBLE(buf, pos + 1)[0]
+        return repr(x) if x - x == 0 else _non_finite(x, nan)
+    if tag == 0x1A:
+        start, stop = _length(buf, pos + 1, end)
+        if stop != end:
+            raise _Unusual
+        return str(_json_str(buf[start:stop].decode()))
+    if tag in (0x20, 0x08):
+        value, stop = _varint(buf, pos + 1)
+        if stop != end:
+            raise _Unusual
+        if tag == 0x08:
+            return "null"
+        return "true" if value else "false"
+    if tag in (0x2A, 0x32):
+        start, stop = _length(buf, pos + 1, end)
+        if stop != end:
+            raise _Unusual
+        if tag == 0x2A:
+            return _struct_text(buf, start, stop, nan)
+        return _list_text(buf, start, stop, nan)
+    raise _Unusual
+
+
+def _list_text(buf: bytes, pos: int, end: int, nan: list[bool]) -> str:
+    parts = []
+    while pos < end:
+        if buf[pos] != 0x0A:
+            raise _Unusual
+        start, stop = _length(buf, pos + 1, end)
+        parts.append(_value_text(buf, start, stop, nan))
+        pos = stop
+    return "[" + ", ".join(parts) + "]"
 
 
 def decode_python(text: str, exact: bytes | None) -> dict[str, Any]:

@@ -1,0 +1,471 @@
+"""compare: the stock seed client (viam-sdk) and edged against one acknowledging server.
+
+`python -m bench compare` (`make bench-compare`; `--quick`: 50 files, 100 MB file). One
+process tree, one run: an acknowledging-only DataSync server (`bench.acksrv`, stores
+nothing) is started once and both clients upload to it:
+
+- tabular: edged one-shot (`edged run --until-empty`) over 200 capture files x 1000
+  readings, from process start to exit; the seed client (`.venv-interop`, stock viam-sdk,
+  `bench/seed_client.py`) sends the same readings in 1000-reading
+  `tabular_data_capture_upload` calls. edged is also run once over an empty capture
+  directory, and its start-up (wall and CPU) is subtracted for the "net" figures.
+- file: one 500 MB file, edged one-shot with a `files` source vs. the seed's
+  `file_upload_from_path`.
+- ingest: edged's `UploadClient.upload_readings` (4 tasks, 1000 readings per call) into
+  a durable `edged ingest` (synchronous=FULL); readings/s stored and counted back.
+
+CPU and peak RSS of every child come from wait4() (user+system, ru_maxrss), or from
+psutil for the long-running ingest server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    REPO,
+    CpuMeter,
+    Figures,
+    format_table,
+    ingest_server,
+    machine_info,
+    median_figures,
+    write_result,
+)
+from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
+from edged.capture import CaptureWriter
+from tests.support.processes import read_line, stop_process
+
+NAME = "compare"
+MB = 1_000_000
+MiB = 1 << 20
+INTEROP_PYTHON = REPO / ".venv-interop" / "bin" / "python"
+SEED_SCRIPT = REPO / "bench" / "seed_client.py"
+META = pb.DataCaptureMetadata(
+    component_type="rdk:component:sensor",
+    component_name="bench",
+    method_name="Readings",
+    type=pb.DATA_TYPE_TABULAR_SENSOR,
+    file_extension=".dat",
+)
+FULL = {"files": 200, "per_file": 1000, "file_mb": 500, "ingest_calls": 200, "runs": 3}
+QUICK = {"files": 50, "per_file": 1000, "file_mb": 100, "ingest_calls": 50, "runs": 1}
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+# Children may cache bytecode as an installed edged (and the pip-installed seed) does:
+# without it every start would compile edged's modules again (~0.6 s of CPU).
+_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+
+def reading(seq: int) -> dict[str, Any]:
+    """The same struct bench/seed_client.py sends (that file cannot import this one)."""
+    return {"seq": float(seq), "x": 1.5, "y": -2.25, "temp_c": 21.5, "humidity": 40.0}
+
+
+# -- processes -------------------------------------------------------------------------
+
+
+def run_measured(cmd: Sequence[str], log: Path, timeout_s: float = 900) -> dict[str, Any]:
+    """Run a child to its exit: wall s, CPU s (user+sys) and peak RSS from wait4, stdout."""
+    with open(log, "ab") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, cwd=REPO, env=_ENV)
+        assert proc.stdout is not None
+        deadline = time.monotonic() + timeout_s
+        out = b""
+        while chunk := proc.stdout.read(65536):
+            out += chunk
+            if time.monotonic() > deadline:
+                proc.kill()
+        _, status, ru = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        proc.stdout.close()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[:4]} exited {proc.returncode}; see {log}")
+    return {
+        "wall_s": wall,
+        "cpu_s": ru.ru_utime + ru.ru_stime,
+        "rss_mib": ru.ru_maxrss * 1024 / MiB,
+        "stdout": out.decode(),
+    }
+
+
+@contextlib.contextmanager
+def ack_server(tmp: Path, key_id: str, key_file: Path) -> Iterator[tuple[int, dict[str, int]]]:
+    """`bench.acksrv` as a child; yields (port, totals filled in at exit)."""
+    cmd = [sys.executable, "-m", "bench.acksrv", "--api-key-id", key_id]
+    proc = subprocess.Popen(
+        [*cmd, "--api-key-file", str(key_file)],
+        stdout=subprocess.PIPE,
+        stderr=open(tmp / "acksrv.log", "wb"),  # noqa: SIM115 - the child owns it
+        cwd=REPO,
+    )
+    totals: dict[str, int] = {}
+    try:
+        port = int(read_line(proc, 30).decode().rsplit(":", 1)[1])
+        yield port, totals
+    finally:
+        stop_process(proc)
+        assert proc.stdout is not None
+        rest = proc.stdout.read().decode().strip().splitlines()
+        proc.stdout.close()
+        if rest:
+            totals.update(json.loads(rest[-1]))
+
+
+def _key(tmp: Path) -> tuple[str, str, Path]:
+    key_id, secret = str(uuid.uuid4()), uuid.uuid4().hex + uuid.uuid4().hex
+    path = tmp / "key"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret)
+    return key_id, secret, path
+
+
+def _edged_config(run_dir: Path, port: int, key_id: str, key_file: Path, source: str) -> Path:
+    cfg = run_dir / "edged.yaml"
+    cfg.write_text(f"""\
+part_id: bench
+state_dir: {run_dir / "state"}
+cloud: {{address: "127.0.0.1:{port}", api_key_id: {key_id}, api_key_file: {key_file}, tls: false}}
+sources:
+  - {source}
+status: {{socket: {run_dir / "edged.sock"}}}
+log: {{level: warning}}
+""")
+    return cfg
+
+
+def _edged_once(run_dir: Path, port: int, key_id: str, key_file: Path, source: str) -> Figures:
+    cfg = _edged_config(run_dir, port, key_id, key_file, source)
+    cmd = [sys.executable, "-m", "edged", "run", "--until-empty", "-c", str(cfg)]
+    r = run_measured(cmd, run_dir / "edged.log")
+    return {k: v for k, v in r.items() if k != "stdout"}
+
+
+def _seed(args: Sequence[str], log: Path) -> Figures:
+    r = run_measured([str(INTEROP_PYTHON), str(SEED_SCRIPT), *args], log)
+    inner = json.loads(r["stdout"].strip().splitlines()[-1])
+    return {"wall_s": inner["wall_s"], "cpu_s": inner["cpu_s"], "rss_mib": r["rss_mib"]}
+
+
+# -- scenarios -------------------------------------------------------------------------
+
+
+def write_capture_files(root: Path, files: int, per_file: int) -> None:
+    seq = 0
+    for _ in range(files):
+        with CaptureWriter(root, META, max_file_bytes=1 << 30) as w:
+            for _ in range(per_file):
+                t = T0 + timedelta(milliseconds=seq)
+                w.write_tabular(reading(seq), time_requested=t, time_received=t)
+                seq += 1
+
+
+def tabular(tmp: Path, port: int, key: tuple[str, str, Path], p: dict[str, int], i: int) -> Figures:
+    key_id, _, key_file = key
+    n = p["files"] * p["per_file"]
+    empty = tmp / f"empty-{i}"
+    (empty / "capture").mkdir(parents=True)
+    base = _edged_once(empty, port, key_id, key_file, f"{{kind: capture, path: {empty}/capture}}")
+    run_dir = tmp / f"tab-{i}"
+    write_capture_files(run_dir / "capture", p["files"], p["per_file"])
+    src = f"{{kind: capture, path: {run_dir}/capture}}"
+    edged = _edged_once(run_dir, port, key_id, key_file, src)
+    left = list((run_dir / "capture").rglob("*.capture"))
+    if left:
+        raise RuntimeError(f"edged left {len(left)} capture files behind")
+    address = f"127.0.0.1:{port}"
+    counts = [str(p["files"]), str(p["per_file"])]
+    seed = _seed(["tabular", address, key_id, str(key_file), *counts], tmp / "seed.log")
+    net_wall = edged["wall_s"] - base["wall_s"]
+    net_cpu = edged["cpu_s"] - base["cpu_s"]
+    return {
+        "readings": n,
+        "edged_readings_per_s": n / edged["wall_s"],
+        "edged_net_readings_per_s": n / net_wall,
+        "edged_us_per_reading": 1e6 * edged["cpu_s"] / n,
+        "edged_net_us_per_reading": 1e6 * net_cpu / n,
+        "edged_cpu_pct": 100 * edged["cpu_s"] / edged["wall_s"],
+        "edged_rss_mib": edged["rss_mib"],
+        "edged_startup_s": base["wall_s"],
+        "edged_startup_cpu_s": base["cpu_s"],
+        "seed_readings_per_s": n / seed["wall_s"],
+        "seed_us_per_reading": 1e6 * seed["cpu_s"] / n,
+        "seed_cpu_pct": 100 * seed["cpu_s"] / seed["wall_s"],
+        "seed_rss_mib": seed["rss_mib"],
+        "ratio_readings_per_s": (n / edged["wall_s"]) / (n / seed["wall_s"]),
+        "ratio_net_readings_per_s": (n / net_wall) / (n / seed["wall_s"]),
+    }
+
+
+def _big_file(path: Path, mb: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    block = os.urandom(MB)
+    with open(path, "wb") as f:
+        for _ in range(mb):
+            f.write(block)
+
+
+def file(tmp: Path, port: int, key: tuple[str, str, Path], p: dict[str, int], i: int) -> Figures:
+    key_id, _, key_file = key
+    mb = p["file_mb"]
+    run_dir = tmp / f"file-{i}"
+    big = run_dir / "drop" / "big.bin"
+    _big_file(big, mb)
+    src = f"{{kind: files, path: {run_dir}/drop, settle: 0s}}"
+    edged = _edged_once(run_dir, port, key_id, key_file, src)
+    if big.exists():
+        raise RuntimeError(f"edged did not upload and delete {big}")
+    seed_file = tmp / f"seed-{i}.bin"
+    _big_file(seed_file, mb)
+    address = f"127.0.0.1:{port}"
+    seed = _seed(["file", address, key_id, str(key_file), str(seed_file)], tmp / "seed.log")
+    seed_file.unlink()
+    return {
+        "mb": mb,
+        "edged_mb_per_s": mb / edged["wall_s"],
+        "edged_cpu_pct": 100 * edged["cpu_s"] / edged["wall_s"],
+        "edged_rss_mib": edged["rss_mib"],
+        "seed_mb_per_s": mb / seed["wall_s"],
+        "seed_cpu_pct": 100 * seed["cpu_s"] / seed["wall_s"],
+        "seed_rss_mib": seed["rss_mib"],
+        "ratio_mb_per_s": (mb / edged["wall_s"]) / (mb / seed["wall_s"]),
+    }
+
+
+def _ingest_worker(spec: dict[str, Any]) -> None:
+    """Child: pre-encode readings, then send `calls` 1000-reading calls from 4 tasks."""
+    from edged.client import UploadClient
+
+    meta = pb.UploadMetadata(
+        part_id="bench",
+        component_type="rdk:component:sensor",
+        component_name="bench",
+        method_name="Readings",
+        type=pb.DATA_TYPE_TABULAR_SENSOR,
+    )
+    per, calls = int(spec["per_call"]), int(spec["calls"])
+    batches = []
+    for c in range(calls):
+        batch = []
+        for j in range(per):
+            sd = pb.SensorData()
+            sd.struct.update(reading(c * per + j))
+            sd.metadata.time_requested.FromDatetime(T0 + timedelta(milliseconds=c * per + j))
+            sd.metadata.time_received.CopyFrom(sd.metadata.time_requested)
+            batch.append(sd.SerializeToString())
+        batches.append(batch)
+
+    async def go() -> float:
+        async with UploadClient(
+            spec["address"], api_key_id=spec["key_id"], api_key=spec["key"], tls=False
+        ) as client:
+            queue = list(enumerate(batches))
+            print("ready", flush=True)
+            sys.stdin.readline()  # the parent starts its meters, then says go
+            t0 = time.perf_counter()
+
+            async def task() -> None:
+                while queue:
+                    idx, b = queue.pop()
+                    await client.upload_readings(meta, b, item_id=f"bench-{idx}")
+
+            await asyncio.gather(*(task() for _ in range(int(spec["tasks"]))))
+            return time.perf_counter() - t0
+
+    print(json.dumps({"wall_s": asyncio.run(go())}), flush=True)
+
+
+def ingest(tmp: Path, key: tuple[str, str, Path], p: dict[str, int], i: int) -> Figures:
+    key_id, secret, key_file = key
+    data = tmp / f"ingest-{i}"
+    n = p["ingest_calls"] * 1000
+    with ingest_server(data, ["--api-key-id", key_id, "--api-key-file", str(key_file)]) as (
+        srv,
+        port,
+    ):
+        spec = {
+            "address": f"127.0.0.1:{port}",
+            "key_id": key_id,
+            "key": secret,
+            "calls": p["ingest_calls"],
+            "per_call": 1000,
+            "tasks": 4,
+        }
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "bench.compare", "--worker", json.dumps(spec)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            cwd=REPO,
+        )
+        try:
+            read_line(worker, 120)
+            meter = CpuMeter({"ingest": srv.pid, "client": worker.pid})
+            meter.start()
+            assert worker.stdin is not None
+            worker.stdin.write(b"go\n")
+            worker.stdin.flush()
+            wall = json.loads(read_line(worker, 600))["wall_s"]
+            _, cpu = meter.stop()
+            worker.wait(30)
+        finally:
+            stop_process(worker)
+            for f in (worker.stdin, worker.stdout):
+                if f:
+                    f.close()
+    db = sqlite3.connect(f"file:{data / 'ingest.sqlite3'}?mode=ro", uri=True)
+    try:
+        stored = db.execute("SELECT count(*) FROM readings").fetchone()[0]
+    finally:
+        db.close()
+    if stored != n:
+        raise RuntimeError(f"ingest stored {stored} readings, expected {n}")
+    return {
+        "readings": n,
+        "ingest_readings_per_s": n / wall,
+        "ingest_cpu_pct": cpu["ingest"],
+        "ingest_us_per_reading": cpu["ingest"] / 100 * wall / n * 1e6,
+        "client_cpu_pct": cpu["client"],
+    }
+
+
+# -- driver ----------------------------------------------------------------------------
+
+
+def run(quick: bool = False, runs: int | None = None) -> Path:
+    if not INTEROP_PYTHON.exists():
+        raise SystemExit(f"{INTEROP_PYTHON} is missing: `make bench-compare` builds it")
+    p = QUICK if quick else FULL
+    reps = runs or p["runs"]
+    machine = machine_info()
+    tab_runs: list[Figures] = []
+    file_runs: list[Figures] = []
+    ing_runs: list[Figures] = []
+    with tempfile.TemporaryDirectory(prefix="edged-compare-") as d:
+        tmp = Path(d)
+        key = _key(tmp)
+        with ack_server(tmp, key[0], key[2]) as (port, totals):
+            for i in range(reps):
+                tab_runs.append(tabular(tmp, port, key, p, i))
+                print(f"  compare tabular: run {i + 1}/{reps} done", file=sys.stderr)
+                file_runs.append(file(tmp, port, key, p, i))
+                print(f"  compare file: run {i + 1}/{reps} done", file=sys.stderr)
+        for i in range(reps):
+            ing_runs.append(ingest(tmp, key, p, i))
+            print(f"  compare ingest: run {i + 1}/{reps} done", file=sys.stderr)
+    expected = reps * 2 * p["files"] * p["per_file"]
+    acked = totals.get("readings", 0) - reps  # the seed's warm-up call sends one reading
+    if acked != expected:
+        raise RuntimeError(f"the ack server acknowledged {acked} readings, expected {expected}")
+    tab, fil, ing = median_figures(tab_runs), median_figures(file_runs), median_figures(ing_runs)
+    print(f"\n## compare: seed client vs edged, acknowledging server (median of {reps})\n")
+    rows = [
+        {
+            "who": "seed (viam-sdk, 1000/call)",
+            "rps": tab["seed_readings_per_s"],
+            "us": tab["seed_us_per_reading"],
+            "cpu": tab["seed_cpu_pct"],
+            "rss": tab["seed_rss_mib"],
+        },
+        {
+            "who": "edged one-shot (with start-up)",
+            "rps": tab["edged_readings_per_s"],
+            "us": tab["edged_us_per_reading"],
+            "cpu": tab["edged_cpu_pct"],
+            "rss": tab["edged_rss_mib"],
+        },
+        {
+            "who": "edged one-shot (net of start-up)",
+            "rps": tab["edged_net_readings_per_s"],
+            "us": tab["edged_net_us_per_reading"],
+        },
+    ]
+    cols = [
+        ("who", "tabular", ""),
+        ("rps", "readings/s", ",.0f"),
+        ("us", "CPU us/reading", ".1f"),
+        ("cpu", "CPU%", ".0f"),
+        ("rss", "peak RSS MiB", ".1f"),
+    ]
+    print(format_table(rows, cols))
+    print(
+        f"\nratio edged/seed readings/s: {tab['ratio_readings_per_s']:.2f}"
+        f" (net of start-up {tab['ratio_net_readings_per_s']:.2f})\n"
+    )
+    frows = [
+        {
+            "who": "seed file_upload_from_path",
+            "mbs": fil["seed_mb_per_s"],
+            "cpu": fil["seed_cpu_pct"],
+            "rss": fil["seed_rss_mib"],
+        },
+        {
+            "who": "edged files source",
+            "mbs": fil["edged_mb_per_s"],
+            "cpu": fil["edged_cpu_pct"],
+            "rss": fil["edged_rss_mib"],
+        },
+    ]
+    print(
+        format_table(
+            frows,
+            [
+                ("who", f"{p['file_mb']} MB file", ""),
+                ("mbs", "MB/s", ".0f"),
+                ("cpu", "CPU%", ".0f"),
+                ("rss", "peak RSS MiB", ".1f"),
+            ],
+        )
+    )
+    print(f"\nratio edged/seed MB/s: {fil['ratio_mb_per_s']:.2f}\n")
+    print(
+        format_table(
+            [ing],
+            [
+                ("readings", "ingest readings", ",.0f"),
+                ("ingest_readings_per_s", "stored readings/s", ",.0f"),
+                ("ingest_us_per_reading", "server CPU us/reading", ".1f"),
+                ("ingest_cpu_pct", "CPU% ingest", ".0f"),
+                ("client_cpu_pct", "CPU% client", ".0f"),
+            ],
+        )
+    )
+    return write_result(
+        f"{NAME}-quick" if quick else NAME,
+        {
+            "quick": quick,
+            "params": p,
+            "tabular": {**tab, "runs": tab_runs},
+            "file": {**fil, "runs": file_runs},
+            "ingest": {**ing, "runs": ing_runs},
+            "ack_server_totals": totals,
+        },
+        machine,
+    )
+
+
+def _main() -> int:
+    if "--worker" in sys.argv:
+        _ingest_worker(json.loads(sys.argv[sys.argv.index("--worker") + 1]))
+        return 0
+    quick = "--quick" in sys.argv
+    print(json.dumps(run(quick=quick).name))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
