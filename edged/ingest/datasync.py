@@ -15,6 +15,7 @@ blobs, also before the bytes are received.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
@@ -28,7 +29,8 @@ from edged._proto.app.datasync.v1 import data_sync_grpc
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.ingest import catalog
 from edged.ingest.auth import KeyStore
-from edged.ingest.storage import KIND_BINARY, KIND_FILE, BlobWriter, IngestStore, UploadIds
+from edged.ingest.blobs import BlobWriter
+from edged.ingest.storage import KIND_BINARY, KIND_FILE, IngestStore, UploadIds
 from edged.ingest.validate import (
     check_bbox_ids,
     check_capture_upload,
@@ -89,9 +91,9 @@ class DataSyncService(data_sync_grpc.DataSyncServiceBase):
                 )
         elif ids is None:
             reading = req.sensor_contents[0]
-            blob = self._store.new_blob()
+            blob = await self._store.new_blob(org)
             try:
-                blob.write(reading.binary)
+                await blob.write(reading.binary)
                 with _dataset_errors("metadata"):
                     ids = await self._store.store_blob(
                         org,
@@ -104,7 +106,7 @@ class DataSyncService(data_sync_grpc.DataSyncServiceBase):
                         location_id=self._location(stream),
                     )
             finally:
-                blob.discard()
+                await asyncio.shield(blob.discard())
         await stream.send_message(
             pb.DataCaptureUploadResponse(file_id=ids.file_id, binary_data_id=ids.binary_data_id)
         )
@@ -180,7 +182,8 @@ class DataSyncService(data_sync_grpc.DataSyncServiceBase):
         mime_type: str,
         where: str,
     ) -> UploadIds:
-        """Stream chunks to disk as they arrive; memory holds one message at a time."""
+        """Stream chunks to the blob store as they arrive; memory holds one message (and
+        at most one multipart part) at a time."""
         item_id = _item_id(stream)
         known = await self._store.find_upload(org, item_id)
         if known is not None:
@@ -193,10 +196,10 @@ class DataSyncService(data_sync_grpc.DataSyncServiceBase):
 
         with _dataset_errors(where):  # refuse before receiving what may be gigabytes
             await self._store.read(datasets_exist)
-        blob: BlobWriter = self._store.new_blob()
+        blob: BlobWriter = await self._store.new_blob(org)
         try:
             async for chunk in chunks:
-                blob.write(chunk)
+                await blob.write(chunk)
                 if blob.size > self._max_upload:
                     raise GRPCError(
                         Status.INVALID_ARGUMENT,
@@ -215,4 +218,4 @@ class DataSyncService(data_sync_grpc.DataSyncServiceBase):
                     location_id=self._location(stream),
                 )
         finally:
-            blob.discard()
+            await asyncio.shield(blob.discard())
