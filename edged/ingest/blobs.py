@@ -12,7 +12,7 @@ Contract, the same for every store (tests/test_blob_contract.py runs it on each)
 - Keys are ours (`blob_key`) and checked on every read and delete (`check_key`): a
   stored or hostile path cannot leave the data directory or the bucket prefix.
 - `sweep` removes what a crashed upload left behind: the local store's temp files; in
-  S3, blobs whose pending marker outlived `SWEEP_GRACE_S` without an index row, and
+  S3 (s3blobs.py), blobs whose pending marker outlived `SWEEP_GRACE_S` without a row, and
   multipart uploads older than that without a live marker. A writer refreshes its
   marker while parts flow, so a long upload is never swept; the index is asked only
   about the few stale markers, never about the whole bucket.
@@ -277,7 +277,11 @@ def open_blob_store(
         if endpoint is not None:
             raise ConfigError("--s3-endpoint needs --blobs s3://BUCKET[/PREFIX]")
         return LocalBlobStore(root)
-    raise ConfigError(f"--blobs {url!r}: this build keeps blobs under --data only")
+    try:
+        from edged.ingest import s3blobs
+    except ImportError:
+        raise ConfigError("--blobs s3://... needs the s3 extra: pip install 'edged[s3]'") from None
+    return s3blobs.open_s3_store(url, endpoint, os.environ if env is None else env)
 
 
 async def sweep_forever(
