@@ -231,6 +231,9 @@ async def test_keys_are_scoped_per_organisation(env: Env, store: BlobStore) -> N
     b = await put(store, ORG2, b"b")
     assert a.key.startswith("blobs/o_acme/") and b.key.startswith("blobs/o_globex/")
     assert await env.contents() == sorted([env.name(a.key), env.name(b.key)])
+    if env.s3 is None:  # private on disk, however deep: directories 0700, blobs 0600
+        for p in (env.root / "blobs").rglob("*"):
+            assert p.stat().st_mode & 0o777 == (0o700 if p.is_dir() else 0o600), p
 
 
 HOSTILE_ORGS = ["../..", "a/../../b", "/etc", ".", "", "x" * 5000, "é\x00/"]

@@ -4,6 +4,7 @@ is tests/test_blob_contract.py."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import uuid
 from collections.abc import AsyncIterator
@@ -28,7 +29,7 @@ from edged.ingest.s3blobs import (
     s3_status,
 )
 from tests.conftest import KeyFile
-from tests.s3server import ENV, S3Endpoint
+from tests.s3server import ENV, S3Endpoint, s3_server
 
 MiB = 1024 * 1024
 
@@ -209,3 +210,32 @@ async def test_an_unreachable_store_answers_unavailable_so_daemons_retry(
     assert err.value.status is Status.UNAVAILABLE
     assert "s3://fleet-data/edged/pending/o_acme/" in str(err.value)
     assert "never-logged" not in str(err.value)
+
+
+async def test_delete_succeeds_when_the_store_fails_after_the_rows_are_gone(
+    tmp_path: Path, key: KeyFile, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The rows are deleted first; a store that fails then leaves an orphan (logged), and
+    the call still succeeds instead of inviting a retry of a delete already done."""
+    for name, value in ENV.items():
+        monkeypatch.setenv(name, value)
+    with contextlib.ExitStack() as endpoint:
+        own = endpoint.enter_context(s3_server())  # this test stops its endpoint half-way
+        bucket = await _make_bucket(own)
+        settings = IngestSettings(
+            data_dir=tmp_path / "ingest",
+            blobs=f"s3://{bucket}/edged",
+            s3_endpoint=own.url,
+            keys=(ApiKey(key.key_id, key.secret, "acme"),),
+            shutdown_grace_s=2.0,
+        )
+        async with (
+            IngestServer(settings) as server,
+            connect(server.address, api_key_id=key.key_id, api_key=key.secret, tls=False) as c,
+        ):
+            bid = await c.file_upload("part-1", b"x", file_name="x")
+            endpoint.close()  # the store is gone
+            assert await c.delete_binary_data_by_ids([bid]) == 1
+            assert await server.store.binaries() == []
+    assert f"s3://{bucket}/edged/{blob_key('acme', bid)}" in caplog.text
+    assert "orphans" in caplog.text

@@ -195,9 +195,10 @@ class LocalBlobWriter:
 
     def place(self) -> None:
         final_dir = self._final.parent
-        if not final_dir.is_dir():
-            final_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fsync_dir(final_dir.parent)
+        for d in (final_dir.parent, final_dir):  # the org's directory, then xx/: both 0700
+            if not d.is_dir():
+                d.mkdir(exist_ok=True, mode=0o700)
+                fsync_dir(d.parent)
         os.replace(self.path, self._final)
         self._placed = True
         fsync_dir(final_dir)
