@@ -46,6 +46,7 @@ from bench.common import (
 from edged._proto.app.data.v1 import data_pb2 as dpb
 from edged._proto.app.data.v1.data_grpc import DataServiceStub
 from edged.ingest import IngestServer, IngestSettings
+from edged.ingest.blobs import blob_key
 from edged.ingest.storage import SCHEMA, migrate
 
 NAME = "query"
@@ -89,12 +90,12 @@ def _populate(root: Path, readings: int, blobs: int) -> None:
             _insert_readings(db, batch)
             batch.clear()
     _insert_readings(db, batch)
-    blob_dir = root / "blobs" / "bench"
-    blob_dir.mkdir(parents=True, exist_ok=True)
     payload = os.urandom(BLOB_BYTES)
     for i in range(blobs):
         bid = uuid.uuid4().hex
-        (blob_dir / bid).write_bytes(payload)
+        key = blob_key("", bid)
+        (root / key).parent.mkdir(parents=True, exist_ok=True)
+        (root / key).write_bytes(payload)
         t = T0_NS + i * STEP_NS
         db.execute(
             "INSERT INTO binaries(binary_data_id, file_id, upload_id, org_id, kind, part_id,"
@@ -103,7 +104,7 @@ def _populate(root: Path, readings: int, blobs: int) -> None:
             " time_received_ns, size, sha256, blob_path, received_at_ns, time_captured_ns)"
             " VALUES (?,?,?,'','binary','part-0','rdk:component:camera','cam','GetImages',"
             " '{}','','.jpg','image/jpeg','[]','[]',?,?,?,'',?,?,?)",
-            (bid, bid, bid, t, t, BLOB_BYTES, f"blobs/bench/{bid}", t, t),
+            (bid, bid, bid, t, t, BLOB_BYTES, key, t, t),
         )
     db.execute("COMMIT")
     db.execute("ANALYZE")

@@ -26,6 +26,7 @@ import trustme
 from edged.client import UploadClient
 from edged.ingest import ApiKey, IngestServer, IngestSettings
 from tests.support.credentials import Certs, KeyFile, make_key_file
+from tests.support.s3server import S3Endpoint
 
 
 @pytest.fixture(scope="session")
@@ -215,3 +216,16 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(_EXIT_STATUS[0] or 1)
+
+
+@pytest.fixture(scope="session")
+def s3() -> Generator[S3Endpoint, None, None]:
+    """One S3-compatible endpoint (moto, a child process on loopback) for the session;
+    each test makes its own bucket."""
+    from tests.support.s3server import s3_server
+
+    with s3_server() as endpoint:
+        # Registered here too: the setup hook misses a session fixture that a
+        # parametrized fixture pulls in (it outlives that test on purpose).
+        _WIDE["children"].add(endpoint.pid)
+        yield endpoint

@@ -409,8 +409,8 @@ async def test_catalog_mutators_refuse_ids_of_another_org(tmp_path: Path) -> Non
     store = await IngestStore.open(tmp_path / "ingest", synchronous="OFF")
     try:
         meta = upload_metadata("part-1", pb.DATA_TYPE_FILE, file_name="f")
-        blob = store.new_blob()
-        blob.write(b"payload")
+        blob = await store.new_blob(ORG)
+        await blob.write(b"payload")
         ids = await store.store_blob(ORG, None, "file", meta, None, blob, "text/plain")
         bid = ids.binary_data_id
         ds = await store.write(lambda c: catalog.create_dataset(c, ORG, "set"))

@@ -90,6 +90,8 @@ def _ingest_settings(args: argparse.Namespace) -> IngestSettings:
     host, port = args.listen
     return IngestSettings(
         data_dir=args.data,
+        blobs=args.blobs,
+        s3_endpoint=args.s3_endpoint,
         host=host,
         port=port,
         keys=keys,
@@ -168,7 +170,8 @@ async def _serve_ingest(settings: IngestSettings) -> None:
         auth = f"{len(settings.keys)} API key(s)" if settings.keys else "no auth (open)"
         print(
             f"edged ingest: listening on {server.address} ({mode}, {auth}), data in"
-            f" {settings.data_dir}",
+            f" {settings.data_dir}"
+            + (f"; blobs in {server.store.blobs.description}" if settings.blobs else ""),
             flush=True,
         )
         if server.metrics_server is not None:
@@ -360,7 +363,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="HOST:PORT to bind (default 127.0.0.1:8080; port 0 picks one)",
     )
     ing.add_argument(
-        "--data", type=absolute_path, required=True, help="directory for the index and blobs"
+        "--data",
+        type=absolute_path,
+        required=True,
+        help="directory for the index (and blobs, unless --blobs)",
+    )
+    ing.add_argument(
+        "--blobs",
+        metavar="S3_URL",
+        help="s3://BUCKET[/PREFIX]: keep blob bytes in S3-compatible object storage (AWS_*"
+        " environment credentials) instead of under --data",
+    )
+    ing.add_argument(
+        "--s3-endpoint", metavar="URL", help="S3-compatible endpoint for --blobs (default AWS)"
     )
     ing.add_argument("--api-key-id", action="append", help="API key id (repeatable)")
     ing.add_argument(

@@ -30,15 +30,9 @@ from edged._proto.app.datasync.v1 import data_sync_grpc
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.ingest import catalog
 from edged.ingest.auth import KeyStore
+from edged.ingest.blobs import BlobWriter
 from edged.ingest.metrics import stored
-from edged.ingest.storage import (
-    KIND_BINARY,
-    KIND_FILE,
-    KIND_TABULAR,
-    BlobWriter,
-    IngestStore,
-    UploadIds,
-)
+from edged.ingest.storage import KIND_BINARY, KIND_FILE, KIND_TABULAR, IngestStore, UploadIds
 from edged.ingest.validate import (
     check_bbox_ids,
     check_capture_upload,
@@ -165,9 +159,9 @@ class DataSyncService(data_sync_grpc.DataSyncServiceBase):
             stored(KIND_TABULAR, len(req.sensor_contents), nbytes)
         elif ids is None:
             reading = req.sensor_contents[0]
-            blob = self._store.new_blob()
+            blob = await self._store.new_blob(org)
             try:
-                blob.write(reading.binary)
+                await blob.write(reading.binary)
                 with _dataset_errors("metadata"):
                     ids = await self._store.store_blob(
                         org,
@@ -181,7 +175,7 @@ class DataSyncService(data_sync_grpc.DataSyncServiceBase):
                     )
                 stored(KIND_BINARY, 1, len(reading.binary))
             finally:
-                blob.discard()
+                await asyncio.shield(blob.discard())
         await stream.send_message(
             pb.DataCaptureUploadResponse(file_id=ids.file_id, binary_data_id=ids.binary_data_id)
         )
@@ -257,7 +251,8 @@ class DataSyncService(data_sync_grpc.DataSyncServiceBase):
         mime_type: str,
         where: str,
     ) -> UploadIds:
-        """Stream chunks to disk as they arrive; memory holds one message at a time."""
+        """Stream chunks to the blob store as they arrive; memory holds one message (and
+        at most one multipart part) at a time."""
         item_id = _item_id(stream)
         known = await self._store.find_upload(org, item_id)
         if known is not None:
@@ -270,10 +265,10 @@ class DataSyncService(data_sync_grpc.DataSyncServiceBase):
 
         with _dataset_errors(where):  # refuse before receiving what may be gigabytes
             await self._store.read(datasets_exist)
-        blob: BlobWriter = self._store.new_blob()
+        blob: BlobWriter = await self._store.new_blob(org)
         try:
             async for chunk in chunks:
-                blob.write(chunk)
+                await blob.write(chunk)
                 if blob.size > self._max_upload:
                     raise GRPCError(
                         Status.INVALID_ARGUMENT,
@@ -294,4 +289,4 @@ class DataSyncService(data_sync_grpc.DataSyncServiceBase):
             stored(kind, 1, blob.size)
             return ids
         finally:
-            blob.discard()
+            await asyncio.shield(blob.discard())

@@ -33,10 +33,10 @@ import base64
 import contextlib
 import importlib
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any, TypeVar
 
 import bson
@@ -51,6 +51,7 @@ from edged._proto.app.data.v1 import data_grpc
 from edged._proto.app.data.v1 import data_pb2 as dpb
 from edged.ingest import catalog
 from edged.ingest.auth import ApiKey, KeyStore
+from edged.ingest.blobs import BlobStore, BlobStoreError
 from edged.ingest.catalog import BinaryRow, NotFound, ReadingRow
 from edged.ingest.filters import (
     Cursor,
@@ -70,6 +71,8 @@ DEFAULT_LIMIT = 50
 MAX_LIMIT = 10_000
 MAX_PAGE_BINARY_BYTES = 64 * 1024 * 1024
 DAY_NS = 86_400 * 1_000_000_000
+
+log = logging.getLogger(__name__)
 
 
 def invalid(message: str) -> GRPCError:
@@ -238,23 +241,28 @@ def check_ids_budget(sizes: Sequence[int], budget: int) -> None:
 
 
 def binary_items(
-    root: Path,
     rows: list[BinaryRow],
     include_binary: bool,
     budget_bytes: int = MAX_PAGE_BINARY_BYTES,
 ) -> tuple[list[dpb.BinaryData], list[BinaryRow]]:
-    """BinaryData for rows, reading payloads from disk up to the page byte budget."""
+    """BinaryData for the rows that fit the page byte budget; payloads are read from the
+    blob store afterwards (`load_payloads`), outside the index snapshot's thread."""
     out: list[dpb.BinaryData] = []
     used: list[BinaryRow] = []
     if include_binary:
         rows = rows[: fitting([r.size for r in rows], budget_bytes)]
     for row in rows:
-        item = dpb.BinaryData(metadata=binary_metadata(row))
-        if include_binary:
-            item.binary = (root / row.blob_path).read_bytes()
-        out.append(item)
+        out.append(dpb.BinaryData(metadata=binary_metadata(row)))
         used.append(row)
     return out, used
+
+
+async def load_payloads(
+    blobs: BlobStore, items: Sequence[dpb.BinaryData], rows: Sequence[BinaryRow]
+) -> None:
+    """Fill each item's payload from the blob store (sizes were budgeted already)."""
+    for item, row in zip(items, rows, strict=True):
+        item.binary = await blobs.read(row.blob_path)
 
 
 def _limit(value: int) -> int:
@@ -430,7 +438,6 @@ class DataQueryService(data_grpc.DataServiceBase):
     ) -> None:
         caller, req = await self._request(stream)
         dr = req.data_request
-        root = self._store.root
         with translate_errors():
             where = binary_where(dr.filter if dr.HasField("filter") else None, caller.org_id)
             cursor = decode_token(dr.last)
@@ -443,9 +450,11 @@ class DataQueryService(data_grpc.DataServiceBase):
             limit = _limit(dr.limit)
             budget = self._limits.max_page_binary_bytes
 
-            def page(conn: sqlite3.Connection) -> dpb.BinaryDataByFilterResponse:
+            def page(
+                conn: sqlite3.Connection,
+            ) -> tuple[dpb.BinaryDataByFilterResponse, list[BinaryRow]]:
                 rows = catalog.page_binaries(conn, where, dr.sort_order, cursor, limit)
-                items, used = binary_items(root, rows, req.include_binary, budget)
+                items, used = binary_items(rows, req.include_binary, budget)
                 resp = dpb.BinaryDataByFilterResponse(
                     data=items, count=len(items), total_size_bytes=sum(r.size for r in used)
                 )
@@ -454,30 +463,32 @@ class DataQueryService(data_grpc.DataServiceBase):
                     if used
                     else dr.last
                 )
-                return resp
+                return resp, used
 
-            resp = await self._read(page)
+            resp, used = await self._read(page)
+            if req.include_binary:
+                await load_payloads(self._store.blobs, resp.data, used)
         await stream.send_message(resp)
 
     async def BinaryDataByIDs(
         self, stream: Stream[dpb.BinaryDataByIDsRequest, dpb.BinaryDataByIDsResponse]
     ) -> None:
         caller, req = await self._request(stream)
-        org, root = caller.org_id, self._store.root
+        org = caller.org_id
         budget = self._limits.max_page_binary_bytes
 
-        def fetch(conn: sqlite3.Connection) -> dpb.BinaryDataByIDsResponse:
+        def fetch(conn: sqlite3.Connection) -> tuple[dpb.BinaryDataByIDsResponse, list[BinaryRow]]:
             ids = resolve_ids(conn, org, req.binary_data_ids, req.binary_ids)
             rows = catalog.binaries_by_ids(conn, org, ids)
-            items, _ = binary_items(root, rows, False)
+            items, _ = binary_items(rows, False)
             if req.include_binary:
                 check_ids_budget([r.size for r in rows], budget)
-                for item, row in zip(items, rows, strict=True):
-                    item.binary = (root / row.blob_path).read_bytes()
-            return dpb.BinaryDataByIDsResponse(data=items, count=len(items))
+            return dpb.BinaryDataByIDsResponse(data=items, count=len(items)), rows
 
         with translate_errors():
-            resp = await self._read(fetch)
+            resp, rows = await self._read(fetch)
+            if req.include_binary:
+                await load_payloads(self._store.blobs, resp.data, rows)
         await stream.send_message(resp)
 
     async def DeleteBinaryDataByFilter(
@@ -508,14 +519,12 @@ class DataQueryService(data_grpc.DataServiceBase):
 
     async def _unlink(self, paths: list[str]) -> None:
         """Blobs go after their rows are committed: a crash leaves an orphan, never a row
-        pointing at nothing."""
-        root = self._store.root
-
-        def unlink() -> None:
-            for p in paths:
-                (root / p).unlink(missing_ok=True)
-
-        await asyncio.to_thread(unlink)
+        pointing at nothing. So does a blob store that fails now: the rows are gone and
+        the call succeeded, so that is logged, not answered."""
+        try:
+            await self._store.blobs.delete(paths)
+        except BlobStoreError as exc:
+            log.warning("deleted rows kept their blobs (orphans): %s", exc.message)
 
     # -- tags -----------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from grpclib.server import Server
 
 from edged.errors import ConfigError
 from edged.ingest.auth import ApiKey, AuthLimits, AuthService, KeyStore
+from edged.ingest.blobs import open_blob_store, sweep_forever
 from edged.ingest.datasets import DatasetService
 from edged.ingest.datasync import DataSyncService
 from edged.ingest.guard import (
@@ -50,6 +51,8 @@ MiB = 1024 * 1024
 @dataclass(frozen=True)
 class IngestSettings:
     data_dir: Path
+    blobs: str | None = None  # s3://BUCKET[/PREFIX]; None: blobs under data_dir
+    s3_endpoint: str | None = None  # an S3-compatible endpoint URL; None: AWS S3
     host: str = "127.0.0.1"
     port: int = 0
     keys: tuple[ApiKey, ...] = ()
@@ -127,6 +130,7 @@ class IngestServer:
         self.keys = KeyStore(list(settings.keys), settings.auth)
         self.guard: Guard | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._blob_sweeper: asyncio.Task[None] | None = None
         self._store: IngestStore | None = None
         self._server: _Server | None = None
         self._runner: QueryRunner | None = None
@@ -153,7 +157,11 @@ class IngestServer:
 
     async def start(self) -> None:
         s = self.settings
-        self._store = await IngestStore.open(s.data_dir, synchronous=s.synchronous)
+        blobs = open_blob_store(s.blobs, s.data_dir.absolute(), s.s3_endpoint)
+        self._store = await IngestStore.open(s.data_dir, synchronous=s.synchronous, blobs=blobs)
+        self._blob_sweeper = asyncio.create_task(
+            sweep_forever(self._store.blobs, self._store.indexed_file_ids)
+        )
         set_sqlite_heap_limit(s.query_limits.sqlite_heap_bytes)
         self._runner = QueryRunner(s.query_limits)
         handlers: list[Any] = [
@@ -229,6 +237,11 @@ class IngestServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
             self._sweeper = None
+        if self._blob_sweeper is not None:
+            self._blob_sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._blob_sweeper
+            self._blob_sweeper = None
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), grace)

@@ -1,10 +1,11 @@
-"""What `edged ingest` keeps: a SQLite index plus a blob directory.
+"""What `edged ingest` keeps: a SQLite index plus a blob store (blobs.py).
 
 Tabular readings are rows (one per reading, data as strict JSON so SQL can reach into
 it; NaN keeps the exact Struct beside it, see values.py);
-binary readings and files are blobs written to a temp name, fsync'd, renamed, and only
-then indexed, so an acknowledged upload survives a power cut and a crash leaves at
-worst an orphaned temp file, never an index row without its bytes.
+binary readings and files are blobs made durable in the blob store (a directory or a
+bucket) and only then indexed, so an acknowledged upload survives a power cut and a
+crash leaves at worst an orphan the blob store's sweep removes, never an index row
+without its bytes.
 
 The query API adds curation state beside the upload rows: live tags (`binary_tags`,
 seeded from the upload's tags; `binaries.tags` stays "as uploaded"), bounding boxes
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import json
 import os
 import sqlite3
@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, TypeVar
 
 import aiosqlite
 from google.protobuf import json_format
@@ -38,8 +38,8 @@ from google.protobuf.any_pb2 import Any as AnyPb
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
-from edged.durable import fsync_dir
 from edged.ingest import catalog
+from edged.ingest.blobs import BlobStore, BlobWriter, LocalBlobStore
 from edged.ingest.values import decode_python, encode_struct
 
 # Bounding-box ids are chosen by the uploader (annotations) or by us (AddBoundingBox) and
@@ -333,46 +333,19 @@ def any_json(value: AnyPb) -> dict[str, Any]:
     return {"@type": value.type_url, RAW_ANY_KEY: base64.b64encode(value.value).decode()}
 
 
-class BlobWriter:
-    """A blob being received: bytes go to a private temp file until `commit`."""
-
-    def __init__(self, tmp_dir: Path) -> None:
-        self.path = tmp_dir / f"{uuid.uuid4().hex}.part"
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        self._file: BinaryIO = os.fdopen(fd, "wb")
-        self._sha = hashlib.sha256()
-        self.size = 0
-
-    def write(self, chunk: bytes) -> None:
-        self._file.write(chunk)
-        self._sha.update(chunk)
-        self.size += len(chunk)
-
-    @property
-    def sha256(self) -> str:
-        return self._sha.hexdigest()
-
-    async def sync_and_close(self) -> None:
-        def _sync() -> None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-
-        await asyncio.to_thread(_sync)
-
-    def discard(self) -> None:
-        if not self._file.closed:
-            self._file.close()
-        self.path.unlink(missing_ok=True)
-
-
 class IngestStore:
     """Single-connection store; a lock keeps each upload's transaction whole."""
 
-    def __init__(self, root: Path, db: aiosqlite.Connection, *, synchronous: str = "FULL") -> None:
+    def __init__(
+        self,
+        root: Path,
+        db: aiosqlite.Connection,
+        *,
+        synchronous: str = "FULL",
+        blobs: BlobStore | None = None,
+    ) -> None:
         self.root = root
-        self.blob_dir = root / "blobs"
-        self.tmp_dir = root / "blobs" / ".tmp"
+        self.blobs: BlobStore = blobs or LocalBlobStore(root)
         self.db_path = root / "ingest.sqlite3"
         self._db = db
         self._lock = asyncio.Lock()
@@ -380,16 +353,21 @@ class IngestStore:
         self._writer: sqlite3.Connection | None = None
 
     @classmethod
-    async def open(cls, root: Path, *, synchronous: str = "FULL") -> IngestStore:
+    async def open(
+        cls, root: Path, *, synchronous: str = "FULL", blobs: BlobStore | None = None
+    ) -> IngestStore:
         root = root.absolute()  # SQLite URIs and blob paths must not follow a later chdir
-        for d in (root, root / "blobs", root / "blobs" / ".tmp"):
-            d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        for leftover in (root / "blobs" / ".tmp").glob("*.part"):
-            leftover.unlink()  # an upload cut short before it was acknowledged
-        await asyncio.to_thread(_prepare, root / "ingest.sqlite3")
-        db = await aiosqlite.connect(root / "ingest.sqlite3", isolation_level=None)
-        await db.execute(f"PRAGMA synchronous={synchronous}")
-        return cls(root, db, synchronous=synchronous)
+        blobs = blobs or LocalBlobStore(root)
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        await blobs.open()
+        try:
+            await asyncio.to_thread(_prepare, root / "ingest.sqlite3")
+            db = await aiosqlite.connect(root / "ingest.sqlite3", isolation_level=None)
+            await db.execute(f"PRAGMA synchronous={synchronous}")
+        except BaseException:
+            await blobs.close()
+            raise
+        return cls(root, db, synchronous=synchronous, blobs=blobs)
 
     async def close(self) -> None:
         async with self._lock:
@@ -397,6 +375,7 @@ class IngestStore:
                 self._writer.close()
                 self._writer = None
         await self._db.close()
+        await self.blobs.close()
 
     # -- query-side access ----------------------------------------------------------------
 
@@ -447,8 +426,27 @@ class IngestStore:
 
     # -- uploads --------------------------------------------------------------------------
 
-    def new_blob(self) -> BlobWriter:
-        return BlobWriter(self.tmp_dir)
+    async def new_blob(self, org_id: str) -> BlobWriter:
+        return await self.blobs.begin(org_id)
+
+    async def indexed_file_ids(self, file_ids: list[str]) -> set[str]:
+        """Which of these blob file ids have a row (the blob sweep asks about a few)."""
+
+        def known(conn: sqlite3.Connection) -> set[str]:
+            found: set[str] = set()
+            for i in range(0, len(file_ids), 500):
+                part = file_ids[i : i + 500]
+                marks = ",".join("?" * len(part))
+                found.update(
+                    r[0]
+                    for r in conn.execute(
+                        f"SELECT binary_data_id FROM binaries WHERE binary_data_id IN ({marks})",
+                        part,
+                    )
+                )
+            return found
+
+        return await self.read(known)
 
     async def find_upload(self, org_id: str, item_id: str | None) -> UploadIds | None:
         if not item_id:
@@ -568,12 +566,9 @@ class IngestStore:
         *,
         location_id: str = "",
     ) -> UploadIds:
-        """Make the blob durable under its final name, then index it in one transaction."""
-        file_id = uuid.uuid4().hex
-        ids = UploadIds(file_id=file_id, binary_data_id=file_id)
-        await blob.sync_and_close()
-        final_dir = self.blob_dir / file_id[:2]
-        final = final_dir / file_id
+        """Make the blob durable in the blob store, then index it in one transaction."""
+        ids = UploadIds(file_id=blob.file_id, binary_data_id=blob.file_id)
+        await blob.finish()
         now = time.time_ns()
         requested = ts_ns(sensor, "time_requested") if sensor else None
         received = ts_ns(sensor, "time_received") if sensor else None
@@ -599,7 +594,7 @@ class IngestStore:
             sensor.annotations.SerializeToString() if sensor else None,
             blob.size,
             blob.sha256,
-            str(final.relative_to(self.root)),
+            blob.key,
             now,
             _captured(requested, received, now),
         )
@@ -621,16 +616,14 @@ class IngestStore:
         ]
 
         def store(conn: sqlite3.Connection) -> UploadIds:
-            """Rename into place inside the transaction: a failure (or a repeat) removes
-            the blob again, so no blob is left that the index does not know."""
+            """Place the blob inside the transaction: a failure (or a repeat) removes it
+            again, so no blob is left that the index does not know."""
             earlier = self._claim(conn, org_id, item_id, kind, ids)
             if earlier is not None:
                 return earlier
             catalog.check_datasets(conn, org_id, meta.dataset_ids)
-            final_dir.mkdir(exist_ok=True, mode=0o700)
-            os.replace(blob.path, final)
+            blob.place()
             try:
-                fsync_dir(final_dir)
                 conn.execute(
                     "INSERT INTO binaries(binary_data_id, file_id, upload_id, org_id, location_id,"
                     " kind, part_id, component_type, component_name, method_name,"
@@ -652,17 +645,20 @@ class IngestStore:
                     f"INSERT INTO bboxes({_BBOX_COLS}) VALUES (?,?,?,?,?,?,?,?)", boxes
                 )
             except BaseException:
-                final.unlink(missing_ok=True)
+                blob.unplace()
                 raise
             return ids
 
         try:
-            return await self.write(store)
+            stored = await self.write(store)
         except Exception:
             # The transaction failed (COMMIT included): nothing indexes this blob. A
             # cancelled caller is not this case: the shielded write may still commit.
-            final.unlink(missing_ok=True)
+            await blob.drop()
             raise
+        if stored is ids:
+            await blob.committed()
+        return stored
 
     async def readings(self, org_id: str | None = None) -> list[StoredReading]:
         """Every stored reading in arrival order (tests and, later, the query API)."""
