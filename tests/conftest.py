@@ -26,6 +26,7 @@ import trustme
 
 from edged.client import UploadClient
 from edged.ingest import ApiKey, IngestServer, IngestSettings
+from tests.pg import PgServer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,6 +93,26 @@ async def client(ingest: IngestServer, key: KeyFile, certs: Certs) -> AsyncItera
         ingest.address, api_key_id=key.key_id, api_key=key.secret, ca_file=certs.ca_file
     ) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Generator[PgServer, None, None]:
+    """One real PostgreSQL for the session (tests/pg.py), stopped and removed at its end."""
+    server = PgServer()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server: PgServer) -> Generator[str, None, None]:
+    """A fresh, empty database for one test; its URL."""
+    name = pg_server.create_database()
+    try:
+        yield pg_server.url(name)
+    finally:
+        pg_server.drop_database(name)
 
 
 # --------------------------------------------------------------------------- leak guard

@@ -66,8 +66,13 @@ def _ingest_settings(args: argparse.Namespace) -> IngestSettings:
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ConfigError("--tls-cert and --tls-key go together")
     host, port = args.listen
+    if args.database is not None and not args.database.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(
+            "--database must be a postgresql:// URL (password via PGPASSWORD or the URL)"
+        )
     return IngestSettings(
         data_dir=args.data,
+        database=args.database,
         host=host,
         port=port,
         keys=keys,
@@ -141,11 +146,12 @@ async def _serve_ingest(settings: IngestSettings) -> None:
     async with IngestServer(settings) as server:
         mode = "tls" if server.tls else "plaintext"
         auth = f"{len(settings.keys)} API key(s)" if settings.keys else "no auth (open)"
-        print(
-            f"edged ingest: listening on {server.address} ({mode}, {auth}), data in"
-            f" {settings.data_dir}",
-            flush=True,
-        )
+        where = f"data in {settings.data_dir}"
+        if settings.database:
+            from edged.ingest.pg import redact
+
+            where = f"index in {redact(settings.database)}, blobs in {settings.data_dir}"
+        print(f"edged ingest: listening on {server.address} ({mode}, {auth}), {where}", flush=True)
         await stop.wait()
         print("edged ingest: stopping; finishing in-flight uploads", flush=True)
 
@@ -306,6 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ing.add_argument(
         "--data", type=absolute_path, required=True, help="directory for the index and blobs"
+    )
+    ing.add_argument(
+        "--database",
+        help="postgresql://USER@HOST/DB: keep the index there, shared by every replica"
+        " (password from PGPASSWORD or the URL; needs edged[postgres]); blobs stay in --data",
     )
     ing.add_argument("--api-key-id", action="append", help="API key id (repeatable)")
     ing.add_argument(

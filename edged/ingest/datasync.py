@@ -16,7 +16,6 @@ blobs, also before the bytes are received.
 from __future__ import annotations
 
 import contextlib
-import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -28,6 +27,7 @@ from edged._proto.app.datasync.v1 import data_sync_grpc
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.ingest import catalog
 from edged.ingest.auth import KeyStore
+from edged.ingest.catalog import Conn
 from edged.ingest.storage import KIND_BINARY, KIND_FILE, BlobWriter, IngestStore, UploadIds
 from edged.ingest.validate import (
     check_bbox_ids,
@@ -188,7 +188,7 @@ class DataSyncService(data_sync_grpc.DataSyncServiceBase):
                 pass
             return known
 
-        def datasets_exist(conn: sqlite3.Connection) -> None:
+        def datasets_exist(conn: Conn) -> None:
             catalog.check_datasets(conn, org, meta.dataset_ids)
 
         with _dataset_errors(where):  # refuse before receiving what may be gigabytes

@@ -90,7 +90,7 @@ def _scope(b: _Builder, organization_ids: list[str]) -> None:
     """A filter naming only other organisations matches nothing (the builder already
     holds the caller's org)."""
     if organization_ids and b.org_id not in organization_ids:
-        b.add("0")
+        b.add("1 = 0")  # not a bare 0: PostgreSQL wants a boolean
 
 
 def _tags(b: _Builder, tf: dpb.TagsFilter, where: str) -> None:
@@ -155,7 +155,7 @@ def reading_where(f: dpb.Filter | None, org_id: str) -> Where:
     f = f if f is not None else dpb.Filter()
     _common(b, f)
     if [x for x in f.bbox_labels if x]:
-        b.add("0")
+        b.add("1 = 0")  # not a bare 0: PostgreSQL wants a boolean
     if f.dataset_id:
         b.add("EXISTS (SELECT 1 FROM json_each($.dataset_ids) WHERE value = ?)", f.dataset_id)
     return b.build()

@@ -33,7 +33,6 @@ import base64
 import contextlib
 import importlib
 import json
-import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -51,7 +50,7 @@ from edged._proto.app.data.v1 import data_grpc
 from edged._proto.app.data.v1 import data_pb2 as dpb
 from edged.ingest import catalog
 from edged.ingest.auth import ApiKey, KeyStore
-from edged.ingest.catalog import BinaryRow, NotFound, ReadingRow
+from edged.ingest.catalog import BinaryRow, Conn, NotFound, ReadingRow
 from edged.ingest.filters import (
     Cursor,
     FilterError,
@@ -310,8 +309,16 @@ class DataQueryService(data_grpc.DataServiceBase):
         self._runner = runner if runner is not None else QueryRunner(QueryLimits())
         self._limits = self._runner.limits
 
-    async def _read(self, fn: Callable[[sqlite3.Connection], _R]) -> _R:
+    async def _read(self, fn: Callable[[Conn], _R]) -> _R:
         return await self._store.read(fn, self._runner.executor)
+
+    def _sqlite_only(self, method: str) -> None:
+        """The SQL/MQL engines read the SQLite file; on PostgreSQL they are not there yet."""
+        if self._store.dialect != "sqlite":
+            raise GRPCError(
+                Status.UNIMPLEMENTED,
+                f"{method} is not available yet when the index is in PostgreSQL (--database)",
+            )
 
     async def _run_engine(self, org: str, rejected: type[Exception], job: Any) -> list[bytes]:
         """One SQL/MQL job on the query pool: the limits' breaches are RESOURCE_EXHAUSTED,
@@ -364,6 +371,7 @@ class DataQueryService(data_grpc.DataServiceBase):
         org = check_org(self._keys, caller, req.organization_id, "organization_id")
         if not req.sql_query.strip():
             raise invalid("sql_query is required")
+        self._sqlite_only("TabularDataBySQL")
         run, rejected = _engine("sql", "TabularDataBySQL")
         lim, path, query = self._limits, self._store.db_path, req.sql_query
         raw = await self._run_engine(
@@ -399,6 +407,7 @@ class DataQueryService(data_grpc.DataServiceBase):
                 pipeline.append(dict(bson.decode(raw)))
             except Exception:  # bson raises several types for malformed input
                 raise invalid(f"mql_binary[{i}] is not a BSON document") from None
+        self._sqlite_only("TabularDataByMQL")
         run, rejected = _engine("mql", "TabularDataByMQL")
         lim, path = self._limits, self._store.db_path
         raw = await self._run_engine(
@@ -450,7 +459,7 @@ class DataQueryService(data_grpc.DataServiceBase):
             limit = _limit(dr.limit)
             budget = self._limits.max_page_binary_bytes
 
-            def page(conn: sqlite3.Connection) -> dpb.BinaryDataByFilterResponse:
+            def page(conn: Conn) -> dpb.BinaryDataByFilterResponse:
                 rows = catalog.page_binaries(conn, where, dr.sort_order, cursor, limit)
                 items, used = binary_items(root, rows, req.include_binary, budget)
                 resp = dpb.BinaryDataByFilterResponse(
@@ -473,7 +482,7 @@ class DataQueryService(data_grpc.DataServiceBase):
         org, root = caller.org_id, self._store.root
         budget = self._limits.max_page_binary_bytes
 
-        def fetch(conn: sqlite3.Connection) -> dpb.BinaryDataByIDsResponse:
+        def fetch(conn: Conn) -> dpb.BinaryDataByIDsResponse:
             ids = resolve_ids(conn, org, req.binary_data_ids, req.binary_ids)
             rows = catalog.binaries_by_ids(conn, org, ids)
             items, _ = binary_items(root, rows, False)
@@ -504,7 +513,7 @@ class DataQueryService(data_grpc.DataServiceBase):
         caller, req = await self._request(stream)
         org = caller.org_id
 
-        def delete(conn: sqlite3.Connection) -> list[str]:
+        def delete(conn: Conn) -> list[str]:
             ids = resolve_ids(conn, org, req.binary_data_ids, req.binary_ids)
             return catalog.delete_binaries(conn, org, ids)
 
@@ -533,7 +542,7 @@ class DataQueryService(data_grpc.DataServiceBase):
         caller, req = await self._request(stream)
         tags = required_tags(req.tags)
 
-        def add(conn: sqlite3.Connection) -> None:
+        def add(conn: Conn) -> None:
             ids = resolve_ids(conn, caller.org_id, req.binary_data_ids, req.binary_ids)
             catalog.add_tags(conn, caller.org_id, ids, tags)
 
@@ -563,7 +572,7 @@ class DataQueryService(data_grpc.DataServiceBase):
         caller, req = await self._request(stream)
         tags = required_tags(req.tags)
 
-        def remove(conn: sqlite3.Connection) -> int:
+        def remove(conn: Conn) -> int:
             ids = resolve_ids(conn, caller.org_id, req.binary_data_ids, req.binary_ids)
             return catalog.remove_tags(conn, caller.org_id, ids, tags)
 
@@ -606,7 +615,7 @@ class DataQueryService(data_grpc.DataServiceBase):
         box = check_bbox(req)
         confidence = req.confidence if req.HasField("confidence") else None
 
-        def add(conn: sqlite3.Connection) -> str:
+        def add(conn: Conn) -> str:
             [bid] = one_binary_id(conn, caller.org_id, req)
             return catalog.add_bbox(conn, caller.org_id, bid, req.label, box, confidence)
 
@@ -624,7 +633,7 @@ class DataQueryService(data_grpc.DataServiceBase):
         if not req.bbox_id:
             raise invalid("bbox_id is required")
 
-        def remove(conn: sqlite3.Connection) -> None:
+        def remove(conn: Conn) -> None:
             [bid] = one_binary_id(conn, caller.org_id, req)
             catalog.remove_bbox(conn, caller.org_id, bid, req.bbox_id)
 
@@ -694,13 +703,13 @@ class DataQueryService(data_grpc.DataServiceBase):
         self,
         caller: ApiKey,
         req: Any,
-        change: Callable[[sqlite3.Connection, str, str, list[str]], None],
+        change: Callable[[Conn, str, str, list[str]], None],
     ) -> None:
         if not req.dataset_id:
             raise invalid("dataset_id is required")
         org = caller.org_id
 
-        def apply(conn: sqlite3.Connection) -> None:
+        def apply(conn: Conn) -> None:
             ids = resolve_ids(conn, org, req.binary_data_ids, req.binary_ids)
             change(conn, org, req.dataset_id, ids)
 
@@ -792,7 +801,7 @@ def required_tags(tags: Sequence[str]) -> list[str]:
 
 
 def resolve_ids(
-    conn: sqlite3.Connection, org: str, data_ids: Sequence[str], legacy: Sequence[dpb.BinaryID]
+    conn: Conn, org: str, data_ids: Sequence[str], legacy: Sequence[dpb.BinaryID]
 ) -> list[str]:
     """binary_data_ids, or legacy BinaryIDs (file id + org + location), as our ids."""
     if data_ids:
@@ -809,7 +818,7 @@ def resolve_ids(
     return catalog.resolve_file_ids(conn, org, [b.file_id for b in legacy])
 
 
-def one_binary_id(conn: sqlite3.Connection, org: str, req: Any) -> list[str]:
+def one_binary_id(conn: Conn, org: str, req: Any) -> list[str]:
     if req.binary_data_id:
         return [req.binary_data_id]
     if req.HasField("binary_id") and req.binary_id.file_id:

@@ -48,6 +48,7 @@ MiB = 1024 * 1024
 @dataclass(frozen=True)
 class IngestSettings:
     data_dir: Path
+    database: str | None = None  # postgresql:// URL: the index there (pg.py), not in data_dir
     host: str = "127.0.0.1"
     port: int = 0
     keys: tuple[ApiKey, ...] = ()
@@ -147,7 +148,14 @@ class IngestServer:
 
     async def start(self) -> None:
         s = self.settings
-        self._store = await IngestStore.open(s.data_dir, synchronous=s.synchronous)
+        self._store = await IngestStore.open(
+            s.data_dir, synchronous=s.synchronous, database=s.database
+        )
+        if self._store.dialect == "postgresql":  # replicas accept each other's tokens
+            from edged.ingest.pg import PgIndex, PgTokens
+
+            assert isinstance(self._store.index, PgIndex)
+            self.keys.shared = PgTokens(self._store.index)
         set_sqlite_heap_limit(s.query_limits.sqlite_heap_bytes)
         self._runner = QueryRunner(s.query_limits)
         handlers: list[Any] = [
