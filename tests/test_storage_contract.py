@@ -14,11 +14,15 @@ from typing import Any
 
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
 
 from edged._proto.app.data.v1 import data_pb2 as dpb
+from edged._proto.app.data.v1.data_grpc import DataServiceStub
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
-from edged.client import upload_metadata
-from edged.ingest import IngestStore, catalog
+from edged.client import UploadClient, upload_metadata
+from edged.errors import UploadError
+from edged.ingest import IngestServer, IngestSettings, IngestStore, catalog
 from edged.ingest.catalog import Conn
 from edged.ingest.filters import (
     Cursor,
@@ -350,3 +354,40 @@ async def test_a_failed_write_changes_nothing(store: IngestStore) -> None:
     with pytest.raises(RuntimeError):
         await store.write(half)
     assert await store.read(lambda c: catalog.list_datasets(c, ORG)) == []
+
+
+# -- text no index can hold (through the services) -------------------------------------------
+
+
+@pytest.fixture(params=BACKENDS)
+async def open_server(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[int]:
+    database = request.getfixturevalue("pg_url") if request.param == "postgresql" else None
+    settings = IngestSettings(
+        data_dir=tmp_path / "ingest", database=database, synchronous="OFF", shutdown_grace_s=1
+    )
+    async with IngestServer(settings) as server:
+        yield server.port
+
+
+async def test_nul_characters_are_refused_naming_the_field(open_server: int) -> None:
+    """PostgreSQL text cannot hold U+0000: both backends refuse it up front, as the
+    caller's mistake (INVALID_ARGUMENT, dead-lettered by the daemon), never a fault that
+    would be retried for ever."""
+    async with UploadClient(f"127.0.0.1:{open_server}", tls=False) as up:
+        bad_tag = tabular_meta(tags=["ok", "a\x00b"])
+        with pytest.raises(UploadError, match=r"metadata\.tags\[1\] contains a NUL") as err:
+            await up.upload_readings(bad_tag, [reading(1, 1).SerializeToString()])
+        assert err.value.status == Status.INVALID_ARGUMENT
+        bad_part = tabular_meta()
+        bad_part.component_name = "imu\x00"
+        with pytest.raises(UploadError, match=r"metadata\.component_name contains a NUL"):
+            await up.upload_readings(bad_part, [reading(1, 1).SerializeToString()])
+        data = DataServiceStub(up.channel)
+        md = await up.metadata()
+        request = dpb.TabularDataByFilterRequest(
+            data_request=dpb.DataRequest(filter=dpb.Filter(component_name="imu\x00"))
+        )
+        with pytest.raises(GRPCError) as grpc_err:
+            await data.TabularDataByFilter(request, metadata=md)
+        assert grpc_err.value.status == Status.INVALID_ARGUMENT
+        assert await up.upload_readings(tabular_meta(), [reading(1, 1).SerializeToString()])

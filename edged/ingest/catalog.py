@@ -35,6 +35,10 @@ class NotFound(LookupError):
     """An id the caller's organisation does not have; the message names it."""
 
 
+class Unstorable(ValueError):
+    """A value the index cannot hold or look up (PostgreSQL text has no NUL)."""
+
+
 class Conflict(ValueError):
     """A write that a unique constraint refused (e.g. a dataset name taken in the org)."""
 

@@ -28,6 +28,8 @@ MAX_NAME = 256
 def check_name(name: str) -> str:
     if not name.strip():
         raise invalid("name is required")
+    if "\x00" in name:
+        raise invalid("name contains a NUL character (U+0000), which cannot be stored")
     if len(name) > MAX_NAME:
         raise invalid(f"name is {len(name)} characters; the limit is {MAX_NAME}")
     return name

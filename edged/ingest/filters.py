@@ -53,6 +53,9 @@ class _Builder:
         self.add("$.org_id = ?", self.org_id)
 
     def add(self, sql: str, *params: Any) -> None:
+        for value in params:  # no index can hold one, and PostgreSQL refuses to look one up
+            if isinstance(value, str) and "\x00" in value:
+                raise FilterError(f"filter value {value!r} contains a NUL character (U+0000)")
         self.parts.append(sql.replace("$", self.table))
         self.params.extend(params)
 

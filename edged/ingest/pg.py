@@ -33,7 +33,7 @@ import psycopg
 from psycopg import pq
 
 from edged.errors import ConfigError
-from edged.ingest.catalog import Conn, Rows
+from edged.ingest.catalog import Conn, Rows, Unstorable
 from edged.ingest.storage import READING_COLUMNS
 
 _T = TypeVar("_T")
@@ -270,14 +270,26 @@ class PgConn:
         self.raw = raw
 
     def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Rows:
-        return self.raw.execute(pg_sql(sql), tuple(parameters))
+        params = tuple(parameters)
+        _check_text(params)
+        return self.raw.execute(pg_sql(sql), params)
 
     def executemany(self, sql: str, seq_of_parameters: Iterable[Sequence[Any]], /) -> Rows:
         cur = self.raw.cursor()
         params = [tuple(p) for p in seq_of_parameters]
+        for p in params:
+            _check_text(p)
         if params:
             cur.executemany(pg_sql(sql), params)
         return cur
+
+
+def _check_text(params: Sequence[Any]) -> None:
+    """Unstorable for a NUL in a text value (an id, a tag): the caller's input, not a
+    fault of ours; uploads are checked before this (validate.py) with the field named."""
+    for value in params:
+        if isinstance(value, str) and "\x00" in value:
+            raise Unstorable(f"{value!r} contains a NUL character (U+0000)")
 
 
 class _Pool:

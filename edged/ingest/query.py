@@ -82,7 +82,7 @@ def translate_errors() -> Iterator[None]:
         yield
     except NotFound as exc:
         raise GRPCError(Status.NOT_FOUND, str(exc)) from None
-    except FilterError as exc:
+    except (FilterError, catalog.Unstorable) as exc:
         raise invalid(str(exc)) from None
 
 
@@ -797,6 +797,8 @@ def required_tags(tags: Sequence[str]) -> list[str]:
     out = list(dict.fromkeys(t for t in tags if t))
     if not out:
         raise invalid("tags is empty; give at least one non-empty tag")
+    if any("\x00" in t for t in out):
+        raise invalid("tags: a tag contains a NUL character (U+0000), which cannot be stored")
     return out
 
 
@@ -830,6 +832,8 @@ def check_bbox(req: dpb.AddBoundingBoxToImageByIDRequest) -> tuple[float, float,
     """0 <= min < max <= 1 on both axes, a label, confidence within [0, 1] if given."""
     if not req.label:
         raise invalid("label is required")
+    if "\x00" in req.label:
+        raise invalid("label contains a NUL character (U+0000), which cannot be stored")
     values = {
         "x_min_normalized": req.x_min_normalized,
         "y_min_normalized": req.y_min_normalized,
