@@ -231,8 +231,32 @@ CREATE INDEX auth_tokens_key ON auth_tokens(key_id, expires_at_ns);
 CREATE INDEX auth_tokens_expiry ON auth_tokens(expires_at_ns);
 """
 
+
+def _iso(col: str) -> str:
+    """ns since the epoch as the SQLite view's text: ISO-8601 UTC, microseconds, 'Z'."""
+    return (
+        f"to_char(timestamp '1970-01-01' + floor({col} / 1000.0)::bigint"
+        f" * interval '1 microsecond', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+    )
+
+
+# What TabularDataBySQL sees (pgsql.py): the SQLite view's columns over `readings`, read
+# with the caller's role (security_invoker), so the row-level policies apply.
+_V3 = f"""
+CREATE SCHEMA edged_sql;
+CREATE VIEW edged_sql.readings WITH (security_invoker = true) AS SELECT
+    org_id AS organization_id, location_id, robot_id, robot_name, part_id, part_name,
+    component_type, component_name, method_name,
+    {_iso("time_requested_ns")} AS time_requested,
+    {_iso("time_received_ns")} AS time_received,
+    tags::json AS tags, data::json AS data
+FROM public.readings;
+ALTER TABLE public.readings ENABLE ROW LEVEL SECURITY;
+CREATE TABLE edged_sql_secret(k BYTEA NOT NULL);
+"""
+
 # Version n is reached by running MIGRATIONS[n - 1]; append, never edit a shipped step.
-MIGRATIONS: tuple[str, ...] = (_V1, _V2)
+MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -340,6 +364,15 @@ class PgIndex:
         self._url = url
         self._pool = _Pool(url, pool_size)
         self._inflight: set[asyncio.Future[Any]] = set()
+        self.url = url
+        self.org_passwords: dict[str, str] = {}  # organisation roles set up (pgsql.py)
+
+    def borrow(self) -> psycopg.Connection[Any]:
+        """A pooled connection for a worker thread; `give_back` it when done."""
+        return self._pool.get()
+
+    def give_back(self, conn: psycopg.Connection[Any]) -> None:
+        self._pool.put(conn)
 
     @classmethod
     async def open(cls, url: str) -> PgIndex:

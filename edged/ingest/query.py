@@ -312,6 +312,28 @@ class DataQueryService(data_grpc.DataServiceBase):
     async def _read(self, fn: Callable[[Conn], _R]) -> _R:
         return await self._store.read(fn, self._runner.executor)
 
+    async def _pg_sql(self, org: str, query: str) -> list[bytes]:
+        """TabularDataBySQL inside PostgreSQL, as the organisation's role (pgsql.py)."""
+        from edged.ingest.pg import PgIndex
+        from edged.ingest.pgsql import run_pg_sql
+        from edged.ingest.sql import SqlRejected
+
+        index, lim = self._store.index, self._limits
+        assert isinstance(index, PgIndex)
+        return await self._run_engine(
+            org,
+            SqlRejected,
+            lambda control: run_pg_sql(
+                index,
+                org,
+                query,
+                max_rows=lim.max_rows,
+                max_result_bytes=lim.max_result_bytes,
+                max_value_bytes=lim.max_value_bytes,
+                control=control,
+            ),
+        )
+
     def _sqlite_only(self, method: str) -> None:
         """The SQL/MQL engines read the SQLite file; on PostgreSQL they are not there yet."""
         if self._store.dialect != "sqlite":
@@ -371,7 +393,10 @@ class DataQueryService(data_grpc.DataServiceBase):
         org = check_org(self._keys, caller, req.organization_id, "organization_id")
         if not req.sql_query.strip():
             raise invalid("sql_query is required")
-        self._sqlite_only("TabularDataBySQL")
+        if self._store.dialect == "postgresql":
+            raw = await self._pg_sql(org, req.sql_query)
+            await stream.send_message(dpb.TabularDataBySQLResponse(raw_data=raw))
+            return
         run, rejected = _engine("sql", "TabularDataBySQL")
         lim, path, query = self._limits, self._store.db_path, req.sql_query
         raw = await self._run_engine(
