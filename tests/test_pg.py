@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,7 +31,7 @@ from edged.ingest.auth import AuthLimits
 from edged.ingest.filters import Cursor, decode_token, encode_token, reading_where
 from edged.ingest.limits import QueryLimits
 from tests.conftest import KeyFile
-from tests.procs import ingest_process
+from tests.procs import edged_cmd, ingest_process
 
 ORG = "org-a"
 
@@ -422,3 +423,33 @@ async def test_sql_cannot_reach_past_its_view(sql_server: IngestServer, query: s
 )
 async def test_sql_bounds(sql_server: IngestServer, query: str) -> None:
     assert await _sql(sql_server, KEY_A, query) == Status.RESOURCE_EXHAUSTED
+
+
+# -- the command line -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("database", "says"),
+    [
+        ("mysql://u@h/db", "--database must be a postgresql:// URL"),
+        (
+            "postgresql://edged:hunter2@/nodb?host=/nonexistent&connect_timeout=2",
+            "--database postgresql://edged:***@/nodb",
+        ),
+    ],
+)
+def test_cli_database_errors_are_usage_errors_without_the_password(
+    tmp_path: Path, database: str, says: str
+) -> None:
+    proc = subprocess.run(
+        edged_cmd(
+            "ingest", "--listen", "127.0.0.1:0", "--data", str(tmp_path), "--database", database
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert says in proc.stderr
+    assert "hunter2" not in proc.stderr + proc.stdout
