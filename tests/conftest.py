@@ -9,6 +9,7 @@ forever after the last test.
 from __future__ import annotations
 
 import gc
+import importlib.util
 import os
 import sys
 import threading
@@ -26,6 +27,7 @@ import trustme
 from edged.client import UploadClient
 from edged.ingest import ApiKey, IngestServer, IngestSettings
 from tests.support.credentials import Certs, KeyFile, make_key_file
+from tests.support.pg import PgServer
 from tests.support.s3server import S3Endpoint
 
 
@@ -68,6 +70,28 @@ async def client(ingest: IngestServer, key: KeyFile, certs: Certs) -> AsyncItera
         ingest.address, api_key_id=key.key_id, api_key=key.secret, ca_file=certs.ca_file
     ) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Generator[PgServer, None, None]:
+    """One real PostgreSQL for the session (tests/pg.py), stopped and removed at its end."""
+    if importlib.util.find_spec("pgserver") is None:
+        pytest.skip("pgserver (the tests' PostgreSQL) has no wheel for this Python yet")
+    server = PgServer()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server: PgServer) -> Generator[str, None, None]:
+    """A fresh, empty database for one test; its URL."""
+    name = pg_server.create_database()
+    try:
+        yield pg_server.url(name)
+    finally:
+        pg_server.drop_database(name)
 
 
 # --------------------------------------------------------------------------- leak guard

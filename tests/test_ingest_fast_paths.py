@@ -137,7 +137,7 @@ async def test_concurrent_tabular_uploads_share_transactions_and_fail_alone(
         calls = []
         for i in range(12):
             meta, readings = _upload(i, ("no-such-dataset",) if i == 5 else ())
-            calls.append(group.run(store.tabular_writer("org", f"item-{i}", meta, readings)))
+            calls.append(group.run(await store.tabular_writer("org", f"item-{i}", meta, readings)))
         results = await asyncio.gather(*calls, return_exceptions=True)
         assert isinstance(results[5], catalog.NotFound)
         assert all(isinstance(r, UploadIds) for i, r in enumerate(results) if i != 5)
@@ -148,8 +148,8 @@ async def test_concurrent_tabular_uploads_share_transactions_and_fail_alone(
         # A repeat of an item id inside one group stores nothing twice.
         meta, readings = _upload(0)
         again = await asyncio.gather(
-            group.run(store.tabular_writer("org", "item-0", meta, readings)),
-            group.run(store.tabular_writer("org", "item-0", meta, readings)),
+            group.run(await store.tabular_writer("org", "item-0", meta, readings)),
+            group.run(await store.tabular_writer("org", "item-0", meta, readings)),
         )
         assert again[0] == again[1] == results[0]
         assert len(await store.readings("org")) == 22

@@ -415,7 +415,7 @@ async def test_catalog_mutators_refuse_ids_of_another_org(tmp_path: Path) -> Non
         bid = ids.binary_data_id
         ds = await store.write(lambda c: catalog.create_dataset(c, ORG, "set"))
         await store.write(lambda c: catalog.add_members(c, ORG, ds, [bid]))
-        mutators: list[Callable[[sqlite3.Connection], object]] = [
+        mutators: list[Callable[[catalog.Conn], object]] = [
             lambda c: catalog.delete_binaries(c, ORG2, [bid]),
             lambda c: catalog.add_tags(c, ORG2, [bid], ["x"]),
             lambda c: catalog.remove_tags(c, ORG2, [bid], ["x"]),

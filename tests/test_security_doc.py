@@ -11,6 +11,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "security.md"
 NOT_LIMITS = {
     "--help",
     "--data",
+    "--database",
     "--listen",
     "--api-key-id",
     "--api-key-file",

@@ -88,10 +88,15 @@ def _ingest_settings(args: argparse.Namespace) -> IngestSettings:
     from edged.ingest.server import IngestSettings
 
     host, port = args.listen
+    if args.database is not None and not args.database.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(
+            "--database must be a postgresql:// URL (password via PGPASSWORD or the URL)"
+        )
     return IngestSettings(
         data_dir=args.data,
         blobs=args.blobs,
         s3_endpoint=args.s3_endpoint,
+        database=args.database,
         host=host,
         port=port,
         keys=keys,
@@ -168,12 +173,14 @@ async def _serve_ingest(settings: IngestSettings) -> None:
     async with IngestServer(settings) as server:
         mode = "tls" if server.tls else "plaintext"
         auth = f"{len(settings.keys)} API key(s)" if settings.keys else "no auth (open)"
-        print(
-            f"edged ingest: listening on {server.address} ({mode}, {auth}), data in"
-            f" {settings.data_dir}"
-            + (f"; blobs in {server.store.blobs.description}" if settings.blobs else ""),
-            flush=True,
-        )
+        where = f"data in {settings.data_dir}"
+        if settings.database:
+            from edged.ingest.pg import redact
+
+            where = f"index in {redact(settings.database)}, data in {settings.data_dir}"
+        if settings.blobs:
+            where += f"; blobs in {server.store.blobs.description}"
+        print(f"edged ingest: listening on {server.address} ({mode}, {auth}), {where}", flush=True)
         if server.metrics_server is not None:
             print(
                 f"edged ingest: metrics on http://{server.metrics_server.address}/metrics",
@@ -376,6 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ing.add_argument(
         "--s3-endpoint", metavar="URL", help="S3-compatible endpoint for --blobs (default AWS)"
+    )
+    ing.add_argument(
+        "--database",
+        help="postgresql://USER@HOST/DB: keep the index there, shared by every replica"
+        " (password from PGPASSWORD or the URL; needs edged[postgres]); blobs stay in --data",
     )
     ing.add_argument("--api-key-id", action="append", help="API key id (repeatable)")
     ing.add_argument(

@@ -3,7 +3,9 @@
 The wire handshake is the public RPC auth service: the client trades
 (key id, key) for an access token once, then sends `authorization: Bearer <token>`
 on every call. Tokens are random and live in memory only: after a restart clients
-get UNAUTHENTICATED once and re-authenticate, which the client handles.
+get UNAUTHENTICATED once and re-authenticate, which the client handles. Replicas on
+one PostgreSQL index also publish each token's digest there (`SharedTokens`), so a
+token issued by one replica is accepted by every replica holding the same key.
 
 Promised (limits in `AuthLimits`): a token lives at most `token_ttl_s` (1 h by
 default; clients re-authenticate transparently); a key has at most
@@ -17,12 +19,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
 import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from grpclib.const import Status
 from grpclib.events import RecvRequest
@@ -33,6 +36,7 @@ from edged._proto.proto.rpc.v1 import auth_grpc, auth_pb2
 from edged.errors import ConfigError
 from edged.ingest.flags import flag_field
 
+_log = logging.getLogger(__name__)
 AUTH_METHOD = "/proto.rpc.v1.AuthService/Authenticate"
 API_KEY_TYPE = "api-key"
 # Stock keys are 32 characters; anything shorter can be guessed or was mistyped.
@@ -157,6 +161,39 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
+def key_digest(key: ApiKey) -> bytes:
+    """What a shared token records of its key: a changed or removed key kills the token
+    on every replica, and the table never holds the key itself."""
+    return hashlib.sha256(
+        b"edged-api-key\0" + key.key_id.encode() + b"\0" + key.secret.encode()
+    ).digest()
+
+
+class SharedTokens(Protocol):
+    """Token digests every replica can see (the PostgreSQL index, `pg.PgTokens`)."""
+
+    async def publish(
+        self,
+        digest: bytes,
+        key_id: str,
+        key_digest: bytes,
+        expires_at_ns: int,
+        keep: int,
+        now_ns: int,
+    ) -> None:
+        """Record a token; keep at most `keep` live tokens of the key, dropping expired."""
+        ...
+
+    async def lookup(self, digest: bytes, now_ns: int) -> tuple[str, bytes, int] | None:
+        """(key id, key digest, expiry in wall-clock ns) of a live token, or None."""
+        ...
+
+
+# Lookups of tokens this replica has not seen, at once: a flood of made-up tokens costs
+# the database at most this many queries in flight.
+MAX_SHARED_LOOKUPS = 4
+
+
 class KeyStore:
     """Known API keys and the tokens issued for them. No keys = open server."""
 
@@ -178,6 +215,9 @@ class KeyStore:
         self.limits = limits or AuthLimits()
         self._clock = clock
         self.throttle = FailureThrottle(self.limits, clock)
+        self.shared: SharedTokens | None = None  # set by the server on a shared index
+        self.wall_ns: Callable[[], int] = time.time_ns
+        self._lookups = asyncio.Semaphore(MAX_SHARED_LOOKUPS)
 
     @property
     def enabled(self) -> bool:
@@ -194,6 +234,50 @@ class KeyStore:
     def issue(self, key: ApiKey) -> str:
         """A new token for `key`; its oldest token goes if it already has the maximum."""
         token = secrets.token_urlsafe(32)
+        self._remember(key, _digest(token), self.limits.token_ttl_s)
+        return token
+
+    async def publish(self, key: ApiKey, token: str) -> None:
+        """Make a token just issued valid on every replica (before the client has it)."""
+        if self.shared is None:
+            return
+        now = self.wall_ns()
+        expires = now + int(self.limits.token_ttl_s * 1e9)
+        try:
+            await self.shared.publish(
+                _digest(token),
+                key.key_id,
+                key_digest(key),
+                expires,
+                self.limits.max_tokens_per_key,
+                now,
+            )
+        except Exception as exc:  # the token still works here; other replicas ask for a new one
+            _log.warning(
+                "could not share a token of key %r with other replicas: %s", key.key_id, exc
+            )
+
+    async def adopt(self, authorization: str) -> None:
+        """A token another replica issued: remember it for what is left of its life if the
+        shared table has it for a key we hold unchanged; otherwise do nothing."""
+        if self.shared is None or not authorization.startswith("Bearer "):
+            return
+        d = _digest(authorization[len("Bearer ") :].strip())
+        try:
+            async with self._lookups:
+                found = await self.shared.lookup(d, self.wall_ns())
+        except Exception as exc:  # as if unknown: the client re-authenticates with this replica
+            _log.warning("could not look up a shared token: %s", exc)
+            return
+        if found is None:
+            return
+        key_id, recorded, expires_ns = found
+        key = self._keys.get(key_id)
+        left_s = min((expires_ns - self.wall_ns()) / 1e9, self.limits.token_ttl_s)
+        if key is not None and hmac.compare_digest(key_digest(key), recorded) and left_s > 0:
+            self._remember(key, d, left_s)
+
+    def _remember(self, key: ApiKey, digest: bytes, ttl_s: float) -> None:
         now = self._clock()
         mine = self._by_key.setdefault(key.key_id, OrderedDict())
         for d in list(mine):  # oldest first: drop expired, then the overflow
@@ -203,10 +287,8 @@ class KeyStore:
                 del mine[d]
             else:
                 break
-        d = _digest(token)
-        self._tokens[d] = (key, now + self.limits.token_ttl_s)
-        mine[d] = None
-        return token
+        self._tokens[digest] = (key, now + ttl_s)
+        mine[digest] = None
 
     def authenticate(self, key_id: str, secret: str) -> str:
         """Trade a key for a token (unthrottled; AuthService applies the throttle)."""
@@ -249,7 +331,10 @@ class KeyStore:
         """grpclib hook: every call but Authenticate needs a valid token."""
         if event.method_name != AUTH_METHOD:
             value = event.metadata.get("authorization")
-            self.check(value if isinstance(value, str) else None)
+            header = value if isinstance(value, str) else None
+            if header and self.enabled and self.peek(header) is None:
+                await self.adopt(header)
+            self.check(header)
 
 
 def _too_many(key_id: str) -> GRPCError:
@@ -285,7 +370,9 @@ class AuthService(auth_grpc.AuthServiceBase):
             raise _too_many(key_id)
         key = self._keys.verify(key_id, secret)
         if key is not None:
-            return self._keys.issue(key)
+            token = self._keys.issue(key)
+            await self._keys.publish(key, token)
+            return token
         if throttle.failure_allowed(key_id):
             raise GRPCError(Status.UNAUTHENTICATED, "invalid API key id or key")
         throttle.delayed += 1

@@ -1,7 +1,9 @@
-"""The query API's SQL: synchronous functions over one sqlite3 connection.
+"""The query API's SQL: synchronous functions over one DB-API connection (`Conn`).
 
 `IngestStore.read` runs the readers on a read-only snapshot in a worker thread;
-`IngestStore.write` runs the mutators inside one IMMEDIATE transaction. Nothing here
+`IngestStore.write` runs the mutators inside one transaction. The SQL is SQLite's; the
+PostgreSQL index (`pg.py`) runs the same text through a pure dialect translation, so
+there is one catalog for both backends. Nothing here
 knows about gRPC: lookups of ids outside the caller's organisation raise `NotFound`
 naming the id, exactly as ids that never existed (no existence leak across orgs).
 
@@ -18,12 +20,11 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-import sqlite3
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from edged.ingest.filters import BINARIES, READINGS, Cursor, Where, page_clause
 
@@ -32,6 +33,34 @@ _CHUNK = 500  # ids per IN (...) list, far below SQLite's variable limit
 
 class NotFound(LookupError):
     """An id the caller's organisation does not have; the message names it."""
+
+
+class Unstorable(ValueError):
+    """A value the index cannot hold or look up (PostgreSQL text has no NUL)."""
+
+
+class Conflict(ValueError):
+    """A write that a unique constraint refused (e.g. a dataset name taken in the org)."""
+
+
+class Rows(Protocol):
+    """What the catalog reads from a statement: sqlite3's and psycopg's cursors both fit."""
+
+    @property
+    def rowcount(self) -> int: ...
+    def fetchone(self) -> Any: ...
+    def fetchall(self) -> list[Any]: ...
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Conn(Protocol):
+    """One connection inside one transaction; DB-API exceptions as attributes (PEP 249's
+    optional extension), so the catalog can tell a unique violation from other faults."""
+
+    @property
+    def IntegrityError(self) -> type[Exception]: ...  # PEP 249's name
+    def execute(self, sql: str, parameters: Sequence[Any] = ..., /) -> Rows: ...
+    def executemany(self, sql: str, seq_of_parameters: Iterable[Sequence[Any]], /) -> Rows: ...
 
 
 @dataclass(frozen=True)
@@ -114,7 +143,7 @@ def _marks(n: int) -> str:
 
 
 def page_readings(
-    conn: sqlite3.Connection, where: Where, order: int, cursor: Cursor | None, limit: int
+    conn: Conn, where: Where, order: int, cursor: Cursor | None, limit: int
 ) -> list[ReadingRow]:
     extra, extra_params, order_by = page_clause(READINGS, order, cursor)
     sql = f"SELECT {_READING_COLS} FROM readings WHERE {where.sql}"
@@ -125,7 +154,7 @@ def page_readings(
     return [ReadingRow(*r) for r in rows]
 
 
-def count_readings(conn: sqlite3.Connection, where: Where) -> tuple[int, int]:
+def count_readings(conn: Conn, where: Where) -> tuple[int, int]:
     """(matching readings, their data size in bytes as stored JSON)."""
     row = conn.execute(
         f"SELECT count(*), coalesce(sum(length(data)), 0) FROM readings WHERE {where.sql}",
@@ -135,7 +164,7 @@ def count_readings(conn: sqlite3.Connection, where: Where) -> tuple[int, int]:
 
 
 def page_binaries(
-    conn: sqlite3.Connection, where: Where, order: int, cursor: Cursor | None, limit: int
+    conn: Conn, where: Where, order: int, cursor: Cursor | None, limit: int
 ) -> list[BinaryRow]:
     extra, extra_params, order_by = page_clause(BINARIES, order, cursor)
     sql = f"SELECT {_BINARY_COLS} FROM binaries WHERE {where.sql}"
@@ -147,7 +176,7 @@ def page_binaries(
     return rows
 
 
-def count_binaries(conn: sqlite3.Connection, where: Where) -> tuple[int, int]:
+def count_binaries(conn: Conn, where: Where) -> tuple[int, int]:
     """(matching binaries, their total size in bytes)."""
     row = conn.execute(
         f"SELECT count(*), coalesce(sum(size), 0) FROM binaries WHERE {where.sql}", where.params
@@ -155,7 +184,7 @@ def count_binaries(conn: sqlite3.Connection, where: Where) -> tuple[int, int]:
     return int(row[0]), int(row[1])
 
 
-def binaries_by_ids(conn: sqlite3.Connection, org_id: str, ids: Sequence[str]) -> list[BinaryRow]:
+def binaries_by_ids(conn: Conn, org_id: str, ids: Sequence[str]) -> list[BinaryRow]:
     """Rows in the order asked (repeats once); NotFound for any id outside the org."""
     wanted = list(dict.fromkeys(ids))
     found: dict[str, BinaryRow] = {}
@@ -175,7 +204,7 @@ def binaries_by_ids(conn: sqlite3.Connection, org_id: str, ids: Sequence[str]) -
     return rows
 
 
-def resolve_file_ids(conn: sqlite3.Connection, org_id: str, file_ids: Sequence[str]) -> list[str]:
+def resolve_file_ids(conn: Conn, org_id: str, file_ids: Sequence[str]) -> list[str]:
     """Legacy BinaryID.file_id -> binary_data_id within the org; NotFound otherwise."""
     out: list[str] = []
     for file_id in file_ids:
@@ -189,7 +218,7 @@ def resolve_file_ids(conn: sqlite3.Connection, org_id: str, file_ids: Sequence[s
     return out
 
 
-def check_binaries(conn: sqlite3.Connection, org_id: str, ids: Iterable[str]) -> list[str]:
+def check_binaries(conn: Conn, org_id: str, ids: Iterable[str]) -> list[str]:
     """The ids (repeats once) if every one is binary data of the org, else NotFound
     naming the first that is not: the one gate for every id-taking mutator below."""
     wanted = list(dict.fromkeys(ids))
@@ -206,7 +235,7 @@ def check_binaries(conn: sqlite3.Connection, org_id: str, ids: Iterable[str]) ->
     return wanted
 
 
-def _enrich(conn: sqlite3.Connection, rows: list[BinaryRow]) -> None:
+def _enrich(conn: Conn, rows: list[BinaryRow]) -> None:
     """Attach live tags, boxes and dataset memberships to a page of rows."""
     by_id = {r.binary_data_id: r for r in rows}
     ids = list(by_id)
@@ -232,7 +261,7 @@ def _enrich(conn: sqlite3.Connection, rows: list[BinaryRow]) -> None:
             by_id[bid].dataset_ids.append(ds)
 
 
-def tags_where(conn: sqlite3.Connection, where: Where) -> list[str]:
+def tags_where(conn: Conn, where: Where) -> list[str]:
     sql = (
         "SELECT DISTINCT tag FROM binary_tags WHERE binary_data_id IN"
         f" (SELECT binary_data_id FROM binaries WHERE {where.sql}) ORDER BY tag"
@@ -240,7 +269,7 @@ def tags_where(conn: sqlite3.Connection, where: Where) -> list[str]:
     return [r[0] for r in conn.execute(sql, where.params)]
 
 
-def labels_where(conn: sqlite3.Connection, where: Where) -> list[str]:
+def labels_where(conn: Conn, where: Where) -> list[str]:
     sql = (
         "SELECT DISTINCT label FROM bboxes WHERE binary_data_id IN"
         f" (SELECT binary_data_id FROM binaries WHERE {where.sql}) ORDER BY label"
@@ -251,9 +280,7 @@ def labels_where(conn: sqlite3.Connection, where: Where) -> list[str]:
 # -- curation (inside IngestStore.write) ---------------------------------------------------
 
 
-def add_tags(
-    conn: sqlite3.Connection, org_id: str, ids: Iterable[str], tags: Sequence[str]
-) -> None:
+def add_tags(conn: Conn, org_id: str, ids: Iterable[str], tags: Sequence[str]) -> None:
     ids = check_binaries(conn, org_id, ids)
     conn.executemany(
         "INSERT OR IGNORE INTO binary_tags(binary_data_id, tag) VALUES (?, ?)",
@@ -261,9 +288,7 @@ def add_tags(
     )
 
 
-def remove_tags(
-    conn: sqlite3.Connection, org_id: str, ids: Iterable[str], tags: Sequence[str]
-) -> int:
+def remove_tags(conn: Conn, org_id: str, ids: Iterable[str], tags: Sequence[str]) -> int:
     removed = 0
     for part in _chunks(check_binaries(conn, org_id, ids)):
         cur = conn.execute(
@@ -275,7 +300,7 @@ def remove_tags(
     return removed
 
 
-def add_tags_where(conn: sqlite3.Connection, where: Where, tags: Sequence[str]) -> None:
+def add_tags_where(conn: Conn, where: Where, tags: Sequence[str]) -> None:
     for tag in tags:
         conn.execute(
             "INSERT OR IGNORE INTO binary_tags(binary_data_id, tag)"
@@ -284,7 +309,7 @@ def add_tags_where(conn: sqlite3.Connection, where: Where, tags: Sequence[str]) 
         )
 
 
-def remove_tags_where(conn: sqlite3.Connection, where: Where, tags: Sequence[str]) -> int:
+def remove_tags_where(conn: Conn, where: Where, tags: Sequence[str]) -> int:
     cur = conn.execute(
         f"DELETE FROM binary_tags WHERE tag IN ({_marks(len(tags))}) AND binary_data_id IN"
         f" (SELECT binary_data_id FROM binaries WHERE {where.sql})",
@@ -294,7 +319,7 @@ def remove_tags_where(conn: sqlite3.Connection, where: Where, tags: Sequence[str
 
 
 def add_bbox(
-    conn: sqlite3.Connection,
+    conn: Conn,
     org_id: str,
     binary_data_id: str,
     label: str,
@@ -311,7 +336,7 @@ def add_bbox(
     return bbox_id
 
 
-def remove_bbox(conn: sqlite3.Connection, org_id: str, binary_data_id: str, bbox_id: str) -> None:
+def remove_bbox(conn: Conn, org_id: str, binary_data_id: str, bbox_id: str) -> None:
     check_binaries(conn, org_id, [binary_data_id])
     cur = conn.execute(
         "DELETE FROM bboxes WHERE id = ? AND binary_data_id = ?", (bbox_id, binary_data_id)
@@ -320,14 +345,14 @@ def remove_bbox(conn: sqlite3.Connection, org_id: str, binary_data_id: str, bbox
         raise NotFound(f"bbox_id {bbox_id!r} not found on binary data {binary_data_id!r}")
 
 
-def _delete_binary_rows(conn: sqlite3.Connection, ids: Sequence[str]) -> None:
+def _delete_binary_rows(conn: Conn, ids: Sequence[str]) -> None:
     for part in _chunks(list(ids)):
         marks = _marks(len(part))
         for table in ("binary_tags", "bboxes", "dataset_members", "binaries"):
             conn.execute(f"DELETE FROM {table} WHERE binary_data_id IN ({marks})", part)
 
 
-def delete_binaries(conn: sqlite3.Connection, org_id: str, ids: Sequence[str]) -> list[str]:
+def delete_binaries(conn: Conn, org_id: str, ids: Sequence[str]) -> list[str]:
     """Delete the rows; return the blob paths (relative to the store root) to unlink."""
     ids = check_binaries(conn, org_id, ids)
     paths: list[str] = []
@@ -344,7 +369,7 @@ def delete_binaries(conn: sqlite3.Connection, org_id: str, ids: Sequence[str]) -
     return paths
 
 
-def delete_binaries_where(conn: sqlite3.Connection, where: Where) -> list[str]:
+def delete_binaries_where(conn: Conn, where: Where) -> list[str]:
     rows = conn.execute(
         f"SELECT binary_data_id, blob_path FROM binaries WHERE {where.sql}", where.params
     ).fetchall()
@@ -352,7 +377,7 @@ def delete_binaries_where(conn: sqlite3.Connection, where: Where) -> list[str]:
     return [r[1] for r in rows]
 
 
-def delete_readings_where(conn: sqlite3.Connection, where: Where) -> int:
+def delete_readings_where(conn: Conn, where: Where) -> int:
     return conn.execute(f"DELETE FROM readings WHERE {where.sql}", where.params).rowcount
 
 
@@ -367,17 +392,20 @@ class DatasetRow:
     created_on_ns: int
 
 
-def create_dataset(conn: sqlite3.Connection, org_id: str, name: str) -> str:
-    """A new dataset id; raises sqlite3.IntegrityError if the org has the name already."""
+def create_dataset(conn: Conn, org_id: str, name: str) -> str:
+    """A new dataset id; Conflict if the org has the name already."""
     dataset_id = uuid.uuid4().hex
-    conn.execute(
-        "INSERT INTO datasets(id, org_id, name, created_on) VALUES (?,?,?,?)",
-        (dataset_id, org_id, name, time.time_ns()),
-    )
+    try:
+        conn.execute(
+            "INSERT INTO datasets(id, org_id, name, created_on) VALUES (?,?,?,?)",
+            (dataset_id, org_id, name, time.time_ns()),
+        )
+    except conn.IntegrityError:
+        raise Conflict(f"a dataset named {name!r} already exists") from None
     return dataset_id
 
 
-def get_dataset(conn: sqlite3.Connection, org_id: str, dataset_id: str) -> DatasetRow:
+def get_dataset(conn: Conn, org_id: str, dataset_id: str) -> DatasetRow:
     row = conn.execute(
         "SELECT id, org_id, name, created_on FROM datasets WHERE id = ? AND org_id = ?",
         (dataset_id, org_id),
@@ -387,7 +415,7 @@ def get_dataset(conn: sqlite3.Connection, org_id: str, dataset_id: str) -> Datas
     return DatasetRow(*row)
 
 
-def list_datasets(conn: sqlite3.Connection, org_id: str) -> list[DatasetRow]:
+def list_datasets(conn: Conn, org_id: str) -> list[DatasetRow]:
     rows = conn.execute(
         "SELECT id, org_id, name, created_on FROM datasets WHERE org_id = ?"
         " ORDER BY created_on, id",
@@ -396,27 +424,30 @@ def list_datasets(conn: sqlite3.Connection, org_id: str) -> list[DatasetRow]:
     return [DatasetRow(*r) for r in rows]
 
 
-def check_datasets(conn: sqlite3.Connection, org_id: str, dataset_ids: Iterable[str]) -> None:
+def check_datasets(conn: Conn, org_id: str, dataset_ids: Iterable[str]) -> None:
     """NotFound naming the first non-empty id that is not a dataset of the org (uploads:
     an empty id names no dataset and is skipped, as the upload path always did)."""
     for dataset_id in dict.fromkeys(d for d in dataset_ids if d):
         get_dataset(conn, org_id, dataset_id)
 
 
-def rename_dataset(conn: sqlite3.Connection, org_id: str, dataset_id: str, name: str) -> None:
+def rename_dataset(conn: Conn, org_id: str, dataset_id: str, name: str) -> None:
     get_dataset(conn, org_id, dataset_id)
-    conn.execute(
-        "UPDATE datasets SET name = ? WHERE id = ? AND org_id = ?", (name, dataset_id, org_id)
-    )
+    try:
+        conn.execute(
+            "UPDATE datasets SET name = ? WHERE id = ? AND org_id = ?", (name, dataset_id, org_id)
+        )
+    except conn.IntegrityError:
+        raise Conflict(f"a dataset named {name!r} already exists") from None
 
 
-def delete_dataset(conn: sqlite3.Connection, org_id: str, dataset_id: str) -> None:
+def delete_dataset(conn: Conn, org_id: str, dataset_id: str) -> None:
     get_dataset(conn, org_id, dataset_id)
     conn.execute("DELETE FROM dataset_members WHERE dataset_id = ?", (dataset_id,))
     conn.execute("DELETE FROM datasets WHERE id = ? AND org_id = ?", (dataset_id, org_id))
 
 
-def add_members(conn: sqlite3.Connection, org_id: str, dataset_id: str, ids: Iterable[str]) -> None:
+def add_members(conn: Conn, org_id: str, dataset_id: str, ids: Iterable[str]) -> None:
     get_dataset(conn, org_id, dataset_id)
     conn.executemany(
         "INSERT OR IGNORE INTO dataset_members(dataset_id, binary_data_id) VALUES (?,?)",
@@ -424,9 +455,7 @@ def add_members(conn: sqlite3.Connection, org_id: str, dataset_id: str, ids: Ite
     )
 
 
-def remove_members(
-    conn: sqlite3.Connection, org_id: str, dataset_id: str, ids: Iterable[str]
-) -> None:
+def remove_members(conn: Conn, org_id: str, dataset_id: str, ids: Iterable[str]) -> None:
     get_dataset(conn, org_id, dataset_id)
     conn.executemany(
         "DELETE FROM dataset_members WHERE dataset_id = ? AND binary_data_id = ?",
@@ -450,7 +479,7 @@ def new_password_hash(password: str) -> tuple[bytes, bytes]:
     return salt, hash_password(password, salt)
 
 
-def set_database_user(conn: sqlite3.Connection, org_id: str, salted: tuple[bytes, bytes]) -> None:
+def set_database_user(conn: Conn, org_id: str, salted: tuple[bytes, bytes]) -> None:
     conn.execute(
         "INSERT INTO database_users(org_id, salt, password_hash, updated_at_ns) VALUES (?,?,?,?)"
         " ON CONFLICT(org_id) DO UPDATE SET salt = excluded.salt,"
@@ -459,7 +488,7 @@ def set_database_user(conn: sqlite3.Connection, org_id: str, salted: tuple[bytes
     )
 
 
-def has_database_user(conn: sqlite3.Connection, org_id: str) -> bool:
+def has_database_user(conn: Conn, org_id: str) -> bool:
     row = conn.execute("SELECT 1 FROM database_users WHERE org_id = ?", (org_id,)).fetchone()
     return row is not None
 

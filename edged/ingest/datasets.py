@@ -8,7 +8,6 @@ misconfigured script fails loudly instead of seeing "no datasets".
 
 from __future__ import annotations
 
-import sqlite3
 from typing import Any
 
 from grpclib.const import Status
@@ -19,7 +18,7 @@ from edged._proto.app.dataset.v1 import dataset_grpc
 from edged._proto.app.dataset.v1 import dataset_pb2 as spb
 from edged.ingest import catalog
 from edged.ingest.auth import ApiKey, KeyStore
-from edged.ingest.catalog import DatasetRow
+from edged.ingest.catalog import Conn, DatasetRow
 from edged.ingest.query import check_org, invalid, translate_errors, ts
 from edged.ingest.storage import IngestStore
 
@@ -29,6 +28,8 @@ MAX_NAME = 256
 def check_name(name: str) -> str:
     if not name.strip():
         raise invalid("name is required")
+    if "\x00" in name:
+        raise invalid("name contains a NUL character (U+0000), which cannot be stored")
     if len(name) > MAX_NAME:
         raise invalid(f"name is {len(name)} characters; the limit is {MAX_NAME}")
     return name
@@ -69,7 +70,7 @@ class DatasetService(dataset_grpc.DatasetServiceBase):
             raise invalid("type: only DATASET_TYPE_BINARY_DATA datasets are supported")
         try:
             dataset_id = await self._store.write(lambda c: catalog.create_dataset(c, org, name))
-        except sqlite3.IntegrityError:
+        except catalog.Conflict:
             raise _exists(name) from None
         await stream.send_message(spb.CreateDatasetResponse(id=dataset_id))
 
@@ -95,7 +96,7 @@ class DatasetService(dataset_grpc.DatasetServiceBase):
                 await self._store.write(
                     lambda c: catalog.rename_dataset(c, caller.org_id, req.id, name)
                 )
-        except sqlite3.IntegrityError:
+        except catalog.Conflict:
             raise _exists(name) from None
         await stream.send_message(spb.RenameDatasetResponse())
 
@@ -120,7 +121,7 @@ class DatasetService(dataset_grpc.DatasetServiceBase):
             raise invalid("ids is empty; give at least one dataset id")
         ids = list(dict.fromkeys(req.ids))
 
-        def fetch(conn: sqlite3.Connection) -> list[DatasetRow]:
+        def fetch(conn: Conn) -> list[DatasetRow]:
             return [catalog.get_dataset(conn, caller.org_id, i) for i in ids]
 
         with translate_errors():

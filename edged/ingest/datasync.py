@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -31,6 +30,7 @@ from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.ingest import catalog
 from edged.ingest.auth import KeyStore
 from edged.ingest.blobs import BlobWriter
+from edged.ingest.catalog import Conn
 from edged.ingest.metrics import stored
 from edged.ingest.storage import KIND_BINARY, KIND_FILE, KIND_TABULAR, IngestStore, UploadIds
 from edged.ingest.validate import (
@@ -45,7 +45,7 @@ ITEM_ID_KEY = "edged-item-id"
 GROUP_MAX_CALLS = 32
 """Most tabular uploads one group commit holds (bounds one transaction's size and time)."""
 
-Store = Callable[[sqlite3.Connection], UploadIds]
+Store = Callable[[Conn], UploadIds]
 
 
 def _item_id(stream: Stream[Any, Any]) -> str | None:
@@ -65,7 +65,7 @@ def _dataset_errors(where: str) -> Iterator[None]:
         ) from None
 
 
-def run_each(conn: sqlite3.Connection, stores: list[Store]) -> list[UploadIds | Exception]:
+def run_each(conn: Conn, stores: list[Store]) -> list[UploadIds | Exception]:
     """Run several uploads' stores in the open transaction, each in its own savepoint:
     one that fails (an unknown dataset) leaves no row and does not fail the others."""
     results: list[UploadIds | Exception] = []
@@ -150,7 +150,7 @@ class DataSyncService(data_sync_grpc.DataSyncServiceBase):
         item_id = _item_id(stream)
         ids = await self._store.find_upload(org, item_id)
         if ids is None and req.metadata.type == pb.DATA_TYPE_TABULAR_SENSOR:
-            rows = self._store.tabular_writer(
+            rows = await self._store.tabular_writer(
                 org, item_id, req.metadata, req.sensor_contents, location_id=self._location(stream)
             )
             with _dataset_errors("metadata"):
@@ -260,7 +260,7 @@ class DataSyncService(data_sync_grpc.DataSyncServiceBase):
                 pass
             return known
 
-        def datasets_exist(conn: sqlite3.Connection) -> None:
+        def datasets_exist(conn: Conn) -> None:
             catalog.check_datasets(conn, org, meta.dataset_ids)
 
         with _dataset_errors(where):  # refuse before receiving what may be gigabytes

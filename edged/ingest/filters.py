@@ -53,6 +53,9 @@ class _Builder:
         self.add("$.org_id = ?", self.org_id)
 
     def add(self, sql: str, *params: Any) -> None:
+        for value in params:  # no index can hold one, and PostgreSQL refuses to look one up
+            if isinstance(value, str) and "\x00" in value:
+                raise FilterError(f"filter value {value!r} contains a NUL character (U+0000)")
         self.parts.append(sql.replace("$", self.table))
         self.params.extend(params)
 
@@ -90,7 +93,7 @@ def _scope(b: _Builder, organization_ids: list[str]) -> None:
     """A filter naming only other organisations matches nothing (the builder already
     holds the caller's org)."""
     if organization_ids and b.org_id not in organization_ids:
-        b.add("0")
+        b.add("1 = 0")  # not a bare 0: PostgreSQL wants a boolean
 
 
 def _tags(b: _Builder, tf: dpb.TagsFilter, where: str) -> None:
@@ -155,7 +158,7 @@ def reading_where(f: dpb.Filter | None, org_id: str) -> Where:
     f = f if f is not None else dpb.Filter()
     _common(b, f)
     if [x for x in f.bbox_labels if x]:
-        b.add("0")
+        b.add("1 = 0")  # not a bare 0: PostgreSQL wants a boolean
     if f.dataset_id:
         b.add("EXISTS (SELECT 1 FROM json_each($.dataset_ids) WHERE value = ?)", f.dataset_id)
     return b.build()

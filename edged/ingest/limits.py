@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
@@ -68,6 +68,12 @@ class LimitExceeded(Exception):
     """A query hit one of its bounds: RESOURCE_EXHAUSTED; the message names the limit."""
 
 
+class Interruptible(Protocol):
+    """What a query runs on: sqlite3.Connection, or pgsql's canceller of a PostgreSQL one."""
+
+    def interrupt(self) -> None: ...
+
+
 class QueryControl:
     """Deadline and cancellation of one query, shared by the event loop and its thread."""
 
@@ -77,9 +83,9 @@ class QueryControl:
         self.cancelled = False
         self.timed_out = False
         self._lock = threading.Lock()
-        self._conn: sqlite3.Connection | None = None
+        self._conn: Interruptible | None = None
 
-    def attach(self, conn: sqlite3.Connection | None) -> None:
+    def attach(self, conn: Interruptible | None) -> None:
         """The connection to interrupt (None once it is about to close)."""
         with self._lock:
             self._conn = conn

@@ -34,7 +34,6 @@ import contextlib
 import importlib
 import json
 import logging
-import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
@@ -52,7 +51,7 @@ from edged._proto.app.data.v1 import data_pb2 as dpb
 from edged.ingest import catalog
 from edged.ingest.auth import ApiKey, KeyStore
 from edged.ingest.blobs import BlobStore, BlobStoreError
-from edged.ingest.catalog import BinaryRow, NotFound, ReadingRow
+from edged.ingest.catalog import BinaryRow, Conn, NotFound, ReadingRow
 from edged.ingest.filters import (
     Cursor,
     FilterError,
@@ -86,7 +85,7 @@ def translate_errors() -> Iterator[None]:
         yield
     except NotFound as exc:
         raise GRPCError(Status.NOT_FOUND, str(exc)) from None
-    except FilterError as exc:
+    except (FilterError, catalog.Unstorable) as exc:
         raise invalid(str(exc)) from None
 
 
@@ -318,21 +317,46 @@ class DataQueryService(data_grpc.DataServiceBase):
         self._runner = runner if runner is not None else QueryRunner(QueryLimits())
         self._limits = self._runner.limits
 
-    async def _read(self, fn: Callable[[sqlite3.Connection], _R]) -> _R:
+    async def _read(self, fn: Callable[[Conn], _R]) -> _R:
         return await self._store.read(fn, self._runner.executor)
 
-    async def _run_engine(
-        self, module: str, method: str, org: str, query: Any, **limits: int
-    ) -> list[bytes]:
-        """One SQL/MQL query on the query pool, with the engine's own names for the
-        limits in `limits`: their breaches are RESOURCE_EXHAUSTED, the caller's mistakes
-        INVALID_ARGUMENT."""
-        run, rejected = _engine(module, method)
-        path, max_bytes = self._store.db_path, self._limits.max_result_bytes
+    async def _pg_sql(self, org: str, query: str) -> list[bytes]:
+        """TabularDataBySQL inside PostgreSQL, as the organisation's role (pgsql.py)."""
+        from edged.ingest.pg import PgIndex
+        from edged.ingest.pgsql import run_pg_sql
+        from edged.ingest.sql import SqlRejected
+
+        index, lim = self._store.index, self._limits
+        assert isinstance(index, PgIndex)
+        return await self._run_job(
+            org,
+            SqlRejected,
+            lambda control: run_pg_sql(
+                index,
+                org,
+                query,
+                max_rows=lim.max_rows,
+                max_result_bytes=lim.max_result_bytes,
+                max_value_bytes=lim.max_value_bytes,
+                control=control,
+            ),
+        )
+
+    def _sqlite_only(self, method: str) -> None:
+        """The SQL/MQL engines read the SQLite file; on PostgreSQL they are not there yet."""
+        if self._store.dialect != "sqlite":
+            raise GRPCError(
+                Status.UNIMPLEMENTED,
+                f"{method} is not available yet when the index is in PostgreSQL (--database)",
+            )
+
+    async def _run_job(self, org: str, rejected: type[Exception], job: Any) -> list[bytes]:
+        """One SQL/MQL job on the query pool: the limits' breaches are RESOURCE_EXHAUSTED,
+        the caller's mistakes (`rejected`) INVALID_ARGUMENT."""
+        max_bytes = self._limits.max_result_bytes
 
         def work(control: QueryControl) -> list[bytes]:
-            rows = run(path, org, query, max_result_bytes=max_bytes, control=control, **limits)
-            return encode_documents(rows, max_bytes)
+            return encode_documents(job(control), max_bytes)
 
         try:
             return await self._runner.run(org, work)
@@ -340,6 +364,21 @@ class DataQueryService(data_grpc.DataServiceBase):
             raise GRPCError(Status.RESOURCE_EXHAUSTED, str(exc)) from None
         except rejected as exc:
             raise invalid(str(exc)) from None
+
+    async def _run_engine(
+        self, module: str, method: str, org: str, query: Any, **limits: int
+    ) -> list[bytes]:
+        """One SQL/MQL query over the SQLite index, with the engine's own names for the
+        limits in `limits`."""
+        run, rejected = _engine(module, method)
+        path, max_bytes = self._store.db_path, self._limits.max_result_bytes
+        return await self._run_job(
+            org,
+            rejected,
+            lambda control: run(
+                path, org, query, max_result_bytes=max_bytes, control=control, **limits
+            ),
+        )
 
     async def _request(self, stream: Stream[Any, Any]) -> tuple[ApiKey, Any]:
         caller = self._keys.caller(stream)
@@ -377,6 +416,10 @@ class DataQueryService(data_grpc.DataServiceBase):
         org = check_org(self._keys, caller, req.organization_id, "organization_id")
         if not req.sql_query.strip():
             raise invalid("sql_query is required")
+        if self._store.dialect == "postgresql":
+            raw = await self._pg_sql(org, req.sql_query)
+            await stream.send_message(dpb.TabularDataBySQLResponse(raw_data=raw))
+            return
         lim = self._limits
         raw = await self._run_engine(
             "sql",
@@ -406,6 +449,7 @@ class DataQueryService(data_grpc.DataServiceBase):
                 pipeline.append(dict(bson.decode(raw)))
             except Exception:  # bson raises several types for malformed input
                 raise invalid(f"mql_binary[{i}] is not a BSON document") from None
+        self._sqlite_only("TabularDataByMQL")
         lim = self._limits
         raw = await self._run_engine(
             "mql",
@@ -451,7 +495,7 @@ class DataQueryService(data_grpc.DataServiceBase):
             budget = self._limits.max_page_binary_bytes
 
             def page(
-                conn: sqlite3.Connection,
+                conn: Conn,
             ) -> tuple[dpb.BinaryDataByFilterResponse, list[BinaryRow]]:
                 rows = catalog.page_binaries(conn, where, dr.sort_order, cursor, limit)
                 items, used = binary_items(rows, req.include_binary, budget)
@@ -477,7 +521,7 @@ class DataQueryService(data_grpc.DataServiceBase):
         org = caller.org_id
         budget = self._limits.max_page_binary_bytes
 
-        def fetch(conn: sqlite3.Connection) -> tuple[dpb.BinaryDataByIDsResponse, list[BinaryRow]]:
+        def fetch(conn: Conn) -> tuple[dpb.BinaryDataByIDsResponse, list[BinaryRow]]:
             ids = resolve_ids(conn, org, req.binary_data_ids, req.binary_ids)
             rows = catalog.binaries_by_ids(conn, org, ids)
             items, _ = binary_items(rows, False)
@@ -508,7 +552,7 @@ class DataQueryService(data_grpc.DataServiceBase):
         caller, req = await self._request(stream)
         org = caller.org_id
 
-        def delete(conn: sqlite3.Connection) -> list[str]:
+        def delete(conn: Conn) -> list[str]:
             ids = resolve_ids(conn, org, req.binary_data_ids, req.binary_ids)
             return catalog.delete_binaries(conn, org, ids)
 
@@ -535,7 +579,7 @@ class DataQueryService(data_grpc.DataServiceBase):
         caller, req = await self._request(stream)
         tags = required_tags(req.tags)
 
-        def add(conn: sqlite3.Connection) -> None:
+        def add(conn: Conn) -> None:
             ids = resolve_ids(conn, caller.org_id, req.binary_data_ids, req.binary_ids)
             catalog.add_tags(conn, caller.org_id, ids, tags)
 
@@ -565,7 +609,7 @@ class DataQueryService(data_grpc.DataServiceBase):
         caller, req = await self._request(stream)
         tags = required_tags(req.tags)
 
-        def remove(conn: sqlite3.Connection) -> int:
+        def remove(conn: Conn) -> int:
             ids = resolve_ids(conn, caller.org_id, req.binary_data_ids, req.binary_ids)
             return catalog.remove_tags(conn, caller.org_id, ids, tags)
 
@@ -608,7 +652,7 @@ class DataQueryService(data_grpc.DataServiceBase):
         box = check_bbox(req)
         confidence = req.confidence if req.HasField("confidence") else None
 
-        def add(conn: sqlite3.Connection) -> str:
+        def add(conn: Conn) -> str:
             [bid] = one_binary_id(conn, caller.org_id, req)
             return catalog.add_bbox(conn, caller.org_id, bid, req.label, box, confidence)
 
@@ -626,7 +670,7 @@ class DataQueryService(data_grpc.DataServiceBase):
         if not req.bbox_id:
             raise invalid("bbox_id is required")
 
-        def remove(conn: sqlite3.Connection) -> None:
+        def remove(conn: Conn) -> None:
             [bid] = one_binary_id(conn, caller.org_id, req)
             catalog.remove_bbox(conn, caller.org_id, bid, req.bbox_id)
 
@@ -696,13 +740,13 @@ class DataQueryService(data_grpc.DataServiceBase):
         self,
         caller: ApiKey,
         req: Any,
-        change: Callable[[sqlite3.Connection, str, str, list[str]], None],
+        change: Callable[[Conn, str, str, list[str]], None],
     ) -> None:
         if not req.dataset_id:
             raise invalid("dataset_id is required")
         org = caller.org_id
 
-        def apply(conn: sqlite3.Connection) -> None:
+        def apply(conn: Conn) -> None:
             ids = resolve_ids(conn, org, req.binary_data_ids, req.binary_ids)
             change(conn, org, req.dataset_id, ids)
 
@@ -790,11 +834,13 @@ def required_tags(tags: Sequence[str]) -> list[str]:
     out = list(dict.fromkeys(t for t in tags if t))
     if not out:
         raise invalid("tags is empty; give at least one non-empty tag")
+    if any("\x00" in t for t in out):
+        raise invalid("tags: a tag contains a NUL character (U+0000), which cannot be stored")
     return out
 
 
 def resolve_ids(
-    conn: sqlite3.Connection, org: str, data_ids: Sequence[str], legacy: Sequence[dpb.BinaryID]
+    conn: Conn, org: str, data_ids: Sequence[str], legacy: Sequence[dpb.BinaryID]
 ) -> list[str]:
     """binary_data_ids, or legacy BinaryIDs (file id + org + location), as our ids."""
     if data_ids:
@@ -811,7 +857,7 @@ def resolve_ids(
     return catalog.resolve_file_ids(conn, org, [b.file_id for b in legacy])
 
 
-def one_binary_id(conn: sqlite3.Connection, org: str, req: Any) -> list[str]:
+def one_binary_id(conn: Conn, org: str, req: Any) -> list[str]:
     if req.binary_data_id:
         return [req.binary_data_id]
     if req.HasField("binary_id") and req.binary_id.file_id:
@@ -823,6 +869,8 @@ def check_bbox(req: dpb.AddBoundingBoxToImageByIDRequest) -> tuple[float, float,
     """0 <= min < max <= 1 on both axes, a label, confidence within [0, 1] if given."""
     if not req.label:
         raise invalid("label is required")
+    if "\x00" in req.label:
+        raise invalid("label contains a NUL character (U+0000), which cannot be stored")
     values = {
         "x_min_normalized": req.x_min_normalized,
         "y_min_normalized": req.y_min_normalized,

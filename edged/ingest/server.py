@@ -53,6 +53,7 @@ class IngestSettings:
     data_dir: Path
     blobs: str | None = None  # s3://BUCKET[/PREFIX]; None: blobs under data_dir
     s3_endpoint: str | None = None  # an S3-compatible endpoint URL; None: AWS S3
+    database: str | None = None  # postgresql:// URL: the index there (pg.py), not in data_dir
     host: str = "127.0.0.1"
     port: int = 0
     keys: tuple[ApiKey, ...] = ()
@@ -158,7 +159,14 @@ class IngestServer:
     async def start(self) -> None:
         s = self.settings
         blobs = open_blob_store(s.blobs, s.data_dir.absolute(), s.s3_endpoint)
-        self._store = await IngestStore.open(s.data_dir, synchronous=s.synchronous, blobs=blobs)
+        self._store = await IngestStore.open(
+            s.data_dir, synchronous=s.synchronous, database=s.database, blobs=blobs
+        )
+        if self._store.dialect == "postgresql":  # replicas accept each other's tokens
+            from edged.ingest.pg import PgIndex, PgTokens
+
+            assert isinstance(self._store.index, PgIndex)
+            self.keys.shared = PgTokens(self._store.index)
         self._blob_sweeper = asyncio.create_task(
             sweep_forever(self._store.blobs, self._store.indexed_file_ids)
         )

@@ -1,4 +1,4 @@
-"""What `edged ingest` keeps: a SQLite index plus a blob store (blobs.py).
+"""What `edged ingest` keeps: an index (SQLite or PostgreSQL) plus a blob store (blobs.py).
 
 Tabular readings are rows (one per reading, data as strict JSON so SQL can reach into
 it; NaN keeps the exact Struct beside it, see values.py);
@@ -30,9 +30,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-import aiosqlite
 from google.protobuf import json_format
 from google.protobuf.any_pb2 import Any as AnyPb
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -40,6 +39,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.ingest import catalog
 from edged.ingest.blobs import BlobStore, BlobWriter, LocalBlobStore
+from edged.ingest.catalog import Conn
 from edged.ingest.values import decode_python, encode_struct
 
 # Bounding-box ids are chosen by the uploader (annotations) or by us (AddBoundingBox) and
@@ -333,62 +333,71 @@ def any_json(value: AnyPb) -> dict[str, Any]:
     return {"@type": value.type_url, RAW_ANY_KEY: base64.b64encode(value.value).decode()}
 
 
-class IngestStore:
-    """Single-connection store; a lock keeps each upload's transaction whole."""
+READING_COLUMNS = (
+    "upload_id, org_id, location_id, part_id, component_type, component_name, method_name,"
+    " method_parameters, tags, dataset_ids, time_requested_ns, time_received_ns, data,"
+    " data_exact, received_at_ns, time_captured_ns"
+)
 
-    def __init__(
-        self,
-        root: Path,
-        db: aiosqlite.Connection,
-        *,
-        synchronous: str = "FULL",
-        blobs: BlobStore | None = None,
-    ) -> None:
-        self.root = root
-        self.blobs: BlobStore = blobs or LocalBlobStore(root)
-        self.db_path = root / "ingest.sqlite3"
-        self._db = db
+
+class Index(Protocol):
+    """Where the rows live: `SqliteIndex` (embedded default, `--data DIR`) or
+    `pg.PgIndex` (`--database postgresql://...`). Both run the catalog's synchronous
+    functions on a `Conn` in a worker thread; tests/test_storage_contract.py holds them to
+    one behaviour."""
+
+    dialect: str  # "sqlite" | "postgresql"
+
+    async def read(self, fn: Callable[[Conn], _T], executor: Executor | None = None) -> _T:
+        """`fn` on one read-only snapshot."""
+        ...
+
+    async def write(self, fn: Callable[[Conn], _T]) -> _T:
+        """`fn` in one transaction; runs to its end even if the caller is cancelled."""
+        ...
+
+    async def prepare_readings(self, captured_ns: Sequence[int]) -> None:
+        """Whatever must exist before readings with these capture times are inserted."""
+        ...
+
+    def insert_readings(self, conn: Conn, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Insert rows of `READING_COLUMNS` inside `write`'s transaction."""
+        ...
+
+    async def close(self) -> None:
+        """Wait for writes in flight, then release connections."""
+        ...
+
+
+class SqliteIndex:
+    """One SQLite file: reads on fresh read-only connections (WAL snapshots), writes on one
+    connection serialised by a lock."""
+
+    dialect = "sqlite"
+
+    def __init__(self, db_path: Path, *, synchronous: str = "FULL") -> None:
+        self.db_path = db_path
         self._lock = asyncio.Lock()
         self._synchronous = synchronous
         self._writer: sqlite3.Connection | None = None
 
     @classmethod
-    async def open(
-        cls, root: Path, *, synchronous: str = "FULL", blobs: BlobStore | None = None
-    ) -> IngestStore:
-        root = root.absolute()  # SQLite URIs and blob paths must not follow a later chdir
-        blobs = blobs or LocalBlobStore(root)
-        root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        await blobs.open()
-        try:
-            await asyncio.to_thread(_prepare, root / "ingest.sqlite3")
-            db = await aiosqlite.connect(root / "ingest.sqlite3", isolation_level=None)
-            await db.execute(f"PRAGMA synchronous={synchronous}")
-        except BaseException:
-            await blobs.close()
-            raise
-        return cls(root, db, synchronous=synchronous, blobs=blobs)
+    async def open(cls, db_path: Path, *, synchronous: str = "FULL") -> SqliteIndex:
+        await asyncio.to_thread(_prepare, db_path)
+        return cls(db_path, synchronous=synchronous)
 
     async def close(self) -> None:
         async with self._lock:
             if self._writer is not None:
                 self._writer.close()
                 self._writer = None
-        await self._db.close()
-        await self.blobs.close()
 
-    # -- query-side access ----------------------------------------------------------------
-
-    async def read(
-        self, fn: Callable[[sqlite3.Connection], _T], executor: Executor | None = None
-    ) -> _T:
-        """Run `fn` on a fresh read-only connection in a worker thread (a WAL snapshot);
-        the query API passes its own pool so uploads never wait behind reads."""
+    async def read(self, fn: Callable[[Conn], _T], executor: Executor | None = None) -> _T:
         if executor is None:
             return await asyncio.to_thread(self._read, fn)
         return await asyncio.get_running_loop().run_in_executor(executor, self._read, fn)
 
-    def _read(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+    def _read(self, fn: Callable[[Conn], _T]) -> _T:
         conn = sqlite3.connect(f"{self.db_path.as_uri()}?mode=ro", uri=True)
         try:
             conn.execute("BEGIN")  # one snapshot for every statement fn runs
@@ -396,18 +405,16 @@ class IngestStore:
         finally:
             conn.close()
 
-    async def write(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        """Run `fn` in one IMMEDIATE transaction in a worker thread, serialised with uploads.
-
-        Shielded: grpclib cancels a handler when its client gives up, but the thread runs
+    async def write(self, fn: Callable[[Conn], _T]) -> _T:
+        """Shielded: grpclib cancels a handler when its client gives up, but the thread runs
         its transaction to the end anyway, so the lock must stay held until it has."""
         return await asyncio.shield(asyncio.ensure_future(self._locked_write(fn)))
 
-    async def _locked_write(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+    async def _locked_write(self, fn: Callable[[Conn], _T]) -> _T:
         async with self._lock:
             return await asyncio.to_thread(self._write, fn)
 
-    def _write(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+    def _write(self, fn: Callable[[Conn], _T]) -> _T:
         if self._writer is None:
             conn = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
             conn.execute(f"PRAGMA synchronous={self._synchronous}")
@@ -424,6 +431,74 @@ class IngestStore:
             raise
         return result
 
+    async def prepare_readings(self, captured_ns: Sequence[int]) -> None:
+        return None
+
+    def insert_readings(self, conn: Conn, rows: Sequence[tuple[Any, ...]]) -> None:
+        conn.executemany(
+            f"INSERT INTO readings({READING_COLUMNS}) VALUES ({','.join('?' * 16)})", rows
+        )
+
+
+class IngestStore:
+    """The index (SQLite or PostgreSQL) plus the blob store; one API for the services."""
+
+    def __init__(self, root: Path, index: Index, blobs: BlobStore | None = None) -> None:
+        self.root = root
+        self.blobs: BlobStore = blobs or LocalBlobStore(root)
+        self.db_path = root / "ingest.sqlite3"  # what the SQL/MQL engines read (SQLite only)
+        self.index = index
+
+    @classmethod
+    async def open(
+        cls,
+        root: Path,
+        *,
+        synchronous: str = "FULL",
+        database: str | None = None,
+        blobs: BlobStore | None = None,
+    ) -> IngestStore:
+        """`database` (a postgresql:// URL) puts the index in PostgreSQL; `blobs` (default:
+        the data directory) holds the bytes."""
+        root = root.absolute()  # SQLite URIs and blob paths must not follow a later chdir
+        blobs = blobs or LocalBlobStore(root)
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        await blobs.open()
+        index: Index
+        try:
+            if database:
+                from edged.ingest.pg import PgIndex
+
+                index = await PgIndex.open(database)
+            else:
+                index = await SqliteIndex.open(root / "ingest.sqlite3", synchronous=synchronous)
+        except BaseException:
+            await blobs.close()
+            raise
+        return cls(root, index, blobs)
+
+    @property
+    def dialect(self) -> str:
+        return self.index.dialect
+
+    async def close(self) -> None:
+        try:
+            await self.index.close()
+        finally:
+            await self.blobs.close()
+
+    # -- query-side access ----------------------------------------------------------------
+
+    async def read(self, fn: Callable[[Conn], _T], executor: Executor | None = None) -> _T:
+        """Run `fn` on a read-only snapshot in a worker thread; the query API passes its
+        own pool so uploads never wait behind reads."""
+        return await self.index.read(fn, executor)
+
+    async def write(self, fn: Callable[[Conn], _T]) -> _T:
+        """Run `fn` in one transaction in a worker thread (serialised with uploads on
+        SQLite); shielded, so a cancelled caller's transaction still ends cleanly."""
+        return await self.index.write(fn)
+
     # -- uploads --------------------------------------------------------------------------
 
     async def new_blob(self, org_id: str) -> BlobWriter:
@@ -432,7 +507,7 @@ class IngestStore:
     async def indexed_file_ids(self, file_ids: list[str]) -> set[str]:
         """Which of these blob file ids have a row (the blob sweep asks about a few)."""
 
-        def known(conn: sqlite3.Connection) -> set[str]:
+        def known(conn: Conn) -> set[str]:
             found: set[str] = set()
             for i in range(0, len(file_ids), 500):
                 part = file_ids[i : i + 500]
@@ -451,16 +526,17 @@ class IngestStore:
     async def find_upload(self, org_id: str, item_id: str | None) -> UploadIds | None:
         if not item_id:
             return None
-        async with self._db.execute(
-            "SELECT file_id, binary_data_id FROM uploads WHERE org_id=? AND item_id=?",
-            (org_id, item_id),
-        ) as cur:
-            row = await cur.fetchone()
+        row = await self.read(
+            lambda c: c.execute(
+                "SELECT file_id, binary_data_id FROM uploads WHERE org_id=? AND item_id=?",
+                (org_id, item_id),
+            ).fetchone()
+        )
         return UploadIds(row[0], row[1]) if row else None
 
     @staticmethod
     def _claim(
-        conn: sqlite3.Connection, org_id: str, item_id: str | None, kind: str, ids: UploadIds
+        conn: Conn, org_id: str, item_id: str | None, kind: str, ids: UploadIds
     ) -> UploadIds | None:
         """Record the upload inside the open transaction; the first upload's ids if the
         item id is a repeat (then the caller stores nothing)."""
@@ -495,10 +571,10 @@ class IngestStore:
         location_id: str = "",
     ) -> UploadIds:
         return await self.write(
-            self.tabular_writer(org_id, item_id, meta, readings, location_id=location_id)
+            await self.tabular_writer(org_id, item_id, meta, readings, location_id=location_id)
         )
 
-    def tabular_writer(
+    async def tabular_writer(
         self,
         org_id: str,
         item_id: str | None,
@@ -506,9 +582,10 @@ class IngestStore:
         readings: Sequence[pb.SensorData],
         *,
         location_id: str = "",
-    ) -> Callable[[sqlite3.Connection], UploadIds]:
-        """The rows of one tabular upload, built now, and the function that stores them
-        inside a write transaction (`write`, or a group commit of several uploads)."""
+    ) -> Callable[[Conn], UploadIds]:
+        """The rows of one tabular upload, built now (and their partitions made ready),
+        and the function that stores them inside a write transaction (`write`, or a group
+        commit of several uploads)."""
         ids = UploadIds(file_id=uuid.uuid4().hex, binary_data_id="")
         now = time.time_ns()
         common = (
@@ -538,20 +615,15 @@ class IngestStore:
                 )
             )
 
-        def store(conn: sqlite3.Connection) -> UploadIds:
+        def store(conn: Conn) -> UploadIds:
             earlier = self._claim(conn, org_id, item_id, KIND_TABULAR, ids)
             if earlier is not None:
                 return earlier
             catalog.check_datasets(conn, org_id, meta.dataset_ids)
-            conn.executemany(
-                "INSERT INTO readings(upload_id, org_id, location_id, part_id, component_type,"
-                " component_name, method_name, method_parameters, tags, dataset_ids,"
-                " time_requested_ns, time_received_ns, data, data_exact, received_at_ns,"
-                " time_captured_ns) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                rows,
-            )
+            self.index.insert_readings(conn, rows)
             return ids
 
+        await self.index.prepare_readings([r[-1] for r in rows])
         return store
 
     async def store_blob(
@@ -615,7 +687,7 @@ class IngestStore:
             for box in (sensor.annotations.bboxes if sensor else ())
         ]
 
-        def store(conn: sqlite3.Connection) -> UploadIds:
+        def store(conn: Conn) -> UploadIds:
             """Place the blob inside the transaction: a failure (or a repeat) removes it
             again, so no blob is left that the index does not know."""
             earlier = self._claim(conn, org_id, item_id, kind, ids)
@@ -669,8 +741,7 @@ class IngestStore:
         args: tuple[str, ...] = ()
         if org_id is not None:
             sql, args = sql + " WHERE org_id=?", (org_id,)
-        async with self._db.execute(sql + " ORDER BY id", args) as cur:
-            rows = await cur.fetchall()
+        rows = await self.read(lambda c: c.execute(sql + " ORDER BY rowid", args).fetchall())
         return [
             StoredReading(
                 r[0],
@@ -696,8 +767,9 @@ class IngestStore:
         args: tuple[str, ...] = ()
         if org_id is not None:
             sql, args = sql + " WHERE org_id=?", (org_id,)
-        async with self._db.execute(sql + " ORDER BY received_at_ns", args) as cur:
-            rows = await cur.fetchall()
+        rows = await self.read(
+            lambda c: c.execute(sql + " ORDER BY received_at_ns, rowid", args).fetchall()
+        )
         return [
             StoredBinary(
                 r[0],
@@ -722,9 +794,10 @@ class IngestStore:
         ]
 
     async def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for table in ("uploads", "readings", "binaries"):
-            async with self._db.execute(f"SELECT count(*) FROM {table}") as cur:
-                row = await cur.fetchone()
-            out[table] = int(row[0]) if row else 0
-        return out
+        def count(conn: Conn) -> dict[str, int]:
+            return {
+                table: int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+                for table in ("uploads", "readings", "binaries")
+            }
+
+        return await self.read(count)

@@ -32,11 +32,30 @@ def _type_name(value: int) -> str:
     return str(pb.DataType.Name(cast(Any, value))) if value in pb.DataType.values() else str(value)
 
 
+# UploadMetadata's text fields: stored as text (PostgreSQL's text cannot hold NUL) and,
+# for tags and dataset ids, as JSON that PostgreSQL reads back as jsonb (no \u0000 either).
+_TEXT_FIELDS = (
+    "part_id", "component_type", "component_name", "method_name", "file_name",
+    "file_extension", "mime_type",
+)  # fmt: skip
+
+
+def _no_nul(value: str, where: str) -> None:
+    if "\x00" in value:
+        raise invalid(f"{where} contains a NUL character (U+0000), which cannot be stored")
+
+
 def check_upload_metadata(
     meta: pb.UploadMetadata, allowed: Collection[int], where: str = "metadata"
 ) -> None:
+    """Required fields, the call's data types, and text that every index can store."""
     if not meta.part_id:
         raise invalid(f"{where}.part_id is required")
+    for name in _TEXT_FIELDS:
+        _no_nul(getattr(meta, name), f"{where}.{name}")
+    for name in ("tags", "dataset_ids"):
+        for i, value in enumerate(getattr(meta, name)):
+            _no_nul(value, f"{where}.{name}[{i}]")
     if meta.type not in allowed:
         names = ", ".join(_type_name(t) for t in sorted(allowed))
         raise invalid(f"{where}.type is {_type_name(meta.type)}; this call takes {names}")
@@ -70,6 +89,8 @@ def check_bbox_ids(sensor: pb.SensorMetadata, where: str) -> None:
     """Bounding-box ids are unique per binary: refuse a repeat rather than keep one box."""
     first: dict[str, int] = {}
     for i, box in enumerate(sensor.annotations.bboxes):
+        _no_nul(box.id, f"{where}.annotations.bboxes[{i}].id")
+        _no_nul(box.label, f"{where}.annotations.bboxes[{i}].label")
         if box.id in first:
             raise invalid(
                 f"{where}.annotations.bboxes[{i}].id {box.id!r} repeats bboxes[{first[box.id]}];"
