@@ -872,3 +872,23 @@ def test_demo_robot_finishes_its_files_on_a_stop_signal(tmp_path: Path, sig: int
     for path in finished:
         with open_capture(path) as reader:
             assert sum(1 for _ in reader) >= 1
+
+
+def test_writer_can_share_its_files_with_a_daemon_group(tmp_path: Path) -> None:
+    """A robot writer sharing with a daemon that runs as its own user (the dedicated-user
+    drop-in): group-readable files in setgid, group-writable directories, exactly, with
+    a restrictive umask in force."""
+    old = os.umask(0o077)
+    try:
+        with CaptureWriter(
+            tmp_path / "cap", tabular_metadata(), file_mode=0o640, dir_mode=0o2770
+        ) as writer:
+            writer.write(tabular_reading(0))
+    finally:
+        os.umask(old)
+    (final,) = writer.closed_paths
+    assert stat.S_IMODE(final.stat().st_mode) == 0o640
+    for d in final.relative_to(tmp_path / "cap").parents:
+        assert stat.S_IMODE((tmp_path / "cap" / d).stat().st_mode) == 0o2770
+    with pytest.raises(ValueError, match="permission bits"):
+        CaptureWriter(tmp_path / "x", tabular_metadata(), file_mode=0o10000)

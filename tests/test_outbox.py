@@ -59,7 +59,7 @@ async def test_batches_respect_limits_and_group_by_metadata(box: Outbox) -> None
     await box.enqueue_readings(meta("a"), [reading(i) for i in range(25)])
     await box.enqueue_readings(meta("b"), [reading(i) for i in range(5)])
     got = []
-    while (item := await box.lease(lease_s=60, max_readings=10, max_bytes=1 << 20)) is not None:
+    while (item := await box.lease(lease_s=86400, max_readings=10, max_bytes=1 << 20)) is not None:
         got.append((pb.UploadMetadata.FromString(item.metadata).component_name, item.count))
     assert got == [("a", 10), ("a", 10), ("a", 5), ("b", 5)]
 

@@ -238,6 +238,7 @@ async def test_robot_fixtures_arrive_as_the_manifest_says(
     assert (await box.stats()).items == 0
 
 
+@pytest.mark.timeout(600)
 async def test_thousands_of_files_appearing_while_running(
     env: tuple[Outbox, IngestServer, SourceContext], tmp_path: Path
 ) -> None:
@@ -253,9 +254,14 @@ async def test_thousands_of_files_appearing_while_running(
                 for _ in range(3):
                     writer.write(tabular_reading(seq))
                     seq += 1
-        deadline = time.monotonic() + 60
-        while (await box.stats()).readings < seq:
-            assert time.monotonic() < deadline, f"only {(await box.stats()).readings}/{seq}"
+        # Wait while the source makes progress; fail only when it stalls (a loaded
+        # machine is slow, not wrong). The per-test timeout bounds the whole.
+        done, stalled_since = 0, time.monotonic()
+        while (now := (await box.stats()).readings) < seq:
+            if now > done:
+                done, stalled_since = now, time.monotonic()
+            stall = time.monotonic() - stalled_since
+            assert stall < 30, f"no progress for 30 s at {now}/{seq} readings"
             await asyncio.sleep(0.05)
     finally:
         task.cancel()

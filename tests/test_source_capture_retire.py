@@ -23,7 +23,9 @@ from tests.support.capture_files import tabular_metadata, tabular_reading
 
 async def drain(box: Outbox) -> list[Item]:
     items = []
-    while (item := await box.lease(lease_s=60, max_readings=10_000, max_bytes=1 << 30)) is not None:
+    while (
+        item := await box.lease(lease_s=86400, max_readings=10_000, max_bytes=1 << 30)
+    ) is not None:
         items.append(item)
         await box.ack(item)
     return items

@@ -76,7 +76,11 @@ async def scan(src: FilesSource, times: int = 1) -> None:
 
 async def leased(box: Outbox) -> list[Item]:
     items = []
-    while (item := await box.lease(lease_s=60, max_readings=10000, max_bytes=1 << 30)) is not None:
+    # A day-long lease: a slow drain (a loaded machine) must not see early leases expire
+    # and come back as repeats.
+    while (
+        item := await box.lease(lease_s=86400, max_readings=10000, max_bytes=1 << 30)
+    ) is not None:
         items.append(item)
     return items
 

@@ -71,7 +71,9 @@ def append(path: Path, data: bytes) -> None:
 async def readings(box: Outbox) -> list[pb.SensorData]:
     """Everything committed since the last call (leased, so not returned again)."""
     out: list[pb.SensorData] = []
-    while (item := await box.lease(lease_s=60, max_readings=10000, max_bytes=1 << 30)) is not None:
+    while (
+        item := await box.lease(lease_s=86400, max_readings=10000, max_bytes=1 << 30)
+    ) is not None:
         out += [pb.SensorData.FromString(b) for b in await box.readings_of(item)]
     return out
 

@@ -671,12 +671,22 @@ class CaptureWriter:
         max_file_readings: int | None = None,
         clock: Callable[[], datetime] = _local_now,
         buffer_size: int = WRITE_BUFFER,
+        file_mode: int = 0o600,
+        dir_mode: int = 0o700,
     ) -> None:
         """`max_file_readings` defaults to 1 for binary data (one image per file, as the
         robot does) and to unlimited otherwise; bounds apply before each write, so a file
-        ends up at most one reading past its size or age bound."""
+        ends up at most one reading past its size or age bound.
+
+        `file_mode`/`dir_mode` are set exactly, whatever the umask: private by default;
+        0o640/0o2770 share files with a daemon running as its own user in the directory's
+        group (systemd/edged-dedicated-user.conf)."""
         if max_file_bytes <= 0 or buffer_size <= 0:
             raise ValueError("max_file_bytes and buffer_size must be positive")
+        if file_mode & ~0o7777 or dir_mode & ~0o7777:
+            raise ValueError("file_mode and dir_mode are permission bits (at most 0o7777)")
+        self._file_mode = file_mode
+        self._dir_mode = dir_mode
         self.capture_dir = Path(capture_dir)
         self.directory = capture_subdir(self.capture_dir, metadata)
         self.metadata = pb.DataCaptureMetadata()
@@ -833,7 +843,8 @@ class CaptureWriter:
             prog = self.directory / (stem + PROG_SUFFIX)
             if not prog.with_suffix(CAPTURE_SUFFIX).exists():
                 try:
-                    fd = os.open(prog, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                    fd = os.open(prog, flags, self._file_mode & 0o777)
                     break
                 except FileExistsError:
                     pass
@@ -841,7 +852,7 @@ class CaptureWriter:
         self._last_stamp = stamp
         opened = _OpenFile(fd, prog, now)
         try:
-            os.fchmod(fd, 0o600)  # exact mode whatever the umask
+            os.fchmod(fd, self._file_mode)  # exact mode whatever the umask
             opened.dirs_to_sync = {self.directory, *(d.parent for d in created)}
             opened.append(self._header, self._block)
         except BaseException:
@@ -850,7 +861,7 @@ class CaptureWriter:
         return opened
 
     def _make_dirs(self) -> list[Path]:
-        """Create missing directories down to `self.directory` as 0700; return them."""
+        """Create missing directories down to `self.directory` with `dir_mode`; return them."""
         missing: list[Path] = []
         path = self.directory
         while not path.is_dir():
@@ -861,9 +872,9 @@ class CaptureWriter:
         created: list[Path] = []
         for directory in reversed(missing):
             try:
-                directory.mkdir(mode=0o700)
+                directory.mkdir(mode=self._dir_mode & 0o777)
             except FileExistsError:
                 continue
-            directory.chmod(0o700)
+            directory.chmod(self._dir_mode)
             created.append(directory)
         return created

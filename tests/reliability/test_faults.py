@@ -100,6 +100,10 @@ def sizes() -> tuple[int, int, int]:
 
 def drain(cfg: Path, rss: RssProbe, capture: Path, written: int, timeout: float) -> dict[str, Any]:
     rss.poll("capture files retired", lambda: not list(capture.rglob("*.capture")), timeout)
+    # Plain files are deleted once acknowledged: an empty outbox alone may only mean the
+    # files source has not taken the last ones yet.
+    uploads = capture.parent / "uploads"
+    rss.poll("plain files retired", lambda: not list(uploads.glob("file-*.bin")), timeout)
     rss.poll("outbox drained", lambda: status(cfg)["outbox"]["items"] == 0, timeout)
     st = status(cfg)
     assert st["uploaded"]["readings"] >= written
