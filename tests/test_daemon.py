@@ -319,3 +319,24 @@ def test_second_signal_exits_at_once_and_loses_nothing(tmp_path: Path, key: KeyF
         db.close()
     finally:
         silent.close()
+
+
+def test_sighup_while_starting_is_a_reload_not_a_kill(tmp_path: Path) -> None:
+    """SIGHUP's default action kills: one sent while edged starts (logrotate, an operator,
+    a unit's ExecReload) is held and run once the sources are up. The embedded server
+    makes start-up long enough to aim at: SIGHUPs go from the outbox being open until
+    the status socket answers."""
+    cfg = embedded_config(tmp_path, f"  - kind: capture\n    path: {tmp_path / 'cap'}\n")
+    log = cfg.with_suffix(".log")
+    with daemon(cfg) as proc:
+        wait_for("outbox open", lambda: log.exists() and "outbox open" in log.read_text())
+        sent = 0
+        while proc.poll() is None and not socket_up(tmp_path / "edged.sock") and sent < 10_000:
+            proc.send_signal(signal.SIGHUP)
+            sent += 1
+            time.sleep(0.005)  # pacing, not waiting: a flood would fill the wakeup pipe
+        assert proc.poll() is None, f"killed by SIGHUP number {sent}:\n{log.read_text()}"
+        wait_for("held reload ran", lambda: "config reloaded" in log.read_text())
+        assert status(cfg)["state"] == "running"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()

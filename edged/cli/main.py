@@ -198,6 +198,9 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    # A SIGHUP (reload) before the daemon's own handler exists must not kill it: ignored
+    # until then, and queued once the handler is in place (Daemon._on_reload_signal).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from edged.daemon.app import run_daemon
 
     limit = args.until_empty

@@ -101,6 +101,8 @@ class Daemon:
         self._stop = asyncio.Event()
         self._hard_stop = asyncio.Event()
         self._reloading: asyncio.Future[None] | None = None
+        self._serving = False  # sources run; a SIGHUP reloads at once
+        self._reload_pending = False  # a SIGHUP came before that
         self._signals = 0
         self.abandoned: set[asyncio.Task[Any]] = set()
         self._sources: dict[str, _Running] = {}
@@ -127,6 +129,9 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):  # before anything can be interrupted
             loop.add_signal_handler(sig, self._on_stop_signal)
+        # SIGHUP too: its default action kills the process, and a reload (logrotate, an
+        # operator) may come while edged starts; it is then run once sources are up.
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
         self.outbox = await Outbox.open(cfg.state_dir, cfg.outbox)
         try:
             recovered = await self.outbox.recover()
@@ -152,11 +157,12 @@ class Daemon:
 
     async def _serve(self) -> int:
         assert self.uploader is not None
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
         uploads = asyncio.create_task(self.uploader.run(), name="uploader")
         for source_cfg in self.config.sources:
             self._start_source(source_cfg)
+        self._serving = True
+        if self._reload_pending:  # a SIGHUP came while starting: the file may have changed
+            self._on_reload_signal()
         self.notifier.send(READY="1", STATUS=self._status_line())
         log.info(
             "edged %s running: part %s, %d source(s), uploading to %s",
@@ -174,10 +180,10 @@ class Daemon:
         finally:
             self.notifier.send(STOPPING="1", STATUS="stopping")
             log.info("stopping: no new input; finishing uploads in flight")
+            self._serving = False  # a SIGHUP now is logged and ignored, never a kill
             await self._shutdown(uploads, pinger)
-            # SIGTERM/SIGINT stay handled until the process exits (see run_daemon): a late
-            # second signal only logs instead of turning a clean exit into a kill.
-            loop.remove_signal_handler(signal.SIGHUP)
+            # SIGTERM/SIGINT/SIGHUP stay handled until the process exits (see run_daemon):
+            # a late signal only logs instead of turning a clean exit into a kill.
         if uploads.done() and not uploads.cancelled() and uploads.exception() is not None:
             raise uploads.exception()  # type: ignore[misc]
         stats = await self.outbox.stats() if self.outbox else None
@@ -270,7 +276,16 @@ class Daemon:
         stop.cancel()
 
     def _on_reload_signal(self) -> None:
-        """Reloads run one at a time; the task is kept so it is not garbage-collected."""
+        """Reloads run one at a time; the task is kept so it is not garbage-collected.
+        Before sources run the reload waits (`_serve` runs it); while stopping it is
+        ignored."""
+        if not self._serving:
+            if self._stop.is_set():
+                log.info("SIGHUP while stopping: ignored")
+            else:
+                self._reload_pending = True
+            return
+        self._reload_pending = False
         previous = self._reloading
 
         async def chain() -> None:
@@ -614,7 +629,7 @@ async def run_daemon(
         rc = await daemon.run()
     finally:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
             signal.signal(sig, signal.SIG_IGN)  # exiting now; a late signal changes nothing
     if daemon.abandoned:
