@@ -337,3 +337,38 @@ def test_idle_connections_are_bounded_and_a_legitimate_call_succeeds(
         finally:
             for s in socks:
                 s.close()
+
+
+async def test_large_frames_only_once_a_connection_authenticates(
+    tight: IngestServer, key: KeyFile
+) -> None:
+    """16 KiB frames made HTTP/2 framing most of a file upload's CPU; a stranger still
+    gets only those (a frame is buffered whole before h2 checks it), and the message
+    bounds hold for the large frames of an authenticated connection."""
+    assert tight.guard is not None
+    async with Channel("127.0.0.1", tight.port) as channel:
+        md = await token_for(channel, key)  # Authenticate carries no token yet
+        h2 = channel._protocol.connection._connection  # type: ignore[union-attr]
+        server = next(iter(tight.guard.connections))
+        assert not server.authenticated
+        assert h2.max_outbound_frame_size == 16_384
+        assert server.connection._connection.max_inbound_frame_size == 16_384
+
+        stub = data_sync_grpc.DataSyncServiceStub(channel)
+        body = pb.FileUploadRequest(file_contents=pb.FileData(data=b"x" * (900 * 1024)))
+        reply = await stub.FileUpload([_file_meta(), body, body], metadata=md, timeout=30)
+        assert reply.binary_data_id
+        assert server.authenticated
+        assert h2.max_outbound_frame_size == MiB  # what grpclib cuts DATA frames to
+        assert server.connection._connection.max_inbound_frame_size == MiB
+
+        # Past --max-message-bytes is still refused from the prefix, nothing held after.
+        guard = tight.guard
+        with pytest.raises(GRPCError) as err:
+            async with stub.FileUpload.open(metadata=md) as stream:
+                await stream.send_message(_file_meta())
+                await stream._stream.send_data(b"\0" + (2 * MiB).to_bytes(4, "big") + b"x" * MiB)
+                await asyncio.wait_for(stream.recv_message(), 10)
+        assert err.value.status is Status.INVALID_ARGUMENT
+        assert "--max-message-bytes" in (err.value.message or "")
+        await until("pool released", lambda: guard.pools.used(key.key_id) == 0)

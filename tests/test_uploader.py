@@ -273,3 +273,38 @@ async def test_offline_server_is_probed_not_hammered(box: Outbox, tmp_path: Path
     # Backoff capped at 0.2 s with full jitter: ~10 probes a second, never hundreds.
     assert 2 <= up.calls <= 60
     assert (await box.stats()).readings == 10
+
+
+async def test_an_enqueue_wakes_one_idle_worker_not_all(
+    server: IngestServer, box: Outbox, faults: Faults
+) -> None:
+    """Every enqueue used to wake all 4 idle workers, and 3 leased nothing: 5,696 leases
+    for 100 batches in a profile. Now one wakes, and wakes the next only if it found work."""
+    leases = 0
+    lease = box.lease
+
+    async def counted(**kw: Any) -> Any:
+        nonlocal leases
+        leases += 1
+        return await lease(**kw)
+
+    box.lease = counted  # type: ignore[method-assign]
+    items = 20
+    async with UploadClient(server.address, tls=False) as client:
+        # A long poll: only wake-ups bring a worker to the outbox in this test.
+        up = Uploader(box, client, FAST, idle_poll_s=60)
+        runner = asyncio.create_task(up.run())
+        try:
+            for i in range(items):
+                await box.enqueue_readings(tab_meta("s0"), [reading(i)])
+                deadline = asyncio.get_running_loop().time() + 20
+                while faults.calls < i + 1 or up.inflight:
+                    assert asyncio.get_running_loop().time() < deadline, "not delivered"
+                    await asyncio.sleep(0.005)
+        finally:
+            up.stop()
+            await asyncio.wait_for(runner, 20)
+    assert await stored_seqs(server) == list(range(items))
+    # Per enqueue: the lease that finds the batch, the next idle worker's look for more,
+    # and the deliverer's own look once done (it was 5: every idle worker looked).
+    assert leases <= 3 * items + FAST.workers, leases

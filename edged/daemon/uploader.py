@@ -171,6 +171,7 @@ class Uploader:
         self._resumed = asyncio.Event()
         self._resumed.set()
         self._stop = asyncio.Event()
+        self._idle_turn = asyncio.Lock()  # held by the one idle worker watching for work
         self.inflight = 0
         self.calls = 0
         self.last_success_at: float | None = None
@@ -300,6 +301,8 @@ class Uploader:
         if item is None:
             await self._idle()
             return
+        # More may be waiting: let the next idle worker look (it leases nothing otherwise).
+        self.outbox.work_available.set()
         self.inflight += 1
         try:
             await self._deliver(item)
@@ -307,14 +310,23 @@ class Uploader:
             self.inflight -= 1
 
     async def _idle(self) -> None:
-        due = await self.outbox.next_due_in()
-        if self._until_empty and due is None and self.inflight == 0:
+        """Wait for work. One idle worker at a time waits on `work_available`, the others
+        queue for that turn: an enqueue wakes one worker, which wakes the next only when
+        it found something (`_one`), instead of every worker leasing and all but one
+        finding nothing. The poll stays as a fallback for items coming due."""
+        if self._until_empty and self.inflight == 0 and await self.outbox.next_due_in() is None:
             self.stop()
             return
-        wait = self.idle_poll_s if due is None else min(due, self.idle_poll_s)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(max(wait, 0.01)):  # not wait_for (see Gate.wait_open)
-                await self.outbox.work_available.wait()
+        async with self._idle_turn:
+            if self._stop.is_set() or self.paused or self.halted:
+                return
+            if self.outbox.work_available.is_set():
+                return  # set since our lease looked: look again
+            due = await self.outbox.next_due_in()
+            wait = self.idle_poll_s if due is None else min(due, self.idle_poll_s)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(wait, 0.01)):  # not wait_for (see Gate.wait_open)
+                    await self.outbox.work_available.wait()
 
     @contextlib.asynccontextmanager
     async def _holding(self, item: Item) -> AsyncIterator[None]:

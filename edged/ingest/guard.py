@@ -7,9 +7,11 @@ Promised, for hostile peers:
   calls, one global and one per key for the rest) so N callers cannot multiply the
   largest message. A full pool makes the body wait (the peer is held by HTTP/2 flow
   control) up to the progress timeout, then RESOURCE_EXHAUSTED.
-- A connection without an authenticated call has a 64 KiB HTTP/2 receive window and is
+- A connection without an authenticated call has a 64 KiB HTTP/2 receive window and
+  16 KiB frames (HTTP/2's smallest; a frame is buffered whole before it is checked) and is
   closed after `unauth_timeout_s` without an open call; its calls must finish within
-  that time. Authenticated connections get the full window and `idle_timeout_s`.
+  that time. Authenticated connections get the full window, 1 MiB frames (so a file
+  moves in few frames: 16 KiB ones made framing most of an upload's CPU) and `idle_timeout_s`.
 - A call that moves no bytes for `progress_timeout_s` ends with DEADLINE_EXCEEDED (its
   handler's `finally` removes temp files); a key has at most `max_streams_per_key` calls.
 - At most `max_connections` connections; at the cap the oldest connection that never
@@ -48,6 +50,8 @@ MiB = 1024 * KiB
 GiB = 1024 * MiB
 UNAUTH_WINDOW = 65_535  # HTTP/2's smallest window: what a stranger may have in flight
 AUTH_WINDOW = 4 * MiB  # grpclib's default, granted once a connection authenticates
+UNAUTH_FRAME = 16_384  # HTTP/2's smallest SETTINGS_MAX_FRAME_SIZE, until authenticated
+AUTH_FRAME = 1 * MiB  # then: below the window, so a frame never waits for a whole window
 FD_RESERVE = 256  # SQLite, logs, listening sockets, temp files of in-flight uploads
 
 
@@ -342,6 +346,7 @@ class GuardedConnection(H2Protocol):
             {
                 SettingCodes.MAX_CONCURRENT_STREAMS: lim.max_streams_per_connection,
                 SettingCodes.MAX_HEADER_LIST_SIZE: lim.max_header_list_bytes,
+                SettingCodes.MAX_FRAME_SIZE: UNAUTH_FRAME,
             }
         )
         self.connection.flush()
@@ -353,11 +358,18 @@ class GuardedConnection(H2Protocol):
         super().connection_lost(exc)
 
     def grant_window(self) -> None:
-        """Open the full receive window once the connection carries a valid token."""
+        """Open the full receive window and allow large frames once the connection carries
+        a valid token."""
         if self.authenticated or self.closed:
             return
         self.authenticated = True
-        self.connection._connection.increment_flow_control_window(AUTH_WINDOW - UNAUTH_WINDOW)
+        h2 = self.connection._connection
+        h2.increment_flow_control_window(AUTH_WINDOW - UNAUTH_WINDOW)
+        h2.update_settings({SettingCodes.MAX_FRAME_SIZE: AUTH_FRAME})
+        # h2 applies a local setting when the peer acknowledges it, and checks a read's
+        # frames against the limit in force when the read began: a peer that sends a
+        # large frame right behind its ACK would be cut off. Accept them from now on.
+        h2.max_inbound_frame_size = AUTH_FRAME
         self.connection.flush()
 
     def shut(self) -> None:
