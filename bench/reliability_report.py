@@ -22,7 +22,11 @@ SCENARIOS = {
         "Disk full",
         "state_dir on a 3 MiB tmpfs the test mounts; the server is down at first, so the"
         " outbox fills: sources must stay on disk and the daemon alive; then the server comes"
-        " up and everything drains.",
+        " up and everything drains."
+        " When SQLite itself hits ENOSPC (another writer filled the disk), an upload-path"
+        " write truncates the WAL, then spends the reserve (sized for a full WAL checkpoint),"
+        " and puts the reserve back once acks free as much"
+        " (`tests/test_outbox_disk_full.py` fills a tmpfs that way twice).",
         "tests/reliability/test_disk_full.py",
     ),
     "fault-unavailable": (

@@ -62,7 +62,7 @@ from edged.daemon.queue import (
     scalar,
 )
 from edged.daemon.safefs import Identity
-from edged.daemon.space import WAL_LIMIT, Space, disk_free, unlink_own
+from edged.daemon.space import CHECKPOINT_PAGES, WAL_LIMIT, Space, disk_free, unlink_own
 from edged.errors import OutboxFull
 
 __all__ = [
@@ -267,11 +267,14 @@ class Outbox:
         try:
             os.chmod(path, 0o600)
             limits = limits or OutboxConfig()
+            # Before any table exists (a no-op on older outboxes): acks' freed pages can
+            # then go back to the file system, to put a spent disk reserve back.
+            await db.execute("PRAGMA auto_vacuum=INCREMENTAL")
             await db.execute("PRAGMA journal_mode=WAL")
             await db.execute(f"PRAGMA synchronous={limits.synchronous}")
             # Keep the WAL small: on a nearly full disk it must not balloon before a
             # checkpoint, and it shrinks back after one.
-            await db.execute("PRAGMA wal_autocheckpoint=256")
+            await db.execute(f"PRAGMA wal_autocheckpoint={CHECKPOINT_PAGES}")
             await db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
             await db.execute("PRAGMA foreign_keys=OFF")
             await db.executescript(SCHEMA)
@@ -541,7 +544,9 @@ class Outbox:
     ) -> Item | None:
         """The next due item, leased for `lease_s`; forms a new tabular batch if none is
         waiting. None if nothing is due."""
-        return await self.space.drain_path(lambda: self._lease(lease_s, max_readings, max_bytes))
+        return await self.space.drain_path(
+            lambda: self._lease(lease_s, max_readings, max_bytes), self._checkpoint
+        )
 
     async def _lease(self, lease_s: float, max_readings: int, max_bytes: int) -> Item | None:
         now = self._clock()
@@ -562,7 +567,9 @@ class Outbox:
     async def ack(self, item: Item) -> None:
         """The server acknowledged `item`: delete it (and its readings) in one transaction;
         then delete a source or spool file no other item needs."""
-        await self.space.drain_path(lambda: self._ack(item))
+        await self.space.drain_path(lambda: self._ack(item), self._checkpoint)
+        if self.space.reserve_spent:
+            await self._regain_reserve()
 
     async def _ack(self, item: Item) -> None:
         async with self._tx() as db:
@@ -609,19 +616,60 @@ class Outbox:
 
     @_atomic
     async def retry_later(self, item: Item, delay_s: float, error: str) -> None:
-        async with self._tx() as db:
-            await self.queue.retry_later(db, item, self._clock() + delay_s, error)
+        async def write() -> None:
+            async with self._tx() as db:
+                await self.queue.retry_later(db, item, self._clock() + delay_s, error)
+
+        await self.space.drain_path(write, self._checkpoint)
 
     @_atomic
     async def release(self, item: Item) -> None:
         """Give a leased item back untouched (pause, shutdown, auth stop)."""
-        async with self._tx() as db:
-            await self.queue.release(db, item)
+
+        async def write() -> None:
+            async with self._tx() as db:
+                await self.queue.release(db, item)
+
+        await self.space.drain_path(write, self._checkpoint)
 
     @_atomic
     async def dead_letter(self, item: Item, status: str, message: str) -> None:
-        async with self._tx() as db:
-            await self.queue.dead_letter(db, item, status, message, self._clock())
+        async def write() -> None:
+            async with self._tx() as db:
+                await self.queue.dead_letter(db, item, status, message, self._clock())
+
+        await self.space.drain_path(write, self._checkpoint)
+
+    async def _regain_reserve(self) -> None:
+        """After a full disk spent the reserve: once acks have freed as many pages, give
+        them back to the file system and put the reserve back, so that the next full
+        disk is survived too (without it, a WAL that must grow the database at its
+        checkpoint wedges every write)."""
+        page = await scalar(self._db, "PRAGMA page_size")
+        freed = await scalar(self._db, "PRAGMA freelist_count") * page
+        wal = self.space.state_dir / "outbox.sqlite3-wal"
+        with contextlib.suppress(OSError):
+            freed += wal.stat().st_size  # a truncating checkpoint gives it all back
+        if freed < self.space.reserve_bytes:
+            return
+        async with self._lock:
+            try:
+                async with self._db.execute("PRAGMA incremental_vacuum") as cur:
+                    await cur.fetchall()
+                await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as exc:
+                log.warning("outbox could not give freed pages back: %s", exc)
+                return
+        self.space.ensure_reserve()
+
+    async def _checkpoint(self) -> None:
+        """Copy the WAL into the database and truncate it: on a full disk this gives back
+        the WAL file's space (a WAL that cannot be checkpointed can never restart)."""
+        async with self._lock:
+            try:
+                await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as exc:
+                log.warning("outbox checkpoint on a full disk failed: %s", exc)
 
     async def dead_letters(self) -> list[DeadLetter]:
         return await self.queue.dead_letters()

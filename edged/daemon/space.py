@@ -30,6 +30,11 @@ log = logging.getLogger("edged.outbox")
 _T = TypeVar("_T")
 
 WAL_LIMIT = 1 << 20
+CHECKPOINT_PAGES = 256  # wal_autocheckpoint: the most WAL pages a checkpoint may copy
+# Disk a checkpoint of a full WAL may need (the database grows by the pages it copies),
+# plus room for the write that then runs: a full disk without it cannot checkpoint,
+# so the WAL cannot restart and every write fails (the outbox wedges).
+CHECKPOINT_ROOM = CHECKPOINT_PAGES * 4096 + (256 << 10)
 WRITE_AMPLIFICATION = 3  # bytes on disk per payload byte (WAL, then table and index)
 
 
@@ -63,18 +68,25 @@ class Space:
         self.available = asyncio.Event()
         self._free_disk = free_disk
         self._page = 0
+        self._spent = False
 
     # -- the reserve --------------------------------------------------------------------
 
     @property
     def reserve_bytes(self) -> int:
-        return min(max(self.limits.min_free_disk // 4, 256 * 1024), 16 << 20)
+        return min(max(self.limits.min_free_disk // 4, CHECKPOINT_ROOM), 16 << 20)
+
+    @property
+    def reserve_spent(self) -> bool:
+        """The reserve went to a full disk and is not back yet."""
+        return self._spent
 
     def ensure_reserve(self) -> None:
         """Keep a small file of disk space aside: when the disk fills up anyway, deleting
         it lets uploads and acks (which also write) go on, and acks free space."""
         path = self.state_dir / "reserve"
         if path.exists():
+            self._spent = False
             return
         if self._free_disk(self.state_dir) - self.reserve_bytes < self.limits.min_free_disk:
             return
@@ -83,6 +95,8 @@ class Space:
             os.posix_fallocate(fd, 0, self.reserve_bytes)
         except OSError:
             path.unlink(missing_ok=True)
+        else:
+            self._spent = False
         finally:
             os.close(fd)
 
@@ -91,17 +105,27 @@ class Space:
         if not path.exists():
             return False
         path.unlink()
+        self._spent = True
         log.warning("disk full under %s: released the reserve so uploads can go on", self.state_dir)
         return True
 
-    async def drain_path(self, op: Callable[[], Awaitable[_T]]) -> _T:
-        """Run an upload-path write; on a full disk spend the reserve and try once more."""
+    async def drain_path(
+        self, op: Callable[[], Awaitable[_T]], checkpoint: Callable[[], Awaitable[None]]
+    ) -> _T:
+        """Run an upload-path write (these free space, so they must get through). On a
+        full disk: truncate the WAL and try again; then spend the reserve on a checkpoint
+        (which may have to grow the database) and try once more."""
+        try:
+            return await op()
+        except OutboxFull:
+            await checkpoint()
         try:
             return await op()
         except OutboxFull:
             if not self._release_reserve():
                 raise
-            return await op()
+            await checkpoint()
+        return await op()
 
     # -- limits -------------------------------------------------------------------------
 
@@ -109,6 +133,8 @@ class Space:
         """Apply the size and free-disk limits before a write (inside its transaction);
         (readings, bytes) dropped to make room, to book once the transaction commits."""
         on_disk = need * WRITE_AMPLIFICATION
+        if self._spent:
+            on_disk += self.reserve_bytes  # keep its room free until it is back
         free = self._free_disk(self.state_dir)
         if free - on_disk < self.limits.min_free_disk:
             # Pages freed by acked items are reused before the file grows: count them.
