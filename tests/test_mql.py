@@ -1,9 +1,13 @@
-"""TabularDataByMQL engine: the documented stage/operator subset, pushdown, isolation."""
+"""TabularDataByMQL engine: the documented stage/operator subset, pushdown, isolation.
+Every test taking `db` runs on both backends: the SQLite index and PostgreSQL (the rows
+read as the organisation's role, pgsql.run_pg_mql)."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,19 +23,33 @@ from edged.ingest.mql import (
     run_mql,
     run_pipeline,
 )
-from tests.support.query_index import A_ROWS, ORG_A, ORG_B, T0, build_db
+from tests.support.pg import PgServer
+from tests.support.query_index import A_ROWS, ORG_A, ORG_B, T0, MqlTarget, build_db, build_pg
 
 Doc = dict[str, Any]
 
 
-@pytest.fixture(scope="module")
-def db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_db(tmp_path_factory.mktemp("mqldb"))
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def db(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[MqlTarget]:
+    path = build_db(tmp_path_factory.mktemp("mqldb"))
+    if request.param == "sqlite":
+        yield MqlTarget("sqlite", path)
+        return
+    server: PgServer = request.getfixturevalue("pg_server")
+    name = server.create_database()
+    index = build_pg(server.url(name))
+    try:
+        yield MqlTarget("postgresql", path, index)
+    finally:
+        asyncio.run(index.close())
+        server.drop_database(name)
 
 
 @pytest.fixture(scope="module")
-def all_docs(db: Path) -> list[Doc]:
-    return run_mql(db, ORG_A, [])
+def all_docs(db: MqlTarget) -> list[Doc]:
+    return db.run(ORG_A, [])
 
 
 def names(docs: list[Doc]) -> list[str]:
@@ -71,7 +89,7 @@ def test_document_shape(all_docs: list[Doc]) -> None:
     assert all_docs[4]["time_received"] is None
 
 
-def test_every_result_round_trips_through_bson(db: Path) -> None:
+def test_every_result_round_trips_through_bson(db: MqlTarget) -> None:
     pipelines: list[list[Doc]] = [
         [],
         [{"$group": {"_id": {"c": "$component_name"}, "all": {"$push": "$data"}}}],
@@ -79,7 +97,7 @@ def test_every_result_round_trips_through_bson(db: Path) -> None:
     ]
     codec: bson.CodecOptions[dict[str, Any]] = bson.CodecOptions(tz_aware=True)
     for p in pipelines:
-        for doc in run_mql(db, ORG_A, p):
+        for doc in db.run(ORG_A, p):
             back = bson.decode(bson.encode(doc), codec_options=codec)
             assert back.keys() == doc.keys()
 
@@ -135,16 +153,16 @@ MATCHES: list[tuple[Doc, list[str]]] = [
 
 
 @pytest.mark.parametrize(("spec", "expected"), MATCHES)
-def test_match(db: Path, all_docs: list[Doc], spec: Doc, expected: list[str]) -> None:
-    assert names(run_mql(db, ORG_A, [{"$match": spec}])) == expected
+def test_match(db: MqlTarget, all_docs: list[Doc], spec: Doc, expected: list[str]) -> None:
+    assert names(db.run(ORG_A, [{"$match": spec}])) == expected
     # the pure evaluator over every document agrees with the pushed-down run
     assert names(list(run_pipeline(all_docs, [{"$match": spec}]))) == expected
 
 
-def test_naive_datetimes_are_utc(db: Path) -> None:
+def test_naive_datetimes_are_utc(db: MqlTarget) -> None:
     """pymongo decodes BSON dates naive by default; they mean UTC."""
     naive = T0.replace(tzinfo=None) + dt.timedelta(seconds=170)
-    assert names(run_mql(db, ORG_A, [{"$match": {"time_received": {"$gte": naive}}}])) == [
+    assert names(db.run(ORG_A, [{"$match": {"time_received": {"$gte": naive}}}])) == [
         "motor1",
         "temp3",
     ]
@@ -153,9 +171,8 @@ def test_naive_datetimes_are_utc(db: Path) -> None:
 # ---------------------------------------------------------------- other stages
 
 
-def test_project_inclusion_rename_and_literal(db: Path) -> None:
-    out = run_mql(
-        db,
+def test_project_inclusion_rename_and_literal(db: MqlTarget) -> None:
+    out = db.run(
         ORG_A,
         [
             {"$match": {"component_name": "temp2"}},
@@ -190,25 +207,22 @@ def test_project_inclusion_rename_and_literal(db: Path) -> None:
     ]
 
 
-def test_project_exclusion_and_nested_spec(db: Path) -> None:
-    out = run_mql(
-        db,
+def test_project_exclusion_and_nested_spec(db: MqlTarget) -> None:
+    out = db.run(
         ORG_A,
         [{"$match": {"component_name": "motor1"}}, {"$project": {"data": {"extra": 0}, "tags": 0}}],
     )
     assert "tags" not in out[0] and out[0]["data"] == {"readings": {"position": 5}}
     assert out[0]["component_name"] == "motor1" and "_id" in out[0]
-    only = run_mql(
-        db,
+    only = db.run(
         ORG_A,
         [{"$match": {"component_name": "motor1"}}, {"$project": {"data": {"readings": 1}}}],
     )
     assert only == [{"_id": out[0]["_id"], "data": {"readings": {"position": 5}}}]
 
 
-def test_add_fields_set_unset(db: Path) -> None:
-    out = run_mql(
-        db,
+def test_add_fields_set_unset(db: MqlTarget) -> None:
+    out = db.run(
         ORG_A,
         [
             {"$match": {"component_name": "temp3"}},
@@ -221,9 +235,8 @@ def test_add_fields_set_unset(db: Path) -> None:
     assert out == [{"data": {"copy": [99]}, "c": "temp3", "pair": ["temp3", None]}]
 
 
-def test_sort_skip_limit(db: Path) -> None:
-    out = run_mql(
-        db,
+def test_sort_skip_limit(db: MqlTarget) -> None:
+    out = db.run(
         ORG_A,
         [
             {"$sort": {"component_type": -1, "data.readings.temp_c": 1}},
@@ -237,25 +250,22 @@ def test_sort_skip_limit(db: Path) -> None:
         ("temp1", {"temp_c": 22.5, "ok": True}),
         ("temp2", {"temp_c": 30.0, "hum": 40, "mode": "auto"}),
     ]
-    assert names(run_mql(db, ORG_A, [{"$sort": {"time_received": -1}}, {"$limit": 2}])) == [
+    assert names(db.run(ORG_A, [{"$sort": {"time_received": -1}}, {"$limit": 2}])) == [
         "temp3",
         "motor1",
     ]
     # missing/null sort first ascending; stable for ties
-    asc = run_mql(db, ORG_A, [{"$sort": {"time_received": 1}}])
+    asc = db.run(ORG_A, [{"$sort": {"time_received": 1}}])
     assert names(asc)[0] == "temp2" and asc[0]["time_received"] is None
 
 
-def test_count(db: Path) -> None:
-    assert run_mql(db, ORG_A, [{"$match": {"component_type": "sensor"}}, {"$count": "n"}]) == [
-        {"n": 5}
-    ]
-    assert run_mql(db, ORG_A, [{"$match": {"component_name": "zzz"}}, {"$count": "n"}]) == []
+def test_count(db: MqlTarget) -> None:
+    assert db.run(ORG_A, [{"$match": {"component_type": "sensor"}}, {"$count": "n"}]) == [{"n": 5}]
+    assert db.run(ORG_A, [{"$match": {"component_name": "zzz"}}, {"$count": "n"}]) == []
 
 
-def test_group_accumulators(db: Path) -> None:
-    out = run_mql(
-        db,
+def test_group_accumulators(db: MqlTarget) -> None:
+    out = db.run(
         ORG_A,
         [
             {"$match": {"component_type": "sensor"}},
@@ -320,12 +330,11 @@ def test_group_accumulators(db: Path) -> None:
     ]
 
 
-def test_group_null_and_compound_ids(db: Path) -> None:
-    assert run_mql(db, ORG_A, [{"$group": {"_id": None, "n": {"$sum": 1}}}]) == [
+def test_group_null_and_compound_ids(db: MqlTarget) -> None:
+    assert db.run(ORG_A, [{"$group": {"_id": None, "n": {"$sum": 1}}}]) == [
         {"_id": None, "n": len(A_ROWS)}
     ]
-    out = run_mql(
-        db,
+    out = db.run(
         ORG_A,
         [
             {"$group": {"_id": {"t": "$component_type", "p": "$part_id"}, "n": {"$sum": 1}}},
@@ -339,16 +348,16 @@ def test_group_null_and_compound_ids(db: Path) -> None:
     ]
 
 
-def test_result_cap_raises(db: Path) -> None:
-    assert len(run_mql(db, ORG_A, [], max_docs=len(A_ROWS))) == len(A_ROWS)
+def test_result_cap_raises(db: MqlTarget) -> None:
+    assert len(db.run(ORG_A, [], max_docs=len(A_ROWS))) == len(A_ROWS)
     with pytest.raises(MqlRejected, match="more than 2 documents"):
-        run_mql(db, ORG_A, [], max_docs=2)
-    assert len(run_mql(db, ORG_A, [{"$limit": 2}], max_docs=2)) == 2
+        db.run(ORG_A, [], max_docs=2)
+    assert len(db.run(ORG_A, [{"$limit": 2}], max_docs=2)) == 2
 
 
-def test_timeout(db: Path) -> None:
+def test_timeout(db: MqlTarget) -> None:
     with pytest.raises(MqlRejected, match="took too long"):
-        run_mql(db, ORG_A, [{"$count": "n"}], timeout_s=0)
+        db.run(ORG_A, [{"$count": "n"}], timeout_s=0)
 
 
 # ---------------------------------------------------------------- rejection
@@ -386,12 +395,12 @@ BAD: list[tuple[Any, str]] = [
 
 
 @pytest.mark.parametrize(("pipeline", "reason"), BAD)
-def test_rejected(db: Path, pipeline: Any, reason: str) -> None:
-    before = hashlib.sha256(db.read_bytes()).hexdigest()
+def test_rejected(db: MqlTarget, pipeline: Any, reason: str) -> None:
+    before = hashlib.sha256(db.path.read_bytes()).hexdigest()
     with pytest.raises(MqlRejected) as info:
-        run_mql(db, ORG_A, pipeline)
+        db.run(ORG_A, pipeline)
     assert reason in str(info.value)
-    assert hashlib.sha256(db.read_bytes()).hexdigest() == before
+    assert hashlib.sha256(db.path.read_bytes()).hexdigest() == before
 
 
 def test_rejected_before_reading(tmp_path: Path) -> None:
@@ -425,14 +434,28 @@ def test_decode_pipeline() -> None:
         [{"$match": {"data.readings.temp_c": {"$gte": 1000}}}],
     ],
 )
-def test_other_org_never_visible(db: Path, pipeline: list[Doc]) -> None:
-    text = repr(run_mql(db, ORG_A, pipeline))
+def test_other_org_never_visible(db: MqlTarget, pipeline: list[Doc]) -> None:
+    text = repr(db.run(ORG_A, pipeline))
     assert "secret" not in text and ORG_B not in text and "1000" not in text
 
 
-def test_org_b_and_quoted_org_ids(db: Path) -> None:
-    assert sorted(names(run_mql(db, ORG_B, []))) == ["bsecret", "motor1", "temp1"]
-    assert run_mql(db, "org-a' OR '1'='1", []) == []
+def test_postgresql_rows_are_the_orgs_by_the_engines_policy(db: MqlTarget) -> None:
+    """MQL's PostgreSQL row source filters no organisation itself: the role's row-level
+    policy is the only wall, and it holds for the row source's own table."""
+    if db.index is None:
+        pytest.skip("PostgreSQL only")
+    from edged.ingest.limits import QueryControl
+    from edged.ingest.pgsql import _MQL_ROWS, org_transaction
+
+    assert "org_id =" not in _MQL_ROWS
+    with org_transaction(db.index, ORG_A, QueryControl(10), "test") as conn:
+        rows = conn.execute("SELECT DISTINCT org_id FROM public.readings").fetchall()
+    assert rows == [(ORG_A,)]
+
+
+def test_org_b_and_quoted_org_ids(db: MqlTarget) -> None:
+    assert sorted(names(db.run(ORG_B, []))) == ["bsecret", "motor1", "temp1"]
+    assert db.run("org-a' OR '1'='1", []) == []
 
 
 # ---------------------------------------------------------------- pushdown
@@ -456,6 +479,28 @@ def test_pushdown_translates_top_level_fields() -> None:
         " AND (((method_name = ?)) OR ((robot_id <> ?)))"
     )
     assert args == ["temp1", "a", "b", int(T0.timestamp()) * 10**9, 3, "A", "r"]
+
+
+def test_pushdown_in_postgresql() -> None:
+    """jsonb for `data.`: strings as bytewise text, numbers as exact numerics; arrays
+    and NaN-bearing rows always pass (Python decides)."""
+    sql, args = pushdown(
+        {
+            "component_name": "temp1",
+            "data.readings.temp_c": {"$gt": 3.5, "$in": ["a", 2]},
+            "data.x": float("nan"),  # not translated
+        },
+        "postgresql",
+    )
+    opaque = "strpos(data, '[') > 0 OR data_exact IS NOT NULL"
+    assert sql == (
+        "(component_name = ?)"
+        f" AND ((data::jsonb #> ?::text[]) > to_jsonb(?::numeric) OR {opaque})"
+        ' AND ((data::jsonb #>> ?::text[]) COLLATE "C" = ?'
+        f" OR (data::jsonb #> ?::text[]) = to_jsonb(?::numeric) OR {opaque})"
+    )
+    path = ["readings", "temp_c"]
+    assert args == ["temp1", path, "3.5", path, "a", path, "2"]
 
 
 @pytest.mark.parametrize(
@@ -548,13 +593,13 @@ conjunctions = st.lists(conditions(), min_size=1, max_size=3).map(
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(spec=st.one_of(conjunctions, filters))
-def test_pushdown_never_changes_answers(db: Path, all_docs: list[Doc], spec: Doc) -> None:
+def test_pushdown_never_changes_answers(db: MqlTarget, all_docs: list[Doc], spec: Doc) -> None:
     """SQL may only narrow: the pushed-down run equals the pure evaluator over all docs."""
     pipeline = [{"$match": spec}]
-    assert run_mql(db, ORG_A, pipeline) == list(run_pipeline(all_docs, pipeline))
+    assert db.run(ORG_A, pipeline) == list(run_pipeline(all_docs, pipeline))
 
 
-def test_time_pushdown_exact_at_microsecond_edges(db: Path, all_docs: list[Doc]) -> None:
+def test_time_pushdown_exact_at_microsecond_edges(db: MqlTarget, all_docs: list[Doc]) -> None:
     """Stored ns floor to µs; every bound around every stored instant must agree."""
     for field in ("time_received", "time_requested"):
         for base in ROW_TIMES:
@@ -563,4 +608,4 @@ def test_time_pushdown_exact_at_microsecond_edges(db: Path, all_docs: list[Doc])
                 for op in ("$eq", "$ne", "$gt", "$gte", "$lt", "$lte"):
                     pipeline = [{"$match": {field: {op: when}}}]
                     want = list(run_pipeline(all_docs, pipeline))
-                    assert run_mql(db, ORG_A, pipeline) == want, (field, op, when)
+                    assert db.run(ORG_A, pipeline) == want, (field, op, when)

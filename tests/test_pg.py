@@ -425,6 +425,62 @@ async def test_sql_bounds(sql_server: IngestServer, query: str) -> None:
     assert await _sql(sql_server, KEY_A, query) == Status.RESOURCE_EXHAUSTED
 
 
+async def _mql(
+    server: IngestServer, key: ApiKey, pipeline: list[dict[str, Any]]
+) -> list[dict[str, Any]] | Status:
+    token = await _token(server.port, key.key_id, key.secret)
+    async with Channel("127.0.0.1", server.port) as channel:
+        try:
+            reply = await DataServiceStub(channel).TabularDataByMQL(
+                dpb.TabularDataByMQLRequest(
+                    organization_id=key.org_id, mql_binary=[bson.encode(s) for s in pipeline]
+                ),
+                metadata={"authorization": f"Bearer {token}"},
+            )
+        except GRPCError as exc:
+            return exc.status
+    return [dict(bson.decode(raw)) for raw in reply.raw_data]
+
+
+async def test_mql_runs_on_postgresql_on_the_callers_rows(sql_server: IngestServer) -> None:
+    rows = await _mql(
+        sql_server,
+        KEY_A,
+        [{"$match": {"data.v": {"$gte": 2}}}, {"$project": {"_id": 0, "v": "$data.v"}}],
+    )
+    assert rows == [{"v": 2.0}]
+    assert await _mql(sql_server, KEY_B, [{"$count": "n"}]) == [{"n": 1}]
+
+
+@pytest.mark.parametrize(
+    "pipeline",
+    [
+        [{"$match": {"organization_id": ORG_B}}],
+        [{"$match": {"organization_id": {"$ne": ORG}}}],
+        [{"$match": {"data.v": 100}}],
+        [{"$group": {"_id": "$organization_id", "n": {"$sum": 1}}}, {"$match": {"_id": ORG_B}}],
+    ],
+)
+async def test_mql_never_sees_another_orgs_rows(
+    sql_server: IngestServer, pipeline: list[dict[str, Any]]
+) -> None:
+    assert await _mql(sql_server, KEY_A, pipeline) == []
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "status"),
+    [
+        ([{"$lookup": {"from": "x"}}], Status.INVALID_ARGUMENT),
+        ([{"$project": {"b": {"$literal": "x" * 60_000}}}, {"$set": {"c": ["$b", "$b"]}}],
+         Status.RESOURCE_EXHAUSTED),  # a document past --query-max-value-bytes
+    ],
+)  # fmt: skip
+async def test_mql_bounds_and_rejections(
+    sql_server: IngestServer, pipeline: list[dict[str, Any]], status: Status
+) -> None:
+    assert await _mql(sql_server, KEY_A, pipeline) == status
+
+
 # -- the command line -------------------------------------------------------------------------
 
 

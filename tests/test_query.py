@@ -46,6 +46,16 @@ async def server(tmp_path: Path, certs: Certs) -> AsyncIterator[tuple[IngestServ
         yield srv
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def either(
+    request: pytest.FixtureRequest, tmp_path: Path, certs: Certs
+) -> AsyncIterator[tuple[IngestServer, Api, Api]]:
+    """`server` on either index: for the SQL/MQL calls, whose engines differ by backend."""
+    database = request.getfixturevalue("pg_url") if request.param == "postgresql" else None
+    async with two_orgs(tmp_path, certs, location=LOC, database=database) as srv:
+        yield srv
+
+
 def ts(seconds: float) -> Timestamp:
     t = Timestamp()
     t.FromDatetime(at(seconds))
@@ -527,8 +537,8 @@ async def test_datasets(server: tuple[IngestServer, Api, Api]) -> None:
 # -- isolation, bad input, database user, engines -------------------------------------------
 
 
-async def test_another_org_sees_nothing(server: tuple[IngestServer, Api, Api]) -> None:
-    srv, a, b = server
+async def test_another_org_sees_nothing(either: tuple[IngestServer, Api, Api]) -> None:
+    srv, a, b = either
     await upload_readings(a, "temp", range(3))
     ids = [await upload_image(a, n, tags=["mine"]) for n in range(2)]
     await a.data.AddBoundingBoxToImageByID(
@@ -632,9 +642,9 @@ async def test_another_org_sees_nothing(server: tuple[IngestServer, Api, Api]) -
     ],
 )
 async def test_bad_input_is_invalid_argument_naming_the_field(
-    server: tuple[IngestServer, Api, Api], call: Any, field: str
+    either: tuple[IngestServer, Api, Api], call: Any, field: str
 ) -> None:
-    _, a, _ = server
+    _, a, _ = either
     status, msg = await status_of(call(a.data, a.md))
     assert status is Status.INVALID_ARGUMENT and field in msg, msg
 
@@ -664,8 +674,8 @@ def _engine_available(name: str) -> bool:
     return importlib.util.find_spec(f"edged.ingest.{name}") is not None
 
 
-async def test_sql_and_mql_delegate_to_the_engines(server: tuple[IngestServer, Api, Api]) -> None:
-    _, a, b = server
+async def test_sql_and_mql_delegate_to_the_engines(either: tuple[IngestServer, Api, Api]) -> None:
+    _, a, b = either
     await upload_readings(a, "temp", range(3))
     await upload_readings(b, "temp", range(10, 12))
     sql = dpb.TabularDataBySQLRequest(

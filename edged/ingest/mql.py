@@ -909,8 +909,13 @@ def _string_sql(col: str, cond: Any) -> list[tuple[str, list[Any]]]:
     for op, arg in cond.items():
         if op in sql_op and isinstance(arg, str):
             out.append((f"{col} {sql_op[op]} ?", [arg]))
+        elif op == "$in" and arg == []:
+            out.append(("1 = 0", []))  # `IN ()` is SQLite's only; $nin [] restricts nothing
         elif (
-            op in ("$in", "$nin") and isinstance(arg, list) and all(isinstance(a, str) for a in arg)
+            op in ("$in", "$nin")
+            and isinstance(arg, list)
+            and arg
+            and all(isinstance(a, str) for a in arg)
         ):
             marks = ", ".join("?" * len(arg))
             neg = "NOT " if op == "$nin" else ""
@@ -957,12 +962,13 @@ def _is_scalar(v: Any) -> bool:
     return isinstance(v, str) or (isinstance(v, int | float) and not isinstance(v, bool))
 
 
-def _data_sql(parts: list[str], cond: Any) -> list[tuple[str, list[Any]]]:
-    """Conditions under `data.` as json_extract, for str/number arguments.
+def _data_sql(parts: list[str], cond: Any, dialect: str) -> list[tuple[str, list[Any]]]:
+    """Conditions under `data.` for str/number arguments: json_extract in SQLite, jsonb
+    path operators in PostgreSQL (`_pg_data_sql`).
 
-    json_extract does not traverse arrays the way MongoDB paths do, so every condition
-    also passes rows whose JSON holds any '[' at all, and rows whose `data` reads NaN as
-    null (data_exact set, see edged/ingest/values.py): SQL stays a superset.
+    Neither traverses arrays the way MongoDB paths do, so every condition also passes
+    rows whose JSON holds any '[' at all, and rows whose `data` reads NaN as null
+    (data_exact set, see edged/ingest/values.py): SQL stays a superset.
     """
     if not parts or not all(_JSON_KEY.fullmatch(p) for p in parts):
         return []
@@ -970,6 +976,8 @@ def _data_sql(parts: list[str], cond: Any) -> list[tuple[str, list[Any]]]:
         cond = {"$eq": cond}
     if not isinstance(cond, dict) or not cond or not all(k.startswith("$") for k in cond):
         return []
+    if dialect == "postgresql":
+        return _pg_data_sql(parts, cond)
     target = "json_extract(data, '$." + ".".join(parts) + "')"
     out: list[tuple[str, list[Any]]] = []
     for op, arg in cond.items():
@@ -981,26 +989,59 @@ def _data_sql(parts: list[str], cond: Any) -> list[tuple[str, list[Any]]]:
     return out
 
 
-def pushdown(spec: Any) -> tuple[str, list[Any]]:
+_PG_OPAQUE = "strpos(data, '[') > 0 OR data_exact IS NOT NULL"
+
+
+def _pg_scalar(parts: list[str], op: str, arg: Any) -> tuple[str, list[Any]] | None:
+    """One comparison with a str or finite number, exact for values of that type and true
+    for no other type MongoDB would match: strings compare as text bytewise (COLLATE "C",
+    as MongoDB and SQLite do), numbers as jsonb numerics (1 = 1.0; the argument sent as
+    its shortest decimal text, so a float compares exactly). None: not translatable."""
+    sql_op = _JSON_CMP[op]
+    if isinstance(arg, str):
+        return f'(data::jsonb #>> ?::text[]) COLLATE "C" {sql_op} ?', [parts, arg]
+    if isinstance(arg, float) and not math.isfinite(arg):
+        return None
+    return f"(data::jsonb #> ?::text[]) {sql_op} to_jsonb(?::numeric)", [parts, repr(arg)]
+
+
+def _pg_data_sql(parts: list[str], cond: Doc) -> list[tuple[str, list[Any]]]:
+    out: list[tuple[str, list[Any]]] = []
+    for op, arg in cond.items():
+        if op in _JSON_CMP and _is_scalar(arg):
+            tests = [_pg_scalar(parts, op, arg)]
+        elif op == "$in" and isinstance(arg, list) and arg and all(_is_scalar(a) for a in arg):
+            tests = [_pg_scalar(parts, "$eq", a) for a in arg]
+        else:
+            continue
+        if any(t is None for t in tests):
+            continue
+        sql = " OR ".join(t[0] for t in tests if t is not None)
+        out.append((f"{sql} OR {_PG_OPAQUE}", [a for t in tests if t is not None for a in t[1]]))
+    return out
+
+
+def pushdown(spec: Any, dialect: str = "sqlite") -> tuple[str, list[Any]]:
     """SQL implied by a $match: never stricter than the filter (Python re-checks all).
 
-    Returns ("", []) when nothing translates. Conjunctions keep whichever parts
-    translate; an $or translates only if every branch restricts something.
+    `dialect` is "sqlite" or "postgresql" (`?` placeholders either way). Returns ("", [])
+    when nothing translates. Conjunctions keep whichever parts translate; an $or
+    translates only if every branch restricts something.
     """
-    parts = _pushdown_parts(spec)
+    parts = _pushdown_parts(spec, dialect)
     return " AND ".join(f"({s})" for s, _ in parts), [a for _, args in parts for a in args]
 
 
-def _pushdown_parts(spec: Any) -> list[tuple[str, list[Any]]]:
+def _pushdown_parts(spec: Any, dialect: str) -> list[tuple[str, list[Any]]]:
     if not isinstance(spec, dict):
         return []
     out: list[tuple[str, list[Any]]] = []
     for key, cond in spec.items():
         if key == "$and" and isinstance(cond, list):
             for sub in cond:
-                out.extend(_pushdown_parts(sub))
+                out.extend(_pushdown_parts(sub, dialect))
         elif key == "$or" and isinstance(cond, list) and cond:
-            branches = [pushdown(sub) for sub in cond]
+            branches = [pushdown(sub, dialect) for sub in cond]
             if all(sql for sql, _ in branches):
                 sql = " OR ".join(f"({s})" for s, _ in branches)
                 out.append((sql, [a for _, args in branches for a in args]))
@@ -1009,11 +1050,93 @@ def _pushdown_parts(spec: Any) -> list[tuple[str, list[Any]]]:
         elif key in TIME_COLUMNS:
             out.extend(_time_sql(TIME_COLUMNS[key], cond))
         elif key.startswith("data."):
-            out.extend(_data_sql(key.split(".")[1:], cond))
+            out.extend(_data_sql(key.split(".")[1:], cond, dialect))
     return out
 
 
 # ---------------------------------------------------------------- I/O
+
+Rows = Callable[[str, list[Any]], Iterator[tuple[Any, ...]]]
+
+
+def evaluate(
+    pipeline: list[Doc],
+    read_rows: Rows,
+    *,
+    dialect: str,
+    control: QueryControl,
+    max_docs: int,
+    max_result_bytes: int,
+    max_doc_bytes: int,
+    max_nodes: int,
+) -> list[Doc]:
+    """The one MQL run both backends share: validate and compile every stage, push a
+    leading $match down as SQL in `dialect`, then stream the rows `read_rows(where, args)`
+    yields (the org's readings in _ROW_COLUMNS order, by id) through the stages, bounded
+    by `max_docs`, `max_result_bytes` and the control's deadline."""
+    check_pipeline_size(pipeline, max_nodes)
+    try:
+        return _evaluate(
+            _aware(pipeline), read_rows, dialect, control, max_docs, max_result_bytes, max_doc_bytes
+        )
+    except RecursionError:
+        raise MqlLimitExceeded("the pipeline or a document nests too deeply") from None
+
+
+def too_long(control: QueryControl) -> MqlLimitExceeded:
+    return MqlLimitExceeded(str(control.too_long("add a leading $match")))
+
+
+def _evaluate(
+    pipeline: list[Doc],
+    read_rows: Rows,
+    dialect: str,
+    control: QueryControl,
+    max_docs: int,
+    max_result_bytes: int,
+    max_doc_bytes: int,
+) -> list[Doc]:
+    stages = compile_pipeline(pipeline, max_doc_bytes)
+    where, args = "", list[Any]()
+    if pipeline and isinstance(pipeline[0], dict) and "$match" in pipeline[0]:
+        where, args = pushdown(pipeline[0]["$match"], dialect)
+
+    def check() -> None:
+        if control.stopped():
+            raise too_long(control) if control.timed_out else MqlRejected("query cancelled")
+
+    def docs() -> Iterator[Doc]:
+        for row in read_rows(where, args):
+            check()
+            yield row_to_doc(row)
+
+    stream: Iterator[Doc] = docs()
+    for stage in stages:
+        stream = stage(stream)
+    out: list[Doc] = []
+    size = 0
+    for doc in stream:
+        out.append(doc)
+        if len(out) > max_docs:
+            raise MqlLimitExceeded(
+                f"the result has more than {max_docs} documents (--query-max-rows);"
+                " add $limit or $group"
+            )
+        size += encoded_size(doc, max_result_bytes - size)
+        if size > max_result_bytes:
+            raise MqlLimitExceeded(
+                f"the result is larger than {max_result_bytes} bytes after"
+                f" {len(out) - 1} documents (--query-max-result-bytes);"
+                " add $limit, $project or $group"
+            )
+        check()
+    return out
+
+
+def stored_too_big(max_doc_bytes: int) -> MqlLimitExceeded:
+    return MqlLimitExceeded(
+        f"a stored reading is larger than {max_doc_bytes} bytes (--query-max-value-bytes)"
+    )
 
 
 def run_mql(
@@ -1028,7 +1151,8 @@ def run_mql(
     max_nodes: int = _DEFAULTS.max_pipeline_nodes,
     control: QueryControl | None = None,
 ) -> list[Doc]:
-    """Run the pipeline over the org's readings; documents are BSON-encodable dicts.
+    """Run the pipeline over the org's readings in the SQLite index; documents are
+    BSON-encodable dicts. (PostgreSQL: pgsql.run_pg_mql, the same `evaluate`.)
 
     Raises MqlRejected (caller's fault) for unsupported or malformed stages, and
     MqlLimitExceeded for a pipeline past `max_nodes`, a run past its deadline, a
@@ -1036,84 +1160,42 @@ def run_mql(
     (sizes measured as documents are produced); sqlite3 errors propagate.
     Blocking: call from a worker thread.
     """
-    check_pipeline_size(pipeline, max_nodes)
     control = control if control is not None else QueryControl(timeout_s)
-    try:
-        return _run_mql(
-            db_path, org_id, pipeline, control, max_docs, max_result_bytes, max_doc_bytes
-        )
-    except RecursionError:
-        raise MqlLimitExceeded("the pipeline or a document nests too deeply") from None
+    conn: sqlite3.Connection | None = None
 
-
-def _run_mql(
-    db_path: Path,
-    org_id: str,
-    pipeline: list[Doc],
-    control: QueryControl,
-    max_docs: int,
-    max_result_bytes: int,
-    max_doc_bytes: int,
-) -> list[Doc]:
-    pipeline = _aware(pipeline)
-    stages = compile_pipeline(pipeline, max_doc_bytes)
-    where, args = "", list[Any]()
-    if pipeline and isinstance(pipeline[0], dict) and "$match" in pipeline[0]:
-        where, args = pushdown(pipeline[0]["$match"])
-    sql = f"SELECT {_ROW_COLUMNS} FROM readings WHERE org_id = ?"
-    params: list[Any] = [org_id]
-    if where:
-        sql += f" AND ({where})"
-        params += args
-    conn = open_readonly(db_path, max_doc_bytes)
-    try:
+    def read_rows(where: str, args: list[Any]) -> Iterator[tuple[Any, ...]]:
+        nonlocal conn
+        sql = f"SELECT {_ROW_COLUMNS} FROM readings WHERE org_id = ?"
+        if where:
+            sql += f" AND ({where})"
+        conn = open_readonly(db_path, max_doc_bytes)
         conn.execute("PRAGMA query_only=ON")
         conn.set_progress_handler(control.progress, 1_000)
         control.attach(conn)
-        too_long = MqlLimitExceeded(str(control.too_long("add a leading $match")))
+        cur = conn.execute(sql + " ORDER BY id", [org_id, *args])
+        while batch := cur.fetchmany(512):
+            yield from batch
 
-        def rows() -> Iterator[Doc]:
-            cur = conn.execute(sql + " ORDER BY id", params)
-            while batch := cur.fetchmany(512):
-                for row in batch:
-                    if control.stopped():
-                        raise too_long if control.timed_out else MqlRejected("query cancelled")
-                    yield row_to_doc(row)
-
-        stream: Iterator[Doc] = rows()
-        for stage in stages:
-            stream = stage(stream)
-        out: list[Doc] = []
-        size = 0
-        try:
-            for doc in stream:
-                out.append(doc)
-                if len(out) > max_docs:
-                    raise MqlLimitExceeded(
-                        f"the result has more than {max_docs} documents (--query-max-rows);"
-                        " add $limit or $group"
-                    )
-                size += encoded_size(doc, max_result_bytes - size)
-                if size > max_result_bytes:
-                    raise MqlLimitExceeded(
-                        f"the result is larger than {max_result_bytes} bytes after"
-                        f" {len(out) - 1} documents (--query-max-result-bytes);"
-                        " add $limit, $project or $group"
-                    )
-                if control.stopped():
-                    raise too_long if control.timed_out else MqlRejected("query cancelled")
-        except sqlite3.Error as err:
-            if control.timed_out:
-                raise too_long from None
-            if control.cancelled:
-                raise MqlRejected("query cancelled") from None
-            if getattr(err, "sqlite_errorname", "") == "SQLITE_TOOBIG":
-                raise MqlLimitExceeded(
-                    f"a stored reading is larger than {max_doc_bytes} bytes"
-                    " (--query-max-value-bytes)"
-                ) from None
-            raise
-        return out
+    try:
+        return evaluate(
+            pipeline,
+            read_rows,
+            dialect="sqlite",
+            control=control,
+            max_docs=max_docs,
+            max_result_bytes=max_result_bytes,
+            max_doc_bytes=max_doc_bytes,
+            max_nodes=max_nodes,
+        )
+    except sqlite3.Error as err:
+        if control.timed_out:
+            raise too_long(control) from None
+        if control.cancelled:
+            raise MqlRejected("query cancelled") from None
+        if getattr(err, "sqlite_errorname", "") == "SQLITE_TOOBIG":
+            raise stored_too_big(max_doc_bytes) from None
+        raise
     finally:
         control.attach(None)
-        conn.close()
+        if conn is not None:
+            conn.close()

@@ -1,4 +1,5 @@
-"""TabularDataBySQL on the PostgreSQL index: isolation enforced by the engine.
+"""TabularDataBySQL and TabularDataByMQL on the PostgreSQL index: isolation enforced by
+the engine.
 
 The caller's SQL runs in PostgreSQL itself, on a connection that logs in as its
 organisation's own role (never `SET ROLE`: a role switched to can switch back to whatever
@@ -18,7 +19,9 @@ the session's login user may, e.g. with `set_config('role', ...)` inside a SELEC
 Role passwords derive from a random secret only the ingest's user can read
 (`edged_sql_secret`), so every replica computes the same one. The database's
 pg_hba.conf must let these roles (`edged_org_*`) log in with a password.
-Queries see the SQLite view's columns; the dialect is PostgreSQL's.
+Queries see the SQLite view's columns; the dialect is PostgreSQL's. MQL (`run_pg_mql`)
+reads `public.readings` on the same kind of connection (granted also `rowid` and
+`data_exact`, the rest of a document) and evaluates the pipeline with mql.evaluate.
 """
 
 from __future__ import annotations
@@ -30,14 +33,16 @@ import json
 import secrets
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 from psycopg import sql as pgsql
 from psycopg.conninfo import make_conninfo
 
+from edged.ingest import mql
 from edged.ingest.limits import QueryControl
-from edged.ingest.pg import PgIndex
+from edged.ingest.pg import PgIndex, pg_sql
 from edged.ingest.sql import SqlLimitExceeded, SqlRejected, check_shape
 
 _BATCH = 64
@@ -48,6 +53,8 @@ _VIEW_SOURCE_COLUMNS = (
     "component_type", "component_name", "method_name", "time_requested_ns",
     "time_received_ns", "tags", "data",
 )  # fmt: skip
+# ... and what MQL's row source reads besides (pgsql.run_pg_mql): the same rows.
+_MQL_SOURCE_COLUMNS = ("rowid", "data_exact")
 
 
 def role_name(org_id: str) -> str:
@@ -85,7 +92,9 @@ def _grant_org(conn: psycopg.Connection[Any], org_id: str) -> str:
         )
         conn.execute(pgsql.SQL("GRANT USAGE ON SCHEMA edged_sql TO {}").format(role))
         conn.execute(pgsql.SQL("GRANT SELECT ON edged_sql.readings TO {}").format(role))
-        cols = pgsql.SQL(", ").join(pgsql.Identifier(c) for c in _VIEW_SOURCE_COLUMNS)
+        cols = pgsql.SQL(", ").join(
+            pgsql.Identifier(c) for c in _VIEW_SOURCE_COLUMNS + _MQL_SOURCE_COLUMNS
+        )
         conn.execute(pgsql.SQL("GRANT SELECT ({}) ON public.readings TO {}").format(cols, role))
         have = conn.execute(
             "SELECT 1 FROM pg_policies WHERE schemaname = 'public' AND tablename = 'readings'"
@@ -116,6 +125,45 @@ class _Canceller:
             self._conn.cancel_safe(timeout=10)
 
 
+def _org_password(index: PgIndex, org_id: str) -> str:
+    password = index.org_passwords.get(org_id)
+    if password is None:
+        admin = index.borrow()
+        try:
+            password = _grant_org(admin, org_id)
+        finally:
+            index.give_back(admin)
+        index.org_passwords[org_id] = password
+    return password
+
+
+@contextlib.contextmanager
+def org_transaction(
+    index: PgIndex, org_id: str, control: QueryControl, application: str
+) -> Iterator[psycopg.Connection[Any]]:
+    """The one way SQL and MQL reach the readings: a connection logged in as the
+    organisation's role, in a READ ONLY transaction (always rolled back) whose
+    statement_timeout is what is left of the control's deadline, and which the control
+    can cancel from another thread."""
+    conninfo = make_conninfo(
+        index.url,
+        user=role_name(org_id),
+        password=_org_password(index, org_id),
+        application_name=application,
+    )
+    timeout_ms = max(1, int((control.deadline - time.monotonic()) * 1000))
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        control.attach(_Canceller(conn))
+        try:
+            with conn.transaction(force_rollback=True):
+                conn.execute("SET TRANSACTION READ ONLY")
+                conn.execute(f"SET LOCAL statement_timeout = {timeout_ms}")
+                conn.execute("SET LOCAL search_path = edged_sql")
+                yield conn
+        finally:
+            control.attach(None)
+
+
 def run_pg_sql(
     index: PgIndex,
     org_id: str,
@@ -128,43 +176,81 @@ def run_pg_sql(
 ) -> list[dict[str, Any]]:
     """Run one SELECT as the organisation's role; rows as dicts (JSON values). Blocking."""
     check_shape(query)
-    password = index.org_passwords.get(org_id)
-    if password is None:
-        admin = index.borrow()
-        try:
-            password = _grant_org(admin, org_id)
-        finally:
-            index.give_back(admin)
-        index.org_passwords[org_id] = password
-    conninfo = make_conninfo(
-        index.url, user=role_name(org_id), password=password, application_name="edged-sql"
-    )
-    timeout_ms = max(1, int((control.deadline - time.monotonic()) * 1000))
     wrapped = (
         "DECLARE edged_q NO SCROLL CURSOR FOR SELECT octet_length(j), CASE WHEN"
         f" octet_length(j) <= {int(max_value_bytes)} THEN j END FROM (SELECT"
         f" row_to_json(q)::text AS j FROM (\n{query.rstrip().rstrip(';')}\n) AS q) AS rows"
     )
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        control.attach(_Canceller(conn))
-        try:
-            with conn.transaction(force_rollback=True):
-                conn.execute("SET TRANSACTION READ ONLY")
-                conn.execute(f"SET LOCAL statement_timeout = {timeout_ms}")
-                conn.execute("SET LOCAL search_path = edged_sql")
-                # no parameters: psycopg sends the text as is; prepared: one statement only
-                conn.execute(wrapped, prepare=True)
-                return _fetch(conn, max_rows, max_result_bytes, max_value_bytes, control)
-        except psycopg.errors.QueryCanceled:
-            raise control.too_long("add a WHERE on time or LIMIT") from None
-        except (psycopg.errors.InsufficientResources, psycopg.errors.ProgramLimitExceeded) as exc:
-            raise SqlLimitExceeded(_first_line(exc)) from None
-        except psycopg.Error as exc:
-            if exc.sqlstate is None or exc.sqlstate.startswith("08"):
-                raise  # the connection failed: ours to fix, not the caller's query
-            raise SqlRejected(_first_line(exc)) from None
-        finally:
-            control.attach(None)
+    try:
+        with org_transaction(index, org_id, control, "edged-sql") as conn:
+            # no parameters: psycopg sends the text as is; prepared: one statement only
+            conn.execute(wrapped, prepare=True)
+            return _fetch(conn, max_rows, max_result_bytes, max_value_bytes, control)
+    except psycopg.errors.QueryCanceled:
+        raise control.too_long("add a WHERE on time or LIMIT") from None
+    except (psycopg.errors.InsufficientResources, psycopg.errors.ProgramLimitExceeded) as exc:
+        raise SqlLimitExceeded(_first_line(exc)) from None
+    except psycopg.Error as exc:
+        if exc.sqlstate is None or exc.sqlstate.startswith("08"):
+            raise  # the connection failed: ours to fix, not the caller's query
+        raise SqlRejected(_first_line(exc)) from None
+
+
+# The MQL row source: mql._ROW_COLUMNS of `public.readings` (the role's column grants),
+# `data` withheld past --query-max-value-bytes. No org filter: the policy is the only one.
+_MQL_ROWS = (
+    "SELECT rowid, org_id, location_id, robot_id, robot_name, part_id, part_name,"
+    " component_type, component_name, method_name, time_requested_ns, time_received_ns,"
+    " tags, CASE WHEN octet_length(data) <= {max} THEN data END, data_exact"
+    " FROM public.readings{where} ORDER BY rowid"
+)
+
+
+def run_pg_mql(
+    index: PgIndex,
+    org_id: str,
+    pipeline: list[dict[str, Any]],
+    *,
+    max_docs: int,
+    max_result_bytes: int,
+    max_doc_bytes: int,
+    max_nodes: int,
+    control: QueryControl,
+) -> list[dict[str, Any]]:
+    """TabularDataByMQL over the PostgreSQL index: mql.evaluate, as on SQLite, reading
+    the org's rows as its role (org_transaction), its leading $match pushed down in
+    PostgreSQL's dialect. Blocking."""
+    opened = contextlib.ExitStack()  # entered once rows are asked for: after validation
+
+    def read_rows(where: str, args: list[Any]) -> Iterator[tuple[Any, ...]]:
+        sql = _MQL_ROWS.format(max=int(max_doc_bytes), where=f" WHERE {where}" if where else "")
+        conn = opened.enter_context(org_transaction(index, org_id, control, "edged-mql"))
+        cur = opened.enter_context(conn.cursor(name="edged_mql"))
+        cur.itersize = _BATCH
+        cur.execute(pg_sql(sql), args)
+        for row in cur:
+            if row[13] is None:
+                raise mql.stored_too_big(max_doc_bytes)
+            yield row
+
+    try:
+        with opened:
+            return mql.evaluate(
+                pipeline,
+                read_rows,
+                dialect="postgresql",
+                control=control,
+                max_docs=max_docs,
+                max_result_bytes=max_result_bytes,
+                max_doc_bytes=max_doc_bytes,
+                max_nodes=max_nodes,
+            )
+    except psycopg.errors.QueryCanceled:
+        if control.cancelled and not control.timed_out:
+            raise mql.MqlRejected("query cancelled") from None
+        raise mql.too_long(control) from None
+    except (psycopg.errors.InsufficientResources, psycopg.errors.ProgramLimitExceeded) as exc:
+        raise mql.MqlLimitExceeded(_first_line(exc)) from None
 
 
 def _fetch(

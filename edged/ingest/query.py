@@ -21,7 +21,7 @@ What BinaryMetadata carries, from what we store:
   dataset_ids = live memberships; file_size_bytes = stored size.
 
 GetDatabaseConnection's local meaning: hostname = this server's listen address,
-mongodb_uri = "" (there is no MongoDB; TabularDataBySQL/MQL run on the SQLite index),
+mongodb_uri = "" (there is no MongoDB; TabularDataBySQL/MQL run on the index itself),
 has_database_user = whether ConfigureDatabaseUser was called for the org (we keep a
 salted scrypt hash, never the password).
 """
@@ -342,13 +342,29 @@ class DataQueryService(data_grpc.DataServiceBase):
             ),
         )
 
-    def _sqlite_only(self, method: str) -> None:
-        """The SQL/MQL engines read the SQLite file; on PostgreSQL they are not there yet."""
-        if self._store.dialect != "sqlite":
-            raise GRPCError(
-                Status.UNIMPLEMENTED,
-                f"{method} is not available yet when the index is in PostgreSQL (--database)",
-            )
+    async def _pg_mql(self, org: str, pipeline: list[dict[str, Any]]) -> list[bytes]:
+        """TabularDataByMQL over PostgreSQL: the same evaluator, rows read as the
+        organisation's role (pgsql.run_pg_mql)."""
+        from edged.ingest.mql import MqlRejected
+        from edged.ingest.pg import PgIndex
+        from edged.ingest.pgsql import run_pg_mql
+
+        index, lim = self._store.index, self._limits
+        assert isinstance(index, PgIndex)
+        return await self._run_job(
+            org,
+            MqlRejected,
+            lambda control: run_pg_mql(
+                index,
+                org,
+                pipeline,
+                max_docs=lim.max_rows,
+                max_result_bytes=lim.max_result_bytes,
+                max_doc_bytes=lim.max_value_bytes,
+                max_nodes=lim.max_pipeline_nodes,
+                control=control,
+            ),
+        )
 
     async def _run_job(self, org: str, rejected: type[Exception], job: Any) -> list[bytes]:
         """One SQL/MQL job on the query pool: the limits' breaches are RESOURCE_EXHAUSTED,
@@ -449,7 +465,10 @@ class DataQueryService(data_grpc.DataServiceBase):
                 pipeline.append(dict(bson.decode(raw)))
             except Exception:  # bson raises several types for malformed input
                 raise invalid(f"mql_binary[{i}] is not a BSON document") from None
-        self._sqlite_only("TabularDataByMQL")
+        if self._store.dialect == "postgresql":
+            raw = await self._pg_mql(org, pipeline)
+            await stream.send_message(dpb.TabularDataByMQLResponse(raw_data=raw))
+            return
         lim = self._limits
         raw = await self._run_engine(
             "mql",

@@ -2,9 +2,10 @@
 
 Run by the interop interpreter (`.venv-interop/bin/python`), never by the product:
 
-    sdk_query.py ADDRESS API_KEY_ID API_KEY_FILE ORG_ID
+    sdk_query.py UPLOAD_ADDRESS QUERY_ADDRESS API_KEY_ID API_KEY_FILE ORG_ID
 
-Uploads a small fixed data set with the SDK, then calls every query, tag, bounding-box,
+Uploads a small fixed data set with the SDK through UPLOAD_ADDRESS, then, through
+QUERY_ADDRESS (the same server or another replica of it), calls every query, tag, bounding-box,
 dataset and delete method of `DataClient` and prints ONE JSON line to stdout: what each
 call returned, reduced to plain values (the test in test_sdk_query.py checks them). A
 call that fails records {"error": "<STATUS>: <message>"} in its slot instead, so one
@@ -32,7 +33,7 @@ def image(n: int) -> bytes:
     return b"\xff\xd8\xff\xe0" + f"edged query image {n}".encode() * 50 + b"\xff\xd9"
 
 
-async def run(address: str, key_id: str, key: str, org: str) -> dict[str, Any]:
+async def run(upload_address: str, address: str, key_id: str, key: str, org: str) -> dict[str, Any]:
     from viam.app.viam_client import ViamClient  # type: ignore[import-not-found]
     from viam.proto.app.data import BinaryID  # type: ignore[import-not-found]
     from viam.rpc.dial import DialOptions  # type: ignore[import-not-found]
@@ -49,12 +50,17 @@ async def run(address: str, key_id: str, key: str, org: str) -> dict[str, Any]:
             detail = getattr(exc, "message", None) or str(exc)
             return {"error": f"{getattr(status, 'name', status)}: {detail}", "call": name}
 
-    client = await ViamClient.create_from_dial_options(
-        DialOptions.with_api_key(api_key=key, api_key_id=key_id), app_url=address
-    )
+    dial = DialOptions.with_api_key(api_key=key, api_key_id=key_id)
+    uploader = await ViamClient.create_from_dial_options(dial, app_url=upload_address)
     try:
+        client = await ViamClient.create_from_dial_options(dial, app_url=address)
+    except BaseException:
+        uploader.close()
+        raise
+    try:
+        up = uploader.data_client
         data = client.data_client
-        await data.tabular_data_capture_upload(
+        await up.tabular_data_capture_upload(
             tabular_data=READINGS,
             part_id=PART_ID,
             component_type="rdk:component:sensor",
@@ -67,7 +73,7 @@ async def run(address: str, key_id: str, key: str, org: str) -> dict[str, Any]:
             tags=["query"],
         )
         ids = [
-            await data.binary_data_capture_upload(
+            await up.binary_data_capture_upload(
                 binary_data=image(n),
                 part_id=PART_ID,
                 component_type="rdk:component:camera",
@@ -278,18 +284,22 @@ async def run(address: str, key_id: str, key: str, org: str) -> dict[str, Any]:
         out["deletes"] = await call("deletes", deletes)
     finally:
         client.close()
+        uploader.close()
     return out
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 4:
-        print("usage: sdk_query.py ADDRESS API_KEY_ID API_KEY_FILE ORG_ID", file=sys.stderr)
+    if len(argv) != 5:
+        print(
+            "usage: sdk_query.py UPLOAD_ADDRESS QUERY_ADDRESS API_KEY_ID API_KEY_FILE ORG_ID",
+            file=sys.stderr,
+        )
         return 2
-    address, key_id, key_file, org = argv
+    upload_address, address, key_id, key_file, org = argv
     key = Path(key_file).read_text().splitlines()[0].strip()
     real_stdout, sys.stdout = sys.stdout, sys.stderr  # the SDK logs to stdout
     try:
-        result = asyncio.run(run(address, key_id, key, org))
+        result = asyncio.run(run(upload_address, address, key_id, key, org))
     except Exception as exc:
         print(f"sdk_query: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

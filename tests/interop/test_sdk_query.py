@@ -1,5 +1,7 @@
 """Wire compatibility of the query API: the stock SDK's DataClient reads back, curates and
-deletes through a real `edged ingest` process (TLS, one API key).
+deletes through a real `edged ingest` process (TLS, one API key), on both backends
+(conftest.py): on PostgreSQL + S3 it uploads through one replica and queries, downloads
+and curates through another.
 
 `tests/interop/sdk_query.py` runs under the interop interpreter, uploads a small data
 set with the SDK, calls every query/tag/box/dataset/delete method and prints one JSON
@@ -17,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.support.credentials import Certs, KeyFile
-from tests.support.interop import INTEROP_PYTHON, ORG, SDK_TIMEOUT_S, running_ingest
+from tests.support.interop import INTEROP_PYTHON, ORG, SDK_TIMEOUT_S, Backend, ingest_pair
 
 SCRIPT = Path(__file__).with_name("sdk_query.py")
 READING_COUNT, IMAGE_COUNT = 6, 5
@@ -35,17 +37,22 @@ def _engine(name: str) -> bool:
     return importlib.util.find_spec(f"edged.ingest.{name}") is not None
 
 
-def test_stock_sdk_queries_curates_and_deletes(tmp_path: Path, key: KeyFile, certs: Certs) -> None:
-    with running_ingest(tmp_path, key, certs) as server:
-        cmd = [INTEROP_PYTHON, "-I", str(SCRIPT), server.address, key.key_id, str(key.path), ORG]
+def test_stock_sdk_queries_curates_and_deletes(
+    tmp_path: Path, key: KeyFile, certs: Certs, backend: Backend
+) -> None:
+    with ingest_pair(tmp_path, key, certs, backend) as (uploads, server):
+        cmd = [INTEROP_PYTHON, "-I", str(SCRIPT), uploads.address, server.address]
+        cmd += [key.key_id, str(key.path), ORG]
         result = subprocess.run(
             cmd, capture_output=True, text=True, timeout=SDK_TIMEOUT_S, check=False
         )
-        rc, _ = server.stop()
-        blobs = [p for p in (server.data_dir / "blobs").rglob("*") if p.is_file()]
-    assert result.returncode == 0, f"{result.stderr}\nserver stderr:\n{server.stderr()}"
-    assert rc == 0
-    assert "Traceback" not in server.stderr(), server.stderr()
+        procs = [uploads] if uploads is server else [uploads, server]
+        codes = [p.stop()[0] for p in procs]
+        blobs = backend.blob_names(server.data_dir)
+        logs = "".join(f"\n{p.address} stderr:\n{p.stderr()}" for p in procs)
+    assert result.returncode == 0, f"{result.stderr}{logs}"
+    assert codes == [0] * len(procs), logs
+    assert "Traceback" not in logs, logs
     out: dict[str, Any] = json.loads(result.stdout.splitlines()[-1])
     ids: list[str] = out["ids"]
     assert len(set(ids)) == IMAGE_COUNT
@@ -122,4 +129,4 @@ def test_stock_sdk_queries_curates_and_deletes(tmp_path: Path, key: KeyFile, cer
     assert dels["binary_left"] == 2
     assert (dels["tabular"], dels["tabular_left"]) == (READING_COUNT, 0)
     assert dels["missing"]["error"].startswith("NOT_FOUND")
-    assert len(blobs) == 2  # deleted blobs are gone from disk too
+    assert len(blobs) == 2  # deleted blobs are gone from the disk or bucket too

@@ -3,8 +3,9 @@
 Everything runs as real processes: `edged ingest` (the CLI, TLS with a throwaway CA,
 one API key) and `tests/interop/sdk_upload.py` under the interop interpreter
 (EDGED_INTEROP_PYTHON, set by `make interop`), which makes all five SDK upload calls.
-After the server stopped gracefully we open its SQLite index read-only and compare
-every stored field and blob with what the SDK was given.
+After the server stopped gracefully we read its index (SQLite, or PostgreSQL with the
+blobs in S3: conftest.py's backends) and compare every stored field and blob with what
+the SDK was given.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ import pytest
 
 from tests.interop import sdk_upload as sdk
 from tests.support.credentials import Certs, KeyFile, make_key_file
-from tests.support.ingest_db import read_index
 from tests.support.interop import (
     INTEROP_PYTHON,
     ORG,
     SDK_TIMEOUT_S,
+    Backend,
     IngestProcess,
     running_ingest,
 )
@@ -72,10 +73,10 @@ def interop_python() -> str:
 
 
 def test_stock_sdk_uploads_all_five_kinds(
-    interop_python: str, tmp_path: Path, key: KeyFile, certs: Certs
+    interop_python: str, tmp_path: Path, key: KeyFile, certs: Certs, backend: Backend
 ) -> None:
     work = tmp_path / "sdk-work"
-    with running_ingest(tmp_path, key, certs) as server:
+    with running_ingest(tmp_path, key, certs, backend) as server:
         result = run_sdk(server, key.key_id, key.path, work)
         rc, out = server.stop()
     assert result.returncode == 0, (
@@ -95,7 +96,7 @@ def test_stock_sdk_uploads_all_five_kinds(
     assert set(ids) == {"tabular", "binary", "streaming", "file", "from_path"}
     assert all(ids.values()) and len(set(ids.values())) == 5, ids
 
-    index = read_index(server.data_dir)
+    index = backend.stored(server.data_dir)
 
     # One upload row per SDK call, all in the key's organisation.
     kinds = {row["upload_id"]: row["kind"] for row in index["uploads"]}
@@ -184,16 +185,16 @@ def test_stock_sdk_uploads_all_five_kinds(
         assert json.loads(row["method_parameters"]) == {}, call
         assert row["size"] == len(payload), call
         assert row["sha256"] == hashlib.sha256(payload).hexdigest(), call
-        stored = server.data_dir / row["blob_path"]
-        assert stored.read_bytes() == payload, f"{call}: blob on disk differs from what was sent"
+        stored = backend.blob(server.data_dir, row["blob_path"])
+        assert stored == payload, f"{call}: the stored blob differs from what was sent"
 
     # Nothing half-written left behind.
-    assert list((server.data_dir / "blobs" / ".tmp").iterdir()) == []
+    assert backend.half_written(server.data_dir) == []
 
 
 @pytest.mark.parametrize("wrong", ["secret", "key-id"])
 def test_stock_sdk_with_a_wrong_key_is_refused(
-    interop_python: str, tmp_path: Path, key: KeyFile, certs: Certs, wrong: str
+    interop_python: str, tmp_path: Path, key: KeyFile, certs: Certs, wrong: str, backend: Backend
 ) -> None:
     if wrong == "secret":  # the right key id with a different key
         (tmp_path / "bad").mkdir()
@@ -201,7 +202,7 @@ def test_stock_sdk_with_a_wrong_key_is_refused(
         key_id, key_file = key.key_id, bad.path
     else:  # an unknown key id (still a UUID, which the SDK insists on) with the right key
         key_id, key_file = str(uuid.uuid4()), key.path
-    with running_ingest(tmp_path, key, certs) as server:
+    with running_ingest(tmp_path, key, certs, backend) as server:
         result = run_sdk(server, key_id, key_file, tmp_path / "sdk-work")
         rc, _ = server.stop()
     assert rc == 0, f"edged ingest exited {rc} on SIGTERM:\n{server.stderr()}"
@@ -212,6 +213,5 @@ def test_stock_sdk_with_a_wrong_key_is_refused(
     assert "invalid API key id or key" in result.stderr, result.stderr
     assert key.secret not in result.stderr + server.stderr()
 
-    index = read_index(server.data_dir)
-    assert index == {"uploads": [], "readings": [], "binaries": []}
-    assert [p for p in (server.data_dir / "blobs").rglob("*") if p.is_file()] == []
+    assert backend.stored(server.data_dir) == {"uploads": [], "readings": [], "binaries": []}
+    assert backend.blob_names(server.data_dir) == []

@@ -42,10 +42,10 @@ async def open_api(server: IngestServer, key_id: str, secret: str, certs: Certs)
 
 @asynccontextmanager
 async def two_orgs(
-    tmp_path: Path, certs: Certs, location: str = ""
+    tmp_path: Path, certs: Certs, location: str = "", database: str | None = None
 ) -> AsyncIterator[tuple[IngestServer, Api, Api]]:
-    """A TLS ingest server with a key of ORG (in `location`) and one of ORG2; yields the
-    server and one caller per organisation."""
+    """A TLS ingest server with a key of ORG (in `location`) and one of ORG2, its index in
+    `database` (PostgreSQL) if given; yields the server and one caller per organisation."""
     k1, k2 = make_key_file(tmp_path), make_key_file(tmp_path)
     settings = IngestSettings(
         data_dir=tmp_path / "ingest",
@@ -54,6 +54,7 @@ async def two_orgs(
         tls_key=certs.key_file,
         shutdown_grace_s=2.0,
         synchronous="OFF",
+        database=database,
     )
     async with IngestServer(settings) as srv:
         a = await open_api(srv, k1.key_id, k1.secret, certs)
