@@ -634,7 +634,7 @@ class Daemon:
             }
         log.info(
             "bandwidth cap: %s (%s)",
-            "unlimited" if cap.rate == 0 else f"{format_rate(cap.rate)}",
+            "unlimited" if cap.rate == 0 else format_rate(cap.rate),
             cap.source,
         )
         return {"ok": True, "bandwidth": _bandwidth(self.uploader)}

@@ -167,6 +167,7 @@ class Shaper:
             await waiter.future
         except asyncio.CancelledError:
             if waiter.future.done() and not waiter.future.cancelled():
+                self._refill(self._clock())  # granted, never sent: the tokens come back
                 self._tokens = min(self._tokens + nbytes, float(self.burst or nbytes))
             elif waiter in self._heap:
                 self._heap.remove(waiter)
