@@ -84,6 +84,24 @@ def format_size(n: int) -> str:
     return f"{n}B"
 
 
+def parse_rate(value: str | int) -> int:
+    """Bytes per second from a size with an optional `/s`: `2MiB/s`, `512KiB`, `100000`."""
+    text = value.strip() if isinstance(value, str) else value
+    if isinstance(text, str) and text.lower().endswith("/s"):
+        text = text[:-2]
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        units = str(exc).partition(": use ")[2]  # a decimal unit: say which binary one
+        why = f"use {units}/s" if units else "e.g. 2MiB/s, 512KiB/s, or bytes per second"
+        raise ValueError(f"{value!r} is not a rate ({why})") from None
+
+
+def format_rate(n: int) -> str:
+    """The spelling `parse_rate` reads back: `2MiB/s`, `0B/s`."""
+    return f"{format_size(n)}/s"
+
+
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _DURATION_PART = r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)"
 _DURATION_RE = re.compile(rf"(?:{_DURATION_PART}\s*)+")
@@ -314,6 +332,33 @@ class Size:
 
     def show(self, value: Any) -> str:
         return format_size(value)
+
+
+@dataclass(frozen=True)
+class Rate:
+    """Bytes per second, written 2MiB/s (or 2MiB) or as a number, at least `lo`."""
+
+    lo: int = 0
+
+    def read(self, r: Reader, node: Node, path: str) -> Any:
+        value = r.scalar(node, path)
+        if isinstance(value, Bad):
+            return value
+        try:
+            n = parse_rate(value)  # type: ignore[arg-type]  # parse_rate rejects other types
+        except ValueError as exc:
+            r.problem(line_of(node), path, str(exc))
+            return BAD
+        if n < self.lo:
+            r.problem(line_of(node), path, f"must be at least {format_rate(self.lo)}")
+            return BAD
+        return n
+
+    def dump(self, value: Any) -> Any:
+        return format_rate(value)
+
+    def show(self, value: Any) -> str:
+        return format_rate(value)
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ from edged.options import (
     keys,
     option,
     parse_document,
+    parse_rate,
     reference,
 )
 from edged.wire.cloud import load_cloud
@@ -754,6 +755,26 @@ def test_wrong_types_are_named(body: str, needle: str, key_path: str, fragment: 
 def test_bad_size() -> None:
     text = MINIMAL + "outbox:\n  max_bytes: 2GB\n"
     only_problem(text, "max_bytes", "outbox.max_bytes", "'2GB' is not a size", "e.g. 2GiB")
+
+
+@pytest.mark.parametrize(
+    ("value", "rate"), [("2MiB/s", 2 * MIB), ("512KiB", 512 * KIB), ("0", 0), ("100000", 100_000)]
+)
+def test_max_bandwidth_is_a_rate_per_second(value: str, rate: int) -> None:
+    config = parse(MINIMAL + f"upload: {{max_bandwidth: {value}}}\n")
+    assert config.upload.max_bandwidth == rate
+    assert parse(MINIMAL).upload.max_bandwidth == 0  # unlimited by default
+    assert parse_rate(config.to_dict()["upload"]["max_bandwidth"]) == rate  # round trip
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [("2MB/s", "use binary units (KiB, MiB, GiB, TiB), e.g. 2MiB/s"), ("fast", "e.g. 2MiB/s")],
+)
+def test_bad_max_bandwidth_is_named(value: str, fragment: str) -> None:
+    text = MINIMAL + f"upload:\n  max_bandwidth: {value}\n"
+    key = "upload.max_bandwidth"
+    only_problem(text, "max_bandwidth", key, f"{value!r} is not a rate", fragment)
 
 
 @pytest.mark.parametrize(

@@ -366,6 +366,8 @@ log:
             first = daemon_now()
             assert value(first, "edged_state", state="running") == 1
             assert value(first, "edged_uploaded_readings_total", kind="tabular") == 0
+            assert value(first, "edged_upload_bandwidth_limit_bytes_per_second") == 0
+            assert value(first, "edged_upload_bandwidth_override") == 0
 
             # Paused: what the sources take in shows as enqueued and as backlog.
             edged("pause", "--socket", sock)
@@ -407,6 +409,8 @@ log:
             assert value(done, "edged_uploaded_bytes_total", kind="file") == 50_000
             assert value(done, "edged_upload_duration_seconds_count", kind="tabular") >= 1
             assert value(done, "edged_state", state="running") == 1
+            assert value(done, "edged_upload_sent_bytes_total") > 50_000  # file + batches
+            assert value(done, "edged_upload_bandwidth_wait_seconds_total") == 0  # no cap
             stored = samples(scrape_text(ingest_metrics_at))
             assert value(stored, "edged_ingest_stored_readings_total", kind="tabular") == 300
             assert value(stored, "edged_ingest_stored_readings_total", kind="file") == 1
@@ -447,6 +451,11 @@ log:
     used = set(re.findall(r"\bedged_[a-z_]+", DASHBOARD.read_text()))
     assert used, "the dashboard queries no edged metric"
     assert not used - offered, f"dashboard uses metrics no scrape offers: {used - offered}"
+    assert {
+        "edged_upload_bandwidth_limit_bytes_per_second",
+        "edged_upload_bandwidth_override",
+        "edged_upload_bandwidth_waiting",
+    } <= offered
 
     # ---- daemon JSON log lines carry fields
     lines = json_lines(daemon_log)

@@ -132,6 +132,8 @@ _S = StreamSample(sent=1000, credit=5000, queued=800, received=0)
         (_S, StreamSample(1000, 5000, 800, 1), True),
         # A closed stream reports no window: credit falling is not progress.
         (_S, StreamSample(1000, 1000, 800, 0), False),
+        # Our sender waits on the bandwidth cap: held back on purpose, not stalled.
+        (_S, StreamSample(1000, 5000, 800, 0, holding=True), True),
     ],
 )
 def test_progressed(before: StreamSample | None, after: StreamSample | None, want: bool) -> None:

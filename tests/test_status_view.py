@@ -107,3 +107,28 @@ def test_watch_waits_for_the_daemon_to_come_back(tmp_path: Path) -> None:
         for stream in (watch.stdout, watch.stderr):
             if stream:
                 stream.close()
+
+
+def _bandwidth(**more: Any) -> dict[str, Any]:
+    return {
+        "limit_bytes_per_s": 2 << 20,
+        "source": "config",
+        "config_bytes_per_s": 2 << 20,
+        "burst_bytes": 512 << 10,
+        "bytes_per_s": 1.5 * (1 << 20),
+        "sent_bytes": 0,
+        "waited_s": 0.0,
+        "waiting": 0,
+    } | more
+
+
+def test_bandwidth_line_names_the_cap_its_source_and_the_rate() -> None:
+    answer = _answer()
+    answer["bandwidth"] = _bandwidth()
+    assert "bandwidth cap 2.0 MiB/s (upload.max_bandwidth); sending 1.5 MiB/s" in render(answer)
+    answer["bandwidth"] = _bandwidth(limit_bytes_per_s=0, source="edged limit", waiting=2)
+    line = next(x for x in render(answer).splitlines() if x.startswith("bandwidth"))
+    assert line == (
+        "bandwidth unlimited (`edged limit`, over upload.max_bandwidth (2.0 MiB/s) until"
+        " `edged limit config` or a reload); sending 1.5 MiB/s, 2 waiting"
+    )

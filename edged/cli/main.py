@@ -28,6 +28,7 @@ from edged.ingest.auth import ApiKey, AuthLimits, short_key_problem
 from edged.ingest.flags import flagged
 from edged.ingest.guard import Limits
 from edged.ingest.limits import QueryLimits
+from edged.options import parse_rate
 from edged.wire.keyfile import read_secret_file
 
 if TYPE_CHECKING:  # the server needs the `ingest` extra: loaded by `edged ingest` only
@@ -278,6 +279,27 @@ def _cmd_simple(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _rate_arg(text: str) -> int | str:
+    """`edged limit` RATE: a rate (2MiB/s), `off` (unlimited) or `config` (end the override)."""
+    word = text.strip().lower()
+    if word in ("off", "config"):
+        return 0 if word == "off" else "config"
+    try:
+        return parse_rate(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}; or off, or config") from None
+
+
+def _cmd_limit(args: argparse.Namespace) -> int:
+    from edged.daemon.status_view import render_bandwidth
+
+    answer = _ask(args, {"cmd": "limit", "rate": args.rate})
+    bandwidth = answer.get("bandwidth")
+    assert isinstance(bandwidth, dict)
+    print(render_bandwidth(bandwidth))
+    return EXIT_OK
+
+
 def _cmd_dead_letters(args: argparse.Namespace) -> int:
     import json
 
@@ -353,6 +375,17 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         _add_target(p)
         p.set_defaults(func=_cmd_simple)
+
+    lim = sub.add_parser(
+        "limit",
+        help="cap upload bandwidth now, over upload.max_bandwidth until a reload",
+        description="RATE (e.g. 2MiB/s, 512KiB) caps the bytes per second all uploads"
+        " share; `off` lifts the cap; both override upload.max_bandwidth until a reload"
+        " (SIGHUP) or a restart. `config` ends the override.",
+    )
+    _add_target(lim)
+    lim.add_argument("rate", type=_rate_arg, metavar="RATE|off|config")
+    lim.set_defaults(func=_cmd_limit)
 
     dl = sub.add_parser("dead-letters", help="list items the server rejected")
     _add_target(dl)

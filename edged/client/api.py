@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from collections.abc import AsyncIterator, Callable, Generator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -71,6 +71,7 @@ __all__ = [
     "FileSlice",
     "Filter",
     "Order",
+    "Pace",
     "TabularData",
     "TagsFilter",
     "TagsFilterType",
@@ -111,6 +112,10 @@ class FileSlice:
     length: int | None = None
     opener: Callable[[], int] | None = field(default=None, compare=False, repr=False)
 
+
+Pace: TypeAlias = Callable[[int], Awaitable[None]]
+"""Awaited with a message's size before it is sent (the daemon's bandwidth cap): returns
+once those bytes may go."""
 
 ByteSource: TypeAlias = bytes | Path | FileSlice | Callable[[], AsyncIterator[bytes]]
 """bytes, a path or a file slice are re-read from byte 0 if the call is replayed after a
@@ -283,9 +288,14 @@ class UploadClient(Connection):
         *,
         item_id: str | None = None,
         timeout: float | None = None,
+        pace: Pace | None = None,
     ) -> UploadResult:
-        """Unary DataCaptureUpload of pre-encoded SensorData messages."""
+        """Unary DataCaptureUpload of pre-encoded SensorData messages. `pace` is charged
+        the whole request before the call starts, so waiting for it never eats into the
+        call's deadline."""
         body = Raw(encode_capture_request(metadata, readings))
+        if pace is not None:
+            await pace(len(body.data))
 
         async def send(stream: Stream[Any, pb.DataCaptureUploadResponse]) -> None:
             await stream.send_message(body, end=True)
@@ -309,6 +319,7 @@ class UploadClient(Connection):
         *,
         item_id: str | None = None,
         timeout: float | None = None,
+        pace: Pace | None = None,
     ) -> UploadResult:
         """StreamingDataCaptureUpload: metadata first, then `chunk_size` data messages."""
         first = pb.StreamingDataCaptureUploadRequest(
@@ -322,6 +333,7 @@ class UploadClient(Connection):
             source,
             item_id=item_id,
             timeout=timeout,
+            pace=pace,
         )
 
     async def upload_file(
@@ -331,6 +343,7 @@ class UploadClient(Connection):
         *,
         item_id: str | None = None,
         timeout: float | None = None,
+        pace: Pace | None = None,
     ) -> UploadResult:
         """FileUpload: metadata first, then `chunk_size` file_contents messages."""
         return await self._stream(
@@ -341,6 +354,7 @@ class UploadClient(Connection):
             source,
             item_id=item_id,
             timeout=timeout,
+            pace=pace,
         )
 
     async def _stream(
@@ -353,17 +367,32 @@ class UploadClient(Connection):
         *,
         item_id: str | None,
         timeout: float | None,
+        pace: Pace | None = None,
     ) -> UploadResult:
         """A client stream: the metadata message, then the payload in `chunk_size` pieces
         (grpclib's flow control keeps at most a window of it in flight). `timeout` (default
         the client's) is a progress deadline: the call fails with DEADLINE_EXCEEDED after
         that long without progress, never for its total length, so a big file gets through
-        a link of any speed."""
+        a link of any speed. `pace` is charged each chunk before it is sent; time spent
+        waiting on it is not a stall."""
+        waits = 0  # pace calls under way
+
+        async def paced(nbytes: int) -> None:
+            nonlocal waits
+            assert pace is not None
+            waits += 1
+            try:
+                await pace(nbytes)
+            finally:
+                waits -= 1
 
         async def send(stream: Stream[Any, _StreamResp]) -> None:
             await stream.send_message(first)
             async for chunk in iter_source(source, self.chunk_size):
-                await stream.send_message(wrap(chunk))  # encoded here: no message copies
+                message = wrap(chunk)  # encoded here: no message copies
+                if pace is not None:
+                    await paced(len(message.data))
+                await stream.send_message(message)
             await stream.end()
 
         reply = await self._call(
@@ -376,6 +405,7 @@ class UploadClient(Connection):
             timeout=timeout if timeout is not None else self.timeout,
             replayable=not callable(source),
             progress=True,
+            holding=None if pace is None else lambda: waits > 0,
         )
         return UploadResult(reply.file_id, reply.binary_data_id)
 

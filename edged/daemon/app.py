@@ -35,6 +35,7 @@ from edged.daemon.uploader import Uploader
 from edged.errors import ConfigError, EdgedError
 from edged.ingest import require_server
 from edged.ingest.metrics import MetricsServer
+from edged.options import format_rate
 from edged.wire.connection import connect
 from edged.wire.keyfile import api_key, resolve_api_key
 
@@ -45,6 +46,7 @@ log = logging.getLogger("edged")
 
 SHUTDOWN_GRACE_S = 20.0
 CANCEL_WAIT_S = 2.0  # after the grace: how long cancelled tasks get to unwind
+MAX_RATE = 1 << 40  # bytes/s an `edged limit` may name (1 TiB/s: beyond any uplink)
 
 
 async def _all_done(tasks: list[asyncio.Task[None]]) -> None:
@@ -456,6 +458,9 @@ class Daemon:
         assert self.outbox is not None and self.uploader is not None
         self.outbox.limits = new.outbox
         self.uploader.config = replace(new.upload, workers=self.uploader.config.workers)
+        if self.uploader.bandwidth_override is not None:
+            log.info("reload: the `edged limit` override ends; upload.max_bandwidth applies")
+        self.uploader.limit_bandwidth(None)  # a reload restores the config's cap
         self.config = replace(
             new,
             part_id=self.config.part_id,
@@ -556,6 +561,7 @@ class Daemon:
                 "bytes": c.get("uploaded_bytes", 0),
             },
             "rates": {"readings_per_s": round(readings_s, 3), "bytes_per_s": round(bytes_s, 1)},
+            "bandwidth": _bandwidth(up),
             "cloud": {
                 "address": self.cloud_address,
                 "last_success_at": up.last_success_at,
@@ -594,6 +600,8 @@ class Daemon:
             self._reload_api_key()
             self.uploader.resume()
             return {"ok": True, "state": self.uploader.state}
+        if cmd == "limit":
+            return self._limit(req)
         if cmd == "dead-letters":
             letters = await self.outbox.dead_letters()
             return {"ok": True, "dead_letters": [d.__dict__ for d in letters]}
@@ -606,8 +614,45 @@ class Daemon:
             else:
                 return {"ok": False, "error": 'retry-dead needs "ids": [int, ...] or "all": true'}
             return {"ok": True, "requeued": n}
-        known = "status, sync-now, pause, resume, dead-letters, retry-dead"
+        known = "status, sync-now, pause, resume, limit, dead-letters, retry-dead"
         return {"ok": False, "error": f"unknown cmd {cmd!r}; known: {known}"}
+
+    def _limit(self, req: dict[str, Any]) -> dict[str, Any]:
+        """`{"cmd": "limit", "rate": BYTES_PER_S}` (0: unlimited) overrides
+        upload.max_bandwidth until a reload; `"rate": "config"` ends the override."""
+        assert self.uploader is not None
+        rate = req.get("rate")
+        if rate == "config":
+            cap = self.uploader.limit_bandwidth(None)
+        elif isinstance(rate, int) and not isinstance(rate, bool) and 0 <= rate <= MAX_RATE:
+            cap = self.uploader.limit_bandwidth(rate)
+        else:
+            return {
+                "ok": False,
+                "error": f'limit needs "rate": bytes per second (0 to {MAX_RATE}, 0: unlimited)'
+                ' or "config"',
+            }
+        log.info(
+            "bandwidth cap: %s (%s)",
+            "unlimited" if cap.rate == 0 else format_rate(cap.rate),
+            cap.source,
+        )
+        return {"ok": True, "bandwidth": _bandwidth(self.uploader)}
+
+
+def _bandwidth(up: Uploader) -> dict[str, Any]:
+    """The cap in force, where it comes from, and what goes through it."""
+    cap, shaper = up.cap, up.shaper
+    return {
+        "limit_bytes_per_s": cap.rate,  # 0: unlimited
+        "source": cap.source,  # "config" or "edged limit"
+        "config_bytes_per_s": up.config.max_bandwidth,
+        "burst_bytes": shaper.burst,
+        "bytes_per_s": round(shaper.measured(), 1),
+        "sent_bytes": shaper.granted_bytes,
+        "waited_s": round(shaper.waited_s, 3),
+        "waiting": shaper.waiting,
+    }
 
 
 def _round(seconds: float | None) -> float | None:

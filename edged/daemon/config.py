@@ -37,6 +37,7 @@ from edged.options import (
     FilePath,
     Int,
     Map,
+    Rate,
     Reader,
     Section,
     Size,
@@ -301,6 +302,12 @@ class UploadConfig:
     )
     max_attempts: int = option(
         5, Int(1, 1000), "attempts before an item the server keeps failing is dead-lettered"
+    )
+    max_bandwidth: int = option(
+        0,
+        Rate(),
+        "cap on upload bytes per second, shared by all workers (e.g. 2MiB/s); 0: unlimited;"
+        " `edged limit` overrides it until a reload",
     )
 
     def problems(self, given: Collection[str]) -> Iterator[tuple[str, str]]:

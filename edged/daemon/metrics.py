@@ -127,6 +127,7 @@ class SnapshotCollector(Collector):
             return
         yield from _state(s)
         yield from _backlog(s)
+        yield from _bandwidth(s)
         yield from _problems(s)
         yield from _sources(s)
 
@@ -184,6 +185,35 @@ def _backlog(s: dict[str, Any]) -> Iterator[Any]:
     )
     yield _gauge(
         "edged_disk_free_bytes", "free bytes on the state_dir filesystem", s["disk_free_bytes"]
+    )
+
+
+def _bandwidth(s: dict[str, Any]) -> Iterator[Any]:
+    b = s.get("bandwidth")
+    if b is None:
+        return
+    yield _gauge(
+        "edged_upload_bandwidth_limit_bytes_per_second",
+        "the upload bandwidth cap in force (0: unlimited)",
+        b["limit_bytes_per_s"],
+    )
+    yield _gauge(
+        "edged_upload_bandwidth_override",
+        "1 while `edged limit` overrides upload.max_bandwidth",
+        0.0 if b["source"] == "config" else 1.0,
+    )
+    yield _gauge(
+        "edged_upload_bandwidth_waiting", "messages waiting for the bandwidth cap", b["waiting"]
+    )
+    yield CounterMetricFamily(
+        "edged_upload_sent_bytes",
+        "message bytes let through the bandwidth cap to the connection (resends included)",
+        value=b["sent_bytes"],
+    )
+    yield CounterMetricFamily(
+        "edged_upload_bandwidth_wait_seconds",
+        "time upload messages spent waiting for the bandwidth cap",
+        value=b["waited_s"],
     )
 
 

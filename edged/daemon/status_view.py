@@ -71,6 +71,7 @@ def render(s: dict[str, Any]) -> str:
         f"uploaded  {up['items']} items, {up['readings']} readings, {human_bytes(up['bytes'])}",
         f"rate      {rates['readings_per_s']:.1f} readings/s,"
         f" {human_bytes(rates['bytes_per_s'])}/s",
+        *([render_bandwidth(s["bandwidth"])] if "bandwidth" in s else []),
         f"problems  dead letters {s['dead_letters']}, quarantined {s['quarantined']},"
         f" dropped {s['dropped']['readings']} readings",
     ]
@@ -86,6 +87,25 @@ def render(s: dict[str, Any]) -> str:
     # Paths that are not UTF-8 arrive as lone surrogates: show their bytes as \xNN
     # rather than fail to print.
     return "\n".join(lines).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def render_bandwidth(b: dict[str, Any]) -> str:
+    """The `bandwidth` line: the cap, where it comes from, and the measured send rate."""
+    limit = b["limit_bytes_per_s"]
+    cap = "unlimited" if not limit else f"cap {human_bytes(limit)}/s"
+    if b["source"] == "config":
+        where = "upload.max_bandwidth"
+    else:
+        configured = b["config_bytes_per_s"]
+        was = "unlimited" if not configured else f"{human_bytes(configured)}/s"
+        where = (
+            f"`edged limit`, over upload.max_bandwidth ({was}) until"
+            " `edged limit config` or a reload"
+        )
+    line = f"bandwidth {cap} ({where}); sending {human_bytes(b['bytes_per_s'])}/s"
+    if b.get("waiting"):
+        line += f", {b['waiting']} waiting"
+    return line
 
 
 def render_dead_letters(letters: list[dict[str, Any]]) -> str:

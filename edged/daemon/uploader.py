@@ -4,6 +4,8 @@ One global gate keeps a down server from being hammered: after a transient failu
 every worker waits, and only one probe call at a time goes out, spaced by the
 backoff schedule, until a call succeeds. Auth failures pause everything until
 `resume()` (or a config reload) because no item can succeed with bad credentials.
+Every message of every worker is charged to one `Shaper` (the bandwidth cap) before it
+goes.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -21,12 +24,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
-from edged.client import ByteSource, FileSlice, UploadResult
+from edged.client import ByteSource, FileSlice, Pace, UploadResult
 from edged.daemon.config import UploadConfig
 from edged.daemon.metrics import DaemonMetrics
 from edged.daemon.outbox import KIND_BINARY, KIND_FILE, KIND_TABULAR, Item, Outbox
 from edged.daemon.policy import Action, backoff_delay, binary_route, cert_problem, on_failure
 from edged.daemon.safefs import locate, open_under
+from edged.daemon.shaper import Cap, Shaper, cap_in_force
 from edged.errors import OutboxFull, SourceError, UploadError
 
 log = logging.getLogger("edged.uploader")
@@ -44,7 +48,8 @@ class Sink(Protocol):
     """What the uploader needs from a DataSync client (UploadClient implements it).
 
     `timeout` bounds a unary call; for the two streams it bounds a stall (no progress for
-    that long), never the total time, which depends on the file and the link."""
+    that long), never the total time, which depends on the file and the link. `pace` is
+    awaited with each message's size before it goes (the bandwidth cap)."""
 
     async def upload_readings(
         self,
@@ -53,6 +58,7 @@ class Sink(Protocol):
         *,
         item_id: str | None = None,
         timeout: float | None = None,
+        pace: Pace | None = None,
     ) -> UploadResult: ...
 
     async def upload_binary_stream(
@@ -63,6 +69,7 @@ class Sink(Protocol):
         *,
         item_id: str | None = None,
         timeout: float | None = None,
+        pace: Pace | None = None,
     ) -> UploadResult: ...
 
     async def upload_file(
@@ -72,6 +79,7 @@ class Sink(Protocol):
         *,
         item_id: str | None = None,
         timeout: float | None = None,
+        pace: Pace | None = None,
     ) -> UploadResult: ...
 
 
@@ -164,6 +172,8 @@ class Uploader:
         self._wall = wall_clock
         self.gate = Gate(config.backoff.initial, config.backoff.max, self._rng, clock)
         self.rates = RateMeter(clock=clock)
+        self.shaper = Shaper(config.max_bandwidth, chunk=config.chunk_size, clock=clock)
+        self.bandwidth_override: int | None = None  # `edged limit`, until reload
         self.paused = False
         self.auth_failed = False
         self.tls_failed: str | None = None  # why the server's certificate was rejected
@@ -243,6 +253,22 @@ class Uploader:
         self._resumed.set()
         self.gate.open_now()
         self.outbox.work_available.set()
+
+    @property
+    def cap(self) -> Cap:
+        return cap_in_force(self.config.max_bandwidth, self.bandwidth_override)
+
+    def limit_bandwidth(self, rate: int | None) -> Cap:
+        """`edged limit`: bytes/s (0: unlimited) over the config until a reload, or None
+        to go back to `upload.max_bandwidth`. Applies at once, to calls in flight too."""
+        self.bandwidth_override = rate
+        return self.apply_bandwidth()
+
+    def apply_bandwidth(self) -> Cap:
+        """Put the cap in force into the shaper (after a limit or a config change)."""
+        cap = self.cap
+        self.shaper.set_rate(cap.rate, chunk=self.config.chunk_size)
+        return cap
 
     async def sync_now(self) -> None:
         await self.outbox.make_all_due()
@@ -483,10 +509,12 @@ class Uploader:
     async def _send(self, item: Item, opener: Callable[[], int] | None) -> UploadResult:
         s = self.config
         meta = pb.UploadMetadata.FromString(item.metadata)
+        # priority=item.priority once the per-source priorities land (issue #18).
+        pace: Pace = functools.partial(self.shaper.acquire, priority=0)
         if item.kind == KIND_TABULAR:
             readings = await self.outbox.readings_of(item)
             return await self.sink.upload_readings(
-                meta, readings, item_id=item.uid, timeout=s.call_timeout
+                meta, readings, item_id=item.uid, timeout=s.call_timeout, pace=pace
             )
         piece: FileSlice | None = None
         payload: ByteSource
@@ -502,12 +530,14 @@ class Uploader:
                 assert data is not None
                 reading = pb.SensorData(metadata=sensor, binary=data).SerializeToString()
                 return await self.sink.upload_readings(
-                    meta, [reading], item_id=item.uid, timeout=s.call_timeout
+                    meta, [reading], item_id=item.uid, timeout=s.call_timeout, pace=pace
                 )
             return await self.sink.upload_binary_stream(
-                meta, sensor, payload, item_id=item.uid, timeout=timeout
+                meta, sensor, payload, item_id=item.uid, timeout=timeout, pace=pace
             )
-        return await self.sink.upload_file(meta, payload, item_id=item.uid, timeout=timeout)
+        return await self.sink.upload_file(
+            meta, payload, item_id=item.uid, timeout=timeout, pace=pace
+        )
 
 
 def _fields(item: Item, event: str, **more: Any) -> dict[str, Any]:

@@ -100,7 +100,7 @@ def _kernel_queued(transport: asyncio.BaseTransport) -> int:
     return max(0, int.from_bytes(raw, sys.byteorder, signed=True))
 
 
-def _stream_sample(stream: Stream[Any, Any]) -> StreamSample | None:
+def _stream_sample(stream: Stream[Any, Any], holding: bool = False) -> StreamSample | None:
     """The one place that reaches into grpclib's call (its HTTP/2 stream, h2's window and
     the asyncio transport) to see whether the call moves; None until the stream is open."""
     h2s = getattr(stream, "_stream", None)
@@ -119,6 +119,7 @@ def _stream_sample(stream: Stream[Any, Any]) -> StreamSample | None:
         credit=h2s.data_sent + window,
         queued=queued,
         received=h2s.data_received + (h2s.headers is not None),
+        holding=holding,
     )
 
 
@@ -127,10 +128,13 @@ class _Stalled(Exception):
 
 
 @contextlib.asynccontextmanager
-async def _progress_deadline(stream: Stream[Any, Any], limit_s: float) -> AsyncIterator[None]:
+async def _progress_deadline(
+    stream: Stream[Any, Any], limit_s: float, holding: Callable[[], bool] | None = None
+) -> AsyncIterator[None]:
     """Cut the call once `stream` has not moved for `limit_s` (policy.progressed), however
     long it takes overall: a rate guess fails big files on links slower than the guess.
-    Sampling is a timer callback, so there is no task to leak."""
+    `holding` says the sender waits on the bandwidth cap (not a stall). Sampling is a
+    timer callback, so there is no task to leak."""
     loop = asyncio.get_running_loop()
     every = watch_interval(limit_s)
     last: StreamSample | None = None
@@ -139,7 +143,7 @@ async def _progress_deadline(stream: Stream[Any, Any], limit_s: float) -> AsyncI
 
     def tick() -> None:
         nonlocal last, handle
-        sample = _stream_sample(stream)
+        sample = _stream_sample(stream, holding is not None and holding())
         if progressed(last, sample) and not deadline.expired():
             deadline.reschedule(loop.time() + limit_s)
         last = sample or last
@@ -293,13 +297,15 @@ class Connection:
         timeout: float | None,
         replayable: bool = True,
         progress: bool = False,
+        holding: Callable[[], bool] | None = None,
     ) -> _Resp:
         """One call; on UNAUTHENTICATED with a stale token, re-authenticate and replay once
         (only when `send` can run again: a consumed async source cannot).
 
         `method` is a DataSync method name, or a full `/package.Service/Method` path.
         `timeout` bounds the whole call, or with `progress` only a stall: the call fails
-        once it has not moved for that long (client streams, whose length has no bound)."""
+        once it has not moved for that long (client streams, whose length has no bound);
+        while `holding()` is true the sender waits on the bandwidth cap, which is no stall."""
         path = method if method.startswith("/") else DATASYNC + method
         call = "upload" if path.startswith(DATASYNC) else path.rsplit("/", 1)[-1]
         for attempt in (1, 2):
@@ -315,7 +321,7 @@ class Connection:
                     metadata=md,
                 )
                 guard = (
-                    _progress_deadline(request, timeout)
+                    _progress_deadline(request, timeout, holding)
                     if progress and timeout is not None
                     else contextlib.nullcontext()
                 )
