@@ -306,5 +306,6 @@ async def test_an_enqueue_wakes_one_idle_worker_not_all(
             await asyncio.wait_for(runner, 20)
     assert await stored_seqs(server) == list(range(items))
     # Per enqueue: the lease that finds the batch, the next idle worker's look for more,
-    # and the deliverer's own look once done (it was 5: every idle worker looked).
-    assert leases <= 3 * items + FAST.workers, leases
+    # and the deliverer's own look once done; under load the deliverer's look can land
+    # after the next enqueue and add one (it was 5+: every idle worker looked).
+    assert leases < 4 * items, leases
