@@ -67,6 +67,7 @@ from edged.errors import OutboxFull
 
 __all__ = [
     "ADDED_COLUMNS",
+    "ADDED_INDEXES",
     "INLINE_MAX",
     "KINDS",
     "KIND_BINARY",
@@ -189,6 +190,12 @@ ADDED_COLUMNS = (
     ("claims", "root", "TEXT"),
     ("claims", "dev", "INTEGER"),
     ("claims", "ino", "INTEGER"),
+    ("meta", "source", "TEXT"),
+    ("items", "source", "TEXT"),
+)
+# Indexes over ADDED_COLUMNS, made once the columns exist.
+ADDED_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS items_source_due ON items(source, next_attempt_at, id)",
 )
 
 _P = ParamSpec("_P")
@@ -237,6 +244,11 @@ class Outbox:
         self.work_available = asyncio.Event()
         self.space_available = self.space.available
         self.on_enqueue: Callable[[str, int, int], None] = lambda kind, n, nbytes: None  # metrics
+        self.held: frozenset[str] = frozenset()
+        """Sources that may not upload now (window closed, condition false, paused):
+        set by the daemon from `schedule.gate`; leases skip their items."""
+        self.priorities: dict[str, int] = {}
+        """Each source's configured priority (absent: 0)."""
 
     @property
     def spool_dir(self) -> Path:
@@ -374,14 +386,16 @@ class Outbox:
         *,
         claim: Claim | None = None,
         progress: Progress | None = None,
+        source: str = "",
     ) -> None:
         """Commit tabular readings (encoded SensorData) durably, with the source's
-        claim or offset in the same transaction. Raises OutboxFull to push back."""
+        claim or offset in the same transaction. Raises OutboxFull to push back.
+        `source` names the source they came from (its priority, windows, max_age)."""
         need = sum(len(r) for r in readings)
         now = self._clock()
         async with self._tx() as db:
             dropped = await self.space.make_room(db, need)
-            await self.queue.add_readings(db, metadata, readings, now)
+            await self.queue.add_readings(db, metadata, readings, now, source)
             state = claim_on_enqueue(by_reference=False, more=False)
             await self.ledger.put_claim(db, claim, state)
             await self.ledger.put_progress(db, progress)
@@ -402,6 +416,7 @@ class Outbox:
         claim: Claim | None = None,
         progress: Progress | None = None,
         more: bool = False,
+        source: str = "",
     ) -> str:
         """Commit one binary reading or file. Small byte payloads are stored inline, large
         ones in a spool file (fsync'd before the row commits); a FileRef stays in place.
@@ -433,7 +448,7 @@ class Outbox:
         try:
             async with self._tx() as db:
                 dropped = await self.space.make_room(db, need)
-                await self.queue.add_item(db, metadata, new, now)
+                await self.queue.add_item(db, metadata, new, now, source)
                 state = claim_on_enqueue(by_reference=True, more=more)
                 await self.ledger.put_claim(db, claim, state)
                 await self.ledger.put_progress(db, progress)
@@ -540,13 +555,23 @@ class Outbox:
         max_bytes: int,
     ) -> Item | None:
         """The next due item, leased for `lease_s`; forms a new tabular batch if none is
-        waiting. None if nothing is due."""
+        waiting. None if nothing is due. Highest effective priority first (aged by
+        `outbox.priority_aging`); sources in `held` are skipped."""
         return await self.space.drain_path(lambda: self._lease(lease_s, max_readings, max_bytes))
 
     async def _lease(self, lease_s: float, max_readings: int, max_bytes: int) -> Item | None:
         now = self._clock()
         async with self._tx() as db:
-            return await self.queue.lease(db, now, lease_s, max_readings, max_bytes)
+            return await self.queue.lease(
+                db,
+                now,
+                lease_s,
+                max_readings,
+                max_bytes,
+                held=self.held,
+                priorities=self.priorities,
+                aging_s=self.limits.priority_aging,
+            )
 
     @_atomic
     async def extend_lease(self, item: Item, seconds: float) -> None:
@@ -650,7 +675,7 @@ class Outbox:
     async def next_due_in(self) -> float | None:
         """Seconds until the earliest waiting item is due (None: nothing waiting). Items
         leased right now are not waiting: counting them made idle workers spin."""
-        return await self.queue.next_due_in(self._clock())
+        return await self.queue.next_due_in(self._clock(), self.held)
 
     # -- status ------------------------------------------------------------------------
 
@@ -671,3 +696,5 @@ async def _add_columns(db: aiosqlite.Connection) -> None:
         for t, column, kind in ADDED_COLUMNS:
             if t == table and column not in have:
                 await db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+    for sql in ADDED_INDEXES:
+        await db.execute(sql)
