@@ -6,7 +6,15 @@ import sqlite3
 from pathlib import Path
 
 from edged.daemon.config import OutboxConfig
-from edged.daemon.outbox import KIND_BINARY, KIND_TABULAR, Outbox
+from edged.daemon.outbox import (
+    INLINE_MAX,
+    KIND_BINARY,
+    KIND_FILE,
+    KIND_TABULAR,
+    Claim,
+    FileRef,
+    Outbox,
+)
 from tests.support.outbox_items import meta, reading, take
 
 
@@ -94,5 +102,55 @@ async def test_an_outbox_from_before_sources_opens_and_drains(tmp_path: Path) ->
         old = await take(box)
         assert old is not None and (old.source, old.count) == ("", 1)
         assert await take(box) is None
+    finally:
+        await box.close()
+
+
+async def test_max_age_drops_exactly_what_is_too_old_and_counts_it(tmp_path: Path) -> None:
+    """Readings (batched or not), inline, spooled and in-place items older than their
+    source's max age go, counted exactly per source; younger data, other sources and
+    leased items stay; the robot file of a dropped item is retired by the ledger."""
+    now = [1000.0]
+    box = await Outbox.open(tmp_path / "state", clock=lambda: now[0])
+    try:
+        robot = tmp_path / "robot.bin"
+        robot.write_bytes(b"r" * 50)
+        st = robot.stat()
+        await box.enqueue_readings(meta("a"), [reading(i) for i in range(7)], source="old")
+        leased = await take(box)  # these 7 readings are in flight
+        assert leased is not None and leased.count == 7
+        await box.enqueue_readings(meta("b"), [reading(i) for i in range(3)], source="old")
+        await box.enqueue_item(KIND_BINARY, meta("c"), b"i" * 10, source="old")
+        await box.enqueue_item(KIND_BINARY, meta("c"), b"s" * (INLINE_MAX + 1), source="old")
+        await box.enqueue_item(
+            KIND_FILE,
+            meta("f"),
+            FileRef(str(robot), 0, 50),
+            claim=Claim(str(robot), 50, st.st_mtime_ns, delete_after=True),
+            source="old",
+        )
+        await box.enqueue_readings(meta("k"), [reading(0)], source="kept")
+        now[0] += 40
+        await box.enqueue_readings(meta("a"), [reading(9)], source="old")  # young
+        now[0] += 15  # the rest is 55 s old; the lease (60 s) still holds
+        gone = await box.expire({"old": 50.0, "kept": 1000.0})
+        assert sorted((g.readings, g.item is not None) for g in gone) == [
+            (1, True),
+            (1, True),
+            (1, True),
+            (3, False),
+        ]
+        assert all(g.age_s == 55.0 and g.source == "old" for g in gone)
+        stats = await box.stats()
+        c = stats.counters
+        assert (c["expired_items"], c["expired_readings"]) == (3, 6)
+        assert (c["expired_items:old"], c["expired_readings:old"]) == (3, 6)
+        assert "expired_items:kept" not in c
+        assert not robot.exists()  # retired through the ledger, as after an ack
+        assert not any((tmp_path / "state" / "spool").iterdir())
+        assert stats.readings == 7 + 1 + 1  # in flight, young, another source's
+        assert stats.stored_bytes == stats.per_kind[KIND_TABULAR].bytes  # no item left
+        await box.ack(leased)  # the in-flight batch was not expired: its ack books it
+        assert await box.expire({"old": 50.0}) == []
     finally:
         await box.close()

@@ -13,6 +13,7 @@ from edged.daemon.schedule import (
     allowed_sources,
     effective_priority,
     gate,
+    lease_floor,
     parse_window,
     pick,
     window_open,
@@ -113,3 +114,14 @@ def test_gate_needs_window_condition_and_no_pause() -> None:
     assert not gate(night, at(23), True, True).allowed
     gates = {"a": gate([], at(12), True, False), "b": gate(night, at(12), None, False)}
     assert allowed_sources(gates) == {"a"}
+
+
+def test_lease_floor_keeps_one_worker_for_the_top_priority() -> None:
+    prios = {"telemetry": 10, "video": 0}
+    assert lease_floor(prios, 0, 2) is None  # nothing low in flight: take anything
+    assert lease_floor(prios, 1, 2) == 10  # the last free worker waits for the top
+    assert lease_floor(prios, 1, 4) is None
+    assert lease_floor(prios, 3, 4) == 10
+    assert lease_floor(prios, 5, 1) is None  # one worker: never idle on purpose
+    assert lease_floor({"a": 3, "b": 3}, 9, 2) is None  # one priority: no reserve
+    assert lease_floor({}, 9, 2) is None

@@ -53,6 +53,7 @@ from edged.daemon.queue import (
     KIND_TABULAR,
     KINDS,
     DeadLetter,
+    Expired,
     FileRef,
     Item,
     KindStats,
@@ -77,6 +78,7 @@ __all__ = [
     "ClaimRecord",
     "ClaimState",
     "DeadLetter",
+    "Expired",
     "FileRef",
     "Item",
     "KindStats",
@@ -553,13 +555,19 @@ class Outbox:
         lease_s: float,
         max_readings: int,
         max_bytes: int,
+        floor: int | None = None,
     ) -> Item | None:
         """The next due item, leased for `lease_s`; forms a new tabular batch if none is
         waiting. None if nothing is due. Highest effective priority first (aged by
-        `outbox.priority_aging`); sources in `held` are skipped."""
-        return await self.space.drain_path(lambda: self._lease(lease_s, max_readings, max_bytes))
+        `outbox.priority_aging`); sources in `held` are skipped, and with `floor` those
+        of a lower priority."""
+        return await self.space.drain_path(
+            lambda: self._lease(lease_s, max_readings, max_bytes, floor)
+        )
 
-    async def _lease(self, lease_s: float, max_readings: int, max_bytes: int) -> Item | None:
+    async def _lease(
+        self, lease_s: float, max_readings: int, max_bytes: int, floor: int | None = None
+    ) -> Item | None:
         now = self._clock()
         async with self._tx() as db:
             return await self.queue.lease(
@@ -571,6 +579,7 @@ class Outbox:
                 held=self.held,
                 priorities=self.priorities,
                 aging_s=self.limits.priority_aging,
+                floor=floor,
             )
 
     @_atomic
@@ -604,6 +613,31 @@ class Outbox:
             unlink_own(item.path)  # our own spool file; a crash here is swept by recover()
         elif item.path is not None and last_ref:
             await self._settle_file(item.path)
+
+    @_atomic
+    async def expire(self, max_age: dict[str, float], limit: int = 1000) -> list[Expired]:
+        """Drop what waited longer than its source's `max_age` (source -> seconds),
+        counted in the same transaction; robot files no item needs any more are then
+        retired through the ledger as after an ack, spool files deleted."""
+        if not max_age:
+            return []
+        now = self._clock()
+        async with self._tx() as db:
+            gone = await self.queue.expire(db, now, max_age, limit)
+            paths = {g.item.path for g in gone if g.item and g.item.path and not g.item.stored}
+            unreferenced = [p for p in paths if not await self.queue.refs_to(db, p)]
+        for g in gone:
+            if g.item is None or g.item.kind == KIND_TABULAR:
+                self.space.held.drop_readings(g.readings, g.bytes)
+            elif g.item.stored:
+                self.space.held.stored_bytes -= g.bytes
+                if g.item.path is not None:
+                    unlink_own(g.item.path)
+        if gone:
+            self.space.available.set()
+        for path in unreferenced:
+            await self._settle_file(path)
+        return gone
 
     async def _settle_file(self, path: str) -> None:
         """No item reads `path` any more: retire it as its claim says, then store the

@@ -104,6 +104,18 @@ class NewItem:
 
 
 @dataclass(frozen=True)
+class Expired:
+    """What a `max_age` sweep dropped of one source: an item (`item` set), or readings
+    not yet in a batch of one metadata (`item` None); `age_s` of the oldest."""
+
+    source: str
+    readings: int
+    bytes: int
+    age_s: float
+    item: Item | None = None
+
+
+@dataclass(frozen=True)
 class DeadLetter:
     id: int
     uid: str
@@ -271,12 +283,19 @@ class Queue:
         held: Collection[str] = (),
         priorities: Mapping[str, int] | None = None,
         aging_s: float = 0.0,
+        floor: int | None = None,
     ) -> Item | None:
         """The due item of highest effective priority (`schedule.pick`: the source's
         priority, aged by the wait) from sources not `held` (window closed, condition
         false, paused), leased until `now + lease_s`; forms a new tabular batch when
-        unbatched readings win. One index probe per source with items."""
+        unbatched readings win; with `floor`, only sources of at least that priority
+        (`schedule.lease_floor`). One index probe per source with items."""
         priorities = priorities or {}
+        if floor is not None:
+            held = {
+                *held,
+                *(s for s in await self._all_sources(db) if priorities.get(s, 0) < floor),
+            }
         rows = await self._due_heads(db, now, held)
         free = await self.unbatched_heads(db, held)
         candidates = [(str(r[17]), float(r[12])) for r in rows] + [
@@ -299,6 +318,12 @@ class Queue:
             async with db.execute("SELECT DISTINCT coalesce(source, '') FROM items") as cur:
                 self._sources = {str(r[0]) for r in await cur.fetchall()}
         return self._sources
+
+    async def _all_sources(self, db: aiosqlite.Connection) -> set[str]:
+        """Sources with items or metadata (metadata: readings maybe not yet batched)."""
+        async with db.execute("SELECT DISTINCT coalesce(source, '') FROM meta") as cur:
+            metas = {str(r[0]) for r in await cur.fetchall()}
+        return metas | await self._item_sources(db)
 
     async def _due_heads(
         self, db: aiosqlite.Connection, now: float, held: Collection[str]
@@ -372,6 +397,63 @@ class Queue:
             (batch_id,),
         ) as cur:
             return await cur.fetchone()
+
+    async def expire(
+        self, db: aiosqlite.Connection, now: float, max_age: Mapping[str, float], limit: int
+    ) -> list[Expired]:
+        """Delete what waited longer than its source's max age: items not leased (in
+        flight) nor dead-lettered (kept for the operator), and readings in no batch; at
+        most `limit` rows of each a call. A tabular batch goes whole, judged by its
+        oldest reading. Counted per source in `counters` (expired_*[:source])."""
+        gone: list[Expired] = []
+        for source, age in sorted(max_age.items()):
+            cutoff = now - age
+            where = "m.source IS NULL" if not source else "m.source=?"
+            args: tuple[Any, ...] = (source,) if source else ()
+            async with db.execute(
+                f"SELECT {_ITEM_COLS} FROM items i JOIN meta m ON m.id=i.meta_id"
+                f" WHERE {where.replace('m.', 'i.')} AND i.enqueued_at < ?"
+                " AND (i.lease_until IS NULL OR i.lease_until < ?) AND NOT EXISTS"
+                " (SELECT 1 FROM dead_letters d WHERE d.item_id=i.id) ORDER BY i.id LIMIT ?",
+                (*args, cutoff, now, limit),
+            ) as cur:
+                items = [_item(r) for r in await cur.fetchall()]
+            for item in items:
+                await self._delete(db, item)
+                gone.append(Expired(source, item.count, item.bytes, now - item.enqueued_at, item))
+            async with db.execute(
+                "SELECT m.id, r.id, r.size, r.enqueued_at FROM meta m JOIN readings r"
+                f" ON r.meta_id=m.id AND r.id > m.batched_upto WHERE {where}"
+                " AND r.enqueued_at < ? ORDER BY r.id LIMIT ?",
+                (*args, cutoff, limit),
+            ) as cur:
+                rows = list(await cur.fetchall())
+            await db.executemany("DELETE FROM readings WHERE id=?", [(r[1],) for r in rows])
+            groups: dict[int, list[Any]] = {}
+            for row in rows:
+                groups.setdefault(int(row[0]), []).append(row)
+            for group in groups.values():
+                size = sum(int(r[2]) for r in group)
+                gone.append(Expired(source, len(group), size, now - float(group[0][3])))
+        for source in {g.source for g in gone}:
+            mine = [g for g in gone if g.source == source]
+            n_items = sum(1 for g in mine if g.item is not None)
+            n_readings = sum(g.readings for g in mine)
+            size = sum(g.bytes for g in mine)
+            await bump(db, expired_items=n_items, expired_readings=n_readings, expired_bytes=size)
+            per_source = {f"expired_items:{source}": n_items}
+            per_source[f"expired_readings:{source}"] = n_readings
+            await bump(db, **per_source)
+        return gone
+
+    async def _delete(self, db: aiosqlite.Connection, item: Item) -> None:
+        if item.kind == KIND_TABULAR:
+            await db.execute(
+                "DELETE FROM readings WHERE id IN (SELECT r.id FROM items i JOIN readings r"
+                " ON r.meta_id=i.meta_id AND r.id BETWEEN i.lo AND i.hi WHERE i.id=?)",
+                (item.id,),
+            )
+        await db.execute("DELETE FROM items WHERE id=?", (item.id,))
 
     async def extend_lease(self, db: aiosqlite.Connection, item: Item, until: float) -> None:
         await db.execute("UPDATE items SET lease_until=? WHERE id=?", (until, item.id))

@@ -120,6 +120,17 @@ def allowed_sources(gates: Mapping[str, Gate]) -> Collection[str]:
     return frozenset(name for name, g in gates.items() if g.allowed)
 
 
+def lease_floor(priorities: Mapping[str, int], inflight_below_top: int, workers: int) -> int | None:
+    """The lowest configured priority a free worker may take now (None: any). With
+    sources of different priorities and two or more workers, one worker is kept for
+    the top priority: lower ones get at most `workers - 1` calls at a time, so a big
+    low-priority upload never occupies every worker while telemetry waits."""
+    top = max(priorities.values(), default=0)
+    if workers < 2 or all(p == top for p in priorities.values()):
+        return None
+    return top if inflight_below_top >= workers - 1 else None
+
+
 def pick(
     candidates: Sequence[tuple[str, float]],
     priorities: Mapping[str, int],
