@@ -521,10 +521,14 @@ def leaf_key_paths(node: object) -> set[str]:
     """`key_paths` without the sections (keys whose value is a mapping or the source list)."""
     sections = {"sources"}
     for path in key_paths(node):
-        value: object = node
+        values: list[object] = [node]
         for part in path.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
-        if isinstance(value, dict):
+            if part == "sources[]":  # a section inside any of the sources
+                found = [v.get("sources") for v in values if isinstance(v, dict)]
+                values = [s for lst in found if isinstance(lst, list) for s in lst]
+            else:
+                values = [v.get(part) for v in values if isinstance(v, dict)]
+        if any(isinstance(v, dict) for v in values):
             sections.add(path)
     return key_paths(node) - sections
 

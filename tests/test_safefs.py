@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from edged.daemon.outbox import ADDED_COLUMNS, KIND_FILE, Claim, FileRef, Outbox
+from edged.daemon.outbox import ADDED_COLUMNS, ADDED_INDEXES, KIND_FILE, Claim, FileRef, Outbox
 from edged.daemon.safefs import (
     Identity,
     Swapped,
@@ -137,6 +137,8 @@ async def test_outbox_from_before_identities_gains_columns_and_keeps_working(
     box = await Outbox.open(state)
     await box.close()
     db = sqlite3.connect(state / "outbox.sqlite3")
+    for index in ADDED_INDEXES:  # an indexed column cannot be dropped
+        db.execute(f"DROP INDEX {index.split()[5]}")
     for table, column, _ in ADDED_COLUMNS:
         db.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
     db.commit()

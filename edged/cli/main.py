@@ -273,9 +273,13 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_simple(args: argparse.Namespace) -> int:
-    answer = _ask(args, {"cmd": args.command})
+    request: dict[str, object] = {"cmd": args.command}
+    if getattr(args, "source", None) is not None:
+        request["source"] = args.source
+    answer = _ask(args, request)
     state = answer.get("state")
-    print(f"{args.command}: ok" + (f" (state: {state})" if state else ""))
+    what = f" --source {args.source}" if getattr(args, "source", None) is not None else ""
+    print(f"{args.command}{what}: ok" + (f" (state: {state})" if state else ""))
     return EXIT_OK
 
 
@@ -374,6 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=text)
         _add_target(p)
+        if name != "sync-now":
+            p.add_argument(
+                "--source", metavar="NAME", help="only this source's uploads (see edged status)"
+            )
         p.set_defaults(func=_cmd_simple)
 
     lim = sub.add_parser(

@@ -18,13 +18,16 @@ import secrets
 import signal
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edged import __version__
 from edged.client import UploadClient
 from edged.daemon.config import Config, SourceConfig, format_duration, load_config, split_listen
+from edged.daemon.gates import Gates
 from edged.daemon.logs import current_source, setup_logging
 from edged.daemon.metrics import DaemonMetrics, disk_figures
 from edged.daemon.notify import Notifier
@@ -112,6 +115,8 @@ class Daemon:
         self._client: UploadClient | None = None
         self.outbox: Outbox | None = None
         self.uploader: Uploader | None = None
+        self.gates: Gates | None = None
+        self.local_now: Callable[[], datetime] = datetime.now  # upload windows' clock
         self.cloud_address = config.cloud.address
         self.metrics = DaemonMetrics()
         self.metrics_server: MetricsServer | None = None
@@ -145,6 +150,8 @@ class Daemon:
             self.outbox.on_enqueue = self._enqueued
             self._client = await self._connect()
             self.uploader = Uploader(self.outbox, self._client, cfg.upload, metrics=self.metrics)
+            self.gates = Gates(self.outbox, local_now=self.local_now)
+            self.gates.configure(cfg.sources)  # held sources are known before any lease
             status = StatusServer(cfg.status.socket, self.handle)
             await status.start()
             try:
@@ -158,7 +165,8 @@ class Daemon:
             await self._close()
 
     async def _serve(self) -> int:
-        assert self.uploader is not None
+        assert self.uploader is not None and self.gates is not None
+        gates = asyncio.create_task(self.gates.run(), name="gates")
         uploads = asyncio.create_task(self.uploader.run(), name="uploader")
         for source_cfg in self.config.sources:
             self._start_source(source_cfg)
@@ -183,7 +191,7 @@ class Daemon:
             self.notifier.send(STOPPING="1", STATUS="stopping")
             log.info("stopping: no new input; finishing uploads in flight")
             self._serving = False  # a SIGHUP now is logged and ignored, never a kill
-            await self._shutdown(uploads, pinger)
+            await self._shutdown(uploads, pinger, gates)
             # SIGTERM/SIGINT/SIGHUP stay handled until the process exits (see run_daemon):
             # a late signal only logs instead of turning a clean exit into a kill.
         if uploads.done() and not uploads.cancelled() and uploads.exception() is not None:
@@ -214,7 +222,9 @@ class Daemon:
             lines.append("  ... (`edged status` shows the whole backlog)")
         return "\n".join(lines)
 
-    async def _shutdown(self, uploads: asyncio.Task[None], pinger: asyncio.Task[None]) -> None:
+    async def _shutdown(
+        self, uploads: asyncio.Task[None], pinger: asyncio.Task[None], gates: asyncio.Task[None]
+    ) -> None:
         """Stage 1, until SHUTDOWN_GRACE_S or a second signal, whichever comes first:
         stop the sources and let uploads in flight finish. Stage 2: cancel whatever is
         left and wait CANCEL_WAIT_S at most. Both bounds are kept by `asyncio.wait`
@@ -233,7 +243,7 @@ class Daemon:
         if not uploads.done():
             log.warning("uploads still in flight; leaving them queued (they will be resent)")
         self.abandoned = await cancel_within(
-            [*sources, uploads, pinger, drain, hard], CANCEL_WAIT_S
+            [*sources, uploads, pinger, gates, drain, hard], CANCEL_WAIT_S
         )
         if self.abandoned:
             log.error(
@@ -455,8 +465,9 @@ class Daemon:
                 await self._stop_source(current)
             self._start_source(source_cfg)
             log.info("source %s %s", name, "restarted" if current else "added")
-        assert self.outbox is not None and self.uploader is not None
+        assert self.outbox is not None and self.uploader is not None and self.gates is not None
         self.outbox.limits = new.outbox
+        self.gates.configure(new.sources)
         self.uploader.config = replace(new.upload, workers=self.uploader.config.workers)
         if self.uploader.bandwidth_override is not None:
             log.info("reload: the `edged limit` override ends; upload.max_bandwidth applies")
@@ -534,6 +545,11 @@ class Daemon:
                     "path": str(s.config.path),
                     **s.stats.as_dict(),
                     "last_event_age_s": _age(now, s.stats.last_event_at),
+                    **(self.gates.view(s.name) if self.gates else {}),
+                    "expired": {
+                        "items": c.get(f"expired_items:{s.name}", 0),
+                        "readings": c.get(f"expired_readings:{s.name}", 0),
+                    },
                 }
             )
         wait = up.gate.wait_s() if up.gate.closed else None
@@ -578,6 +594,11 @@ class Daemon:
                 "readings": c.get("dropped_readings", 0),
                 "bytes": c.get("dropped_bytes", 0),
             },
+            "expired": {
+                "items": c.get("expired_items", 0),
+                "readings": c.get("expired_readings", 0),
+                "bytes": c.get("expired_bytes", 0),
+            },
             "sources": sources,
             "metrics": None if self.metrics_server is None else self.metrics_server.address,
         }
@@ -593,6 +614,8 @@ class Daemon:
             for running in list(self._sources.values()):
                 running.source.request_rescan()  # in its own loop: never two scans at once
             return {"ok": True}
+        if cmd in ("pause", "resume") and req.get("source") is not None:
+            return self._pause_source(cmd, req["source"])
         if cmd == "pause":
             self.uploader.pause()
             return {"ok": True, "state": self.uploader.state}
@@ -638,6 +661,17 @@ class Daemon:
             cap.source,
         )
         return {"ok": True, "bandwidth": _bandwidth(self.uploader)}
+
+    def _pause_source(self, cmd: str, name: Any) -> dict[str, Any]:
+        """`pause --source NAME` / `resume --source NAME`: hold or release one source's
+        uploads (in memory, like the daemon-wide pause); its capture goes on."""
+        assert self.gates is not None
+        act = self.gates.pause if cmd == "pause" else self.gates.resume
+        if not isinstance(name, str) or not act(name):
+            known = ", ".join(sorted(self._sources)) or "none"
+            return {"ok": False, "error": f"{cmd}: no source named {name!r}; sources: {known}"}
+        log.info("source %s %s", name, "paused" if cmd == "pause" else "resumed")
+        return {"ok": True, "source": name, "state": "paused" if cmd == "pause" else "resumed"}
 
 
 def _bandwidth(up: Uploader) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 
 from yaml.nodes import MappingNode, Node, SequenceNode
 
+from edged.daemon.schedule import window_problem
 from edged.errors import ConfigError
 from edged.options import (
     BAD,
@@ -118,6 +119,23 @@ def absolute_path(text: str) -> Path:
 # --------------------------------------------------------------------------- sources
 
 
+@dataclass(frozen=True)
+class ConditionConfig:
+    """Upload only while this holds (both, when both are given): a command exits 0
+    (run without a shell, with a timeout; a failure or hang means no), or a file exists."""
+
+    command: tuple[str, ...] = option(
+        (), Strings(), "upload only while this command (argv, no shell) exits 0; [] for none"
+    )
+    every: float = option(30.0, Duration(positive=True), "how often the command is run")
+    timeout: float = option(
+        10.0, Duration(positive=True), "a command running longer counts as failed (killed)"
+    )
+    file: Path | None = option(
+        None, FilePath(), "upload only while this file exists (e.g. written when on Wi-Fi)"
+    )
+
+
 @dataclass(frozen=True, kw_only=True)
 class SourceConfig:
     """The keys every source kind accepts. Each kind subclasses it with its own keys,
@@ -139,6 +157,24 @@ class SourceConfig:
     dataset_ids: tuple[str, ...] = option(
         (), Strings(), "datasets everything from this source is added to"
     )
+    priority: int = option(
+        0,
+        Int(-100, 100),
+        "higher goes first when the uplink cannot carry everything (aged by"
+        " outbox.priority_aging, so lower ones are delayed, never starved)",
+    )
+    max_age: float | None = option(
+        None,
+        Duration(positive=True),
+        "data waiting longer is dropped (counted and logged), not uploaded; none: kept",
+    )
+    windows: tuple[str, ...] = option(
+        (),
+        Strings(),
+        "upload only inside these local times of day, e.g. 22:00-06:00; []: always",
+        check=window_problem,
+    )
+    condition: ConditionConfig = section(ConditionConfig, "upload only while this holds")
 
     def watched_dir(self) -> Path:
         """The directory this source watches (must exist for it to upload anything)."""
@@ -211,7 +247,7 @@ class SourceList:
         common = set(keys(SourceConfig))
         for kind, cls in kinds.items():
             for key, shown, help in reference(cls, f"{path}[]"):
-                if key.rsplit(".", 1)[-1] not in common:
+                if key.removeprefix(f"{path}[].").split(".", 1)[0] not in common:
                     yield key, shown, f"{kind} only: {help}"
 
 
@@ -336,6 +372,11 @@ class OutboxConfig:
     )
     synchronous: str = option(
         "FULL", Choice(SYNCHRONOUS), "SQLite durability: FULL survives power loss, NORMAL is faster"
+    )
+    priority_aging: float = option(
+        300.0,
+        Duration(),
+        "an item's priority grows by one per this much waiting (0: no aging)",
     )
 
 

@@ -248,8 +248,50 @@ def _sources(s: dict[str, Any]) -> Iterator[Any]:
     errors = GaugeMetricFamily(
         "edged_source_error", "1 while the source reports a last_error", labels=["source"]
     )
+    allowed = GaugeMetricFamily(
+        "edged_source_upload_allowed",
+        "1 while the source may upload (window open, condition holds, not paused)",
+        labels=["source"],
+    )
+    priority = GaugeMetricFamily(
+        "edged_source_priority", "the source's configured priority", labels=["source"]
+    )
+    paused = GaugeMetricFamily(
+        "edged_source_paused", "1 while `edged pause --source` holds it", labels=["source"]
+    )
+    window = GaugeMetricFamily(
+        "edged_source_window_open",
+        "1 inside one of the source's upload windows (absent without windows)",
+        labels=["source"],
+    )
+    condition = GaugeMetricFamily(
+        "edged_source_condition",
+        "1 while the source's condition holds (absent without a condition)",
+        labels=["source"],
+    )
+    expired_items = CounterMetricFamily(
+        "edged_expired_items",
+        "items dropped past the source's max_age (since the outbox was created)",
+        labels=["source"],
+    )
+    expired_readings = CounterMetricFamily(
+        "edged_expired_readings",
+        "readings dropped past the source's max_age (since the outbox was created)",
+        labels=["source"],
+    )
     for src in s["sources"]:
         name = [src["name"]]
+        if "upload_allowed" in src:
+            allowed.add_metric(name, 1.0 if src["upload_allowed"] else 0.0)
+            priority.add_metric(name, src["priority"])
+            paused.add_metric(name, 1.0 if src["paused"] else 0.0)
+        if src.get("window"):
+            window.add_metric(name, 1.0 if src["window"]["open"] else 0.0)
+        if src.get("condition"):
+            condition.add_metric(name, 1.0 if src["condition"]["ok"] else 0.0)
+        if "expired" in src:
+            expired_items.add_metric(name, src["expired"]["items"])
+            expired_readings.add_metric(name, src["expired"]["readings"])
         quarantined.add_metric(name, src["quarantined"])
         seen.add_metric(name, src["files_seen"])
         if src.get("last_event_at") is not None:
@@ -257,3 +299,4 @@ def _sources(s: dict[str, Any]) -> Iterator[Any]:
         pressure.add_metric(name, 1.0 if src.get("backpressure") else 0.0)
         errors.add_metric(name, 1.0 if src.get("last_error") else 0.0)
     yield from (quarantined, seen, last, pressure, errors)
+    yield from (allowed, priority, paused, window, condition, expired_items, expired_readings)

@@ -53,6 +53,7 @@ from edged.daemon.queue import (
     KIND_TABULAR,
     KINDS,
     DeadLetter,
+    Expired,
     FileRef,
     Item,
     KindStats,
@@ -67,6 +68,7 @@ from edged.errors import OutboxFull
 
 __all__ = [
     "ADDED_COLUMNS",
+    "ADDED_INDEXES",
     "INLINE_MAX",
     "KINDS",
     "KIND_BINARY",
@@ -76,6 +78,7 @@ __all__ = [
     "ClaimRecord",
     "ClaimState",
     "DeadLetter",
+    "Expired",
     "FileRef",
     "Item",
     "KindStats",
@@ -189,6 +192,12 @@ ADDED_COLUMNS = (
     ("claims", "root", "TEXT"),
     ("claims", "dev", "INTEGER"),
     ("claims", "ino", "INTEGER"),
+    ("meta", "source", "TEXT"),
+    ("items", "source", "TEXT"),
+)
+# Indexes over ADDED_COLUMNS, made once the columns exist.
+ADDED_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS items_source_due ON items(source, next_attempt_at, id)",
 )
 
 _P = ParamSpec("_P")
@@ -237,6 +246,11 @@ class Outbox:
         self.work_available = asyncio.Event()
         self.space_available = self.space.available
         self.on_enqueue: Callable[[str, int, int], None] = lambda kind, n, nbytes: None  # metrics
+        self.held: frozenset[str] = frozenset()
+        """Sources that may not upload now (window closed, condition false, paused):
+        set by the daemon from `schedule.gate`; leases skip their items."""
+        self.priorities: dict[str, int] = {}
+        """Each source's configured priority (absent: 0)."""
 
     @property
     def spool_dir(self) -> Path:
@@ -377,14 +391,16 @@ class Outbox:
         *,
         claim: Claim | None = None,
         progress: Progress | None = None,
+        source: str = "",
     ) -> None:
         """Commit tabular readings (encoded SensorData) durably, with the source's
-        claim or offset in the same transaction. Raises OutboxFull to push back."""
+        claim or offset in the same transaction. Raises OutboxFull to push back.
+        `source` names the source they came from (its priority, windows, max_age)."""
         need = sum(len(r) for r in readings)
         now = self._clock()
         async with self._tx() as db:
             dropped = await self.space.make_room(db, need)
-            await self.queue.add_readings(db, metadata, readings, now)
+            await self.queue.add_readings(db, metadata, readings, now, source)
             state = claim_on_enqueue(by_reference=False, more=False)
             await self.ledger.put_claim(db, claim, state)
             await self.ledger.put_progress(db, progress)
@@ -405,6 +421,7 @@ class Outbox:
         claim: Claim | None = None,
         progress: Progress | None = None,
         more: bool = False,
+        source: str = "",
     ) -> str:
         """Commit one binary reading or file. Small byte payloads are stored inline, large
         ones in a spool file (fsync'd before the row commits); a FileRef stays in place.
@@ -436,7 +453,7 @@ class Outbox:
         try:
             async with self._tx() as db:
                 dropped = await self.space.make_room(db, need)
-                await self.queue.add_item(db, metadata, new, now)
+                await self.queue.add_item(db, metadata, new, now, source)
                 state = claim_on_enqueue(by_reference=True, more=more)
                 await self.ledger.put_claim(db, claim, state)
                 await self.ledger.put_progress(db, progress)
@@ -541,17 +558,32 @@ class Outbox:
         lease_s: float,
         max_readings: int,
         max_bytes: int,
+        floor: int | None = None,
     ) -> Item | None:
         """The next due item, leased for `lease_s`; forms a new tabular batch if none is
-        waiting. None if nothing is due."""
+        waiting. None if nothing is due. Highest effective priority first (aged by
+        `outbox.priority_aging`); sources in `held` are skipped, and with `floor` those
+        of a lower priority."""
         return await self.space.drain_path(
-            lambda: self._lease(lease_s, max_readings, max_bytes), self._checkpoint
+            lambda: self._lease(lease_s, max_readings, max_bytes, floor), self._checkpoint
         )
 
-    async def _lease(self, lease_s: float, max_readings: int, max_bytes: int) -> Item | None:
+    async def _lease(
+        self, lease_s: float, max_readings: int, max_bytes: int, floor: int | None = None
+    ) -> Item | None:
         now = self._clock()
         async with self._tx() as db:
-            return await self.queue.lease(db, now, lease_s, max_readings, max_bytes)
+            return await self.queue.lease(
+                db,
+                now,
+                lease_s,
+                max_readings,
+                max_bytes,
+                held=self.held,
+                priorities=self.priorities,
+                aging_s=self.limits.priority_aging,
+                floor=floor,
+            )
 
     @_atomic
     async def extend_lease(self, item: Item, seconds: float) -> None:
@@ -586,6 +618,31 @@ class Outbox:
             unlink_own(item.path)  # our own spool file; a crash here is swept by recover()
         elif item.path is not None and last_ref:
             await self._settle_file(item.path)
+
+    @_atomic
+    async def expire(self, max_age: dict[str, float], limit: int = 1000) -> list[Expired]:
+        """Drop what waited longer than its source's `max_age` (source -> seconds),
+        counted in the same transaction; robot files no item needs any more are then
+        retired through the ledger as after an ack, spool files deleted."""
+        if not max_age:
+            return []
+        now = self._clock()
+        async with self._tx() as db:
+            gone = await self.queue.expire(db, now, max_age, limit)
+            paths = {g.item.path for g in gone if g.item and g.item.path and not g.item.stored}
+            unreferenced = [p for p in paths if not await self.queue.refs_to(db, p)]
+        for g in gone:
+            if g.item is None or g.item.kind == KIND_TABULAR:
+                self.space.held.drop_readings(g.readings, g.bytes)
+            elif g.item.stored:
+                self.space.held.stored_bytes -= g.bytes
+                if g.item.path is not None:
+                    unlink_own(g.item.path)
+        if gone:
+            self.space.available.set()
+        for path in unreferenced:
+            await self._settle_file(path)
+        return gone
 
     async def _settle_file(self, path: str) -> None:
         """No item reads `path` any more: retire it as its claim says, then store the
@@ -698,7 +755,7 @@ class Outbox:
     async def next_due_in(self) -> float | None:
         """Seconds until the earliest waiting item is due (None: nothing waiting). Items
         leased right now are not waiting: counting them made idle workers spin."""
-        return await self.queue.next_due_in(self._clock())
+        return await self.queue.next_due_in(self._clock(), self.held)
 
     # -- status ------------------------------------------------------------------------
 
@@ -719,3 +776,5 @@ async def _add_columns(db: aiosqlite.Connection) -> None:
         for t, column, kind in ADDED_COLUMNS:
             if t == table and column not in have:
                 await db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+    for sql in ADDED_INDEXES:
+        await db.execute(sql)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,7 @@ import aiosqlite
 from edged.daemon.ledger import db_path, fs_path, identity, location
 from edged.daemon.policy import batch_take
 from edged.daemon.safefs import Identity
+from edged.daemon.schedule import pick
 
 KIND_TABULAR = "tabular"
 KIND_BINARY = "binary"
@@ -39,7 +40,12 @@ INLINE_MAX = 256 * 1024  # larger payloads handed over as bytes go to a spool fi
 
 _ITEM_COLS = (
     "i.id, i.uid, i.kind, m.metadata, i.sensor, i.inline, i.path, i.offset, i.length,"
-    " i.stored, i.count, i.bytes, i.enqueued_at, i.attempts, i.root, i.dev, i.ino"
+    " i.stored, i.count, i.bytes, i.enqueued_at, i.attempts, i.root, i.dev, i.ino,"
+    " coalesce(i.source, '')"
+)
+_DUE = (
+    "i.next_attempt_at <= ? AND (i.lease_until IS NULL OR i.lease_until < ?)"
+    " AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.item_id=i.id)"
 )
 
 
@@ -75,6 +81,10 @@ class Item:
     attempts: int
     root: str | None = None
     ident: Identity | None = None
+    source: str = ""
+    """The source that queued it ("" for items queued before sources were recorded)."""
+    priority: int = 0
+    """Its source's configured priority (higher = sooner) when it was leased."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +101,18 @@ class NewItem:
     stored: bool
     root: str | None = None
     ident: Identity | None = None
+
+
+@dataclass(frozen=True)
+class Expired:
+    """What a `max_age` sweep dropped of one source: an item (`item` set), or readings
+    not yet in a batch of one metadata (`item` None); `age_s` of the oldest."""
+
+    source: str
+    readings: int
+    bytes: int
+    age_s: float
+    item: Item | None = None
 
 
 @dataclass(frozen=True)
@@ -144,11 +166,16 @@ def text(message: str) -> str:
     return message.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _digest(metadata: bytes) -> bytes:
-    return hashlib.blake2b(metadata, digest_size=16).digest()
+def _digest(metadata: bytes, source: str) -> bytes:
+    """Readings batch per (source, metadata): two sources may share a metadata, and each
+    source's priority, window, pause and max_age apply to its own readings only."""
+    h = hashlib.blake2b(metadata, digest_size=16)
+    if source:  # "" keeps the digest of outboxes written before sources were recorded
+        h.update(b"\0source\0" + source.encode("utf-8", "surrogateescape"))
+    return h.digest()
 
 
-def _item(row: Any) -> Item:
+def _item(row: Any, priority: int = 0) -> Item:
     return Item(
         id=row[0],
         uid=row[1],
@@ -166,6 +193,8 @@ def _item(row: Any) -> Item:
         attempts=row[13],
         root=None if row[14] is None else fs_path(row[14]),
         ident=identity(row[15], row[16]),
+        source=row[17],
+        priority=priority,
     )
 
 
@@ -175,19 +204,20 @@ class Queue:
     def __init__(self, db: aiosqlite.Connection) -> None:
         self._db = db
         self._meta_ids: dict[bytes, int] = {}
+        self._sources: set[str] | None = None  # every source with items, read once
 
     def forget_cached(self) -> None:
         """A transaction rolled back: metadata ids it cached may not exist."""
         self._meta_ids.clear()
 
-    async def _meta_id(self, db: aiosqlite.Connection, metadata: bytes) -> int:
-        digest = _digest(metadata)
+    async def _meta_id(self, db: aiosqlite.Connection, metadata: bytes, source: str) -> int:
+        digest = _digest(metadata, source)
         cached = self._meta_ids.get(digest)
         if cached is not None:
             return cached
         await db.execute(
-            "INSERT INTO meta(digest, metadata) VALUES (?, ?) ON CONFLICT DO NOTHING",
-            (digest, metadata),
+            "INSERT INTO meta(digest, metadata, source) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+            (digest, metadata, source or None),
         )
         meta_id = await scalar(db, "SELECT id FROM meta WHERE digest=?", (digest,))
         self._meta_ids[digest] = meta_id
@@ -196,10 +226,15 @@ class Queue:
     # -- in -----------------------------------------------------------------------------
 
     async def add_readings(
-        self, db: aiosqlite.Connection, metadata: bytes, readings: Sequence[bytes], now: float
+        self,
+        db: aiosqlite.Connection,
+        metadata: bytes,
+        readings: Sequence[bytes],
+        now: float,
+        source: str = "",
     ) -> None:
         if readings:
-            meta_id = await self._meta_id(db, metadata)
+            meta_id = await self._meta_id(db, metadata, source)
             await db.executemany(
                 "INSERT INTO readings(meta_id, data, size, enqueued_at) VALUES (?,?,?,?)",
                 [(meta_id, r, len(r), now) for r in readings],
@@ -207,13 +242,13 @@ class Queue:
         await bump(db, enqueued_readings=len(readings))
 
     async def add_item(
-        self, db: aiosqlite.Connection, metadata: bytes, new: NewItem, now: float
+        self, db: aiosqlite.Connection, metadata: bytes, new: NewItem, now: float, source: str = ""
     ) -> None:
-        meta_id = await self._meta_id(db, metadata)
+        meta_id = await self._meta_id(db, metadata, source)
         await db.execute(
             "INSERT INTO items(uid, kind, meta_id, sensor, inline, path, offset, length,"
-            " stored, count, bytes, enqueued_at, root, dev, ino)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " stored, count, bytes, enqueued_at, root, dev, ino, source)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 new.uid,
                 new.kind,
@@ -228,8 +263,11 @@ class Queue:
                 new.length,
                 now,
                 *location(new.root, new.ident),
+                source or None,
             ),
         )
+        if self._sources is not None:
+            self._sources.add(source)
         await bump(db, enqueued_items=1)
 
     # -- out ----------------------------------------------------------------------------
@@ -241,40 +279,93 @@ class Queue:
         lease_s: float,
         max_readings: int,
         max_bytes: int,
+        *,
+        held: Collection[str] = (),
+        priorities: Mapping[str, int] | None = None,
+        aging_s: float = 0.0,
+        floor: int | None = None,
     ) -> Item | None:
-        """The next due item, leased until `now + lease_s`; forms a new tabular batch if
-        none is waiting."""
-        async with db.execute(
-            f"SELECT {_ITEM_COLS} FROM items i JOIN meta m ON m.id=i.meta_id"
-            " WHERE i.next_attempt_at <= ? AND (i.lease_until IS NULL OR i.lease_until < ?)"
-            " AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.item_id=i.id)"
-            " ORDER BY i.next_attempt_at, i.id LIMIT 1",
-            (now, now),
-        ) as cur:
-            row = await cur.fetchone()
-        free = await self.oldest_unbatched(db)
-        if free is not None and (row is None or free[1] < row[12]):
-            row = await self._new_batch(db, free[0], max_readings, max_bytes)
-        if row is None:
+        """The due item of highest effective priority (`schedule.pick`: the source's
+        priority, aged by the wait) from sources not `held` (window closed, condition
+        false, paused), leased until `now + lease_s`; forms a new tabular batch when
+        unbatched readings win; with `floor`, only sources of at least that priority
+        (`schedule.lease_floor`). One index probe per source with items."""
+        priorities = priorities or {}
+        if floor is not None:
+            held = {
+                *held,
+                *(s for s in await self._all_sources(db) if priorities.get(s, 0) < floor),
+            }
+        rows = await self._due_heads(db, now, held)
+        free = await self.unbatched_heads(db, held)
+        candidates = [(str(r[17]), float(r[12])) for r in rows] + [
+            (src, enq) for src, _, enq in free
+        ]
+        chosen = pick(candidates, priorities, now, aging_s)
+        if chosen is None:
             return None
+        if chosen < len(rows):
+            row = rows[chosen]
+        else:
+            source, meta_id, _ = free[chosen - len(rows)]
+            row = await self._new_batch(db, meta_id, max_readings, max_bytes)
+            (await self._item_sources(db)).add(source)
         await db.execute("UPDATE items SET lease_until=? WHERE id=?", (now + lease_s, row[0]))
-        return _item(row)
+        return _item(row, priorities.get(str(row[17]), 0))
 
-    async def oldest_unbatched(self, db: aiosqlite.Connection) -> tuple[int, float] | None:
-        """(meta_id, enqueued_at) of the oldest reading in no batch; one index probe per
-        metadata (there are few: one per component and method)."""
+    async def _item_sources(self, db: aiosqlite.Connection) -> set[str]:
+        if self._sources is None:
+            async with db.execute("SELECT DISTINCT coalesce(source, '') FROM items") as cur:
+                self._sources = {str(r[0]) for r in await cur.fetchall()}
+        return self._sources
+
+    async def _all_sources(self, db: aiosqlite.Connection) -> set[str]:
+        """Sources with items or metadata (metadata: readings maybe not yet batched)."""
+        async with db.execute("SELECT DISTINCT coalesce(source, '') FROM meta") as cur:
+            metas = {str(r[0]) for r in await cur.fetchall()}
+        return metas | await self._item_sources(db)
+
+    async def _due_heads(
+        self, db: aiosqlite.Connection, now: float, held: Collection[str]
+    ) -> list[Any]:
+        """The first due item (by next_attempt_at, id) of each source not held."""
+        heads = []
+        for source in sorted(await self._item_sources(db)):
+            if source in held:
+                continue
+            async with db.execute(
+                f"SELECT {_ITEM_COLS} FROM items i JOIN meta m ON m.id=i.meta_id"
+                f" WHERE {'i.source IS NULL' if not source else 'i.source=?'} AND {_DUE}"
+                " ORDER BY i.next_attempt_at, i.id LIMIT 1",
+                ((source,) if source else ()) + (now, now),
+            ) as cur:
+                row = await cur.fetchone()
+            if row is not None:
+                heads.append(row)
+        return heads
+
+    async def unbatched_heads(
+        self, db: aiosqlite.Connection, held: Collection[str] = ()
+    ) -> list[tuple[str, int, float]]:
+        """(source, meta_id, enqueued_at) of the oldest reading in no batch, per source
+        not held; one index probe per metadata (there are few: one per source,
+        component and method)."""
         async with db.execute(
-            "SELECT m.id, (SELECT r.id FROM readings r WHERE r.meta_id=m.id"
-            " AND r.id > m.batched_upto ORDER BY r.id LIMIT 1) AS first FROM meta m"
+            "SELECT coalesce(m.source, ''), m.id, (SELECT r.id FROM readings r"
+            " WHERE r.meta_id=m.id AND r.id > m.batched_upto ORDER BY r.id LIMIT 1) AS first"
+            " FROM meta m"
         ) as cur:
-            firsts = [(int(mid), int(first)) for mid, first in await cur.fetchall() if first]
-        if not firsts:
-            return None
-        meta_id, first = min(firsts, key=lambda f: f[1])
-        async with db.execute("SELECT enqueued_at FROM readings WHERE id=?", (first,)) as cur:
-            row = await cur.fetchone()
-        assert row is not None
-        return meta_id, float(row[0])
+            firsts: dict[str, tuple[int, int]] = {}
+            for src, mid, first in await cur.fetchall():
+                if first and src not in held and (src not in firsts or first < firsts[src][1]):
+                    firsts[src] = (int(mid), int(first))
+        heads = []
+        for src, (meta_id, first) in firsts.items():
+            async with db.execute("SELECT enqueued_at FROM readings WHERE id=?", (first,)) as cur:
+                row = await cur.fetchone()
+            assert row is not None
+            heads.append((src, meta_id, float(row[0])))
+        return heads
 
     async def _new_batch(
         self,
@@ -295,9 +386,9 @@ class Queue:
         size = sum(r[1] for r in rows)
         uid = uuid.uuid4().hex
         cur2 = await db.execute(
-            "INSERT INTO items(uid, kind, meta_id, stored, lo, hi, count, bytes, enqueued_at)"
-            " VALUES (?,?,?,0,?,?,?,?,?)",
-            (uid, KIND_TABULAR, meta_id, rows[0][0], rows[-1][0], n, size, rows[0][2]),
+            "INSERT INTO items(uid, kind, meta_id, stored, lo, hi, count, bytes, enqueued_at,"
+            " source) VALUES (?,?,?,0,?,?,?,?,?,(SELECT source FROM meta WHERE id=?))",
+            (uid, KIND_TABULAR, meta_id, rows[0][0], rows[-1][0], n, size, rows[0][2], meta_id),
         )
         batch_id = cur2.lastrowid
         await db.execute("UPDATE meta SET batched_upto=? WHERE id=?", (rows[-1][0], meta_id))
@@ -306,6 +397,63 @@ class Queue:
             (batch_id,),
         ) as cur:
             return await cur.fetchone()
+
+    async def expire(
+        self, db: aiosqlite.Connection, now: float, max_age: Mapping[str, float], limit: int
+    ) -> list[Expired]:
+        """Delete what waited longer than its source's max age: items not leased (in
+        flight) nor dead-lettered (kept for the operator), and readings in no batch; at
+        most `limit` rows of each a call. A tabular batch goes whole, judged by its
+        oldest reading. Counted per source in `counters` (expired_*[:source])."""
+        gone: list[Expired] = []
+        for source, age in sorted(max_age.items()):
+            cutoff = now - age
+            where = "m.source IS NULL" if not source else "m.source=?"
+            args: tuple[Any, ...] = (source,) if source else ()
+            async with db.execute(
+                f"SELECT {_ITEM_COLS} FROM items i JOIN meta m ON m.id=i.meta_id"
+                f" WHERE {where.replace('m.', 'i.')} AND i.enqueued_at < ?"
+                " AND (i.lease_until IS NULL OR i.lease_until < ?) AND NOT EXISTS"
+                " (SELECT 1 FROM dead_letters d WHERE d.item_id=i.id) ORDER BY i.id LIMIT ?",
+                (*args, cutoff, now, limit),
+            ) as cur:
+                items = [_item(r) for r in await cur.fetchall()]
+            for item in items:
+                await self._delete(db, item)
+                gone.append(Expired(source, item.count, item.bytes, now - item.enqueued_at, item))
+            async with db.execute(
+                "SELECT m.id, r.id, r.size, r.enqueued_at FROM meta m JOIN readings r"
+                f" ON r.meta_id=m.id AND r.id > m.batched_upto WHERE {where}"
+                " AND r.enqueued_at < ? ORDER BY r.id LIMIT ?",
+                (*args, cutoff, limit),
+            ) as cur:
+                rows = list(await cur.fetchall())
+            await db.executemany("DELETE FROM readings WHERE id=?", [(r[1],) for r in rows])
+            groups: dict[int, list[Any]] = {}
+            for row in rows:
+                groups.setdefault(int(row[0]), []).append(row)
+            for group in groups.values():
+                size = sum(int(r[2]) for r in group)
+                gone.append(Expired(source, len(group), size, now - float(group[0][3])))
+        for source in {g.source for g in gone}:
+            mine = [g for g in gone if g.source == source]
+            n_items = sum(1 for g in mine if g.item is not None)
+            n_readings = sum(g.readings for g in mine)
+            size = sum(g.bytes for g in mine)
+            await bump(db, expired_items=n_items, expired_readings=n_readings, expired_bytes=size)
+            per_source = {f"expired_items:{source}": n_items}
+            per_source[f"expired_readings:{source}"] = n_readings
+            await bump(db, **per_source)
+        return gone
+
+    async def _delete(self, db: aiosqlite.Connection, item: Item) -> None:
+        if item.kind == KIND_TABULAR:
+            await db.execute(
+                "DELETE FROM readings WHERE id IN (SELECT r.id FROM items i JOIN readings r"
+                " ON r.meta_id=i.meta_id AND r.id BETWEEN i.lo AND i.hi WHERE i.id=?)",
+                (item.id,),
+            )
+        await db.execute("DELETE FROM items WHERE id=?", (item.id,))
 
     async def extend_lease(self, db: aiosqlite.Connection, item: Item, until: float) -> None:
         await db.execute("UPDATE items SET lease_until=? WHERE id=?", (until, item.id))
@@ -419,13 +567,16 @@ class Queue:
     async def make_all_due(self, db: aiosqlite.Connection) -> None:
         await db.execute("UPDATE items SET next_attempt_at=0 WHERE next_attempt_at > 0")
 
-    async def next_due_in(self, now: float) -> float | None:
-        if await self.oldest_unbatched(self._db) is not None:
+    async def next_due_in(self, now: float, held: Collection[str] = ()) -> float | None:
+        """Seconds until the earliest item of a source not `held` is due."""
+        if await self.unbatched_heads(self._db, held):
             return 0.0
+        marks = ",".join("?" * len(held))
         async with self._db.execute(
             "SELECT min(next_attempt_at) FROM items i WHERE (lease_until IS NULL OR"
-            " lease_until < ?) AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.item_id=i.id)",
-            (now,),
+            " lease_until < ?) AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.item_id=i.id)"
+            f" AND coalesce(source, '') NOT IN ({marks})",
+            (now, *held),
         ) as cur:
             row = await cur.fetchone()
         if row is None or row[0] is None:

@@ -73,7 +73,8 @@ def render(s: dict[str, Any]) -> str:
         f" {human_bytes(rates['bytes_per_s'])}/s",
         *([render_bandwidth(s["bandwidth"])] if "bandwidth" in s else []),
         f"problems  dead letters {s['dead_letters']}, quarantined {s['quarantined']},"
-        f" dropped {s['dropped']['readings']} readings",
+        f" dropped {s['dropped']['readings']} readings,"
+        f" expired {s.get('expired', {}).get('readings', 0)} readings",
     ]
     if s["sources"]:
         lines.append("sources")
@@ -84,6 +85,8 @@ def render(s: dict[str, Any]) -> str:
                 f"{before}  {cell} seen {src['files_seen']:>7}  last {last}"
                 + (f"  error: {src['last_error']}" if src.get("last_error") else "")
             )
+            if gate := _gate_line(src):
+                lines.append(f"  {'':<{NAME_WIDTH}} {gate}")
     # Paths that are not UTF-8 arrive as lone surrogates: show their bytes as \xNN
     # rather than fail to print.
     return "\n".join(lines).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
@@ -106,6 +109,27 @@ def render_bandwidth(b: dict[str, Any]) -> str:
     if b.get("waiting"):
         line += f", {b['waiting']} waiting"
     return line
+
+
+def _gate_line(src: dict[str, Any]) -> str:
+    """Priority, window, condition, pause and expiries of one source, when any is set."""
+    parts = []
+    if src.get("priority"):
+        parts.append(f"priority {src['priority']}")
+    if (w := src.get("window")) is not None:
+        change = w.get("next_change")
+        until = f" until {change[11:16]}" if change else ""
+        parts.append(f"window {'open' if w['open'] else 'closed'}{until}")
+    if (c := src.get("condition")) is not None:
+        parts.append(f"condition {'holds' if c['ok'] else 'fails'} ({c['why']})")
+    if src.get("paused"):
+        parts.append("PAUSED (edged resume --source)")
+    expired = src.get("expired") or {}
+    if expired.get("items") or expired.get("readings"):
+        parts.append(f"expired {expired['items']} items / {expired['readings']} readings")
+    if "upload_allowed" in src and not src["upload_allowed"] and parts:
+        parts.insert(0, "uploads held:")
+    return "  ".join(parts)
 
 
 def render_dead_letters(letters: list[dict[str, Any]]) -> str:

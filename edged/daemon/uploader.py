@@ -30,6 +30,7 @@ from edged.daemon.metrics import DaemonMetrics
 from edged.daemon.outbox import KIND_BINARY, KIND_FILE, KIND_TABULAR, Item, Outbox
 from edged.daemon.policy import Action, backoff_delay, binary_route, cert_problem, on_failure
 from edged.daemon.safefs import locate, open_under
+from edged.daemon.schedule import lease_floor
 from edged.daemon.shaper import Cap, Shaper, cap_in_force
 from edged.errors import OutboxFull, SourceError, UploadError
 
@@ -183,6 +184,8 @@ class Uploader:
         self._stop = asyncio.Event()
         self._idle_turn = asyncio.Lock()  # held by the one idle worker watching for work
         self.inflight = 0
+        self.inflight_below_top = 0  # calls of items under the top priority (lease_floor)
+        self._leasing = 0
         self.calls = 0
         self.last_success_at: float | None = None
         # Monotonic times for ages in `edged status`: the daemon's own clock, immune to
@@ -321,25 +324,43 @@ class Uploader:
     async def _one(self) -> None:
         s = self.config
         self.outbox.work_available.clear()
-        item = await self.outbox.lease(
-            lease_s=s.lease, max_readings=s.batch_max_readings, max_bytes=s.batch_max_bytes
-        )
+        priorities = self.outbox.priorities
+        # A lease under way may take a lower item: count it so, or two workers leasing
+        # at once could both take one and leave none kept for the top priority.
+        floor = lease_floor(priorities, self.inflight_below_top + self._leasing, s.workers)
+        self._leasing += 1
+        try:
+            item = await self.outbox.lease(
+                lease_s=s.lease,
+                max_readings=s.batch_max_readings,
+                max_bytes=s.batch_max_bytes,
+                floor=floor,
+            )
+        finally:
+            self._leasing -= 1
         if item is None:
-            await self._idle()
+            await self._idle(floored=floor is not None)
             return
         # More may be waiting: let the next idle worker look (it leases nothing otherwise).
         self.outbox.work_available.set()
+        below = item.priority < max(priorities.values(), default=0)
         self.inflight += 1
+        self.inflight_below_top += below
         try:
             await self._deliver(item)
         finally:
             self.inflight -= 1
+            self.inflight_below_top -= below
+            if below:
+                self.outbox.work_available.set()  # a worker kept for the top may take it
 
-    async def _idle(self) -> None:
+    async def _idle(self, floored: bool = False) -> None:
         """Wait for work. One idle worker at a time waits on `work_available`, the others
         queue for that turn: an enqueue wakes one worker, which wakes the next only when
         it found something (`_one`), instead of every worker leasing and all but one
-        finding nothing. The poll stays as a fallback for items coming due."""
+        finding nothing. The poll stays as a fallback for items coming due. A worker kept
+        for the top priority (`floored`) does not count lower items as due: it waits
+        for an enqueue or for a lower call to end."""
         if self._until_empty and self.inflight == 0 and await self.outbox.next_due_in() is None:
             self.stop()
             return
@@ -348,7 +369,7 @@ class Uploader:
                 return
             if self.outbox.work_available.is_set():
                 return  # set since our lease looked: look again
-            due = await self.outbox.next_due_in()
+            due = None if floored else await self.outbox.next_due_in()
             wait = self.idle_poll_s if due is None else min(due, self.idle_poll_s)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(wait, 0.01)):  # not wait_for (see Gate.wait_open)
@@ -509,8 +530,8 @@ class Uploader:
     async def _send(self, item: Item, opener: Callable[[], int] | None) -> UploadResult:
         s = self.config
         meta = pb.UploadMetadata.FromString(item.metadata)
-        # priority=item.priority once the per-source priorities land (issue #18).
-        pace: Pace = functools.partial(self.shaper.acquire, priority=0)
+        # The cap's waiters go by the item's priority: telemetry's chunks pass video's.
+        pace: Pace = functools.partial(self.shaper.acquire, priority=item.priority)
         if item.kind == KIND_TABULAR:
             readings = await self.outbox.readings_of(item)
             return await self.sink.upload_readings(

@@ -357,20 +357,20 @@ class CaptureSource:
                 end = record.end
                 if len(chunk) >= CHUNK_READINGS or size >= CHUNK_BYTES:
                     await outbox.enqueue_readings(
-                        meta_bytes, chunk, progress=self._progress(path, st, end)
+                        meta_bytes, chunk, progress=self._progress(path, st, end), source=self.name
                     )
                     self.stats.readings += len(chunk)
                     chunk, size = [], 0
         except CaptureFormatError as exc:
             if chunk:
                 await outbox.enqueue_readings(
-                    meta_bytes, chunk, progress=self._progress(path, st, end)
+                    meta_bytes, chunk, progress=self._progress(path, st, end), source=self.name
                 )
                 self.stats.readings += len(chunk)
             self._quarantine(path, st, str(exc), keep_original=False)
             raise FileNotFoundError from exc  # nothing left to retire
         await outbox.enqueue_readings(
-            meta_bytes, chunk, claim=claim, progress=self._progress(path, st, end)
+            meta_bytes, chunk, claim=claim, progress=self._progress(path, st, end), source=self.name
         )
         self.stats.readings += len(chunk)
 
@@ -405,6 +405,7 @@ class CaptureSource:
                         claim=claim,
                         progress=progress,
                         more=True,  # not deletable until finish_claim: more may follow
+                        source=self.name,
                     )
                     referenced = True
                 elif kind == "struct":
@@ -417,7 +418,9 @@ class CaptureSource:
             await outbox.finish_claim(str(path))
             return True
         if not referenced:
-            await outbox.enqueue_readings(meta_bytes, [], claim=claim)  # header-only
+            await outbox.enqueue_readings(
+                meta_bytes, [], claim=claim, source=self.name
+            )  # header-only
             return False
         await outbox.finish_claim(str(path))  # every reading queued: the last ack deletes it
         return True
@@ -451,6 +454,7 @@ class CaptureSource:
                 # The record counts as done only with its last image: a crash in between
                 # resends the first ones (bounded duplicates) instead of losing the rest.
                 progress=progress if n == len(images) - 1 else None,
+                source=self.name,
             )
 
     async def _resume_offset(self, path: Path, st: os.stat_result) -> int:

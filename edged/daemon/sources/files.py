@@ -369,6 +369,7 @@ class FilesSource:
                 meta.SerializeToString(),
                 FileRef(str(path), 0, st.st_size, root=str(root), ident=ident),
                 claim=claim,
+                source=self.name,
             )
         except OutboxFull as exc:
             self._blocked = True

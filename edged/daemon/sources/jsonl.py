@@ -462,7 +462,9 @@ class JsonlSource:
         new = replace(pos, offset=end, line=line)
         try:
             if readings:
-                await self.ctx.outbox.enqueue_readings(self._meta, readings, progress=new)
+                await self.ctx.outbox.enqueue_readings(
+                    self._meta, readings, progress=new, source=self.name
+                )
             else:
                 await self.ctx.outbox.save_progress(new)
         except OutboxFull as exc:
