@@ -56,28 +56,6 @@ class FileRef:
 
 
 @dataclass(frozen=True)
-class Item:
-    """One upload call's worth of work, leased by one worker."""
-
-    id: int
-    uid: str
-    kind: str
-    metadata: bytes
-    sensor: bytes | None
-    inline: bytes | None
-    path: str | None
-    offset: int
-    length: int
-    stored: bool
-    count: int
-    bytes: int
-    enqueued_at: float
-    attempts: int
-    root: str | None = None
-    ident: Identity | None = None
-
-
-@dataclass(frozen=True)
 class NewItem:
     """An item row about to be inserted (what `Outbox.enqueue_item` worked out)."""
 
@@ -91,6 +69,19 @@ class NewItem:
     stored: bool
     root: str | None = None
     ident: Identity | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Item(NewItem):
+    """One upload call's worth of work, leased by one worker: an item row as stored,
+    with what the queue adds (id, metadata, counts, age, attempts)."""
+
+    id: int
+    metadata: bytes
+    count: int
+    bytes: int
+    enqueued_at: float
+    attempts: int
 
 
 @dataclass(frozen=True)
