@@ -18,6 +18,7 @@ import pytest
 from edged.client import connect
 from edged.ingest.blobs import blob_key
 from edged.ingest.s3blobs import botocore_session
+from tests.support.big_files import write_big_file
 from tests.support.credentials import KeyFile
 from tests.support.processes import edged_cmd, ingest_process, peak_rss_bytes
 from tests.support.s3server import S3Endpoint
@@ -125,13 +126,7 @@ def test_large_file_streams_to_the_bucket_with_flat_server_memory(
     below the file's size."""
     size = 160 * MiB
     big = tmp_path / "big.bin"
-    digest = hashlib.sha256()
-    with open(big, "wb") as f:
-        block = os.urandom(MiB)
-        for i in range(size // MiB):
-            piece = block[:-4] + i.to_bytes(4, "big")
-            f.write(piece)
-            digest.update(piece)
+    digest = write_big_file(big, size)
     with ingest_process(tmp_path / "ingest", _flags(key, s3, bucket)) as (server, port):
         client = subprocess.run(
             [sys.executable, "-c", CLIENT_SCRIPT, f"127.0.0.1:{port}", key.key_id, key.secret,
@@ -155,7 +150,7 @@ def test_large_file_streams_to_the_bucket_with_flat_server_memory(
                     n += len(chunk)
         return n, sha.hexdigest()
 
-    assert asyncio.run(fetch()) == (size, digest.hexdigest())
+    assert asyncio.run(fetch()) == (size, digest)
     print(f"\npeak RSS of edged ingest with --blobs s3://: {server_peak / MiB:.1f} MiB")
     assert server_peak < size  # holding the file would need all of it and the baseline
 
