@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -36,13 +35,6 @@ def three_frame_file(cap: Path) -> Path:
     path = w.close()
     assert path is not None
     return path
-
-
-@pytest.fixture
-async def box(tmp_path: Path) -> AsyncIterator[Outbox]:
-    ob = await Outbox.open(tmp_path / "state")
-    yield ob
-    await ob.close()
 
 
 async def test_binary_file_is_not_deleted_while_its_readings_are_still_being_queued(
