@@ -145,7 +145,9 @@ def _stop_leaked_aiosqlite() -> int:
     alive = [
         (obj, thread)
         for obj in gc.get_objects()
-        if isinstance(obj, aiosqlite.Connection)
+        # type(), not isinstance(): a weak proxy (botocore keeps some) whose referent is
+        # gone raises ReferenceError on isinstance().
+        if issubclass(type(obj), aiosqlite.Connection)
         and isinstance(thread := getattr(obj, "_thread", None), threading.Thread)
         and thread.is_alive()
     ]
