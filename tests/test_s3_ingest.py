@@ -10,14 +10,12 @@ import os
 import signal
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
 
 from edged.client import connect
 from edged.ingest.blobs import blob_key
-from edged.ingest.s3blobs import botocore_session
 from tests.support.big_files import write_big_file
 from tests.support.credentials import KeyFile
 from tests.support.processes import edged_cmd, ingest_process, peak_rss_bytes
@@ -26,29 +24,16 @@ from tests.support.s3server import S3Endpoint
 MiB = 1024 * 1024
 
 
-def _client(s3: S3Endpoint):  # type: ignore[no-untyped-def]
-    return botocore_session().create_client(
-        "s3",
-        endpoint_url=s3.url,
-        region_name="us-east-1",
-        aws_access_key_id=s3.env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=s3.env["AWS_SECRET_ACCESS_KEY"],
-    )
-
-
 @pytest.fixture
 async def bucket(s3: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> str:
     """A fresh bucket; the AWS_* credentials in our environment, for the children."""
     for name, value in s3.env.items():
         monkeypatch.setenv(name, value)
-    name = f"edged-{uuid.uuid4().hex[:12]}"
-    async with _client(s3) as c:
-        await c.create_bucket(Bucket=name)
-    return name
+    return await s3.new_bucket()
 
 
 async def _keys(s3: S3Endpoint, bucket: str) -> tuple[list[str], list[str]]:
-    async with _client(s3) as c:
+    async with s3.client() as c:
         objs = await c.list_objects_v2(Bucket=bucket)
         ups = await c.list_multipart_uploads(Bucket=bucket)
     return sorted(o["Key"] for o in objs.get("Contents", [])), [
@@ -140,7 +125,7 @@ def test_large_file_streams_to_the_bucket_with_flat_server_memory(
         assert server.wait(30) == 0
 
     async def fetch() -> tuple[int, str]:
-        async with _client(s3) as c:
+        async with s3.client() as c:
             got = await c.get_object(Bucket=bucket, Key=f"edged/{blob_key('acme', binary_id)}")
             sha = hashlib.sha256()
             n = 0
