@@ -29,15 +29,7 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 def test_key_file_readable_by_others_is_refused(tmp_path: Path) -> None:
     key = make_key_file(tmp_path)
     os.chmod(key.path, 0o644)
-    res = _run(
-        "ingest",
-        "--data",
-        str(tmp_path / "d"),
-        "--api-key-id",
-        key.key_id,
-        "--api-key-file",
-        str(key.path),
-    )
+    res = _run("ingest", "--data", str(tmp_path / "d"), *key.ingest_args())
     assert res.returncode == 2
     assert f"API key file {key.path} has mode 0644" in res.stderr
     assert key.secret not in res.stderr + res.stdout
