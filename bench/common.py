@@ -24,7 +24,7 @@ from typing import Any
 
 import psutil
 
-from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
+from tests.support.capture_files import tabular_metadata
 from tests.support.credentials import make_key_file
 from tests.support.processes import ingest_process
 
@@ -33,13 +33,7 @@ RESULTS = REPO / "bench" / "results"
 MiB = 1024 * 1024
 
 Figures = dict[str, float]
-TABULAR_META = pb.DataCaptureMetadata(
-    component_type="rdk:component:sensor",
-    component_name="bench",
-    method_name="Readings",
-    type=pb.DATA_TYPE_TABULAR_SENSOR,
-    file_extension=".dat",
-)
+TABULAR_META = tabular_metadata(component_name="bench", tags=[])
 """The capture metadata of the benches' tabular readings."""
 
 
