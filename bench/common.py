@@ -24,6 +24,8 @@ from typing import Any
 
 import psutil
 
+from tests.support.capture_files import tabular_metadata
+from tests.support.credentials import make_key_file
 from tests.support.processes import ingest_process
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,6 +33,8 @@ RESULTS = REPO / "bench" / "results"
 MiB = 1024 * 1024
 
 Figures = dict[str, float]
+TABULAR_META = tabular_metadata(component_name="bench", tags=[])
+"""The capture metadata of the benches' tabular readings."""
 
 
 # -- statistics ----------------------------------------------------------------------------
@@ -98,6 +102,30 @@ def ingest_server(
         yield server
 
 
+def api_key(directory: Path) -> tuple[str, str, Path]:
+    """(key id, secret, key file) of a fresh API key for a run's server and daemon."""
+    k = make_key_file(directory)
+    return k.key_id, k.secret, k.path
+
+
+def edged_config(
+    run_dir: Path, port: int, key_id: str, key_file: Path, sources: str, extra: str = ""
+) -> Path:
+    """`run_dir/edged.yaml`: a daemon sending to 127.0.0.1:`port` in plaintext with its
+    state, socket and log in `run_dir`; `sources` and `extra` are YAML lines."""
+    cfg = run_dir / "edged.yaml"
+    cfg.write_text(f"""\
+part_id: bench
+state_dir: {run_dir / "state"}
+cloud: {{address: "127.0.0.1:{port}", api_key_id: {key_id}, api_key_file: {key_file}, tls: false}}
+sources:
+{sources}
+{extra}status: {{socket: {run_dir / "edged.sock"}}}
+log: {{level: warning}}
+""")
+    return cfg
+
+
 def run_worker(module: str, spec: Mapping[str, Any], timeout_s: float = 900) -> dict[str, Any]:
     """`python -m MODULE --worker JSON` as a fresh child; its last stdout line is JSON."""
     done = subprocess.run(
@@ -141,10 +169,18 @@ def machine_info() -> dict[str, Any]:
 
 
 def write_result(
-    name: str, payload: Mapping[str, Any], machine: Mapping[str, Any] | None = None
+    name: str,
+    payload: Mapping[str, Any],
+    machine: Mapping[str, Any] | None = None,
+    *,
+    quick: bool | None = None,
 ) -> Path:
-    """bench/results/<name>.json; pass `machine` taken at the start (load average then)."""
+    """bench/results/<name>.json; pass `machine` taken at the start (load average then).
+    A quick (smoke) run goes to <name>-quick.json: it never overwrites the full figures."""
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if quick is not None:
+        name = f"{name}-quick" if quick else name
+        payload = {"quick": quick, **payload}
     doc = {
         "name": name,
         "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

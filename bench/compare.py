@@ -29,7 +29,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -37,8 +36,11 @@ from typing import Any
 
 from bench.common import (
     REPO,
+    TABULAR_META,
     CpuMeter,
     Figures,
+    api_key,
+    edged_config,
     format_table,
     ingest_server,
     machine_info,
@@ -54,13 +56,6 @@ MB = 1_000_000
 MiB = 1 << 20
 INTEROP_PYTHON = REPO / ".venv-interop" / "bin" / "python"
 SEED_SCRIPT = REPO / "bench" / "seed_client.py"
-META = pb.DataCaptureMetadata(
-    component_type="rdk:component:sensor",
-    component_name="bench",
-    method_name="Readings",
-    type=pb.DATA_TYPE_TABULAR_SENSOR,
-    file_extension=".dat",
-)
 FULL = {"files": 200, "per_file": 1000, "file_mb": 500, "ingest_calls": 200, "runs": 3}
 QUICK = {"files": 50, "per_file": 1000, "file_mb": 100, "ingest_calls": 50, "runs": 1}
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -126,31 +121,8 @@ def ack_server(tmp: Path, key_id: str, key_file: Path) -> Iterator[tuple[int, di
             totals.update(json.loads(rest[-1]))
 
 
-def _key(tmp: Path) -> tuple[str, str, Path]:
-    key_id, secret = str(uuid.uuid4()), uuid.uuid4().hex + uuid.uuid4().hex
-    path = tmp / "key"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secret)
-    return key_id, secret, path
-
-
-def _edged_config(run_dir: Path, port: int, key_id: str, key_file: Path, source: str) -> Path:
-    cfg = run_dir / "edged.yaml"
-    cfg.write_text(f"""\
-part_id: bench
-state_dir: {run_dir / "state"}
-cloud: {{address: "127.0.0.1:{port}", api_key_id: {key_id}, api_key_file: {key_file}, tls: false}}
-sources:
-  - {source}
-status: {{socket: {run_dir / "edged.sock"}}}
-log: {{level: warning}}
-""")
-    return cfg
-
-
 def _edged_once(run_dir: Path, port: int, key_id: str, key_file: Path, source: str) -> Figures:
-    cfg = _edged_config(run_dir, port, key_id, key_file, source)
+    cfg = edged_config(run_dir, port, key_id, key_file, f"  - {source}")
     cmd = [sys.executable, "-m", "edged", "run", "--until-empty", "-c", str(cfg)]
     r = run_measured(cmd, run_dir / "edged.log")
     return {k: v for k, v in r.items() if k != "stdout"}
@@ -168,7 +140,7 @@ def _seed(args: Sequence[str], log: Path) -> Figures:
 def write_capture_files(root: Path, files: int, per_file: int) -> None:
     seq = 0
     for _ in range(files):
-        with CaptureWriter(root, META, max_file_bytes=1 << 30) as w:
+        with CaptureWriter(root, TABULAR_META, max_file_bytes=1 << 30) as w:
             for _ in range(per_file):
                 t = T0 + timedelta(milliseconds=seq)
                 w.write_tabular(reading(seq), time_requested=t, time_received=t)
@@ -357,7 +329,7 @@ def run(quick: bool = False, runs: int | None = None) -> Path:
     ing_runs: list[Figures] = []
     with tempfile.TemporaryDirectory(prefix="edged-compare-") as d:
         tmp = Path(d)
-        key = _key(tmp)
+        key = api_key(tmp)
         with ack_server(tmp, key[0], key[2]) as (port, totals):
             for i in range(reps):
                 tab_runs.append(tabular(tmp, port, key, p, i))
@@ -445,9 +417,8 @@ def run(quick: bool = False, runs: int | None = None) -> Path:
         )
     )
     return write_result(
-        f"{NAME}-quick" if quick else NAME,
+        NAME,
         {
-            "quick": quick,
             "params": p,
             "tabular": {**tab, "runs": tab_runs},
             "file": {**fil, "runs": file_runs},
@@ -455,6 +426,7 @@ def run(quick: bool = False, runs: int | None = None) -> Path:
             "ack_server_totals": totals,
         },
         machine,
+        quick=quick,
     )
 
 

@@ -35,8 +35,11 @@ import psutil
 
 from bench.common import (
     REPO,
+    TABULAR_META,
     CpuMeter,
     Figures,
+    api_key,
+    edged_config,
     format_table,
     ingest_server,
     machine_info,
@@ -44,44 +47,21 @@ from bench.common import (
     run_n,
     write_result,
 )
-from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.capture import CaptureWriter
-from tests.support.credentials import make_key_file
 from tests.support.ingest_db import ingest_count
 from tests.support.processes import peak_rss_bytes, stop_process
 from tests.support.waiting import wait_for
 
 NAME = "e2e"
 MiB = 1 << 20
-META = pb.DataCaptureMetadata(
-    component_type="rdk:component:sensor",
-    component_name="bench",
-    method_name="Readings",
-    type=pb.DATA_TYPE_TABULAR_SENSOR,
-    file_extension=".dat",
-)
 QUICK = {"load_s": 6.0, "saturation": 100_000, "file_mib": 200, "backlog": 100_000, "runs": 1}
 FULL = {"load_s": 20.0, "saturation": 500_000, "file_mib": 1024, "backlog": 1_000_000, "runs": 3}
 
 
-def _key(tmp: Path) -> tuple[str, str, Path]:
-    k = make_key_file(tmp)
-    return k.key_id, k.secret, k.path
-
-
 def _config(tmp: Path, port: int, key_id: str, key_file: Path, sources: str) -> Path:
-    cfg = tmp / "edged.yaml"
-    cfg.write_text(f"""\
-part_id: bench
-state_dir: {tmp / "state"}
-cloud: {{address: "127.0.0.1:{port}", api_key_id: {key_id}, api_key_file: {key_file}, tls: false}}
-sources:
-{sources}
-upload: {{backoff: {{initial: 50ms, max: 1s}}}}
-status: {{socket: {tmp / "edged.sock"}}}
-log: {{level: warning}}
-""")
-    return cfg
+    """Retries start at 50 ms: a bench run measures delivery, not the default backoff."""
+    extra = "upload: {backoff: {initial: 50ms, max: 1s}}\n"
+    return edged_config(tmp, port, key_id, key_file, sources, extra)
 
 
 @contextlib.contextmanager
@@ -104,7 +84,7 @@ def _edged(cfg: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.
 def _write_backlog(root: Path, n: int, per_file: int = 1000) -> None:
     now = datetime.now(UTC)
     for first in range(0, n, per_file):
-        with CaptureWriter(root, META) as w:
+        with CaptureWriter(root, TABULAR_META) as w:
             for seq in range(first, min(n, first + per_file)):
                 w.write_tabular({"seq": seq, "v": 1.5}, time_requested=now, time_received=now)
 
@@ -113,7 +93,7 @@ def _write_backlog(root: Path, n: int, per_file: int = 1000) -> None:
 
 
 def fixed_load(tmp: Path, seconds: float, rate: int = 10_000, per_file: int = 1000) -> Figures:
-    key_id, _, key_file = _key(tmp)
+    key_id, _, key_file = api_key(tmp)
     capture = tmp / "capture"
     capture.mkdir()
     closes: list[tuple[int, int]] = []  # (last seq of a file, close time ns)
@@ -127,7 +107,7 @@ def fixed_load(tmp: Path, seconds: float, rate: int = 10_000, per_file: int = 10
             meter.start()
 
             def writer() -> None:
-                w = CaptureWriter(capture, META, max_file_bytes=1 << 30)
+                w = CaptureWriter(capture, TABULAR_META, max_file_bytes=1 << 30)
                 seq, period, start = 0, per_file / rate, time.monotonic()
                 for n in range(int(seconds * rate / per_file)):
                     now = datetime.now(UTC)
@@ -171,7 +151,7 @@ def fixed_load(tmp: Path, seconds: float, rate: int = 10_000, per_file: int = 10
 
 
 def saturation(tmp: Path, n: int) -> Figures:
-    key_id, _, key_file = _key(tmp)
+    key_id, _, key_file = api_key(tmp)
     _write_backlog(tmp / "capture", n)
     with ingest_server(
         tmp / "ingest", ["--api-key-id", key_id, "--api-key-file", str(key_file)]
@@ -196,7 +176,7 @@ def saturation(tmp: Path, n: int) -> Figures:
 
 
 def per_call(tmp: Path, seconds: float = 3.0) -> Figures:
-    key_id, secret, key_file = _key(tmp)
+    key_id, secret, key_file = api_key(tmp)
     with ingest_server(
         tmp / "ingest", ["--api-key-id", key_id, "--api-key-file", str(key_file)]
     ) as (_, port):
@@ -227,7 +207,7 @@ def per_call(tmp: Path, seconds: float = 3.0) -> Figures:
 
 
 def file_drain(tmp: Path, mib: int) -> Figures:
-    key_id, _, key_file = _key(tmp)
+    key_id, _, key_file = api_key(tmp)
     drop = tmp / "drop"
     drop.mkdir()
     big = drop / "big.bin"
@@ -257,7 +237,7 @@ def file_drain(tmp: Path, mib: int) -> Figures:
 
 
 def backlog(tmp: Path, n: int) -> Figures:
-    key_id, _, key_file = _key(tmp)
+    key_id, _, key_file = api_key(tmp)
     _write_backlog(tmp / "capture", n)
     with socket.socket() as s:  # a port nobody listens on: the server is "down"
         s.bind(("127.0.0.1", 0))
@@ -374,9 +354,8 @@ def run(quick: bool = False, runs: int | None = None) -> Path:
         )
     )
     return write_result(
-        f"{NAME}-quick" if quick else NAME,
+        NAME,
         {
-            "quick": quick,
             "fixed_load": {**load, "runs": load_runs},
             "saturation": {**sat, "runs": sat_runs},
             "per_call": {**call, "runs": call_runs},
@@ -385,6 +364,7 @@ def run(quick: bool = False, runs: int | None = None) -> Path:
             "backlog": {**back, "runs": back_runs},
         },
         machine,
+        quick=quick,
     )
 
 

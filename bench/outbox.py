@@ -288,9 +288,8 @@ def run(quick: bool = False, runs: int | None = None) -> Path:
             shutil.rmtree(backlog, ignore_errors=True)
 
     out = write_result(
-        f"{NAME}-quick" if quick else NAME,
+        NAME,
         {
-            "quick": quick,
             "runs_per_scenario": reps,
             "settings": {
                 "reading": "SensorData: struct of 5 doubles + both timestamps, pre-encoded",
@@ -305,6 +304,7 @@ def run(quick: bool = False, runs: int | None = None) -> Path:
             "drain": drain,
         },
         machine,
+        quick=quick,
     )
     print("\n## outbox: enqueue (synchronous=FULL)\n")
     print(format_table(enqueue, ENQUEUE_COLUMNS))

@@ -332,9 +332,8 @@ def run(quick: bool = False, runs: int | None = None) -> Path:
         latency = {"files": latency_files, "rate": RATE, **med, "runs": lat_runs}
 
     out = write_result(
-        f"{NAME}-quick" if quick else NAME,
+        NAME,
         {
-            "quick": quick,
             "runs_per_scenario": reps,
             "settings": {
                 "reading": "tabular SensorData: struct of 5 doubles + both timestamps",
@@ -349,6 +348,7 @@ def run(quick: bool = False, runs: int | None = None) -> Path:
             "latency": latency,
         },
         machine,
+        quick=quick,
     )
     print(f"\n## sources: capture scan ({READINGS_PER_FILE} readings/file, median of {reps})\n")
     print(format_table([scan], SCAN_COLUMNS))

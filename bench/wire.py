@@ -256,9 +256,8 @@ def run(quick: bool = False, runs: int | None = None) -> Path:
             files.append({"path": path, **med, "runs": all_runs})
 
     out = write_result(
-        f"{NAME}-quick" if quick else NAME,  # a smoke run never overwrites the full figures
+        NAME,
         {
-            "quick": quick,
             "runs_per_scenario": n,
             "settings": {
                 "transport": "loopback 127.0.0.1, plaintext h2, API key auth",
@@ -272,6 +271,7 @@ def run(quick: bool = False, runs: int | None = None) -> Path:
             "files": files,
         },
         machine,
+        quick=quick,
     )
     print(f"\n## wire: tabular ({BATCH} readings/call, {calls} calls/run, median of {n})\n")
     print(format_table(tabular, TABULAR_COLUMNS))

@@ -25,6 +25,8 @@ import pytest
 import trustme
 
 from edged.client import UploadClient
+from edged.daemon.config import OutboxConfig
+from edged.daemon.outbox import Outbox
 from edged.ingest import ApiKey, IngestServer, IngestSettings
 from tests.support.credentials import Certs, KeyFile, make_key_file
 from tests.support.pg import PgServer
@@ -70,6 +72,15 @@ async def client(ingest: IngestServer, key: KeyFile, certs: Certs) -> AsyncItera
         ingest.address, api_key_id=key.key_id, api_key=key.secret, ca_file=certs.ca_file
     ) as c:
         yield c
+
+
+@pytest.fixture
+async def box(tmp_path: Path) -> AsyncIterator[Outbox]:
+    """An outbox in `tmp_path/state`; `synchronous=NORMAL` for speed (no test here cuts
+    the power, and a crash test closes and reopens it)."""
+    ob = await Outbox.open(tmp_path / "state", OutboxConfig(synchronous="NORMAL"))
+    yield ob
+    await ob.close()
 
 
 @pytest.fixture(scope="session")
@@ -134,7 +145,9 @@ def _stop_leaked_aiosqlite() -> int:
     alive = [
         (obj, thread)
         for obj in gc.get_objects()
-        if isinstance(obj, aiosqlite.Connection)
+        # type(), not isinstance(): a weak proxy (botocore keeps some) whose referent is
+        # gone raises ReferenceError on isinstance().
+        if issubclass(type(obj), aiosqlite.Connection)
         and isinstance(thread := getattr(obj, "_thread", None), threading.Thread)
         and thread.is_alive()
     ]

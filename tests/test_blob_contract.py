@@ -21,7 +21,7 @@ from edged.ingest.blobs import (
     check_key,
     marker_key,
 )
-from edged.ingest.s3blobs import S3BlobStore, S3Credentials, S3Location, botocore_session
+from edged.ingest.s3blobs import S3BlobStore, S3Credentials, S3Location
 from tests.support.s3server import S3Endpoint
 
 MiB = 1024 * 1024
@@ -57,7 +57,7 @@ class Env:
                 for p in (self.root / "blobs").rglob("*")
                 if p.is_file()
             )
-        async with _client(self.s3) as c:
+        async with self.s3.client() as c:
             objs = await c.list_objects_v2(Bucket=self.bucket)
             ups = await c.list_multipart_uploads(Bucket=self.bucket)
         return sorted(
@@ -70,24 +70,11 @@ class Env:
         return key if self.s3 is None else f"edged/{key}"
 
 
-def _client(s3: S3Endpoint):  # type: ignore[no-untyped-def]
-    return botocore_session().create_client(
-        "s3",
-        endpoint_url=s3.url,
-        region_name="us-east-1",
-        aws_access_key_id=s3.env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=s3.env["AWS_SECRET_ACCESS_KEY"],
-    )
-
-
 @pytest.fixture(params=["local", "s3"])
 async def env(request: pytest.FixtureRequest, tmp_path: Path, s3: S3Endpoint) -> Env:
     if request.param == "local":
         return Env("local", tmp_path / "data")
-    bucket = f"edged-{uuid.uuid4().hex[:12]}"
-    async with _client(s3) as c:
-        await c.create_bucket(Bucket=bucket)
-    return Env("s3", tmp_path, s3, bucket)
+    return Env("s3", tmp_path, s3, await s3.new_bucket())
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from edged.client import UploadClient
+from tests.support.big_files import write_big_file
 from tests.support.credentials import Certs, KeyFile, make_key_file
 from tests.support.processes import edged_cmd, ingest_process, peak_rss_bytes
 
@@ -28,15 +29,7 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 def test_key_file_readable_by_others_is_refused(tmp_path: Path) -> None:
     key = make_key_file(tmp_path)
     os.chmod(key.path, 0o644)
-    res = _run(
-        "ingest",
-        "--data",
-        str(tmp_path / "d"),
-        "--api-key-id",
-        key.key_id,
-        "--api-key-file",
-        str(key.path),
-    )
+    res = _run("ingest", "--data", str(tmp_path / "d"), *key.ingest_args())
     assert res.returncode == 2
     assert f"API key file {key.path} has mode 0644" in res.stderr
     assert key.secret not in res.stderr + res.stdout
@@ -134,13 +127,7 @@ def test_200mb_file_streams_with_flat_memory_and_sigterm_exits_0(
     """Neither side may hold the file: peak RSS of both stays far below its size."""
     size = 200 * MiB
     big = tmp_path / "big.bin"
-    digest = hashlib.sha256()
-    with open(big, "wb") as f:
-        block = os.urandom(MiB)
-        for i in range(size // MiB):
-            piece = block[:-4] + i.to_bytes(4, "big")
-            f.write(piece)
-            digest.update(piece)
+    digest = write_big_file(big, size)
     data = tmp_path / "ingest"
     with ingest_process(data, ["--api-key-id", key.key_id, "--api-key-file", str(key.path)]) as (
         server,
@@ -170,7 +157,7 @@ def test_200mb_file_streams_with_flat_memory_and_sigterm_exits_0(
     assert len(blobs) == 1
     assert blobs[0].stat().st_size == size
     with open(blobs[0], "rb") as f:
-        assert hashlib.file_digest(f, "sha256").hexdigest() == digest.hexdigest()
+        assert hashlib.file_digest(f, "sha256").hexdigest() == digest
     # Flat memory: an implementation that buffers the file would exceed 200 MiB.
     print(
         f"\npeak RSS: client {int(client_peak) / MiB:.1f} MiB, server {server_peak / MiB:.1f} MiB"

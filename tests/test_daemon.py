@@ -33,9 +33,7 @@ from tests.support.waiting import wait_for
 
 def test_files_in_data_stored_sources_deleted_status_true(tmp_path: Path, key: KeyFile) -> None:
     (tmp_path / "uploads" / "tag=field").mkdir(parents=True)
-    with ingest_process(
-        tmp_path / "ingest", ["--api-key-id", key.key_id, "--api-key-file", str(key.path)]
-    ) as (_, port):
+    with ingest_process(tmp_path / "ingest", key.ingest_args()) as (_, port):
         cfg = write_config(tmp_path / "edged.yaml", base_config(tmp_path, port, key))
         with daemon(cfg) as proc:
             wait_for("status socket", lambda: socket_up(tmp_path / "edged.sock"))
@@ -83,9 +81,7 @@ def test_files_in_data_stored_sources_deleted_status_true(tmp_path: Path, key: K
 
 def test_sigterm_mid_drain_exit_0_then_restart_loses_nothing(tmp_path: Path, key: KeyFile) -> None:
     write_capture(tmp_path / "capture", 0, 30_000, per_file=1000)
-    with ingest_process(
-        tmp_path / "ingest", ["--api-key-id", key.key_id, "--api-key-file", str(key.path)]
-    ) as (_, port):
+    with ingest_process(tmp_path / "ingest", key.ingest_args()) as (_, port):
         cfg = write_config(tmp_path / "edged.yaml", base_config(tmp_path, port, key))
         with daemon(cfg) as proc:
             wait_for("some uploads", lambda: ingest_count(tmp_path / "ingest", "readings") > 0)
@@ -136,9 +132,7 @@ def test_missing_source_directory_is_the_sources_last_error_until_it_appears(
 
 
 def test_sighup_adds_a_source_and_bad_reload_keeps_running(tmp_path: Path, key: KeyFile) -> None:
-    with ingest_process(
-        tmp_path / "ingest", ["--api-key-id", key.key_id, "--api-key-file", str(key.path)]
-    ) as (_, port):
+    with ingest_process(tmp_path / "ingest", key.ingest_args()) as (_, port):
         cfg = write_config(tmp_path / "edged.yaml", base_config(tmp_path, port, key))
         with daemon(cfg) as proc:
             wait_for("status socket", lambda: socket_up(tmp_path / "edged.sock"))

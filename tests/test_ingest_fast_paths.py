@@ -28,17 +28,11 @@ from edged.ingest.values import (
     encode_struct,
     struct_json,
 )
+from tests.support.struct_values import TEXT, structs
 
 _char = st.characters(exclude_categories=["Cs"])
 # Short texts, and long ones (over 127 bytes: multi-byte length prefixes) built as repeats.
-_text = st.text(_char, max_size=8) | st.builds(lambda c, n: c * n, _char, st.integers(120, 300))
-_leaf = st.none() | st.booleans() | st.floats() | _text
-_values = st.recursive(
-    _leaf,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_text, inner, max_size=4),
-    max_leaves=20,
-)
-_structs = st.dictionaries(_text, _values, max_size=6)
+_structs = structs(TEXT | st.builds(lambda c, n: c * n, _char, st.integers(120, 300)))
 # Long strings on a busy machine: generation may be slow, which says nothing about the code.
 _SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large]
 

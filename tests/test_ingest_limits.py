@@ -278,15 +278,7 @@ def test_short_key_is_refused_at_start_naming_the_file(tmp_path: Path) -> None:
     key = make_key_file(tmp_path)
     key.path.write_text("x\n")
     res = subprocess.run(
-        edged_cmd(
-            "ingest",
-            "--data",
-            str(tmp_path / "d"),
-            "--api-key-id",
-            key.key_id,
-            "--api-key-file",
-            str(key.path),
-        ),
+        edged_cmd("ingest", "--data", str(tmp_path / "d"), *key.ingest_args()),
         capture_output=True,
         text=True,
         timeout=60,

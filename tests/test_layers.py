@@ -15,9 +15,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PKG = REPO / "edged"
-BASE = {"edged", "edged.errors", "edged.durable", "edged._proto", "edged.options"}
-"""Foundation every layer may use: the exception hierarchy, fsync, generated protos, and
-config keys declared once (`options`: the daemon's file, the SDK's `cloud` section)."""
+BASE = {
+    "edged",
+    "edged.errors",
+    "edged.durable",
+    "edged._proto",
+    "edged.options",
+    "edged.protocol",
+}
+"""Foundation every layer may use: the exception hierarchy, fsync, generated protos,
+config keys declared once (`options`: the daemon's file, the SDK's `cloud` section), and
+what edged adds to the wire protocol (`protocol`: client and server both speak it)."""
 
 ALLOWED: dict[str, set[str]] = {
     "base": set(),

@@ -305,10 +305,7 @@ def test_daemon_and_ingest_metrics_move_with_uploads_and_logs_carry_fields(
     with ingest_process(
         tmp_path / "ingest",
         [
-            "--api-key-id",
-            key.key_id,
-            "--api-key-file",
-            str(key.path),
+            *key.ingest_args(),
             "--org-id",
             "org-1",
             "--metrics-listen",
@@ -501,10 +498,7 @@ def test_ingest_logs_never_hold_a_key_token_or_wrong_secret(tmp_path: Path, key:
     with ingest_process(
         tmp_path / "ingest",
         [
-            "--api-key-id",
-            key.key_id,
-            "--api-key-file",
-            str(key.path),
+            *key.ingest_args(),
             "--log-format",
             "json",
             "--log-level",

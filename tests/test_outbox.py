@@ -7,7 +7,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -33,13 +32,6 @@ from tests.support.processes import read_line
 
 def seqs(blobs: list[bytes]) -> list[int]:
     return [int(pb.SensorData.FromString(b).struct.fields["seq"].number_value) for b in blobs]
-
-
-@pytest.fixture
-async def box(tmp_path: Path) -> AsyncIterator[Outbox]:
-    ob = await Outbox.open(tmp_path / "state")
-    yield ob
-    await ob.close()
 
 
 async def test_readings_round_trip_in_order_and_ack_removes_them(box: Outbox) -> None:

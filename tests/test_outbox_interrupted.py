@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -15,10 +14,9 @@ from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.capture import CaptureWriter
 from edged.daemon.outbox import INLINE_MAX, KIND_BINARY, KIND_FILE, Claim, FileRef, Outbox
 from edged.daemon.queue import scalar
-from edged.daemon.sources.base import SourceContext
-from edged.daemon.sources.capture import CaptureConfig, CaptureSource
 from edged.errors import OutboxFull
 from edged.ingest.storage import IngestStore
+from tests.support.crashes import Killed, scan_killed_after_first_enqueue
 from tests.support.outbox_items import meta, take
 
 CAMERA = pb.DataCaptureMetadata(
@@ -30,10 +28,6 @@ CAMERA = pb.DataCaptureMetadata(
 )
 
 
-class Killed(Exception):
-    """Stands for kill -9 at this instant: nothing after it runs."""
-
-
 def three_frame_file(cap: Path) -> Path:
     w = CaptureWriter(cap, CAMERA, max_file_readings=3)
     for i in range(3):
@@ -41,13 +35,6 @@ def three_frame_file(cap: Path) -> Path:
     path = w.close()
     assert path is not None
     return path
-
-
-@pytest.fixture
-async def box(tmp_path: Path) -> AsyncIterator[Outbox]:
-    ob = await Outbox.open(tmp_path / "state")
-    yield ob
-    await ob.close()
 
 
 async def test_binary_file_is_not_deleted_while_its_readings_are_still_being_queued(
@@ -79,22 +66,7 @@ async def test_binary_file_is_not_deleted_while_its_readings_are_still_being_que
 async def test_crash_after_first_binary_reading_resumes_the_rest(tmp_path: Path) -> None:
     cap, state = tmp_path / "capture", tmp_path / "state"
     path = three_frame_file(cap)
-    box = await Outbox.open(state)
-    real = box.enqueue_item
-
-    async def enqueue_then_die(*args: object, **kwargs: object) -> str:
-        await real(*args, **kwargs)  # type: ignore[arg-type]
-        raise Killed
-
-    box.enqueue_item = enqueue_then_die  # type: ignore[method-assign]
-    source = CaptureSource(CaptureConfig(path=cap), SourceContext("p", box, state))
-    with pytest.raises(Killed):
-        await source.scan_once()
-    await box.close()
-    box = await Outbox.open(state)
-    await box.recover()
-    source = CaptureSource(CaptureConfig(path=cap), SourceContext("p", box, state))
-    await source.scan_once()
+    box = await scan_killed_after_first_enqueue(cap, state)
     offsets = []
     while (item := await take(box)) is not None:
         offsets.append(item.offset)

@@ -10,14 +10,13 @@ import os
 import signal
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
 
 from edged.client import connect
 from edged.ingest.blobs import blob_key
-from edged.ingest.s3blobs import botocore_session
+from tests.support.big_files import write_big_file
 from tests.support.credentials import KeyFile
 from tests.support.processes import edged_cmd, ingest_process, peak_rss_bytes
 from tests.support.s3server import S3Endpoint
@@ -25,29 +24,16 @@ from tests.support.s3server import S3Endpoint
 MiB = 1024 * 1024
 
 
-def _client(s3: S3Endpoint):  # type: ignore[no-untyped-def]
-    return botocore_session().create_client(
-        "s3",
-        endpoint_url=s3.url,
-        region_name="us-east-1",
-        aws_access_key_id=s3.env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=s3.env["AWS_SECRET_ACCESS_KEY"],
-    )
-
-
 @pytest.fixture
 async def bucket(s3: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> str:
     """A fresh bucket; the AWS_* credentials in our environment, for the children."""
     for name, value in s3.env.items():
         monkeypatch.setenv(name, value)
-    name = f"edged-{uuid.uuid4().hex[:12]}"
-    async with _client(s3) as c:
-        await c.create_bucket(Bucket=name)
-    return name
+    return await s3.new_bucket()
 
 
 async def _keys(s3: S3Endpoint, bucket: str) -> tuple[list[str], list[str]]:
-    async with _client(s3) as c:
+    async with s3.client() as c:
         objs = await c.list_objects_v2(Bucket=bucket)
         ups = await c.list_multipart_uploads(Bucket=bucket)
     return sorted(o["Key"] for o in objs.get("Contents", [])), [
@@ -125,13 +111,7 @@ def test_large_file_streams_to_the_bucket_with_flat_server_memory(
     below the file's size."""
     size = 160 * MiB
     big = tmp_path / "big.bin"
-    digest = hashlib.sha256()
-    with open(big, "wb") as f:
-        block = os.urandom(MiB)
-        for i in range(size // MiB):
-            piece = block[:-4] + i.to_bytes(4, "big")
-            f.write(piece)
-            digest.update(piece)
+    digest = write_big_file(big, size)
     with ingest_process(tmp_path / "ingest", _flags(key, s3, bucket)) as (server, port):
         client = subprocess.run(
             [sys.executable, "-c", CLIENT_SCRIPT, f"127.0.0.1:{port}", key.key_id, key.secret,
@@ -145,7 +125,7 @@ def test_large_file_streams_to_the_bucket_with_flat_server_memory(
         assert server.wait(30) == 0
 
     async def fetch() -> tuple[int, str]:
-        async with _client(s3) as c:
+        async with s3.client() as c:
             got = await c.get_object(Bucket=bucket, Key=f"edged/{blob_key('acme', binary_id)}")
             sha = hashlib.sha256()
             n = 0
@@ -155,7 +135,7 @@ def test_large_file_streams_to_the_bucket_with_flat_server_memory(
                     n += len(chunk)
         return n, sha.hexdigest()
 
-    assert asyncio.run(fetch()) == (size, digest.hexdigest())
+    assert asyncio.run(fetch()) == (size, digest)
     print(f"\npeak RSS of edged ingest with --blobs s3://: {server_peak / MiB:.1f} MiB")
     assert server_peak < size  # holding the file would need all of it and the baseline
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,6 @@ from edged.ingest.s3blobs import (
     S3BlobStore,
     S3Credentials,
     S3Location,
-    botocore_session,
     credentials_from_env,
     parse_s3_url,
     s3_status,
@@ -126,27 +124,8 @@ async def test_unreachable_store_is_unavailable_naming_bucket_and_key() -> None:
     assert f"s3://fleet-data/edged/{key}" in read_err.value.message
 
 
-async def _make_bucket(s3: S3Endpoint) -> str:
-    bucket = f"edged-{uuid.uuid4().hex[:12]}"
-    async with botocore_session().create_client(
-        "s3",
-        endpoint_url=s3.url,
-        region_name="us-east-1",
-        aws_access_key_id=s3.env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=s3.env["AWS_SECRET_ACCESS_KEY"],
-    ) as c:
-        await c.create_bucket(Bucket=bucket)
-    return bucket
-
-
 async def _objects(s3: S3Endpoint, bucket: str) -> list[str]:
-    async with botocore_session().create_client(
-        "s3",
-        endpoint_url=s3.url,
-        region_name="us-east-1",
-        aws_access_key_id=s3.env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=s3.env["AWS_SECRET_ACCESS_KEY"],
-    ) as c:
+    async with s3.client() as c:
         listed = await c.list_objects_v2(Bucket=bucket)
     return sorted(o["Key"] for o in listed.get("Contents", []))
 
@@ -157,7 +136,7 @@ async def s3_ingest(
 ) -> AsyncIterator[tuple[IngestServer, str]]:
     for name, value in s3.env.items():
         monkeypatch.setenv(name, value)
-    bucket = await _make_bucket(s3)
+    bucket = await s3.new_bucket()
     settings = IngestSettings(
         data_dir=tmp_path / "ingest",
         blobs=f"s3://{bucket}/edged",
@@ -221,7 +200,7 @@ async def test_delete_succeeds_when_the_store_fails_after_the_rows_are_gone(
         monkeypatch.setenv(name, value)
     with contextlib.ExitStack() as endpoint:
         own = endpoint.enter_context(s3_server())  # this test stops its endpoint half-way
-        bucket = await _make_bucket(own)
+        bucket = await own.new_bucket()
         settings = IngestSettings(
             data_dir=tmp_path / "ingest",
             blobs=f"s3://{bucket}/edged",

@@ -24,7 +24,8 @@ from edged.daemon.config import BackoffConfig, UploadConfig
 from edged.daemon.outbox import KIND_FILE, Claim, FileRef, Outbox
 from edged.daemon.uploader import Uploader
 from edged.errors import UploadError
-from edged.ingest import IngestServer, IngestSettings
+from edged.ingest import IngestServer
+from tests.support.hooked_server import hooked_server
 from tests.support.relay import KiB, Relay
 
 CALL_TIMEOUT = 3.0
@@ -52,10 +53,7 @@ def calls() -> Calls:
 
 @pytest.fixture
 async def server(tmp_path: Path, calls: Calls) -> AsyncIterator[IngestServer]:
-    settings = IngestSettings(
-        data_dir=tmp_path / "ingest", extra_hooks=(calls.hook,), synchronous="NORMAL"
-    )
-    async with IngestServer(settings) as srv:
+    async with hooked_server(tmp_path / "ingest", calls.hook) as srv:
         yield srv
 
 

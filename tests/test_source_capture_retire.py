@@ -9,9 +9,6 @@ import contextlib
 import os
 import time
 from pathlib import Path
-from typing import Any
-
-import pytest
 
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.capture import CaptureWriter, frame
@@ -19,6 +16,7 @@ from edged.daemon.outbox import Item, Outbox
 from edged.daemon.sources.base import SourceContext
 from edged.daemon.sources.capture import CaptureConfig, CaptureSource
 from tests.support.capture_files import tabular_metadata, tabular_reading
+from tests.support.crashes import scan_killed_after_first_enqueue
 
 
 async def drain(box: Outbox) -> list[Item]:
@@ -67,10 +65,6 @@ async def test_prog_with_a_live_writer_is_committed_but_not_deleted(tmp_path: Pa
         await box.close()
 
 
-class Killed(Exception):
-    """Stands for kill -9 at this instant: nothing after it runs."""
-
-
 async def test_legacy_images_survive_a_crash_between_images(tmp_path: Path) -> None:
     cap, state = tmp_path / "capture", tmp_path / "state"
     header = pb.DataCaptureMetadata(
@@ -97,24 +91,7 @@ async def test_legacy_images_survive_a_crash_between_images(tmp_path: Path) -> N
     )
     legacy.parent.mkdir(parents=True)
     legacy.write_bytes(frame(header.SerializeToString()) + frame(reading.SerializeToString()))
-    box = await Outbox.open(state)
-    real, calls = box.enqueue_item, [0]
-
-    async def die_after_first(*args: Any, **kwargs: Any) -> str:
-        uid = await real(*args, **kwargs)
-        calls[0] += 1
-        raise Killed
-        return uid  # pragma: no cover
-
-    box.enqueue_item = die_after_first  # type: ignore[method-assign]
-    source = CaptureSource(CaptureConfig(path=cap), SourceContext("p", box, state))
-    with pytest.raises(Killed):
-        await source.scan_once()
-    await box.close()
-    box = await Outbox.open(state)
-    await box.recover()
-    source = CaptureSource(CaptureConfig(path=cap), SourceContext("p", box, state))
-    await source.scan_once()
+    box = await scan_killed_after_first_enqueue(cap, state)
     payloads = {item.inline for item in await drain(box)}
     assert payloads == {f"img-{i}".encode() * 50 for i in range(3)}  # none lost
     assert list(cap.rglob("*.capture")) == []  # and the file was retired

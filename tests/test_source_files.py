@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -35,13 +35,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture
-async def box(tmp_path: Path) -> AsyncIterator[Outbox]:
-    ob = await Outbox.open(tmp_path / "state", OutboxConfig(synchronous="NORMAL"))
-    yield ob
-    await ob.close()
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +28,6 @@ REPO = Path(__file__).resolve().parents[1]
 NOW = 1_700_000_000.25
 NOW_NS = 1_700_000_000_250_000_000
 S = 1_000_000_000
-
-
-@pytest.fixture
-async def box(tmp_path: Path) -> AsyncIterator[Outbox]:
-    ob = await Outbox.open(tmp_path / "state", OutboxConfig(synchronous="NORMAL"))
-    yield ob
-    await ob.close()
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ import pytest
 from google.protobuf.any_pb2 import Any as AnyPb
 from google.protobuf.struct_pb2 import Struct, Value
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from edged._proto.app.data.v1 import data_pb2 as dpb
 from edged._proto.app.data.v1.data_grpc import DataServiceStub
@@ -32,6 +31,7 @@ from edged.ingest import IngestServer
 from edged.ingest.sql import convert_value
 from edged.ingest.values import decode_python, decode_struct, encode_struct, to_bson
 from tests.support.credentials import Certs, KeyFile
+from tests.support.struct_values import structs
 
 NAN, INF = float("nan"), float("inf")
 ODD: dict[str, Any] = {
@@ -81,18 +81,9 @@ def _struct(d: dict[str, Any]) -> Struct:
 
 # -- the stored form, over arbitrary Struct values -------------------------------------------
 
-_text = st.text(st.characters(exclude_categories=["Cs"]), max_size=8)
-_leaf = st.none() | st.booleans() | st.floats() | _text
-_values = st.recursive(
-    _leaf,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_text, inner, max_size=4),
-    max_leaves=20,
-)
-_structs = st.dictionaries(_text, _values, max_size=6)
-
 
 @settings(max_examples=300, deadline=None)
-@given(_structs)
+@given(structs())
 def test_every_struct_round_trips_and_its_json_is_strict(data: dict[str, Any]) -> None:
     original = _struct(data)
     text, exact = encode_struct(original)

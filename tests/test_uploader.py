@@ -24,7 +24,8 @@ from edged.client import UploadClient, sensor_metadata, upload_metadata
 from edged.daemon.config import BackoffConfig, UploadConfig
 from edged.daemon.outbox import KIND_BINARY, KIND_FILE, Claim, FileRef, Outbox
 from edged.daemon.uploader import STATE_AUTH_FAILED, Uploader
-from edged.ingest import IngestServer, IngestSettings
+from edged.ingest import IngestServer
+from tests.support.hooked_server import hooked_server
 
 FAST = UploadConfig(workers=4, batch_max_readings=100, backoff=BackoffConfig(0.005, 0.05))
 
@@ -81,18 +82,8 @@ def faults() -> Faults:
 
 @pytest.fixture
 async def server(tmp_path: Path, faults: Faults) -> AsyncIterator[IngestServer]:
-    settings = IngestSettings(
-        data_dir=tmp_path / "ingest", extra_hooks=(faults.hook,), synchronous="NORMAL"
-    )
-    async with IngestServer(settings) as srv:
+    async with hooked_server(tmp_path / "ingest", faults.hook) as srv:
         yield srv
-
-
-@pytest.fixture
-async def box(tmp_path: Path) -> AsyncIterator[Outbox]:
-    ob = await Outbox.open(tmp_path / "state")
-    yield ob
-    await ob.close()
 
 
 def tab_meta(component: str) -> bytes:

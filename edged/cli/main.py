@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from edged import __version__
+from edged.cli.args import positive_int, seconds, whole
 from edged.daemon.config import (
     absolute_path,
     check_host,
@@ -120,32 +121,11 @@ def _strong_secret(path: Path) -> str:
     return secret
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds > 0")
-    return value
-
-
-def _whole(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
-    return value
-
-
 _LIMIT_KINDS: dict[str, Callable[[str], object]] = {
     "size": _size_arg,
-    "int": _whole,  # 0 allowed where it means "derive it" (--max-connections)
-    "count": _positive_int,
-    "float": _positive_float,
+    "int": whole,  # 0 allowed where it means "derive it" (--max-connections)
+    "count": positive_int,
+    "float": seconds,
 }
 
 

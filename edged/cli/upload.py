@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
+from edged.cli.args import seconds, whole
 from edged.cli.progress import Progress
 from edged.cli.target import add_flags, hint, open_target
 from edged.client.api import FileSlice, UploadClient, upload_metadata
@@ -49,20 +50,29 @@ def collect(paths: list[Path], out: Outcome) -> list[Path]:
     as skipped), missing or unreadable paths are failures."""
     files: list[Path] = []
     for top in paths:
-        try:
-            st = top.lstat()
-        except OSError as exc:
-            out.failed.append({"path": str(top), "reason": exc.strerror or str(exc)})
+        st = _look(top, out)
+        if st is None:
             continue
-        if stat.S_ISLNK(st.st_mode):
-            out.skipped.append({"path": str(top), "reason": "symlink (not followed)"})
-        elif stat.S_ISREG(st.st_mode):
+        if stat.S_ISREG(st.st_mode):
             files.append(top)
         elif stat.S_ISDIR(st.st_mode):
             files += _walk(top, out)
         else:
             out.skipped.append({"path": str(top), "reason": "not a regular file"})
     return files
+
+
+def _look(path: Path, out: Outcome) -> os.stat_result | None:
+    """`path`'s own stat; None, recorded in `out`, if it cannot be read or is a symlink."""
+    try:
+        st = path.lstat()
+    except OSError as exc:
+        out.failed.append({"path": str(path), "reason": exc.strerror or str(exc)})
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        out.skipped.append({"path": str(path), "reason": "symlink (not followed)"})
+        return None
+    return st
 
 
 def _walk(top: Path, out: Outcome) -> list[Path]:
@@ -76,18 +86,13 @@ def _walk(top: Path, out: Outcome) -> list[Path]:
         here = Path(root)
         for name in [*dirs, *names]:
             path = here / name
-            try:
-                st = path.lstat()
-            except OSError as exc:
-                out.failed.append({"path": str(path), "reason": exc.strerror or str(exc)})
+            st = _look(path, out)
+            if st is None or name not in names:
                 continue
-            if stat.S_ISLNK(st.st_mode):
-                out.skipped.append({"path": str(path), "reason": "symlink (not followed)"})
-            elif name in names:
-                if stat.S_ISREG(st.st_mode):
-                    found.append(path)
-                else:
-                    out.skipped.append({"path": str(path), "reason": "not a regular file"})
+            if stat.S_ISREG(st.st_mode):
+                found.append(path)
+            else:
+                out.skipped.append({"path": str(path), "reason": "not a regular file"})
     return sorted(found)
 
 
@@ -217,20 +222,6 @@ def _report(args: argparse.Namespace, out: Outcome, total: int) -> None:
             print(f"  {s['path']}: {s['reason']}")
 
 
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
-    return value
-
-
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds > 0")
-    return value
-
-
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     """`edged upload ...`; the caller sets the handler."""
     p: argparse.ArgumentParser = sub.add_parser(
@@ -245,13 +236,13 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--part-id", help="robot part to file them under (default: the config's)")
     add_flags(p)
     p.add_argument(
-        "--retries", type=_count, default=5, help="retries of a transient failure (default 5)"
+        "--retries", type=whole, default=5, help="retries of a transient failure (default 5)"
     )
-    p.add_argument("--backoff", type=_seconds, default=1.0, help="first retry wait cap (1s)")
-    p.add_argument("--backoff-max", type=_seconds, default=30.0, help="retry wait cap (30s)")
+    p.add_argument("--backoff", type=seconds, default=1.0, help="first retry wait cap (1s)")
+    p.add_argument("--backoff-max", type=seconds, default=30.0, help="retry wait cap (30s)")
     p.add_argument(
         "--timeout",
-        type=_seconds,
+        type=seconds,
         default=60.0,
         help="give up on a file after this many seconds without progress (default 60)",
     )

@@ -62,32 +62,6 @@ class FileRef:
 
 
 @dataclass(frozen=True)
-class Item:
-    """One upload call's worth of work, leased by one worker."""
-
-    id: int
-    uid: str
-    kind: str
-    metadata: bytes
-    sensor: bytes | None
-    inline: bytes | None
-    path: str | None
-    offset: int
-    length: int
-    stored: bool
-    count: int
-    bytes: int
-    enqueued_at: float
-    attempts: int
-    root: str | None = None
-    ident: Identity | None = None
-    source: str = ""
-    """The source that queued it ("" for items queued before sources were recorded)."""
-    priority: int = 0
-    """Its source's configured priority (higher = sooner) when it was leased."""
-
-
-@dataclass(frozen=True)
 class NewItem:
     """An item row about to be inserted (what `Outbox.enqueue_item` worked out)."""
 
@@ -101,6 +75,23 @@ class NewItem:
     stored: bool
     root: str | None = None
     ident: Identity | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Item(NewItem):
+    """One upload call's worth of work, leased by one worker: an item row as stored,
+    with what the queue adds (id, metadata, counts, age, attempts)."""
+
+    id: int
+    metadata: bytes
+    count: int
+    bytes: int
+    enqueued_at: float
+    attempts: int
+    source: str = ""
+    """The source that queued it ("" for items queued before sources were recorded)."""
+    priority: int = 0
+    """Its source's configured priority (higher = sooner) when it was leased."""
 
 
 @dataclass(frozen=True)

@@ -40,8 +40,8 @@ from edged.ingest.validate import (
     invalid,
     mime_type_for,
 )
+from edged.protocol import ITEM_ID_KEY
 
-ITEM_ID_KEY = "edged-item-id"
 GROUP_MAX_CALLS = 32
 """Most tabular uploads one group commit holds (bounds one transaction's size and time)."""
 

@@ -25,6 +25,7 @@ from h2.exceptions import ProtocolError as H2ProtocolError
 
 from edged._proto.proto.rpc.v1 import auth_pb2
 from edged.errors import AuthError, UploadError
+from edged.protocol import ITEM_ID_KEY
 from edged.wire.progress import StreamSample, progressed, watch_interval
 
 try:  # Linux: bytes of a socket not yet acknowledged by the peer
@@ -35,7 +36,6 @@ try:  # Linux: bytes of a socket not yet acknowledged by the peer
 except (ImportError, AttributeError):  # elsewhere: judged without the kernel queue
     _TIOCOUTQ = None
 
-ITEM_ID_KEY = "edged-item-id"
 DATASYNC = "/viam.app.datasync.v1.DataSyncService/"
 _AUTH = "/proto.rpc.v1.AuthService/Authenticate"
 _AUTH_STATUSES = (Status.UNAUTHENTICATED, Status.PERMISSION_DENIED)

@@ -125,3 +125,23 @@ def start_writer(tmp: Path, files: int, per_file: int, plain: int) -> subprocess
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
+
+
+def finish_writer(writer: subprocess.Popen[bytes]) -> int:
+    """How many readings `start_writer`'s child wrote, once it is done; it is reaped
+    whatever happens."""
+    try:
+        written = int(read_line(writer, 120).split()[1])
+        assert writer.wait(30) == 0
+        return written
+    finally:
+        stop_writer(writer)
+
+
+def stop_writer(writer: subprocess.Popen[bytes]) -> None:
+    """Kill `start_writer`'s child if it still runs, reap it, close its pipe."""
+    if writer.poll() is None:
+        writer.kill()
+        writer.wait()
+    assert writer.stdout is not None
+    writer.stdout.close()

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import psutil
 
-from tests.reliability.common import cycles, record, start_writer
+from tests.reliability.common import cycles, finish_writer, record, start_writer, stop_writer
 from tests.support.credentials import KeyFile
 from tests.support.daemon import base_config, daemon, write_config
-from tests.support.processes import ingest_process, read_line
+from tests.support.processes import ingest_process
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -44,14 +44,10 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path, key: KeyFile) -
                         max_rss = max(max_rss, with_rss)
                         time.sleep(0.02)
                     proc.send_signal(signal.SIGKILL)
-            written = int(read_line(writer, 120).split()[1])
-            assert writer.wait(30) == 0
-        finally:
-            if writer.poll() is None:
-                writer.kill()
-                writer.wait()
-            assert writer.stdout is not None
-            writer.stdout.close()
+        except BaseException:
+            stop_writer(writer)
+            raise
+        written = finish_writer(writer)
         with daemon(cfg, args=("--until-empty",)) as proc:
             assert proc.wait(180) == 0
     db = sqlite3.connect(f"file:{data / 'ingest.sqlite3'}?mode=ro", uri=True)

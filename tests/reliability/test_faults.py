@@ -17,32 +17,27 @@ import json
 import sqlite3
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from tests.reliability.common import TORTURE, cycles, faulty_ingest, record, start_writer
+from tests.reliability.common import (
+    TORTURE,
+    cycles,
+    faulty_ingest,
+    finish_writer,
+    record,
+    start_writer,
+)
 from tests.support.credentials import KeyFile
 from tests.support.daemon import base_config, daemon, status, write_config
-from tests.support.processes import free_port, read_line
+from tests.support.processes import free_port
 from tests.support.waiting import wait_for
 
 BACKOFF_INITIAL, BACKOFF_MAX = 0.05, 0.5  # base_config's upload.backoff
 WORKERS = 4
-
-
-def finish_writer(writer: subprocess.Popen[bytes]) -> int:
-    try:
-        written = int(read_line(writer, 120).split()[1])
-        assert writer.wait(30) == 0
-        return written
-    finally:
-        if writer.poll() is None:
-            writer.kill()
-            writer.wait()
-        assert writer.stdout is not None
-        writer.stdout.close()
 
 
 class RssProbe:
@@ -118,44 +113,67 @@ def check_delivery(data: Path, written: int, plain: int) -> tuple[int, int]:
     return len(seqs) - len(set(seqs)), len(names) - len(set(names))
 
 
+def run_to_empty(cfg: Path, writer: subprocess.Popen[bytes], timeout: float) -> Drained:
+    """Run edged on `cfg` while `writer` writes, until everything was delivered; then
+    SIGTERM it, which must exit 0."""
+    with daemon(cfg) as proc:
+        rss = RssProbe(proc.pid)
+        rss.poll("status socket", (cfg.parent / "edged.sock").exists, 30)
+        rss.restart()
+        written = finish_writer(writer)
+        st = drain(cfg, rss, cfg.parent / "capture", written, timeout=timeout)
+        assert proc.poll() is None
+        proc.terminate()
+        assert proc.wait(30) == 0
+    return Drained(written, st, rss)
+
+
+@dataclass(frozen=True)
+class Drained:
+    written: int
+    status: dict[str, Any]
+    rss: RssProbe
+
+
+def delivery(data: Path, written: int, plain: int, rss: RssProbe) -> dict[str, Any]:
+    """What every fault scenario records, once nothing was lost and memory stayed flat."""
+    duplicates, file_duplicates = check_delivery(data, written, plain)
+    assert rss.growth_mib() < 40
+    return {
+        "readings_offered": written,
+        "files_offered": plain,
+        "missing": 0,
+        "duplicates": duplicates,
+        "file_duplicates": file_duplicates,
+        "max_rss_mib": rss.max_mib,
+        "rss_growth_mib": rss.growth_mib(),
+    }
+
+
 def test_half_of_calls_unavailable(tmp_path: Path, key: KeyFile) -> None:
     files, per_file, plain = sizes()
     data = tmp_path / "ingest"
     with faulty_ingest(data, key, ["--unavailable", "0.5", "--seed", "7"]) as server:
         cfg = fault_config(tmp_path, server.port, key)
         writer = start_writer(tmp_path, files, per_file, plain)
-        with daemon(cfg) as proc:
-            rss = RssProbe(proc.pid)
-            rss.poll("status socket", (tmp_path / "edged.sock").exists, 30)
-            rss.restart()
-            written = finish_writer(writer)
-            st = drain(cfg, rss, tmp_path / "capture", written, timeout=cycles(60, 600))
-            assert proc.poll() is None
-            proc.terminate()
-            assert proc.wait(30) == 0
+        run = run_to_empty(cfg, writer, timeout=cycles(60, 600))
     counts = server.counts
-    duplicates, file_duplicates = check_delivery(data, written, plain)
+    figures = delivery(data, run.written, plain, run.rss)
     successes = counts["calls"] - counts["unavailable"]
     # Each success is preceded by a geometric number of failures (p = 0.5, mean 1);
     # 4x plus slack is far past any seeded run, yet a retry storm would break it.
     assert counts["unavailable"] <= 4 * successes + 20, counts
     # The daemon's own attempt counter agrees with what reached the server (every
     # attempt connects; a refused connection would show up as a difference).
-    assert abs(st["cloud"]["calls"] - counts["calls"]) <= WORKERS, (st["cloud"], counts)
-    assert rss.growth_mib() < 40
+    cloud = run.status["cloud"]
+    assert abs(cloud["calls"] - counts["calls"]) <= WORKERS, (cloud, counts)
     record(
         "fault-unavailable",
-        readings_offered=written,
-        files_offered=plain,
-        missing=0,
-        duplicates=duplicates,
-        file_duplicates=file_duplicates,
+        **figures,
         server_calls=counts["calls"],
         unavailable=counts["unavailable"],
         successes=successes,
         calls_per_success=round(counts["calls"] / max(1, successes), 2),
-        max_rss_mib=rss.max_mib,
-        rss_growth_mib=rss.growth_mib(),
     )
 
 
@@ -190,28 +208,21 @@ def test_server_down_then_up(tmp_path: Path, key: KeyFile) -> None:
             st = drain(cfg, rss, tmp_path / "capture", written, timeout=cycles(60, 300))
             proc.terminate()
             assert proc.wait(30) == 0
-    duplicates, file_duplicates = check_delivery(data, written, plain)
+    figures = delivery(data, written, plain, rss)
     # Full jitter, capped at 0.5 s: one probe at a time, mean gap 0.25 s once capped,
     # so about 4 calls/s. 12/s means a hammering client; under 0.5/s means no probing.
     assert 0.5 <= rate <= 12, f"{calls_down} calls in {elapsed:.1f}s while down"
     # The next probe is at most one capped backoff away when the server returns.
     assert recovered_s < BACKOFF_MAX + 5
-    assert rss.growth_mib() < 40
     record(
         "fault-down-then-up",
         down_s=round(elapsed, 1),
         calls_while_down=calls_down,
         calls_per_s_down=round(rate, 2),
         recovered_after_s=round(recovered_s, 2),
-        readings_offered=written,
-        files_offered=plain,
-        missing=0,
-        duplicates=duplicates,
-        file_duplicates=file_duplicates,
+        **figures,
         server_calls=server.counts["calls"],
         total_calls=st["cloud"]["calls"],
-        max_rss_mib=rss.max_mib,
-        rss_growth_mib=rss.growth_mib(),
     )
 
 
@@ -222,37 +233,24 @@ def test_slow_server_deadline_exceeded(tmp_path: Path, key: KeyFile) -> None:
     with faulty_ingest(data, key, args) as server:
         cfg = fault_config(tmp_path, server.port, key, call_timeout="1s")
         writer = start_writer(tmp_path, files, per_file, plain)
-        with daemon(cfg) as proc:
-            rss = RssProbe(proc.pid)
-            rss.poll("status socket", (tmp_path / "edged.sock").exists, 30)
-            rss.restart()
-            written = finish_writer(writer)
-            st = drain(cfg, rss, tmp_path / "capture", written, timeout=cycles(90, 900))
-            proc.terminate()
-            assert proc.wait(30) == 0
+        run = run_to_empty(cfg, writer, timeout=cycles(90, 900))
     counts = server.counts
     log = cfg.with_suffix(".log").read_text()
     assert "DEADLINE_EXCEEDED" in log, "no call ran into its deadline: the delay did not bite"
-    duplicates, file_duplicates = check_delivery(data, written, plain)
+    figures = delivery(data, run.written, plain, run.rss)
     # A held call counts once on each side; successes are the calls not held, and each
     # item needs one of those. 30% held: 4x the successes plus slack is a loose ceiling.
     successes = counts["calls"] - counts["delayed"]
     assert counts["delayed"] <= 4 * successes + 20, counts
-    assert abs(st["cloud"]["calls"] - counts["calls"]) <= WORKERS, (st["cloud"], counts)
-    assert rss.growth_mib() < 40
+    cloud = run.status["cloud"]
+    assert abs(cloud["calls"] - counts["calls"]) <= WORKERS, (cloud, counts)
     record(
         "fault-slow-server",
         call_timeout_s=1,
         server_delay_s=1.5,
         delayed_share=0.3,
-        readings_offered=written,
-        files_offered=plain,
-        missing=0,
-        duplicates=duplicates,
-        file_duplicates=file_duplicates,
+        **figures,
         server_calls=counts["calls"],
         deadline_exceeded=counts["delayed"],
         successes=successes,
-        max_rss_mib=rss.max_mib,
-        rss_growth_mib=rss.growth_mib(),
     )

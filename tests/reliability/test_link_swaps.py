@@ -24,15 +24,16 @@ from grpclib.events import RecvRequest
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.capture import CaptureWriter
 from edged.client import UploadClient
-from edged.daemon.config import BackoffConfig, OutboxConfig, UploadConfig
+from edged.daemon.config import BackoffConfig, UploadConfig
 from edged.daemon.outbox import Outbox
 from edged.daemon.sources.base import SourceContext
 from edged.daemon.sources.capture import CaptureConfig, CaptureSource
 from edged.daemon.sources.files import FilesConfig, FilesSource
 from edged.daemon.sources.jsonl import JsonlConfig, JsonlSource
 from edged.daemon.uploader import Uploader
-from edged.ingest import IngestServer, IngestSettings
+from edged.ingest import IngestServer
 from tests.support.capture_files import tabular_metadata, tabular_reading
+from tests.support.hooked_server import hooked_server
 
 SETTINGS = UploadConfig(workers=1, backoff=BackoffConfig(initial=0.005, max=0.05))
 MARKER = b"OUTSIDE-SECRET-" + uuid.uuid4().hex.encode()
@@ -57,18 +58,8 @@ def swap() -> SwapOnCall:
 
 @pytest.fixture
 async def server(tmp_path: Path, swap: SwapOnCall) -> AsyncIterator[IngestServer]:
-    settings = IngestSettings(
-        data_dir=tmp_path / "ingest", extra_hooks=(swap.hook,), synchronous="NORMAL"
-    )
-    async with IngestServer(settings) as srv:
+    async with hooked_server(tmp_path / "ingest", swap.hook) as srv:
         yield srv
-
-
-@pytest.fixture
-async def box(tmp_path: Path) -> AsyncIterator[Outbox]:
-    ob = await Outbox.open(tmp_path / "state", OutboxConfig(synchronous="NORMAL"))
-    yield ob
-    await ob.close()
 
 
 @pytest.fixture

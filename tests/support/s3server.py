@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from tests.support.processes import read_line
 
@@ -29,6 +31,25 @@ class S3Endpoint:
     url: str
     env: dict[str, str]
     pid: int
+
+    def client(self) -> Any:
+        """An S3 client of this endpoint, to use as `async with` (aiobotocore is untyped)."""
+        from edged.ingest.s3blobs import botocore_session  # the `s3` extra: tests only
+
+        return botocore_session().create_client(
+            "s3",
+            endpoint_url=self.url,
+            region_name="us-east-1",
+            aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"],
+        )
+
+    async def new_bucket(self) -> str:
+        """A fresh, empty bucket's name."""
+        name = f"edged-{uuid.uuid4().hex[:12]}"
+        async with self.client() as c:
+            await c.create_bucket(Bucket=name)
+        return name
 
 
 @contextmanager

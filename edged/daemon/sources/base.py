@@ -30,6 +30,9 @@ from edged.durable import fsync_dir
 log = logging.getLogger("edged.sources")
 
 IGNORED_SUFFIXES = (".tmp", ".part", "~")
+ROBOT_DIRS = frozenset({"failed", "datasetUpload", "sequences"})
+"""Folders the robot software keeps below its capture directory for its own use: never
+input to a source, whichever kind watches the directory."""
 
 
 @dataclass

@@ -27,6 +27,7 @@ from edged.daemon.config import SourceConfig
 from edged.daemon.outbox import KIND_BINARY, Claim, ClaimState, FileRef, Progress
 from edged.daemon.safefs import Identity, Swapped, open_under, stat_under
 from edged.daemon.sources.base import (
+    ROBOT_DIRS,
     SourceContext,
     SourceStats,
     is_ignored_name,
@@ -41,7 +42,6 @@ from edged.options import Duration, option
 
 log = logging.getLogger("edged.sources.capture")
 
-ROBOT_DIRS = frozenset({"failed", "datasetUpload", "sequences"})
 CHUNK_READINGS = 1000
 CHUNK_BYTES = 1 << 20
 

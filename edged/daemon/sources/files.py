@@ -40,6 +40,7 @@ from edged.daemon.config import SourceConfig
 from edged.daemon.outbox import KIND_FILE, Claim, FileRef
 from edged.daemon.safefs import Identity, Swapped, open_under
 from edged.daemon.sources.base import (
+    ROBOT_DIRS,
     SourceContext,
     SourceStats,
     is_ignored_name,
@@ -52,7 +53,6 @@ from edged.options import Duration, Flag, Strings, option
 
 log = logging.getLogger("edged.sources.files")
 
-ROBOT_DIRS = frozenset({"failed", "datasetUpload", "sequences"})
 CAPTURE_SUFFIXES = (".capture", ".prog")
 
 
