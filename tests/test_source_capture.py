@@ -138,6 +138,28 @@ async def test_prog_with_mtime_in_the_future_is_recovered_after_grace_by_watchin
     assert (await box.stats()).readings == 1
 
 
+async def test_a_closed_prog_brings_its_renamed_capture_along(
+    env: tuple[Outbox, IngestServer, SourceContext], tmp_path: Path
+) -> None:
+    """The writer closes the `.prog` and renames it at once; the close event alone (the
+    rename's event can come later) gets the `.capture` committed and retired."""
+    _, _, ctx = env
+    root = tmp_path / "capture"
+    d = root / "rdk_component_sensor" / "temp1" / "Readings"
+    d.mkdir(parents=True)
+    prog = d / "2026-01-01T00_00_00.000000Z.prog"
+    prog.write_bytes(
+        frame(tabular_metadata().SerializeToString())
+        + frame(tabular_reading(0).SerializeToString())
+    )
+    final = prog.with_suffix(".capture")
+    os.replace(prog, final)
+    source = CaptureSource(CaptureConfig(path=root), ctx)
+    await source.on_changes({prog})
+    assert not final.exists()
+    assert (await ctx.outbox.stats()).readings == 1
+
+
 async def test_header_less_prog_of_a_dead_writer_is_removed_not_quarantined(
     env: tuple[Outbox, IngestServer, SourceContext],
     tmp_path: Path,

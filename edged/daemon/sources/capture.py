@@ -159,9 +159,12 @@ class CaptureSource:
         await self._watch.run()
 
     async def on_changes(self, changed: set[Path]) -> None:
-        """Changed capture files, and `.prog` files whose grace period is over."""
+        """Changed capture files, and `.prog` files whose grace period is over. A `.prog`
+        that changed (its writer just closed it) brings its `.capture` name along: the
+        writer renames it right after closing, and the rename's own event may come late."""
         due = [p for p, t in self._prog_waiting.items() if t <= self.ctx.monotonic()]
-        for path in sorted({*changed, *due}):
+        renamed = [p.with_suffix(".capture") for p in changed if p.suffix == ".prog"]
+        for path in sorted({*changed, *due, *renamed}):
             if wanted_file(path.name) and self._inside(path):
                 await self.consider(path)
 
