@@ -28,6 +28,7 @@ from edged.daemon.config import BackoffConfig, UploadConfig
 from edged.daemon.outbox import Outbox
 from edged.daemon.sources.base import SourceContext
 from edged.daemon.sources.capture import (
+    CHUNK_READINGS,
     CaptureConfig,
     CaptureSource,
     lease_free,
@@ -158,6 +159,33 @@ async def test_a_closed_prog_brings_its_renamed_capture_along(
     await source.on_changes({prog})
     assert not final.exists()
     assert (await ctx.outbox.stats()).readings == 1
+
+
+async def test_a_file_of_one_full_chunk_is_one_transaction(
+    env: tuple[Outbox, IngestServer, SourceContext],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A file of exactly CHUNK_READINGS readings used to be committed as the chunk and
+    then an empty write carrying the claim: two fsync'd commits for one file."""
+    box, _, ctx = env
+    root = tmp_path / "capture"
+    with CaptureWriter(root, tabular_metadata(), max_file_readings=CHUNK_READINGS) as writer:
+        for i in range(2 * CHUNK_READINGS):
+            writer.write_tabular({"seq": i})
+    assert len(writer.closed_paths) == 2
+    writes: list[tuple[int, bool]] = []
+    real = box.enqueue_readings
+
+    async def counted(metadata: bytes, readings: Any, **kw: Any) -> None:
+        writes.append((len(readings), kw.get("claim") is not None))
+        await real(metadata, readings, **kw)
+
+    monkeypatch.setattr(box, "enqueue_readings", counted)
+    await CaptureSource(CaptureConfig(path=root), ctx).scan_once()
+    assert writes == [(CHUNK_READINGS, True), (CHUNK_READINGS, True)]
+    assert (await box.stats()).readings == 2 * CHUNK_READINGS
+    assert not list(root.rglob("*.capture"))
 
 
 async def test_header_less_prog_of_a_dead_writer_is_removed_not_quarantined(

@@ -19,6 +19,7 @@ Every write here takes the connection of a transaction the outbox has open
 from __future__ import annotations
 
 import hashlib
+import sqlite3
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ import aiosqlite
 from edged.daemon.ledger import db_path, fs_path, identity, location
 from edged.daemon.policy import batch_take
 from edged.daemon.safefs import Identity
+from edged.daemon.script import Script
 
 KIND_TABULAR = "tabular"
 KIND_BINARY = "binary"
@@ -130,13 +132,22 @@ async def scalar(db: aiosqlite.Connection, sql: str, args: Sequence[Any] = ()) -
     return int(row[0]) if row and row[0] is not None else 0
 
 
+_BUMP = (
+    "INSERT INTO counters(name, value) VALUES (?, ?)"
+    " ON CONFLICT(name) DO UPDATE SET value = value + excluded.value"
+)
+
+
 async def bump(db: aiosqlite.Connection, **deltas: int) -> None:
     """Add to the outbox's lifetime counters (in the caller's transaction)."""
-    await db.executemany(
-        "INSERT INTO counters(name, value) VALUES (?, ?)"
-        " ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
-        [(k, v) for k, v in deltas.items() if v],
-    )
+    await db.executemany(_BUMP, [(k, v) for k, v in deltas.items() if v])
+
+
+def bump_in(script: Script, **deltas: int) -> None:
+    """`bump`, as part of a script."""
+    rows = [(k, v) for k, v in deltas.items() if v]
+    if rows:
+        script.executemany(_BUMP, rows)
 
 
 def text(message: str) -> str:
@@ -180,44 +191,53 @@ class Queue:
         """A transaction rolled back: metadata ids it cached may not exist."""
         self._meta_ids.clear()
 
-    async def _meta_id(self, db: aiosqlite.Connection, metadata: bytes) -> int:
+    def _meta_id(self, conn: sqlite3.Connection, metadata: bytes) -> int:
+        """The id of `metadata`'s row, added if new. Runs on the SQLite thread (in a
+        script); the cache is only touched there or after the script's hop returned."""
         digest = _digest(metadata)
         cached = self._meta_ids.get(digest)
         if cached is not None:
             return cached
-        await db.execute(
+        conn.execute(
             "INSERT INTO meta(digest, metadata) VALUES (?, ?) ON CONFLICT DO NOTHING",
             (digest, metadata),
         )
-        meta_id = await scalar(db, "SELECT id FROM meta WHERE digest=?", (digest,))
+        meta_id = int(conn.execute("SELECT id FROM meta WHERE digest=?", (digest,)).fetchone()[0])
         self._meta_ids[digest] = meta_id
         return meta_id
 
-    # -- in -----------------------------------------------------------------------------
+    # -- in (as part of the transaction's script: one hop with its commit) -------------
 
-    async def add_readings(
-        self, db: aiosqlite.Connection, metadata: bytes, readings: Sequence[bytes], now: float
+    def add_readings(
+        self, script: Script, metadata: bytes, readings: Sequence[bytes], now: float
     ) -> None:
         if readings:
-            meta_id = await self._meta_id(db, metadata)
-            await db.executemany(
-                "INSERT INTO readings(meta_id, data, size, enqueued_at) VALUES (?,?,?,?)",
-                [(meta_id, r, len(r), now) for r in readings],
-            )
-        await bump(db, enqueued_readings=len(readings))
 
-    async def add_item(
-        self, db: aiosqlite.Connection, metadata: bytes, new: NewItem, now: float
+            def insert(conn: sqlite3.Connection) -> None:
+                meta_id = self._meta_id(conn, metadata)
+                conn.executemany(
+                    "INSERT INTO readings(meta_id, data, size, enqueued_at) VALUES (?,?,?,?)",
+                    [(meta_id, r, len(r), now) for r in readings],
+                )
+
+            script.call(insert)
+        bump_in(script, enqueued_readings=len(readings))
+
+    def add_item(self, script: Script, metadata: bytes, new: NewItem, now: float) -> None:
+        script.call(lambda conn: self._insert_item(conn, metadata, new, now))
+        bump_in(script, enqueued_items=1)
+
+    def _insert_item(
+        self, conn: sqlite3.Connection, metadata: bytes, new: NewItem, now: float
     ) -> None:
-        meta_id = await self._meta_id(db, metadata)
-        await db.execute(
+        conn.execute(
             "INSERT INTO items(uid, kind, meta_id, sensor, inline, path, offset, length,"
             " stored, count, bytes, enqueued_at, root, dev, ino)"
             " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 new.uid,
                 new.kind,
-                meta_id,
+                self._meta_id(conn, metadata),
                 new.sensor,
                 new.inline,
                 None if new.path is None else db_path(new.path),
@@ -230,7 +250,6 @@ class Queue:
                 *location(new.root, new.ident),
             ),
         )
-        await bump(db, enqueued_items=1)
 
     # -- out ----------------------------------------------------------------------------
 

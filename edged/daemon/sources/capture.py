@@ -355,15 +355,17 @@ class CaptureSource:
         size, end = 0, start
         try:
             for record in reader.read_from(start):
-                chunk.append(record.raw)
-                size += len(record.raw)
-                end = record.end
+                # A full chunk is committed only once another record follows: the last
+                # one goes with the claim, so a file of one chunk is one transaction.
                 if len(chunk) >= CHUNK_READINGS or size >= CHUNK_BYTES:
                     await outbox.enqueue_readings(
                         meta_bytes, chunk, progress=self._progress(path, st, end)
                     )
                     self.stats.readings += len(chunk)
                     chunk, size = [], 0
+                chunk.append(record.raw)
+                size += len(record.raw)
+                end = record.end
         except CaptureFormatError as exc:
             if chunk:
                 await outbox.enqueue_readings(
