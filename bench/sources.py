@@ -15,6 +15,8 @@ Scenarios:
   to the commit of the `enqueue_readings` call that carries the file's claim. Same
   process on purpose: one monotonic clock, and the commit time is taken at the commit
   itself (a wrapper around the outbox method) instead of by polling the database.
+  Run twice: on the machine as it is, and under load, with HOGS busy-looping child
+  process(es) competing for the CPU for the whole run.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import datetime as dt
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -54,6 +57,7 @@ PART = "bench-part"
 READINGS_PER_FILE = 500
 LATENCY_READINGS_PER_FILE = 100
 RATE = 20.0  # files closed per second in the latency scenario
+HOGS = 1  # busy-looping processes of the "under load" latency run
 SLICES = 5  # each latency file is written in 5 groups of readings spread over its period
 
 # (scan files, latency files, runs per scenario)
@@ -70,6 +74,7 @@ SCAN_COLUMNS: list[Column] = [
     *CPU_RSS,
 ]
 LATENCY_COLUMNS: list[Column] = [
+    ("load", "load", ""),
     ("files", "files", ",d"),
     ("rate", "files/s", ".0f"),
     ("p50_ms", "p50 ms", ".1f"),
@@ -287,7 +292,20 @@ def _scan_run(tmp: Path, master: Path, files: int) -> Figures:
         shutil.rmtree(state, ignore_errors=True)
 
 
-def _latency_run(tmp: Path, files: int) -> Figures:
+@contextlib.contextmanager
+def _hogs(n: int) -> Any:
+    """`n` child processes spinning on the CPU while the block runs."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+        for proc in procs:
+            proc.wait()
+
+
+def _latency_run(tmp: Path, files: int, hogs: int = 0) -> Figures:
     root, state = tmp / "watch-root", tmp / "watch-state"
     try:
         spec = {
@@ -298,7 +316,8 @@ def _latency_run(tmp: Path, files: int) -> Figures:
             "per_file": LATENCY_READINGS_PER_FILE,
             "rate": RATE,
         }
-        return run_worker("bench.sources", spec, timeout_s=files / RATE + 120)
+        with _hogs(hogs):
+            return run_worker("bench.sources", spec, timeout_s=files / RATE + 120)
     finally:
         shutil.rmtree(root, ignore_errors=True)
         shutil.rmtree(state, ignore_errors=True)
@@ -328,8 +347,17 @@ def run(quick: bool = False, runs: int | None = None) -> Path:
             **med,
             "runs": scan_runs,
         }
-        med, lat_runs = run_n(reps, lambda _i: _latency_run(tmp, latency_files), "sources latency")
-        latency = {"files": latency_files, "rate": RATE, **med, "runs": lat_runs}
+        latency = []
+        for hogs in (0, HOGS):
+
+            def once(_i: int, hogs: int = hogs) -> Figures:
+                return _latency_run(tmp, latency_files, hogs)
+
+            med, lat_runs = run_n(reps, once, f"sources latency, {hogs} CPU hogs")
+            load = f"{hogs} CPU hog(s)" if hogs else "as is"
+            latency.append(
+                {"load": load, "files": latency_files, "rate": RATE, **med, "runs": lat_runs}
+            )
 
     out = write_result(
         NAME,
@@ -353,7 +381,7 @@ def run(quick: bool = False, runs: int | None = None) -> Path:
     print(f"\n## sources: capture scan ({READINGS_PER_FILE} readings/file, median of {reps})\n")
     print(format_table([scan], SCAN_COLUMNS))
     print(f"\n## sources: detection latency (close -> committed, median of {reps})\n")
-    print(format_table([latency], LATENCY_COLUMNS))
+    print(format_table(latency, LATENCY_COLUMNS))
     print(f"\nwrote {out}")
     return out
 

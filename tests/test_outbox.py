@@ -7,7 +7,9 @@ import signal
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,6 +26,7 @@ from edged.daemon.outbox import (
     FileRef,
     Outbox,
     Progress,
+    Tidy,
 )
 from edged.errors import OutboxFull
 from tests.support.outbox_items import meta, reading, take
@@ -185,6 +188,41 @@ async def test_claim_and_progress_commit_with_the_readings(box: Outbox) -> None:
     assert await box.progress_of("jsonl:/x", "/x/imu.jsonl") == prog
     await box.forget_claim("/cap/a.capture")
     assert await box.claim_of("/cap/a.capture") is None
+
+
+async def test_an_enqueue_is_two_hops_to_the_sqlite_thread(
+    box: Outbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Readings, claim, offset, counters and the tidy-up of a retired file: BEGIN (with
+    the tidy-up) is one call on aiosqlite's thread, every write plus COMMIT another. Each
+    call is a round trip through a queue and a future; one per statement was ten."""
+    await box.enqueue_readings(meta(), [reading(0)])  # the metadata row exists and is cached
+    box._tidy["/cap/old.capture"] = Tidy(None, "capture:/cap", committed_only=True)
+    calls = 0
+    real: Callable[..., Awaitable[Any]] = box._db._execute
+
+    async def counted(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return await real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(box._db, "_execute", counted)
+    claim = Claim("/cap/a.capture", 123, 456)
+    prog = Progress("capture:/cap", "/cap/a.capture", 99, 4096, 0)
+    await box.enqueue_readings(
+        meta(), [reading(i) for i in range(1, 1001)], claim=claim, progress=prog
+    )
+    assert calls == 2
+    monkeypatch.undo()
+    item = await box.lease(lease_s=60.0, max_readings=2000, max_bytes=1 << 24)
+    assert item is not None
+    assert seqs(await box.readings_of(item)) == list(range(1001))
+    assert await box.claim_of("/cap/a.capture") == ClaimRecord(
+        "/cap/a.capture", ClaimState.COMMITTED, 123, 456
+    )
+    assert await box.progress_of("capture:/cap", "/cap/a.capture") == prog
+    assert not box._tidy
+    assert (await box.stats()).counters["enqueued_readings"] == 1001
 
 
 async def test_backpressure_when_full_then_space_returns(tmp_path: Path) -> None:

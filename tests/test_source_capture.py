@@ -28,6 +28,7 @@ from edged.daemon.config import BackoffConfig, UploadConfig
 from edged.daemon.outbox import Outbox
 from edged.daemon.sources.base import SourceContext
 from edged.daemon.sources.capture import (
+    CHUNK_READINGS,
     CaptureConfig,
     CaptureSource,
     lease_free,
@@ -136,6 +137,55 @@ async def test_prog_with_mtime_in_the_future_is_recovered_after_grace_by_watchin
     await source.scan_once()
     assert not prog.exists(), "a future mtime kept the orphan waiting for the clock"
     assert (await box.stats()).readings == 1
+
+
+async def test_a_closed_prog_brings_its_renamed_capture_along(
+    env: tuple[Outbox, IngestServer, SourceContext], tmp_path: Path
+) -> None:
+    """The writer closes the `.prog` and renames it at once; the close event alone (the
+    rename's event can come later) gets the `.capture` committed and retired."""
+    _, _, ctx = env
+    root = tmp_path / "capture"
+    d = root / "rdk_component_sensor" / "temp1" / "Readings"
+    d.mkdir(parents=True)
+    prog = d / "2026-01-01T00_00_00.000000Z.prog"
+    prog.write_bytes(
+        frame(tabular_metadata().SerializeToString())
+        + frame(tabular_reading(0).SerializeToString())
+    )
+    final = prog.with_suffix(".capture")
+    os.replace(prog, final)
+    source = CaptureSource(CaptureConfig(path=root), ctx)
+    await source.on_changes({prog})
+    assert not final.exists()
+    assert (await ctx.outbox.stats()).readings == 1
+
+
+async def test_a_file_of_one_full_chunk_is_one_transaction(
+    env: tuple[Outbox, IngestServer, SourceContext],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A file of exactly CHUNK_READINGS readings used to be committed as the chunk and
+    then an empty write carrying the claim: two fsync'd commits for one file."""
+    box, _, ctx = env
+    root = tmp_path / "capture"
+    with CaptureWriter(root, tabular_metadata(), max_file_readings=CHUNK_READINGS) as writer:
+        for i in range(2 * CHUNK_READINGS):
+            writer.write_tabular({"seq": i})
+    assert len(writer.closed_paths) == 2
+    writes: list[tuple[int, bool]] = []
+    real = box.enqueue_readings
+
+    async def counted(metadata: bytes, readings: Any, **kw: Any) -> None:
+        writes.append((len(readings), kw.get("claim") is not None))
+        await real(metadata, readings, **kw)
+
+    monkeypatch.setattr(box, "enqueue_readings", counted)
+    await CaptureSource(CaptureConfig(path=root), ctx).scan_once()
+    assert writes == [(CHUNK_READINGS, True), (CHUNK_READINGS, True)]
+    assert (await box.stats()).readings == 2 * CHUNK_READINGS
+    assert not list(root.rglob("*.capture"))
 
 
 async def test_header_less_prog_of_a_dead_writer_is_removed_not_quarantined(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 from edged.daemon.config import OutboxConfig
 from edged.daemon.outbox import Outbox
 from edged.daemon.sources.base import SourceContext, SourceStats
-from edged.daemon.sources.watch import MIN_WAIT_S, WatchLoop, next_wait
+from edged.daemon.sources.watch import MIN_WAIT_S, DirWatcher, WatchLoop, ends_debounce, next_wait
 
 
 @pytest.mark.parametrize(
@@ -32,6 +33,41 @@ def test_next_wait(
     now: float, next_scan: float, wake: float | None, blocked: bool, want: float
 ) -> None:
     assert next_wait(now, next_scan, wake, 60.0, blocked) == pytest.approx(want)
+
+
+@pytest.mark.parametrize(
+    ("event_type", "want"),
+    [
+        ("closed", True),  # IN_CLOSE_WRITE: the writer is done with it for now
+        ("moved", True),  # a .prog renamed to .capture, a file renamed into place
+        ("modified", False),  # an append: more may follow
+        ("created", False),  # usually opened empty, about to be written
+        ("deleted", False),
+    ],
+)
+def test_ends_debounce(event_type: str, want: bool) -> None:
+    assert ends_debounce(event_type) is want
+
+
+async def test_a_close_or_rename_is_looked_at_without_the_debounce(tmp_path: Path) -> None:
+    """A writer that closes or renames a file has told us it is done: a debounce far
+    longer than the test's deadline must not delay it."""
+    with DirWatcher(tmp_path, debounce_s=3600.0) as watcher:
+        assert watcher.active
+        (tmp_path / "a.prog").write_bytes(b"x")  # create, modify, close
+        async with asyncio.timeout(30):
+            changed: set[Path] = set()
+            while tmp_path / "a.prog" not in changed:
+                got = await watcher.wait(60.0)
+                assert got is not None
+                changed |= got
+        os.replace(tmp_path / "a.prog", tmp_path / "a.capture")
+        async with asyncio.timeout(30):
+            changed = set()
+            while tmp_path / "a.capture" not in changed:
+                got = await watcher.wait(60.0)
+                assert got is not None
+                changed |= got
 
 
 class Probe:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import aiosqlite
 
 from edged.daemon.safefs import Identity, Swapped, locate, stat_under, unlink_under
+from edged.daemon.script import Script, fetchone, on_thread
 
 log = logging.getLogger("edged.outbox")
 
@@ -179,17 +180,16 @@ def retire_file(
 
 
 class Ledger:
-    """The claims and offsets SQL. Writes take the connection of a transaction the
-    outbox has open, so they commit (or roll back) with the items they belong to."""
+    """The claims and offsets SQL. Writes go into the `Script` of a transaction the
+    outbox has open, so they commit (or roll back) with the items they belong to; each
+    read is one hop to the SQLite thread."""
 
     def __init__(self, db: aiosqlite.Connection) -> None:
         self._db = db
 
-    async def put_claim(
-        self, db: aiosqlite.Connection, claim: Claim | None, state: ClaimState
-    ) -> None:
+    def put_claim(self, script: Script, claim: Claim | None, state: ClaimState) -> None:
         if claim is not None:
-            await db.execute(
+            script.execute(
                 "INSERT INTO claims(path, size, mtime_ns, state, delete_after, root, dev, ino)"
                 " VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(path) DO UPDATE SET size=excluded.size,"
                 " mtime_ns=excluded.mtime_ns, state=excluded.state,"
@@ -205,9 +205,9 @@ class Ledger:
                 ),
             )
 
-    async def put_progress(self, db: aiosqlite.Connection, progress: Progress | None) -> None:
+    def put_progress(self, script: Script, progress: Progress | None) -> None:
         if progress is not None:
-            await db.execute(
+            script.execute(
                 "INSERT INTO offsets(source, path, inode, offset, line) VALUES (?,?,?,?,?)"
                 " ON CONFLICT(source, path) DO UPDATE SET inode=excluded.inode,"
                 " offset=excluded.offset, line=excluded.line",
@@ -221,29 +221,32 @@ class Ledger:
             )
 
     async def claim_of(self, path: str) -> ClaimRecord | None:
-        async with self._db.execute(
-            "SELECT state, size, mtime_ns FROM claims WHERE path=?", (db_path(path),)
-        ) as cur:
-            row = await cur.fetchone()
+        row = await on_thread(
+            self._db,
+            fetchone("SELECT state, size, mtime_ns FROM claims WHERE path=?", (db_path(path),)),
+        )
         if row is None:
             return None
         return ClaimRecord(path, ClaimState(row[0]), int(row[1]), int(row[2]))
 
     async def stored_claim(self, path: str) -> tuple[ClaimState, Claim] | None:
         """The whole claim row (for retiring the file)."""
-        async with self._db.execute(
-            "SELECT state, delete_after, size, mtime_ns, root, dev, ino FROM claims WHERE path=?",
-            (db_path(path),),
-        ) as cur:
-            row = await cur.fetchone()
+        row = await on_thread(
+            self._db,
+            fetchone(
+                "SELECT state, delete_after, size, mtime_ns, root, dev, ino FROM claims"
+                " WHERE path=?",
+                (db_path(path),),
+            ),
+        )
         if row is None:
             return None
         root = None if row[4] is None else fs_path(row[4])
         claim = Claim(path, int(row[2]), int(row[3]), bool(row[1]), root, identity(row[5], row[6]))
         return ClaimState(row[0]), claim
 
-    async def finish(self, db: aiosqlite.Connection, path: str) -> None:
-        await db.execute(
+    def finish(self, script: Script, path: str) -> None:
+        script.execute(
             "UPDATE claims SET state=? WHERE path=? AND state=?",
             (
                 claim_on_finish(ClaimState.COMMITTING).value,
@@ -252,36 +255,34 @@ class Ledger:
             ),
         )
 
-    async def set_state(
-        self, db: aiosqlite.Connection, path: str, state: ClaimState | None
-    ) -> None:
+    def set_state(self, script: Script, path: str, state: ClaimState | None) -> None:
         """Store a transition; None forgets the claim and every offset of the path."""
         key = db_path(path)
         if state is None:
-            await db.execute("DELETE FROM claims WHERE path=?", (key,))
-            await db.execute("DELETE FROM offsets WHERE path=?", (key,))
+            script.execute("DELETE FROM claims WHERE path=?", (key,))
+            script.execute("DELETE FROM offsets WHERE path=?", (key,))
         else:
-            await db.execute("UPDATE claims SET state=? WHERE path=?", (state.value, key))
+            script.execute("UPDATE claims SET state=? WHERE path=?", (state.value, key))
 
-    async def forget_committed(
-        self, db: aiosqlite.Connection, paths: Sequence[str], source: str | None
-    ) -> None:
+    def forget_committed(self, script: Script, paths: Sequence[str], source: str | None) -> None:
         """The committed file is gone: drop its claim (only a committed one) and, with
         `source`, that source's offsets of each path."""
         for path in paths:
             key = db_path(path)
-            await db.execute(
+            script.execute(
                 "DELETE FROM claims WHERE path=? AND state=?", (key, ClaimState.COMMITTED.value)
             )
             if source is not None:
-                await db.execute("DELETE FROM offsets WHERE source=? AND path=?", (source, key))
+                script.execute("DELETE FROM offsets WHERE source=? AND path=?", (source, key))
 
     async def progress_of(self, source: str, path: str) -> Progress | None:
-        async with self._db.execute(
-            "SELECT inode, offset, line FROM offsets WHERE source=? AND path=?",
-            (source, db_path(path)),
-        ) as cur:
-            row = await cur.fetchone()
+        row = await on_thread(
+            self._db,
+            fetchone(
+                "SELECT inode, offset, line FROM offsets WHERE source=? AND path=?",
+                (source, db_path(path)),
+            ),
+        )
         return Progress(source, path, row[0], row[1], row[2]) if row else None
 
     async def committed(self) -> list[tuple[str, str]]:

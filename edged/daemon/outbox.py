@@ -63,6 +63,7 @@ from edged.daemon.queue import (
     scalar,
 )
 from edged.daemon.safefs import Identity
+from edged.daemon.script import Script, run_script
 from edged.daemon.space import CHECKPOINT_PAGES, WAL_LIMIT, Space, disk_free, unlink_own
 from edged.errors import OutboxFull
 
@@ -330,18 +331,24 @@ class Outbox:
             task.exception()  # retrieved: the caller may be gone (it was cancelled)
 
     @contextlib.asynccontextmanager
-    async def _tx(self) -> Any:
+    async def _tx(self, script: Script | None = None) -> Any:
         """One write transaction; ENOSPC and friends become OutboxFull (backpressure).
 
-        Only ever entered from an `_atomic` method, so no cancellation lands between
-        BEGIN and COMMIT: aiosqlite would still run a queued COMMIT on its thread while
-        the awaiting task unwinds as if it had failed."""
+        BEGIN and the waiting tidy-up are one hop to the SQLite thread; `script` (the
+        writes whose results nobody reads) runs with the COMMIT in one more, after the
+        body's own statements. Only ever entered from an `_atomic` method, so no
+        cancellation lands between BEGIN and COMMIT: aiosqlite would still run a queued
+        COMMIT on its thread while the awaiting task unwinds as if it had failed."""
         async with self._lock:
             try:
-                await self._db.execute("BEGIN IMMEDIATE")
-                tidied = await self._write_tidy(self._db)
+                begin = Script()
+                begin.execute("BEGIN IMMEDIATE")
+                tidied = self._write_tidy(begin)
+                await run_script(self._db, begin)
                 yield self._db
-                await self._db.execute("COMMIT")
+                end = script or Script()
+                end.execute("COMMIT")
+                await run_script(self._db, end)
                 for path, tidy in tidied.items():
                     if self._tidy.get(path) is tidy:
                         del self._tidy[path]
@@ -354,15 +361,15 @@ class Outbox:
                     raise OutboxFull(f"outbox database cannot grow: {exc}") from exc
                 raise
 
-    async def _write_tidy(self, db: aiosqlite.Connection) -> dict[str, Tidy]:
+    def _write_tidy(self, script: Script) -> dict[str, Tidy]:
         """Write every waiting tidy-up first in this transaction (so a write of the same
         path after it wins); what was written, to drop once it commits."""
         tidied = dict(self._tidy)
         for path, tidy in tidied.items():
             if tidy.committed_only:
-                await self.ledger.forget_committed(db, [path], tidy.source)
+                self.ledger.forget_committed(script, [path], tidy.source)
             else:
-                await self.ledger.set_state(db, path, tidy.state)
+                self.ledger.set_state(script, path, tidy.state)
         return tidied
 
     @_atomic
@@ -398,12 +405,13 @@ class Outbox:
         `source` names the source they came from (its priority, windows, max_age)."""
         need = sum(len(r) for r in readings)
         now = self._clock()
-        async with self._tx() as db:
+        script = Script()
+        async with self._tx(script) as db:
             dropped = await self.space.make_room(db, need)
-            await self.queue.add_readings(db, metadata, readings, now, source)
+            self.queue.add_readings(script, metadata, readings, now, source)
             state = claim_on_enqueue(by_reference=False, more=False)
-            await self.ledger.put_claim(db, claim, state)
-            await self.ledger.put_progress(db, progress)
+            self.ledger.put_claim(script, claim, state)
+            self.ledger.put_progress(script, progress)
         self.space.held.drop_readings(*dropped)
         self.space.held.add_readings(len(readings), need)
         self.on_enqueue(KIND_TABULAR, len(readings), need)
@@ -450,13 +458,14 @@ class Outbox:
             new = NewItem(uid, kind, sensor, None, str(spooled), 0, len(payload), True)
         need = new.length if new.stored else 0
         now = self._clock()
+        script = Script()
         try:
-            async with self._tx() as db:
+            async with self._tx(script) as db:
                 dropped = await self.space.make_room(db, need)
-                await self.queue.add_item(db, metadata, new, now, source)
+                self.queue.add_item(script, metadata, new, now, source)
                 state = claim_on_enqueue(by_reference=True, more=more)
-                await self.ledger.put_claim(db, claim, state)
-                await self.ledger.put_progress(db, progress)
+                self.ledger.put_claim(script, claim, state)
+                self.ledger.put_progress(script, progress)
         except BaseException:
             if new.stored and new.path:
                 Path(new.path).unlink(missing_ok=True)
@@ -479,8 +488,9 @@ class Outbox:
     async def finish_claim(self, path: str) -> None:
         """The source queued every reading of `path`: from now on the last ack deletes it
         (at once if every item was already acknowledged)."""
-        async with self._tx() as db:
-            await self.ledger.finish(db, path)
+        script = Script()
+        self.ledger.finish(script, path)
+        async with self._tx(script) as db:
             still = await self.queue.refs_to(db, path)
         if not still:
             await self._settle_file(path)
@@ -489,8 +499,10 @@ class Outbox:
     async def forget_claim(self, path: str, source: str | None = None) -> None:
         """Forget a committed claim (the file changed since: its source reads the rest),
         and with `source` also that source's offset of it."""
-        async with self._tx() as db:
-            await self.ledger.forget_committed(db, [path], source)
+        script = Script()
+        self.ledger.forget_committed(script, [path], source)
+        async with self._tx(script):
+            pass
 
     @_atomic
     async def retire_committed(
@@ -520,8 +532,10 @@ class Outbox:
 
     @_atomic
     async def save_progress(self, progress: Progress) -> None:
-        async with self._tx() as db:
-            await self.ledger.put_progress(db, progress)
+        script = Script()
+        self.ledger.put_progress(script, progress)
+        async with self._tx(script):
+            pass
 
     # -- leasing and outcomes ----------------------------------------------------------
 
@@ -538,9 +552,11 @@ class Outbox:
         committed = await self.ledger.committed()
         gone = [p for p, root in committed if await asyncio.to_thread(is_gone, p, root)]
         if gone:
-            async with self._tx() as db:
-                for path in gone:
-                    await self.ledger.set_state(db, path, None)
+            script = Script()
+            for path in gone:
+                self.ledger.set_state(script, path, None)
+            async with self._tx(script):
+                pass
         owned = await self.queue.spooled()
         swept = await asyncio.to_thread(self.space.sweep_spool, owned)
         self.work_available.set()

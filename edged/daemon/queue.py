@@ -19,6 +19,7 @@ Every write here takes the connection of a transaction the outbox has open
 from __future__ import annotations
 
 import hashlib
+import sqlite3
 import uuid
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from edged.daemon.ledger import db_path, fs_path, identity, location
 from edged.daemon.policy import batch_take
 from edged.daemon.safefs import Identity
 from edged.daemon.schedule import pick
+from edged.daemon.script import Script
 
 KIND_TABULAR = "tabular"
 KIND_BINARY = "binary"
@@ -143,13 +145,22 @@ async def scalar(db: aiosqlite.Connection, sql: str, args: Sequence[Any] = ()) -
     return int(row[0]) if row and row[0] is not None else 0
 
 
+_BUMP = (
+    "INSERT INTO counters(name, value) VALUES (?, ?)"
+    " ON CONFLICT(name) DO UPDATE SET value = value + excluded.value"
+)
+
+
 async def bump(db: aiosqlite.Connection, **deltas: int) -> None:
     """Add to the outbox's lifetime counters (in the caller's transaction)."""
-    await db.executemany(
-        "INSERT INTO counters(name, value) VALUES (?, ?)"
-        " ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
-        [(k, v) for k, v in deltas.items() if v],
-    )
+    await db.executemany(_BUMP, [(k, v) for k, v in deltas.items() if v])
+
+
+def bump_in(script: Script, **deltas: int) -> None:
+    """`bump`, as part of a script."""
+    rows = [(k, v) for k, v in deltas.items() if v]
+    if rows:
+        script.executemany(_BUMP, rows)
 
 
 def text(message: str) -> str:
@@ -201,49 +212,60 @@ class Queue:
         """A transaction rolled back: metadata ids it cached may not exist."""
         self._meta_ids.clear()
 
-    async def _meta_id(self, db: aiosqlite.Connection, metadata: bytes, source: str) -> int:
+    def _meta_id(self, conn: sqlite3.Connection, metadata: bytes, source: str) -> int:
+        """The id of `metadata`'s row, added if new. Runs on the SQLite thread (in a
+        script); the cache is only touched there or after the script's hop returned."""
         digest = _digest(metadata, source)
         cached = self._meta_ids.get(digest)
         if cached is not None:
             return cached
-        await db.execute(
+        conn.execute(
             "INSERT INTO meta(digest, metadata, source) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
             (digest, metadata, source or None),
         )
-        meta_id = await scalar(db, "SELECT id FROM meta WHERE digest=?", (digest,))
+        meta_id = int(conn.execute("SELECT id FROM meta WHERE digest=?", (digest,)).fetchone()[0])
         self._meta_ids[digest] = meta_id
         return meta_id
 
-    # -- in -----------------------------------------------------------------------------
+    # -- in (as part of the transaction's script: one hop with its commit) -------------
 
-    async def add_readings(
+    def add_readings(
         self,
-        db: aiosqlite.Connection,
+        script: Script,
         metadata: bytes,
         readings: Sequence[bytes],
         now: float,
         source: str = "",
     ) -> None:
         if readings:
-            meta_id = await self._meta_id(db, metadata, source)
-            await db.executemany(
-                "INSERT INTO readings(meta_id, data, size, enqueued_at) VALUES (?,?,?,?)",
-                [(meta_id, r, len(r), now) for r in readings],
-            )
-        await bump(db, enqueued_readings=len(readings))
 
-    async def add_item(
-        self, db: aiosqlite.Connection, metadata: bytes, new: NewItem, now: float, source: str = ""
+            def insert(conn: sqlite3.Connection) -> None:
+                meta_id = self._meta_id(conn, metadata, source)
+                conn.executemany(
+                    "INSERT INTO readings(meta_id, data, size, enqueued_at) VALUES (?,?,?,?)",
+                    [(meta_id, r, len(r), now) for r in readings],
+                )
+
+            script.call(insert)
+        bump_in(script, enqueued_readings=len(readings))
+
+    def add_item(
+        self, script: Script, metadata: bytes, new: NewItem, now: float, source: str = ""
     ) -> None:
-        meta_id = await self._meta_id(db, metadata, source)
-        await db.execute(
+        script.call(lambda conn: self._insert_item(conn, metadata, new, now, source))
+        bump_in(script, enqueued_items=1)
+
+    def _insert_item(
+        self, conn: sqlite3.Connection, metadata: bytes, new: NewItem, now: float, source: str
+    ) -> None:
+        conn.execute(
             "INSERT INTO items(uid, kind, meta_id, sensor, inline, path, offset, length,"
             " stored, count, bytes, enqueued_at, root, dev, ino, source)"
             " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 new.uid,
                 new.kind,
-                meta_id,
+                self._meta_id(conn, metadata, source),
                 new.sensor,
                 new.inline,
                 None if new.path is None else db_path(new.path),
@@ -259,7 +281,6 @@ class Queue:
         )
         if self._sources is not None:
             self._sources.add(source)
-        await bump(db, enqueued_items=1)
 
     # -- out ----------------------------------------------------------------------------
 

@@ -159,9 +159,12 @@ class CaptureSource:
         await self._watch.run()
 
     async def on_changes(self, changed: set[Path]) -> None:
-        """Changed capture files, and `.prog` files whose grace period is over."""
+        """Changed capture files, and `.prog` files whose grace period is over. A `.prog`
+        that changed (its writer just closed it) brings its `.capture` name along: the
+        writer renames it right after closing, and the rename's own event may come late."""
         due = [p for p, t in self._prog_waiting.items() if t <= self.ctx.monotonic()]
-        for path in sorted({*changed, *due}):
+        renamed = [p.with_suffix(".capture") for p in changed if p.suffix == ".prog"]
+        for path in sorted({*changed, *due, *renamed}):
             if wanted_file(path.name) and self._inside(path):
                 await self.consider(path)
 
@@ -352,15 +355,17 @@ class CaptureSource:
         size, end = 0, start
         try:
             for record in reader.read_from(start):
-                chunk.append(record.raw)
-                size += len(record.raw)
-                end = record.end
+                # A full chunk is committed only once another record follows: the last
+                # one goes with the claim, so a file of one chunk is one transaction.
                 if len(chunk) >= CHUNK_READINGS or size >= CHUNK_BYTES:
                     await outbox.enqueue_readings(
                         meta_bytes, chunk, progress=self._progress(path, st, end), source=self.name
                     )
                     self.stats.readings += len(chunk)
                     chunk, size = [], 0
+                chunk.append(record.raw)
+                size += len(record.raw)
+                end = record.end
         except CaptureFormatError as exc:
             if chunk:
                 await outbox.enqueue_readings(

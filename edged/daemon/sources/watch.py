@@ -6,6 +6,13 @@ watched directory appears, and on request (`sync-now`); the watcher just makes t
 common case fast. Paths are handed to the event loop with `call_soon_threadsafe` and
 collected in a bounded set; an overflowing set turns into one full rescan.
 
+A writer that closes a file (inotify IN_CLOSE_WRITE) or renames one (a `.prog` becoming
+a `.capture`) has said it is done for now: those events (`ends_debounce`) are acted on
+at once. Other changes (appends, creates) wait a short debounce so that a burst of them
+costs one pass; that debounce is the fallback for writers that never close. What an
+event means stays the source kind's call (a closed `.prog` or jsonl file is not final);
+the watcher only decides how soon to look.
+
 A source kind plugs in through `Watched`: a full pass, a pass over changed paths, and
 when its own timers (a file settling, a tailed file to poll) want it woken. Waits use
 the context's monotonic clock; an OSError in a pass is named in the source's
@@ -23,7 +30,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Protocol
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    EVENT_TYPE_CLOSED,
+    EVENT_TYPE_CLOSED_NO_WRITE,
+    EVENT_TYPE_MOVED,
+    EVENT_TYPE_OPENED,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 
 from edged.daemon.sources.base import SourceContext, SourceStats, wait_for_space
@@ -34,21 +48,31 @@ MAX_PENDING = 10_000
 MIN_WAIT_S = 0.05  # never spin: the loop always waits at least this long
 
 
+def ends_debounce(event_type: str) -> bool:
+    """A writer closed the file after writing, or a file was renamed (watchdog's
+    FileClosedEvent, File/DirMovedEvent): look now instead of waiting for more events.
+    A create is not: an empty file just opened is the common case, and a file moved in
+    from outside the watched tree looks the same."""
+    return event_type in (EVENT_TYPE_CLOSED, EVENT_TYPE_MOVED)
+
+
 class _Handler(FileSystemEventHandler):
     def __init__(self, watcher: DirWatcher) -> None:
         self._w = watcher
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type in ("opened", "closed_no_write"):
+        if event.event_type in (EVENT_TYPE_OPENED, EVENT_TYPE_CLOSED_NO_WRITE):
             return
+        now = ends_debounce(event.event_type)
         for raw in (event.src_path, getattr(event, "dest_path", "")):
             if raw:
                 path = raw.decode() if isinstance(raw, bytes) else str(raw)
-                self._w.loop.call_soon_threadsafe(self._w.note, Path(path))
+                self._w.loop.call_soon_threadsafe(self._w.note, Path(path), now)
 
 
 class DirWatcher:
-    """Collects changed paths under `root`; `wait()` returns them, debounced."""
+    """Collects changed paths under `root`; `wait()` returns them, debounced unless an
+    event ended the debounce (`ends_debounce`)."""
 
     def __init__(self, root: Path, *, recursive: bool = True, debounce_s: float = 0.05) -> None:
         self.root = root
@@ -57,7 +81,8 @@ class DirWatcher:
         self._debounce = debounce_s
         self._pending: set[Path] = set()
         self._overflow = False
-        self._event = asyncio.Event()
+        self._event = asyncio.Event()  # something changed
+        self._now = asyncio.Event()  # ... and waiting for more would only add latency
         self._observer: Observer | None = None  # type: ignore[valid-type]
 
     @property
@@ -75,13 +100,17 @@ class DirWatcher:
         """Make the next `wait()` return None (full rescan) right away."""
         self._overflow = True
         self._event.set()
+        self._now.set()
 
-    def note(self, path: Path) -> None:
+    def note(self, path: Path, now: bool = False) -> None:
+        """`path` changed; `now`: end the debounce (see `ends_debounce`)."""
         if len(self._pending) >= MAX_PENDING:
             self._overflow = True
         else:
             self._pending.add(path)
         self._event.set()
+        if now:
+            self._now.set()
 
     def start(self) -> None:
         """Watch `root` if it exists; a missing root is picked up by later rescans."""
@@ -109,9 +138,13 @@ class DirWatcher:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max(timeout, 0.0)):
                 await self._event.wait()
-        if self._event.is_set() and self._debounce:
-            await asyncio.sleep(self._debounce)  # let a burst of events for one file settle
+        if self._event.is_set() and self._debounce and not self._now.is_set():
+            # Let a burst of events for one file settle, unless its writer says it is done.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._debounce):
+                    await self._now.wait()
         self._event.clear()
+        self._now.clear()
         if self._overflow:
             self._overflow = False
             self._pending.clear()
