@@ -22,7 +22,7 @@ from edged._proto.app.data.v1.data_grpc import DataServiceStub
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.client import UploadClient, upload_metadata
 from edged.errors import UploadError
-from edged.ingest import IngestServer, IngestSettings, IngestStore, catalog
+from edged.ingest import IngestServer, IngestSettings, IngestStore, catalog, storage
 from edged.ingest.catalog import Conn
 from edged.ingest.filters import (
     Cursor,
@@ -108,6 +108,36 @@ async def put_blob(
 
 def where_binaries(org: str, **fields: Any) -> Where:
     return binary_where(dpb.Filter(**fields), org)
+
+
+# -- schema -----------------------------------------------------------------------------------
+
+_COLUMNS_SQL = {
+    "sqlite": 'SELECT name, "notnull" FROM pragma_table_info(?) ORDER BY cid',
+    "postgresql": "SELECT column_name, is_nullable = 'NO' FROM information_schema.columns"
+    " WHERE table_schema = 'public' AND table_name = ? ORDER BY ordinal_position",
+}
+_ROW_KEY = {
+    "sqlite": {"readings": ["id"], "binaries": []},
+    "postgresql": {"readings": ["rowid"], "binaries": ["rowid"]},
+}
+
+
+@pytest.mark.parametrize(
+    ("table", "declared"),
+    [("readings", storage.READINGS_COLUMNS_DDL), ("binaries", storage.BINARIES_COLUMNS_DDL)],
+)
+async def test_upload_tables_have_the_declared_columns(
+    store: IngestStore, table: str, declared: str
+) -> None:
+    """One declaration of the upload tables' columns: every backend holds exactly these,
+    in this order, after its own row key, NOT NULL where declared."""
+    lines = declared.split(",\n")
+    rows = await store.read(lambda c: c.execute(_COLUMNS_SQL[store.dialect], (table,)).fetchall())
+    key = _ROW_KEY[store.dialect][table]
+    assert [str(r[0]) for r in rows] == key + [line.split()[0] for line in lines]
+    not_null = {str(name) for name, flag in rows if flag}
+    assert {line.split()[0] for line in lines if "NOT NULL" in line} <= not_null
 
 
 # -- uploads and de-duplication ---------------------------------------------------------------

@@ -34,7 +34,7 @@ from psycopg import pq
 
 from edged.errors import ConfigError
 from edged.ingest.catalog import Conn, Rows, Unstorable
-from edged.ingest.storage import READING_COLUMNS
+from edged.ingest.storage import BINARIES_COLUMNS_DDL, READING_COLUMNS, READINGS_COLUMNS_DDL
 
 _T = TypeVar("_T")
 
@@ -52,6 +52,16 @@ def pg_sql(sql: str) -> str:
     if out.lstrip().upper().startswith("INSERT OR IGNORE INTO"):
         out = out.replace("INSERT OR IGNORE INTO", "INSERT INTO", 1) + " ON CONFLICT DO NOTHING"
     return _JSON_EACH.sub(r"jsonb_array_elements_text((\1)::jsonb) AS je(value)", out)
+
+
+_PG_TYPES = {"INTEGER": "BIGINT", "BLOB": "BYTEA", "REAL": "DOUBLE PRECISION"}
+_SQLITE_TYPE = re.compile(r"\b(" + "|".join(_PG_TYPES) + r")\b")
+
+
+def pg_columns(columns: str) -> str:
+    """Column declarations in SQLite's type names (storage.py) with PostgreSQL's: 64-bit
+    integers, bytea, double precision (text collation is the migration's)."""
+    return _SQLITE_TYPE.sub(lambda m: _PG_TYPES[m.group(1)], columns)
 
 
 _NS = 1_000_000_000
@@ -106,7 +116,7 @@ _PARTITION_LOCK = 0x6564676564_02
 
 # Text columns compare bytewise ("C"), as SQLite does, whatever the database's locale:
 # ORDER BY tag, label, id gives the same order on both backends.
-_V1 = """
+_V1 = f"""
 CREATE TABLE uploads(
     upload_id TEXT PRIMARY KEY,
     org_id TEXT NOT NULL,
@@ -120,61 +130,17 @@ CREATE UNIQUE INDEX uploads_item ON uploads(org_id, item_id) WHERE item_id IS NO
 CREATE SEQUENCE readings_rowid_seq;
 CREATE TABLE readings(
     rowid BIGINT NOT NULL DEFAULT nextval('readings_rowid_seq'),
-    upload_id TEXT NOT NULL,
-    org_id TEXT NOT NULL,
-    location_id TEXT NOT NULL DEFAULT '',
-    robot_id TEXT NOT NULL DEFAULT '',
-    robot_name TEXT NOT NULL DEFAULT '',
-    part_name TEXT NOT NULL DEFAULT '',
-    part_id TEXT NOT NULL,
-    component_type TEXT NOT NULL,
-    component_name TEXT NOT NULL,
-    method_name TEXT NOT NULL,
-    method_parameters TEXT NOT NULL,
-    tags TEXT NOT NULL,
-    dataset_ids TEXT NOT NULL,
-    time_requested_ns BIGINT,
-    time_received_ns BIGINT,
-    data TEXT NOT NULL,
-    received_at_ns BIGINT NOT NULL,
-    time_captured_ns BIGINT NOT NULL,
-    data_exact BYTEA,
+{pg_columns(READINGS_COLUMNS_DDL)},
     PRIMARY KEY (time_captured_ns, rowid)
 ) PARTITION BY RANGE (time_captured_ns);
-CREATE TABLE readings_before PARTITION OF readings FOR VALUES FROM (MINVALUE) TO ({low});
-CREATE TABLE readings_after PARTITION OF readings FOR VALUES FROM ({high}) TO (MAXVALUE);
+CREATE TABLE readings_before PARTITION OF readings FOR VALUES FROM (MINVALUE) TO ({_LOW});
+CREATE TABLE readings_after PARTITION OF readings FOR VALUES FROM ({_HIGH}) TO (MAXVALUE);
 CREATE INDEX readings_org_time ON readings(org_id, time_captured_ns, rowid);
 CREATE INDEX readings_org_component ON readings(org_id, component_name, time_captured_ns, rowid);
 CREATE INDEX readings_org_part ON readings(org_id, part_id, time_captured_ns, rowid);
 CREATE TABLE binaries(
     rowid BIGINT GENERATED ALWAYS AS IDENTITY UNIQUE,
-    binary_data_id TEXT PRIMARY KEY,
-    file_id TEXT NOT NULL,
-    upload_id TEXT NOT NULL,
-    org_id TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    part_id TEXT NOT NULL,
-    component_type TEXT NOT NULL,
-    component_name TEXT NOT NULL,
-    method_name TEXT NOT NULL,
-    method_parameters TEXT NOT NULL,
-    file_name TEXT NOT NULL,
-    file_extension TEXT NOT NULL,
-    mime_type TEXT NOT NULL,
-    tags TEXT NOT NULL,
-    dataset_ids TEXT NOT NULL,
-    time_requested_ns BIGINT,
-    time_received_ns BIGINT,
-    annotations BYTEA,
-    size BIGINT NOT NULL,
-    sha256 TEXT NOT NULL,
-    blob_path TEXT NOT NULL,
-    received_at_ns BIGINT NOT NULL,
-    location_id TEXT NOT NULL DEFAULT '',
-    robot_id TEXT NOT NULL DEFAULT '',
-    robot_name TEXT NOT NULL DEFAULT '',
-    part_name TEXT NOT NULL DEFAULT '',
-    time_captured_ns BIGINT NOT NULL
+{pg_columns(BINARIES_COLUMNS_DDL)}
 );
 CREATE INDEX binaries_org_time ON binaries(org_id, time_captured_ns, rowid);
 CREATE INDEX binaries_org_component ON binaries(org_id, component_name, time_captured_ns, rowid);
@@ -217,7 +183,7 @@ CREATE TABLE bboxes(
     PRIMARY KEY (binary_data_id, id)
 );
 CREATE INDEX bboxes_label ON bboxes(label, binary_data_id);
-""".replace(" TEXT", ' TEXT COLLATE "C"').format(low=_LOW, high=_HIGH)
+""".replace(" TEXT", ' TEXT COLLATE "C"')
 
 # Bearer tokens every replica accepts (auth.SharedTokens): digests only, never tokens.
 _V2 = """

@@ -60,20 +60,25 @@ CREATE TABLE IF NOT EXISTS {name}(
 """
 _BBOX_COLS = "id, binary_data_id, label, x_min, y_min, x_max, y_max, confidence"
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS uploads(
-    upload_id TEXT PRIMARY KEY,
-    org_id TEXT NOT NULL,
-    item_id TEXT,
-    kind TEXT NOT NULL,
-    file_id TEXT NOT NULL,
-    binary_data_id TEXT NOT NULL,
-    created_at_ns INTEGER NOT NULL
-);
-CREATE UNIQUE INDEX IF NOT EXISTS uploads_item ON uploads(org_id, item_id)
-    WHERE item_id IS NOT NULL;
-CREATE TABLE IF NOT EXISTS readings(
-    id INTEGER PRIMARY KEY,
+# Columns added after the first release of the schema: ALTERed into an older index.
+ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("readings", "location_id", "TEXT NOT NULL DEFAULT ''"),
+    ("readings", "robot_id", "TEXT NOT NULL DEFAULT ''"),
+    ("readings", "robot_name", "TEXT NOT NULL DEFAULT ''"),
+    ("readings", "part_name", "TEXT NOT NULL DEFAULT ''"),
+    ("readings", "time_captured_ns", "INTEGER NOT NULL DEFAULT 0"),
+    ("readings", "data_exact", "BLOB"),
+    ("binaries", "location_id", "TEXT NOT NULL DEFAULT ''"),
+    ("binaries", "robot_id", "TEXT NOT NULL DEFAULT ''"),
+    ("binaries", "robot_name", "TEXT NOT NULL DEFAULT ''"),
+    ("binaries", "part_name", "TEXT NOT NULL DEFAULT ''"),
+    ("binaries", "time_captured_ns", "INTEGER NOT NULL DEFAULT 0"),
+)
+
+# The upload tables' columns, declared once (SQLite's type names): SQLite's SCHEMA takes
+# them through `_as_added`, pg.py's migration through `pg_columns`; each backend puts its
+# own row key in front. Every insert names time_captured_ns.
+READINGS_COLUMNS_DDL = """\
     upload_id TEXT NOT NULL,
     org_id TEXT NOT NULL,
     location_id TEXT NOT NULL DEFAULT '',
@@ -91,10 +96,9 @@ CREATE TABLE IF NOT EXISTS readings(
     time_received_ns INTEGER,
     data TEXT NOT NULL,
     received_at_ns INTEGER NOT NULL,
-    time_captured_ns INTEGER NOT NULL DEFAULT 0,
-    data_exact BLOB
-);
-CREATE TABLE IF NOT EXISTS binaries(
+    time_captured_ns INTEGER NOT NULL,
+    data_exact BLOB"""
+BINARIES_COLUMNS_DDL = """\
     binary_data_id TEXT PRIMARY KEY,
     file_id TEXT NOT NULL,
     upload_id TEXT NOT NULL,
@@ -121,7 +125,39 @@ CREATE TABLE IF NOT EXISTS binaries(
     robot_id TEXT NOT NULL DEFAULT '',
     robot_name TEXT NOT NULL DEFAULT '',
     part_name TEXT NOT NULL DEFAULT '',
-    time_captured_ns INTEGER NOT NULL DEFAULT 0
+    time_captured_ns INTEGER NOT NULL"""
+
+
+def _as_added(table: str, columns: str) -> str:
+    """`columns` with each column of ADDED_COLUMNS declared as its ALTER adds it (with the
+    DEFAULT an ALTER needs), so a new SQLite index and a migrated one agree."""
+    added = {column: decl for t, column, decl in ADDED_COLUMNS if t == table}
+    lines = []
+    for line in columns.split(",\n"):
+        name = line.split()[0]
+        lines.append(f"    {name} {added[name]}" if name in added else line)
+    return ",\n".join(lines)
+
+
+SCHEMA = (
+    """
+CREATE TABLE IF NOT EXISTS uploads(
+    upload_id TEXT PRIMARY KEY,
+    org_id TEXT NOT NULL,
+    item_id TEXT,
+    kind TEXT NOT NULL,
+    file_id TEXT NOT NULL,
+    binary_data_id TEXT NOT NULL,
+    created_at_ns INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS uploads_item ON uploads(org_id, item_id)
+    WHERE item_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS readings(
+    id INTEGER PRIMARY KEY,
+{readings}
+);
+CREATE TABLE IF NOT EXISTS binaries(
+{binaries}
 );
 CREATE TABLE IF NOT EXISTS binary_tags(
     binary_data_id TEXT NOT NULL,
@@ -145,22 +181,13 @@ CREATE TABLE IF NOT EXISTS database_users(
     password_hash BLOB NOT NULL,
     updated_at_ns INTEGER NOT NULL
 );
-""" + _BBOXES.format(name="bboxes")
-
-# Columns added after the first release of the schema: ALTERed into an older index.
-ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("readings", "location_id", "TEXT NOT NULL DEFAULT ''"),
-    ("readings", "robot_id", "TEXT NOT NULL DEFAULT ''"),
-    ("readings", "robot_name", "TEXT NOT NULL DEFAULT ''"),
-    ("readings", "part_name", "TEXT NOT NULL DEFAULT ''"),
-    ("readings", "time_captured_ns", "INTEGER NOT NULL DEFAULT 0"),
-    ("readings", "data_exact", "BLOB"),
-    ("binaries", "location_id", "TEXT NOT NULL DEFAULT ''"),
-    ("binaries", "robot_id", "TEXT NOT NULL DEFAULT ''"),
-    ("binaries", "robot_name", "TEXT NOT NULL DEFAULT ''"),
-    ("binaries", "part_name", "TEXT NOT NULL DEFAULT ''"),
-    ("binaries", "time_captured_ns", "INTEGER NOT NULL DEFAULT 0"),
+""".format(
+        readings=_as_added("readings", READINGS_COLUMNS_DDL),
+        binaries=_as_added("binaries", BINARIES_COLUMNS_DDL),
+    )
+    + _BBOXES.format(name="bboxes")
 )
+
 CAPTURED = "coalesce(time_requested_ns, time_received_ns, received_at_ns)"
 
 # Every filter is scoped to one organisation and pages in (time_captured_ns, rowid) order;
