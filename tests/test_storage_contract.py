@@ -118,14 +118,18 @@ _COLUMNS_SQL = {
     " WHERE table_schema = 'public' AND table_name = ? ORDER BY ordinal_position",
 }
 _ROW_KEY = {
-    "sqlite": {"readings": ["id"], "binaries": []},
-    "postgresql": {"readings": ["rowid"], "binaries": ["rowid"]},
+    "sqlite": {"uploads": [], "readings": ["id"], "binaries": []},
+    "postgresql": {"uploads": [], "readings": ["rowid"], "binaries": ["rowid"]},
 }
 
 
 @pytest.mark.parametrize(
     ("table", "declared"),
-    [("readings", storage.READINGS_COLUMNS_DDL), ("binaries", storage.BINARIES_COLUMNS_DDL)],
+    [
+        ("uploads", storage.UPLOADS_COLUMNS_DDL),
+        ("readings", storage.READINGS_COLUMNS_DDL),
+        ("binaries", storage.BINARIES_COLUMNS_DDL),
+    ],
 )
 async def test_upload_tables_have_the_declared_columns(
     store: IngestStore, table: str, declared: str

@@ -34,7 +34,12 @@ from psycopg import pq
 
 from edged.errors import ConfigError
 from edged.ingest.catalog import Conn, Rows, Unstorable
-from edged.ingest.storage import BINARIES_COLUMNS_DDL, READING_COLUMNS, READINGS_COLUMNS_DDL
+from edged.ingest.storage import (
+    BINARIES_COLUMNS_DDL,
+    READING_COLUMNS,
+    READINGS_COLUMNS_DDL,
+    UPLOADS_COLUMNS_DDL,
+)
 
 _T = TypeVar("_T")
 
@@ -118,13 +123,7 @@ _PARTITION_LOCK = 0x6564676564_02
 # ORDER BY tag, label, id gives the same order on both backends.
 _V1 = f"""
 CREATE TABLE uploads(
-    upload_id TEXT PRIMARY KEY,
-    org_id TEXT NOT NULL,
-    item_id TEXT,
-    kind TEXT NOT NULL,
-    file_id TEXT NOT NULL,
-    binary_data_id TEXT NOT NULL,
-    created_at_ns BIGINT NOT NULL
+{pg_columns(UPLOADS_COLUMNS_DDL)}
 );
 CREATE UNIQUE INDEX uploads_item ON uploads(org_id, item_id) WHERE item_id IS NOT NULL;
 CREATE SEQUENCE readings_rowid_seq;

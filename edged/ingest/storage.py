@@ -78,6 +78,14 @@ ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
 # The upload tables' columns, declared once (SQLite's type names): SQLite's SCHEMA takes
 # them through `_as_added`, pg.py's migration through `pg_columns`; each backend puts its
 # own row key in front. Every insert names time_captured_ns.
+UPLOADS_COLUMNS_DDL = """\
+    upload_id TEXT PRIMARY KEY,
+    org_id TEXT NOT NULL,
+    item_id TEXT,
+    kind TEXT NOT NULL,
+    file_id TEXT NOT NULL,
+    binary_data_id TEXT NOT NULL,
+    created_at_ns INTEGER NOT NULL"""
 READINGS_COLUMNS_DDL = """\
     upload_id TEXT NOT NULL,
     org_id TEXT NOT NULL,
@@ -142,13 +150,7 @@ def _as_added(table: str, columns: str) -> str:
 SCHEMA = (
     """
 CREATE TABLE IF NOT EXISTS uploads(
-    upload_id TEXT PRIMARY KEY,
-    org_id TEXT NOT NULL,
-    item_id TEXT,
-    kind TEXT NOT NULL,
-    file_id TEXT NOT NULL,
-    binary_data_id TEXT NOT NULL,
-    created_at_ns INTEGER NOT NULL
+{uploads}
 );
 CREATE UNIQUE INDEX IF NOT EXISTS uploads_item ON uploads(org_id, item_id)
     WHERE item_id IS NOT NULL;
@@ -182,6 +184,7 @@ CREATE TABLE IF NOT EXISTS database_users(
     updated_at_ns INTEGER NOT NULL
 );
 """.format(
+        uploads=UPLOADS_COLUMNS_DDL,
         readings=_as_added("readings", READINGS_COLUMNS_DDL),
         binaries=_as_added("binaries", BINARIES_COLUMNS_DDL),
     )
