@@ -21,9 +21,10 @@ Promised:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -39,6 +40,7 @@ from edged.ingest.storage import (
     READING_COLUMNS,
     READINGS_COLUMNS_DDL,
     UPLOADS_COLUMNS_DDL,
+    schema_problem,
 )
 
 _T = TypeVar("_T")
@@ -225,19 +227,22 @@ MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-def migrate(conn: psycopg.Connection[Any]) -> int:
+def schema_version(conn: psycopg.Connection[Any]) -> int:
+    """The version the database is at; 0 before the first migration (nothing created)."""
+    if conn.execute("SELECT to_regclass('edged_schema')").fetchone() == (None,):
+        return 0
+    row = conn.execute("SELECT max(version) FROM edged_schema").fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
+
+
+def migrate(conn: psycopg.Connection[Any], url: str = "") -> int:
     """Bring the database to SCHEMA_VERSION (autocommit connection); the version found.
     The advisory lock makes replicas that start together migrate one after another."""
     conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATE_LOCK,))
     try:
         conn.execute("CREATE TABLE IF NOT EXISTS edged_schema(version INTEGER NOT NULL)")
-        row = conn.execute("SELECT max(version) FROM edged_schema").fetchone()
-        found = int(row[0]) if row and row[0] is not None else 0
-        if found > SCHEMA_VERSION:
-            raise ConfigError(
-                f"the database is at schema version {found}, newer than this edged's"
-                f" {SCHEMA_VERSION}; upgrade edged"
-            )
+        found = schema_version(conn)
+        _refuse(url, found, migrating=True)
         for version in range(found + 1, SCHEMA_VERSION + 1):
             with conn.transaction():
                 conn.execute(MIGRATIONS[version - 1])
@@ -245,6 +250,50 @@ def migrate(conn: psycopg.Connection[Any]) -> int:
         return found
     finally:
         conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATE_LOCK,))
+
+
+def _refuse(url: str, found: int, *, migrating: bool) -> None:
+    shown = redact(url) if url else "URL"
+    problem = schema_problem(
+        f"--database {shown}" if url else "the database",
+        found,
+        code=SCHEMA_VERSION,
+        migrating=migrating,
+        command=f"edged ingest migrate --database {shown}",
+    )
+    if problem:
+        raise ConfigError(problem)
+
+
+def upgrade(url: str, *, apply: bool) -> tuple[int, int]:
+    """(version found, version now), migrated when `apply` (`edged ingest migrate`);
+    ConfigError for a database we cannot reach or one newer than this edged."""
+    with _connected(url) as conn:
+        if apply:
+            return migrate(conn, url), SCHEMA_VERSION
+        found = schema_version(conn)
+        _refuse(url, found, migrating=True)
+        return found, found
+
+
+def _open_schema(url: str, *, migrating: bool) -> None:
+    with _connected(url) as conn:
+        if migrating:
+            migrate(conn, url)
+        else:
+            _refuse(url, schema_version(conn), migrating=False)
+
+
+@contextlib.contextmanager
+def _connected(url: str) -> Iterator[psycopg.Connection[Any]]:
+    """A connection; one we cannot open is a ConfigError naming the URL (redacted)."""
+    try:
+        conn = connect(url)
+    except psycopg.OperationalError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"--database {redact(url)}: cannot connect ({first})") from None
+    with conn:
+        yield conn
 
 
 # -- connections ------------------------------------------------------------------------------
@@ -340,18 +389,11 @@ class PgIndex:
         self._pool.put(conn)
 
     @classmethod
-    async def open(cls, url: str) -> PgIndex:
-        """Connect and migrate; a database we cannot reach is a ConfigError naming it."""
+    async def open(cls, url: str, *, migrate: bool = True) -> PgIndex:
+        """Connect and migrate (or, with `migrate=False`, refuse a schema other than the
+        code's); a database we cannot reach is a ConfigError naming it."""
 
-        def prepare() -> None:
-            with connect(url) as conn:
-                migrate(conn)
-
-        try:
-            await asyncio.to_thread(prepare)
-        except psycopg.OperationalError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ConfigError(f"--database {redact(url)}: cannot connect ({first})") from None
+        await asyncio.to_thread(_open_schema, url, migrating=migrate)
         return cls(url)
 
     async def close(self) -> None:

@@ -54,6 +54,7 @@ class IngestSettings:
     blobs: str | None = None  # s3://BUCKET[/PREFIX]; None: blobs under data_dir
     s3_endpoint: str | None = None  # an S3-compatible endpoint URL; None: AWS S3
     database: str | None = None  # postgresql:// URL: the index there (pg.py), not in data_dir
+    migrate: bool = True  # False (--no-migrate): refuse an index at another schema version
     host: str = "127.0.0.1"
     port: int = 0
     keys: tuple[ApiKey, ...] = ()
@@ -160,7 +161,11 @@ class IngestServer:
         s = self.settings
         blobs = open_blob_store(s.blobs, s.data_dir.absolute(), s.s3_endpoint)
         self._store = await IngestStore.open(
-            s.data_dir, synchronous=s.synchronous, database=s.database, blobs=blobs
+            s.data_dir,
+            synchronous=s.synchronous,
+            database=s.database,
+            blobs=blobs,
+            migrate=s.migrate,
         )
         if self._store.dialect == "postgresql":  # replicas accept each other's tokens
             from edged.ingest.pg import PgIndex, PgTokens

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import os
 import sqlite3
@@ -37,6 +38,7 @@ from google.protobuf.any_pb2 import Any as AnyPb
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
+from edged.errors import ConfigError
 from edged.ingest import catalog
 from edged.ingest.blobs import BlobStore, BlobWriter, LocalBlobStore
 from edged.ingest.catalog import Conn
@@ -267,6 +269,7 @@ def _drop_cross_org_members(db: sqlite3.Connection) -> None:
     )
 
 
+INDEX_FILE = "ingest.sqlite3"  # under --data
 KIND_TABULAR = "tabular"
 KIND_BINARY = "binary"
 KIND_FILE = "file"
@@ -326,6 +329,64 @@ def _captured(requested: int | None, received: int | None, arrived: int) -> int:
     if requested is not None:
         return requested
     return received if received is not None else arrived
+
+
+def schema_problem(
+    where: str, found: int, *, code: int, migrating: bool, command: str
+) -> str | None:
+    """Why this edged cannot use an index at schema version `found` (None: it can). A newer
+    one is never touched (this code would misread it); an older one is migrated at start
+    unless the operator turned that off (`--no-migrate`), then `command` upgrades it."""
+    if found > code:
+        return (
+            f"{where} is at schema version {found}, newer than this edged's {code}; upgrade"
+            " edged (an older edged never writes to a newer schema)"
+        )
+    if found < code and not migrating:
+        return (
+            f"{where} is at schema version {found}, older than this edged's {code}, and"
+            f" --no-migrate is set; run `{command}` first"
+        )
+    return None
+
+
+def sqlite_version(path: Path) -> int:
+    """The index file's PRAGMA user_version; 0 for no file yet (nothing is created)."""
+    if not path.exists():
+        return 0
+    db = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
+    try:
+        return int(db.execute("PRAGMA user_version").fetchone()[0])
+    finally:
+        db.close()
+
+
+def upgrade_sqlite(path: Path, *, apply: bool) -> tuple[int, int]:
+    """(version found, version now) of the index at `path`, migrated when `apply`
+    (`edged ingest migrate --data`); ConfigError for one newer than this edged."""
+    found = sqlite_version(path)
+    _refuse_sqlite(path, found, migrating=True)
+    if not apply:
+        return found, found
+    _prepare(path)
+    return found, SCHEMA_VERSION
+
+
+def _open_sqlite(path: Path, *, migrate: bool) -> None:
+    if migrate:
+        upgrade_sqlite(path, apply=True)
+    else:
+        _refuse_sqlite(path, sqlite_version(path), migrating=False)
+
+
+def _refuse_sqlite(path: Path, found: int, *, migrating: bool) -> None:
+    command = f"edged ingest migrate --data {path.parent}"
+    where = f"the index {path}"
+    problem = schema_problem(
+        where, found, code=SCHEMA_VERSION, migrating=migrating, command=command
+    )
+    if problem:
+        raise ConfigError(problem)
 
 
 def _prepare(path: Path) -> None:
@@ -412,8 +473,10 @@ class SqliteIndex:
         self._writer: sqlite3.Connection | None = None
 
     @classmethod
-    async def open(cls, db_path: Path, *, synchronous: str = "FULL") -> SqliteIndex:
-        await asyncio.to_thread(_prepare, db_path)
+    async def open(
+        cls, db_path: Path, *, synchronous: str = "FULL", migrate: bool = True
+    ) -> SqliteIndex:
+        await asyncio.to_thread(functools.partial(_open_sqlite, db_path, migrate=migrate))
         return cls(db_path, synchronous=synchronous)
 
     async def close(self) -> None:
@@ -476,7 +539,7 @@ class IngestStore:
     def __init__(self, root: Path, index: Index, blobs: BlobStore | None = None) -> None:
         self.root = root
         self.blobs: BlobStore = blobs or LocalBlobStore(root)
-        self.db_path = root / "ingest.sqlite3"  # what the SQL/MQL engines read (SQLite only)
+        self.db_path = root / INDEX_FILE  # what the SQL/MQL engines read (SQLite only)
         self.index = index
 
     @classmethod
@@ -487,9 +550,11 @@ class IngestStore:
         synchronous: str = "FULL",
         database: str | None = None,
         blobs: BlobStore | None = None,
+        migrate: bool = True,
     ) -> IngestStore:
         """`database` (a postgresql:// URL) puts the index in PostgreSQL; `blobs` (default:
-        the data directory) holds the bytes."""
+        the data directory) holds the bytes; `migrate=False` (`--no-migrate`) refuses an
+        index at another schema version instead of upgrading it."""
         root = root.absolute()  # SQLite URIs and blob paths must not follow a later chdir
         blobs = blobs or LocalBlobStore(root)
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -499,13 +564,32 @@ class IngestStore:
             if database:
                 from edged.ingest.pg import PgIndex
 
-                index = await PgIndex.open(database)
+                index = await PgIndex.open(database, migrate=migrate)
             else:
-                index = await SqliteIndex.open(root / "ingest.sqlite3", synchronous=synchronous)
+                index = await SqliteIndex.open(
+                    root / INDEX_FILE, synchronous=synchronous, migrate=migrate
+                )
         except BaseException:
             await blobs.close()
             raise
         return cls(root, index, blobs)
+
+    @staticmethod
+    async def upgrade_schema(
+        root: Path | None, database: str | None, *, apply: bool
+    ) -> tuple[int, int, int]:
+        """`edged ingest migrate`: (version found, version now, this edged's version) of
+        the index in `database` or under `root`, upgraded when `apply`."""
+        if database:
+            from edged.ingest import pg
+
+            found, now = await asyncio.to_thread(pg.upgrade, database, apply=apply)
+            return found, now, pg.SCHEMA_VERSION
+        assert root is not None
+        if apply:
+            root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        found, now = await asyncio.to_thread(upgrade_sqlite, root / INDEX_FILE, apply=apply)
+        return found, now, SCHEMA_VERSION
 
     @property
     def dialect(self) -> str:
