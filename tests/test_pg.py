@@ -324,14 +324,32 @@ async def test_readings_land_in_month_partitions_and_retention_drops_old_months(
         dropped = await store.index.drop_readings_before(_ns(2026, 3, 15))
         assert dropped == ["readings_y2026m01"]  # March still holds readings inside the window
         left = sorted(r.data["v"] for r in await store.readings(ORG))
-        assert left == [2.0, 2.0, 3.0, 3.0, 4.0, 4.0]
+        assert left == [2.0, 2.0, 4.0, 4.0]  # and 1990's (readings_before) went too
         # a late reading of a dropped month recreates its partition rather than failing
         await store.store_tabular(
             ORG, None, tabular_meta(), [_reading(9, _ns(2026, 1, 7) // 10**9)]
         )
-        assert len(await store.readings(ORG)) == 7
+        assert len(await store.readings(ORG)) == 5
     finally:
         await store.close()
+
+
+async def test_two_replicas_running_retention_at_once(
+    replicas: tuple[IngestStore, IngestStore],
+) -> None:
+    a, b = replicas
+    times = [_ns(2026, 1, 5), _ns(2026, 2, 5), _ns(1999, 5, 1), _ns(2026, 4, 2)]
+    await a.store_tabular(
+        ORG, None, tabular_meta(), [_reading(i, t // 10**9) for i, t in enumerate(times)]
+    )
+    await b.store_tabular("org-b", None, tabular_meta(), [_reading(9, _ns(2026, 4, 3) // 10**9)])
+    results = await asyncio.gather(
+        a.expire_readings(_ns(2026, 3, 1)), b.expire_readings(_ns(2026, 3, 1))
+    )
+    assert sum(r.readings for r in results) == 3  # each aged row counted once
+    assert sum(r.partitions for r in results) == 2  # January and February, dropped once
+    assert [r.data["v"] for r in await b.readings(ORG)] == [3.0]
+    assert [r.data["v"] for r in await a.readings("org-b")] == [9.0]
 
 
 # -- two `edged ingest` processes on one database --------------------------------------------

@@ -52,6 +52,15 @@ def _duration_arg(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _retention_arg(text: str) -> float:
+    from edged.ingest.retention import parse_retention
+
+    try:
+        return parse_retention(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def parse_listen(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     if not host or not port.isdigit():
@@ -96,6 +105,7 @@ def _ingest_settings(args: argparse.Namespace) -> IngestSettings:
         s3_endpoint=args.s3_endpoint,
         database=_database_url(args),
         migrate=not args.no_migrate,
+        retention_s=args.retention,
         host=host,
         port=port,
         keys=keys,
@@ -431,6 +441,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not upgrade the index's schema at start; refuse one older than this edged"
         " (replicas whose schema `edged ingest migrate` upgrades)",
+    )
+    ing.add_argument(
+        "--retention",
+        type=_retention_arg,
+        default=None,
+        metavar="DURATION",
+        help="delete tabular readings captured longer ago than this (e.g. 400d), hourly;"
+        " binary data and files are kept (default: keep everything)",
     )
     ing.add_argument("--api-key-id", action="append", help="API key id (repeatable)")
     ing.add_argument(

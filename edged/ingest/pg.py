@@ -11,9 +11,10 @@ Promised:
 - paging tokens are (capture time, rowid) from one sequence, valid on every replica;
 - readings are partitioned by capture time, one partition per UTC month from 2000 to
   2100 (created on demand, at most 1200) plus one below and one above, so a caller's
-  clock cannot make us create tables without bound; `drop_readings_before` is retention;
-- the schema is versioned (`edged_schema`) and migrated at start under an advisory lock,
-  so replicas starting at once migrate it once;
+  clock cannot make us create tables without bound; retention (retention.py) drops them;
+- the schema is versioned (`edged_schema`) and migrated at start (or by `edged ingest
+  migrate`, replicas then `--no-migrate`) under an advisory lock, so replicas starting
+  at once migrate it once; a schema newer than the code is refused, never written;
 - passwords: from the URL or libpq's environment (PGPASSWORD, ~/.pgpass); `redact` is
   the only form of the URL we print.
 """
@@ -35,6 +36,7 @@ from psycopg import pq
 
 from edged.errors import ConfigError
 from edged.ingest.catalog import Conn, Rows, Unstorable
+from edged.ingest.retention import Expired
 from edged.ingest.storage import (
     BINARIES_COLUMNS_DDL,
     READING_COLUMNS,
@@ -460,7 +462,13 @@ class PgIndex:
     async def drop_readings_before(self, cutoff_ns: int) -> list[str]:
         """Retention: drop the monthly partitions that end at or before `cutoff_ns` (whole
         months only; readings of a month still partly inside the window stay)."""
-        return await self.write(lambda c: _drop_partitions(c, cutoff_ns))
+        return (await self.write(lambda c: _drop_partitions(c, cutoff_ns)))[0]
+
+    async def expire_readings(self, cutoff_ns: int) -> Expired:
+        """Whole months (`drop_readings_before`), and the rows captured before 2000 once
+        the cutoff is past it: the fixed partition below the months ends there."""
+        dropped, rows = await self.write(lambda c: _drop_partitions(c, cutoff_ns))
+        return Expired(readings=rows, partitions=len(dropped))
 
 
 def _create_partitions(conn: Conn, parts: Iterable[tuple[str, int, int]]) -> None:
@@ -478,7 +486,8 @@ def _create_partitions(conn: Conn, parts: Iterable[tuple[str, int, int]]) -> Non
         )
 
 
-def _drop_partitions(conn: Conn, cutoff_ns: int) -> list[str]:
+def _drop_partitions(conn: Conn, cutoff_ns: int) -> tuple[list[str], int]:
+    """(partitions dropped, readings they and `readings_before` held)."""
     conn.execute("SET LOCAL lock_timeout = '10s'")
     conn.execute("SELECT pg_advisory_xact_lock(?)", (_PARTITION_LOCK,))
     names = [
@@ -488,14 +497,18 @@ def _drop_partitions(conn: Conn, cutoff_ns: int) -> list[str]:
             " WHERE i.inhparent = 'readings'::regclass ORDER BY c.relname"
         )
     ]
-    dropped = []
+    dropped: list[str] = []
+    rows = 0
+    if cutoff_ns >= _LOW:
+        rows += conn.execute("DELETE FROM readings_before").rowcount
     for name in names:
         end = partition_end_ns(name)
         if end is not None and end <= cutoff_ns:
+            rows += int(conn.execute(f"SELECT count(*) FROM {name}").fetchone()[0])
             conn.execute(f"ALTER TABLE readings DETACH PARTITION {name}")
             conn.execute(f"DROP TABLE {name}")
             dropped.append(name)
-    return dropped
+    return dropped, rows
 
 
 class PgTokens:

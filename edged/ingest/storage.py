@@ -39,9 +39,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.errors import ConfigError
-from edged.ingest import catalog
+from edged.ingest import catalog, retention
 from edged.ingest.blobs import BlobStore, BlobWriter, LocalBlobStore
 from edged.ingest.catalog import Conn
+from edged.ingest.retention import Expired
 from edged.ingest.values import decode_python, encode_struct
 
 # Bounding-box ids are chosen by the uploader (annotations) or by us (AddBoundingBox) and
@@ -455,6 +456,10 @@ class Index(Protocol):
         """Insert rows of `READING_COLUMNS` inside `write`'s transaction."""
         ...
 
+    async def expire_readings(self, cutoff_ns: int) -> Expired:
+        """Retention (retention.py): remove readings captured before `cutoff_ns`."""
+        ...
+
     async def close(self) -> None:
         """Wait for writes in flight, then release connections."""
         ...
@@ -532,6 +537,30 @@ class SqliteIndex:
             f"INSERT INTO readings({READING_COLUMNS}) VALUES ({','.join('?' * 16)})", rows
         )
 
+    async def expire_readings(self, cutoff_ns: int) -> Expired:
+        """Per organisation (its time index finds the rows), `retention.BATCH` rows a
+        transaction, at most `retention.MAX_BATCHES` transactions a run."""
+        orgs = await self.read(
+            lambda c: [str(r[0]) for r in c.execute("SELECT DISTINCT org_id FROM readings")]
+        )
+
+        def delete_some(conn: Conn, org: str) -> int:
+            return conn.execute(
+                "DELETE FROM readings WHERE id IN (SELECT id FROM readings"
+                " WHERE org_id = ? AND time_captured_ns < ? LIMIT ?)",
+                (org, cutoff_ns, retention.BATCH),
+            ).rowcount
+
+        deleted, batches = 0, 0
+        for org in orgs:
+            while batches < retention.MAX_BATCHES:
+                batches += 1
+                n = await self.write(functools.partial(delete_some, org=org))
+                deleted += n
+                if n < retention.BATCH:
+                    break
+        return Expired(readings=deleted)
+
 
 class IngestStore:
     """The index (SQLite or PostgreSQL) plus the blob store; one API for the services."""
@@ -573,6 +602,10 @@ class IngestStore:
             await blobs.close()
             raise
         return cls(root, index, blobs)
+
+    async def expire_readings(self, cutoff_ns: int) -> Expired:
+        """Retention: readings captured before `cutoff_ns` go (retention.py)."""
+        return await self.index.expire_readings(cutoff_ns)
 
     @staticmethod
     async def upgrade_schema(
