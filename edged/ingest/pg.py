@@ -497,17 +497,14 @@ def _drop_partitions(conn: Conn, cutoff_ns: int) -> tuple[list[str], int]:
             " WHERE i.inhparent = 'readings'::regclass ORDER BY c.relname"
         )
     ]
-    dropped: list[str] = []
-    rows = 0
-    if cutoff_ns >= _LOW:
-        rows += conn.execute("DELETE FROM readings_before").rowcount
-    for name in names:
-        end = partition_end_ns(name)
-        if end is not None and end <= cutoff_ns:
-            rows += int(conn.execute(f"SELECT count(*) FROM {name}").fetchone()[0])
-            conn.execute(f"ALTER TABLE readings DETACH PARTITION {name}")
-            conn.execute(f"DROP TABLE {name}")
-            dropped.append(name)
+    dropped = [n for n in names if (end := partition_end_ns(n)) is not None and end <= cutoff_ns]
+    rows = conn.execute("DELETE FROM readings_before").rowcount if cutoff_ns >= _LOW else 0
+    # Counted before the first DETACH, which locks `readings` until the commit.
+    for name in dropped:
+        rows += int(conn.execute(f"SELECT count(*) FROM {name}").fetchone()[0])
+    for name in dropped:
+        conn.execute(f"ALTER TABLE readings DETACH PARTITION {name}")
+        conn.execute(f"DROP TABLE {name}")
     return dropped, rows
 
 
