@@ -15,7 +15,7 @@ INTEROP_STAMP := $(INTEROP_VENV)/.installed
 # The stock SDK we prove wire compatibility with (separate venv: its protos clash with ours).
 VIAM_SDK := viam-sdk==0.85.1
 
-.PHONY: venv run test lint type unit proto interop bench bench-compare torture reliability clean
+.PHONY: venv run test lint type unit proto interop bench bench-compare bench-fleet torture reliability clean
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
@@ -65,6 +65,11 @@ bench: $(STAMP) $(INTEROP_STAMP)
 # server, in one run: readings/s, CPU per reading, MB/s, peak RSS and ratios.
 bench-compare: $(STAMP) $(INTEROP_STAMP)
 	$(BIN)/python -m bench compare
+
+# 50 simulated robots into 1 and 2 `edged ingest` replicas on one PostgreSQL + moto S3
+# (both started by the bench); QUICK=1 for the under-a-minute version.
+bench-fleet: $(STAMP)
+	$(BIN)/python -m bench fleet $(if $(QUICK),--quick)
 
 # Reliability suite: `reliability` = quick profile, `torture` = full (200 SIGKILL cycles);
 # both rewrite docs/reliability.md with the figures of the run.

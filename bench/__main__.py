@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import compare, e2e, outbox, query, sources, wire
+from bench import compare, e2e, fleet, outbox, query, sources, wire
 
 BENCHMARKS: dict[str, Callable[[bool, int | None], Path]] = {
     wire.NAME: wire.run,
@@ -16,6 +16,7 @@ BENCHMARKS: dict[str, Callable[[bool, int | None], Path]] = {
     e2e.NAME: e2e.run,
     query.NAME: query.run,
     compare.NAME: compare.run,
+    fleet.NAME: fleet.run,
 }
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +36,43 @@ def test_key_file_readable_by_others_is_refused(tmp_path: Path) -> None:
     assert f"API key file {key.path} has mode 0644" in res.stderr
     assert key.secret not in res.stderr + res.stdout
     assert "Traceback" not in res.stderr
+
+
+def test_migrate_creates_and_checks_the_sqlite_schema(tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    pending = _run("ingest", "migrate", "--data", str(data), "--check")
+    assert pending.returncode == 1
+    assert f"--data {data}: schema 0 -> 1 pending" in pending.stdout
+    assert not data.exists()  # --check changes nothing
+    refused = _run("ingest", "--listen", "127.0.0.1:0", "--data", str(data), "--no-migrate")
+    assert refused.returncode == 2
+    assert f"run `edged ingest migrate --data {data}` first" in refused.stderr
+    done = _run("ingest", "migrate", "--data", str(data))
+    assert done.returncode == 0 and "schema 0 -> 1" in done.stdout, done.stderr
+    assert _run("ingest", "migrate", "--data", str(data), "--check").returncode == 0
+
+
+def test_an_index_newer_than_edged_is_refused_untouched(tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    assert _run("ingest", "migrate", "--data", str(data)).returncode == 0
+    with contextlib.closing(sqlite3.connect(data / "ingest.sqlite3")) as db:
+        db.execute("PRAGMA user_version = 99")
+    for args in (
+        ["migrate", "--data", str(data)],
+        ["--listen", "127.0.0.1:0", "--data", str(data)],
+    ):
+        res = _run("ingest", *args)
+        assert res.returncode == 2
+        assert "is at schema version 99, newer than this edged's 1" in res.stderr
+    with contextlib.closing(sqlite3.connect(data / "ingest.sqlite3")) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (99,)
+
+
+def test_migrate_needs_one_index(tmp_path: Path) -> None:
+    for args in ([], ["--data", str(tmp_path), "--database", "postgresql://h/db"]):
+        res = _run("ingest", "migrate", *args)
+        assert res.returncode == 2
+        assert "needs --database URL or --data DIR (one)" in res.stderr
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ database. Behaviours both backends share are in test_storage_contract.py."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import subprocess
 from collections.abc import AsyncIterator
@@ -112,6 +113,16 @@ async def test_unreachable_database_is_a_config_error_without_the_password(
 # -- migration --------------------------------------------------------------------------------
 
 
+# Digests of the shipped steps: a database migrated by an older edged must hold what a new
+# one builds, so a step's text (derived from storage.py's declarations) never changes.
+SHIPPED_STEPS = ["8357e32b32eff646", "feb95a415c76411c", "296c475ff63a5518"]
+
+
+def test_shipped_migration_steps_never_change() -> None:
+    digests = [hashlib.sha256(step.encode()).hexdigest()[:16] for step in pg.MIGRATIONS]
+    assert digests[: len(SHIPPED_STEPS)] == SHIPPED_STEPS
+
+
 async def test_replicas_starting_at_once_migrate_once(pg_url: str) -> None:
     indexes = await asyncio.gather(*(pg.PgIndex.open(pg_url) for _ in range(4)))
     for index in indexes:
@@ -127,6 +138,100 @@ async def test_a_newer_schema_is_refused(pg_url: str) -> None:
         conn.execute("INSERT INTO edged_schema(version) VALUES (%s)", (pg.SCHEMA_VERSION + 1,))
     with pytest.raises(ConfigError, match="newer than this edged"):
         await pg.PgIndex.open(pg_url)
+
+
+def _migrate_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        edged_cmd("ingest", "migrate", *args),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def _open_without_migrating(root: Path, url: str) -> None:
+    async def go() -> None:
+        await (await IngestStore.open(root, database=url, migrate=False)).close()
+
+    asyncio.run(go())
+
+
+def test_migrate_commands_started_at_once_all_succeed_with_one_schema(pg_url: str) -> None:
+    """N replicas' deploy steps at once: the advisory lock lets one migrate, the rest wait
+    and find the schema current; every step ran once."""
+    procs = [
+        subprocess.Popen(
+            edged_cmd("ingest", "migrate", "--database", pg_url),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    outs = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err
+            outs.append(out)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    latest = pg.SCHEMA_VERSION
+    assert sum(f"schema 0 -> {latest}" in out for out in outs) == 1, outs
+    assert sum(f"schema {latest} -> {latest}" in out for out in outs) == 3, outs
+    with psycopg.connect(pg_url) as conn:
+        rows = conn.execute("SELECT version FROM edged_schema ORDER BY version").fetchall()
+    assert rows == [(v,) for v in range(1, latest + 1)]
+
+
+def test_no_migrate_refuses_an_older_schema_until_migrate_runs(pg_url: str, tmp_path: Path) -> None:
+    older = pg.SCHEMA_VERSION - 1
+    with psycopg.connect(pg_url, autocommit=True) as conn:  # what an older edged built
+        conn.execute("CREATE TABLE edged_schema(version INTEGER NOT NULL)")
+        for version in range(1, older + 1):
+            conn.execute(pg.MIGRATIONS[version - 1])
+            conn.execute("INSERT INTO edged_schema(version) VALUES (%s)", (version,))
+    with pytest.raises(ConfigError) as err:
+        _open_without_migrating(tmp_path / "a", pg_url)
+    assert str(err.value) == (
+        f"--database {pg.redact(pg_url)} is at schema version {older}, older than this"
+        f" edged's {pg.SCHEMA_VERSION}, and --no-migrate is set; run"
+        f" `edged ingest migrate --database {pg.redact(pg_url)}` first"
+    )
+    cli = subprocess.run(
+        edged_cmd(
+            "ingest", "--listen", "127.0.0.1:0", "--data", str(tmp_path / "b"),
+            "--database", pg_url, "--no-migrate",
+        ),
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert cli.returncode == 2 and "--no-migrate is set" in cli.stderr, cli.stderr
+    check = _migrate_cli("--database", pg_url, "--check")
+    assert check.returncode == 1, check.stderr
+    assert f"schema {older} -> {pg.SCHEMA_VERSION} pending" in check.stdout
+    done = _migrate_cli("--database", pg_url)
+    assert done.returncode == 0, done.stderr
+    assert f"schema {older} -> {pg.SCHEMA_VERSION}" in done.stdout
+    assert _migrate_cli("--database", pg_url, "--check").returncode == 0
+    _open_without_migrating(tmp_path / "a", pg_url)
+
+
+def test_migrate_refuses_a_newer_schema(pg_url: str) -> None:
+    assert _migrate_cli("--database", pg_url).returncode == 0
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO edged_schema(version) VALUES (%s)", (pg.SCHEMA_VERSION + 1,))
+    for args in ([], ["--check"]):
+        res = _migrate_cli("--database", pg_url, *args)
+        assert res.returncode == 2
+        assert f"newer than this edged's {pg.SCHEMA_VERSION}" in res.stderr
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT max(version) FROM edged_schema").fetchone() == (
+            pg.SCHEMA_VERSION + 1,
+        )
 
 
 # -- replicas ---------------------------------------------------------------------------------
@@ -219,14 +324,32 @@ async def test_readings_land_in_month_partitions_and_retention_drops_old_months(
         dropped = await store.index.drop_readings_before(_ns(2026, 3, 15))
         assert dropped == ["readings_y2026m01"]  # March still holds readings inside the window
         left = sorted(r.data["v"] for r in await store.readings(ORG))
-        assert left == [2.0, 2.0, 3.0, 3.0, 4.0, 4.0]
+        assert left == [2.0, 2.0, 4.0, 4.0]  # and 1990's (readings_before) went too
         # a late reading of a dropped month recreates its partition rather than failing
         await store.store_tabular(
             ORG, None, tabular_meta(), [_reading(9, _ns(2026, 1, 7) // 10**9)]
         )
-        assert len(await store.readings(ORG)) == 7
+        assert len(await store.readings(ORG)) == 5
     finally:
         await store.close()
+
+
+async def test_two_replicas_running_retention_at_once(
+    replicas: tuple[IngestStore, IngestStore],
+) -> None:
+    a, b = replicas
+    times = [_ns(2026, 1, 5), _ns(2026, 2, 5), _ns(1999, 5, 1), _ns(2026, 4, 2)]
+    await a.store_tabular(
+        ORG, None, tabular_meta(), [_reading(i, t // 10**9) for i, t in enumerate(times)]
+    )
+    await b.store_tabular("org-b", None, tabular_meta(), [_reading(9, _ns(2026, 4, 3) // 10**9)])
+    results = await asyncio.gather(
+        a.expire_readings(_ns(2026, 3, 1)), b.expire_readings(_ns(2026, 3, 1))
+    )
+    assert sum(r.readings for r in results) == 3  # each aged row counted once
+    assert sum(r.partitions for r in results) == 2  # January and February, dropped once
+    assert [r.data["v"] for r in await b.readings(ORG)] == [3.0]
+    assert [r.data["v"] for r in await a.readings("org-b")] == [9.0]
 
 
 # -- two `edged ingest` processes on one database --------------------------------------------

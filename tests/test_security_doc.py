@@ -23,6 +23,7 @@ NOT_LIMITS = {
     "--log-format",
     "--log-level",
     "--synchronous",
+    "--no-migrate",
 }
 
 

@@ -9,6 +9,7 @@ import functools
 import json
 import math
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from edged._proto.app.data.v1.data_grpc import DataServiceStub
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.client import UploadClient, upload_metadata
 from edged.errors import UploadError
-from edged.ingest import IngestServer, IngestSettings, IngestStore, catalog
+from edged.ingest import IngestServer, IngestSettings, IngestStore, catalog, retention, storage
 from edged.ingest.catalog import Conn
 from edged.ingest.filters import (
     Cursor,
@@ -33,6 +34,7 @@ from edged.ingest.filters import (
     encode_token,
     reading_where,
 )
+from edged.ingest.retention import Expired
 
 ORG, ORG2 = "org-a", "org-b"
 BACKENDS = ["sqlite", "postgresql"]
@@ -108,6 +110,40 @@ async def put_blob(
 
 def where_binaries(org: str, **fields: Any) -> Where:
     return binary_where(dpb.Filter(**fields), org)
+
+
+# -- schema -----------------------------------------------------------------------------------
+
+_COLUMNS_SQL = {
+    "sqlite": 'SELECT name, "notnull" FROM pragma_table_info(?) ORDER BY cid',
+    "postgresql": "SELECT column_name, is_nullable = 'NO' FROM information_schema.columns"
+    " WHERE table_schema = 'public' AND table_name = ? ORDER BY ordinal_position",
+}
+_ROW_KEY = {
+    "sqlite": {"uploads": [], "readings": ["id"], "binaries": []},
+    "postgresql": {"uploads": [], "readings": ["rowid"], "binaries": ["rowid"]},
+}
+
+
+@pytest.mark.parametrize(
+    ("table", "declared"),
+    [
+        ("uploads", storage.UPLOADS_COLUMNS_DDL),
+        ("readings", storage.READINGS_COLUMNS_DDL),
+        ("binaries", storage.BINARIES_COLUMNS_DDL),
+    ],
+)
+async def test_upload_tables_have_the_declared_columns(
+    store: IngestStore, table: str, declared: str
+) -> None:
+    """One declaration of the upload tables' columns: every backend holds exactly these,
+    in this order, after its own row key, NOT NULL where declared."""
+    lines = declared.split(",\n")
+    rows = await store.read(lambda c: c.execute(_COLUMNS_SQL[store.dialect], (table,)).fetchall())
+    key = _ROW_KEY[store.dialect][table]
+    assert [str(r[0]) for r in rows] == key + [line.split()[0] for line in lines]
+    not_null = {str(name) for name, flag in rows if flag}
+    assert {line.split()[0] for line in lines if "NOT NULL" in line} <= not_null
 
 
 # -- uploads and de-duplication ---------------------------------------------------------------
@@ -354,6 +390,78 @@ async def test_a_failed_write_changes_nothing(store: IngestStore) -> None:
     with pytest.raises(RuntimeError):
         await store.write(half)
     assert await store.read(lambda c: catalog.list_datasets(c, ORG)) == []
+
+
+# -- retention ----------------------------------------------------------------------------------
+
+
+def _s(year: int, month: int, day: int) -> int:
+    return int(datetime(year, month, day, tzinfo=UTC).timestamp())
+
+
+# A month boundary: PostgreSQL drops whole months, so both backends agree exactly there.
+CUTOFF_S = _s(2026, 3, 1)
+AGED = [(ORG, 1.0, _s(2026, 1, 10)), (ORG, 2.0, _s(2026, 2, 27)), (ORG2, 3.0, _s(2026, 1, 15))]
+KEPT = [(ORG, 4.0, _s(2026, 3, 5)), (ORG2, 5.0, _s(2026, 4, 1))]
+
+
+async def _store_aged_and_kept(store: IngestStore, as_org: str = ORG) -> None:
+    for org, value, at_s in AGED + KEPT:
+        owner = as_org if org == ORG else org
+        await store.store_tabular(owner, None, tabular_meta(), [reading(value, at_s)])
+
+
+async def _values(store: IngestStore, org: str) -> list[float]:
+    return sorted(r.data["v"] for r in await store.readings(org))
+
+
+async def test_retention_removes_readings_captured_before_the_cutoff(
+    store: IngestStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(retention, "BATCH", 1)  # SQLite's batches: one row a transaction
+    await _store_aged_and_kept(store)
+    expired = await store.expire_readings(CUTOFF_S * 10**9)
+    assert expired.readings == len(AGED)
+    assert await _values(store, ORG) == [4.0] and await _values(store, ORG2) == [5.0]
+    where = reading_where(None, ORG)
+    assert (await store.read(lambda c: catalog.count_readings(c, where)))[0] == 1
+    assert await store.expire_readings(CUTOFF_S * 10**9) == Expired()  # nothing left to do
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_retention_runs_in_the_server_on_its_clock(
+    request: pytest.FixtureRequest, tmp_path: Path, backend: str
+) -> None:
+    """`--retention` with an injected clock (never the real date): the run is counted,
+    and the filter API no longer sees the aged readings."""
+    database = request.getfixturevalue("pg_url") if backend == "postgresql" else None
+    store = await IngestStore.open(tmp_path / "ingest", synchronous="OFF", database=database)
+    try:
+        await _store_aged_and_kept(store, as_org="")  # the open server's organisation
+    finally:
+        await store.close()
+    settings = IngestSettings(
+        data_dir=tmp_path / "ingest",
+        database=database,
+        synchronous="OFF",
+        shutdown_grace_s=1,
+        retention_s=10 * 86400,
+        clock=lambda: CUTOFF_S + 10 * 86400,
+    )
+    async with IngestServer(settings) as server:
+        runs = server.metrics.retention_runs.labels("ok")
+        for _ in range(3000):  # bounded: 30 s
+            if runs._value.get() >= 1:
+                break
+            await asyncio.sleep(0.01)
+        assert runs._value.get() == 1
+        assert server.metrics.expired_readings._value.get() == len(AGED)
+        async with UploadClient(f"127.0.0.1:{server.port}", tls=False) as up:
+            got = await DataServiceStub(up.channel).TabularDataByFilter(
+                dpb.TabularDataByFilterRequest(data_request=dpb.DataRequest(limit=100)),
+                metadata=await up.metadata(),
+            )
+    assert [d.data["v"] for d in got.data] == [4.0]
 
 
 # -- text no index can hold (through the services) -------------------------------------------

@@ -54,6 +54,15 @@ def _duration_arg(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _retention_arg(text: str) -> float:
+    from edged.ingest.retention import parse_retention
+
+    try:
+        return parse_retention(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def parse_listen(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     if not host or not port.isdigit():
@@ -90,15 +99,15 @@ def _ingest_settings(args: argparse.Namespace) -> IngestSettings:
     from edged.ingest.server import IngestSettings
 
     host, port = args.listen
-    if args.database is not None and not args.database.startswith(("postgresql://", "postgres://")):
-        raise ConfigError(
-            "--database must be a postgresql:// URL (password via PGPASSWORD or the URL)"
-        )
+    if args.data is None:
+        raise ConfigError("edged ingest needs --data DIR (the index, unless --database, and blobs)")
     return IngestSettings(
         data_dir=args.data,
         blobs=args.blobs,
         s3_endpoint=args.s3_endpoint,
-        database=args.database,
+        database=_database_url(args),
+        migrate=not args.no_migrate,
+        retention_s=args.retention,
         host=host,
         port=port,
         keys=keys,
@@ -111,6 +120,42 @@ def _ingest_settings(args: argparse.Namespace) -> IngestSettings:
         query_limits=_limits(QueryLimits, args),
         metrics_listen=args.metrics_listen,
     )
+
+
+def _database_url(args: argparse.Namespace) -> str | None:
+    url: str | None = args.database
+    if url is not None and not url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(
+            "--database must be a postgresql:// URL (password via PGPASSWORD or the URL)"
+        )
+    return url
+
+
+def _cmd_ingest_migrate(args: argparse.Namespace) -> int:
+    """Create or upgrade the index's schema and exit (deploy pipelines: `--check`)."""
+    database = _database_url(args)
+    if (database is None) == (args.data is None):
+        raise ConfigError("edged ingest migrate needs --database URL or --data DIR (one)")
+    require_server()
+    from edged.ingest.storage import IngestStore
+
+    found, now, code = asyncio.run(
+        IngestStore.upgrade_schema(args.data, database, apply=not args.check)
+    )
+    if database:
+        from edged.ingest.pg import redact
+
+        where = f"--database {redact(database)}"
+    else:
+        where = f"--data {args.data}"
+    if args.check:
+        if found < code:
+            print(f"edged ingest migrate: {where}: schema {found} -> {code} pending", flush=True)
+            return EXIT_RUNTIME
+        print(f"edged ingest migrate: {where}: schema {found}, up to date", flush=True)
+        return EXIT_OK
+    print(f"edged ingest migrate: {where}: schema {found} -> {now}", flush=True)
+    return EXIT_OK
 
 
 def _strong_secret(path: Path) -> str:
@@ -396,8 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument(
         "--data",
         type=absolute_path,
-        required=True,
-        help="directory for the index (and blobs, unless --blobs)",
+        help="directory for the index (and blobs, unless --blobs); required",
     )
     ing.add_argument(
         "--blobs",
@@ -412,6 +456,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--database",
         help="postgresql://USER@HOST/DB: keep the index there, shared by every replica"
         " (password from PGPASSWORD or the URL; needs edged[postgres]); blobs stay in --data",
+    )
+    ing.add_argument(
+        "--no-migrate",
+        action="store_true",
+        help="do not upgrade the index's schema at start; refuse one older than this edged"
+        " (replicas whose schema `edged ingest migrate` upgrades)",
+    )
+    ing.add_argument(
+        "--retention",
+        type=_retention_arg,
+        default=None,
+        metavar="DURATION",
+        help="delete tabular readings captured longer ago than this (e.g. 400d), hourly;"
+        " binary data and files are kept (default: keep everything)",
     )
     ing.add_argument("--api-key-id", action="append", help="API key id (repeatable)")
     ing.add_argument(
@@ -465,6 +523,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_limit_flags(ing, AuthLimits)
     _add_limit_flags(ing, QueryLimits)
     ing.set_defaults(func=_cmd_ingest)
+    ing_sub = ing.add_subparsers(dest="ingest_command", metavar="{migrate}")
+    mig = ing_sub.add_parser(
+        "migrate", help="create or upgrade the index's schema, print from -> to, and exit"
+    )
+    mig.add_argument("--data", type=absolute_path, help="the SQLite index under this directory")
+    mig.add_argument(
+        "--database", help="postgresql://USER@HOST/DB (password: PGPASSWORD, ~/.pgpass)"
+    )
+    mig.add_argument(
+        "--check",
+        action="store_true",
+        help="change nothing; exit 1 if a migration is pending (deploy pipelines)",
+    )
+    mig.set_defaults(func=_cmd_ingest_migrate)
 
     from edged.cli import query as query_cli
 

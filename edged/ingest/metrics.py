@@ -31,6 +31,8 @@ from grpclib.exceptions import GRPCError, StreamTerminatedError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
+from edged.ingest.retention import Expired
+
 log = logging.getLogger("edged.metrics")
 access_log = logging.getLogger("edged.ingest.access")
 
@@ -235,6 +237,30 @@ class IngestMetrics:
             "connections refused at the connection cap since start",
             registry=r,
         )
+
+        self.retention_runs = Counter(
+            "edged_ingest_retention_runs",
+            "retention runs (--retention), by result (ok, failed)",
+            ["result"],
+            registry=r,
+        )
+        self.expired_readings = Counter(
+            "edged_ingest_expired_readings",
+            "readings removed by retention (rows of dropped partitions included)",
+            registry=r,
+        )
+        self.dropped_partitions = Counter(
+            "edged_ingest_dropped_partitions",
+            "monthly readings partitions dropped by retention (PostgreSQL)",
+            registry=r,
+        )
+
+    def retention_ran(self, result: Expired | None) -> None:
+        """One retention run (retention.expire_forever): None when it failed."""
+        self.retention_runs.labels("failed" if result is None else "ok").inc()
+        if result is not None:
+            self.expired_readings.inc(result.readings)
+            self.dropped_partitions.inc(result.partitions)
 
     def watch(self, connections: Callable[[], int], refused: Callable[[], int]) -> None:
         """Gauges read at scrape time from the server's own counts."""

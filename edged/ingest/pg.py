@@ -11,9 +11,10 @@ Promised:
 - paging tokens are (capture time, rowid) from one sequence, valid on every replica;
 - readings are partitioned by capture time, one partition per UTC month from 2000 to
   2100 (created on demand, at most 1200) plus one below and one above, so a caller's
-  clock cannot make us create tables without bound; `drop_readings_before` is retention;
-- the schema is versioned (`edged_schema`) and migrated at start under an advisory lock,
-  so replicas starting at once migrate it once;
+  clock cannot make us create tables without bound; retention (retention.py) drops them;
+- the schema is versioned (`edged_schema`) and migrated at start (or by `edged ingest
+  migrate`, replicas then `--no-migrate`) under an advisory lock, so replicas starting
+  at once migrate it once; a schema newer than the code is refused, never written;
 - passwords: from the URL or libpq's environment (PGPASSWORD, ~/.pgpass); `redact` is
   the only form of the URL we print.
 """
@@ -21,9 +22,10 @@ Promised:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -34,7 +36,14 @@ from psycopg import pq
 
 from edged.errors import ConfigError
 from edged.ingest.catalog import Conn, Rows, Unstorable
-from edged.ingest.storage import READING_COLUMNS
+from edged.ingest.retention import Expired
+from edged.ingest.storage import (
+    BINARIES_COLUMNS_DDL,
+    READING_COLUMNS,
+    READINGS_COLUMNS_DDL,
+    UPLOADS_COLUMNS_DDL,
+    schema_problem,
+)
 
 _T = TypeVar("_T")
 
@@ -52,6 +61,16 @@ def pg_sql(sql: str) -> str:
     if out.lstrip().upper().startswith("INSERT OR IGNORE INTO"):
         out = out.replace("INSERT OR IGNORE INTO", "INSERT INTO", 1) + " ON CONFLICT DO NOTHING"
     return _JSON_EACH.sub(r"jsonb_array_elements_text((\1)::jsonb) AS je(value)", out)
+
+
+_PG_TYPES = {"INTEGER": "BIGINT", "BLOB": "BYTEA", "REAL": "DOUBLE PRECISION"}
+_SQLITE_TYPE = re.compile(r"\b(" + "|".join(_PG_TYPES) + r")\b")
+
+
+def pg_columns(columns: str) -> str:
+    """Column declarations in SQLite's type names (storage.py) with PostgreSQL's: 64-bit
+    integers, bytea, double precision (text collation is the migration's)."""
+    return _SQLITE_TYPE.sub(lambda m: _PG_TYPES[m.group(1)], columns)
 
 
 _NS = 1_000_000_000
@@ -106,75 +125,25 @@ _PARTITION_LOCK = 0x6564676564_02
 
 # Text columns compare bytewise ("C"), as SQLite does, whatever the database's locale:
 # ORDER BY tag, label, id gives the same order on both backends.
-_V1 = """
+_V1 = f"""
 CREATE TABLE uploads(
-    upload_id TEXT PRIMARY KEY,
-    org_id TEXT NOT NULL,
-    item_id TEXT,
-    kind TEXT NOT NULL,
-    file_id TEXT NOT NULL,
-    binary_data_id TEXT NOT NULL,
-    created_at_ns BIGINT NOT NULL
+{pg_columns(UPLOADS_COLUMNS_DDL)}
 );
 CREATE UNIQUE INDEX uploads_item ON uploads(org_id, item_id) WHERE item_id IS NOT NULL;
 CREATE SEQUENCE readings_rowid_seq;
 CREATE TABLE readings(
     rowid BIGINT NOT NULL DEFAULT nextval('readings_rowid_seq'),
-    upload_id TEXT NOT NULL,
-    org_id TEXT NOT NULL,
-    location_id TEXT NOT NULL DEFAULT '',
-    robot_id TEXT NOT NULL DEFAULT '',
-    robot_name TEXT NOT NULL DEFAULT '',
-    part_name TEXT NOT NULL DEFAULT '',
-    part_id TEXT NOT NULL,
-    component_type TEXT NOT NULL,
-    component_name TEXT NOT NULL,
-    method_name TEXT NOT NULL,
-    method_parameters TEXT NOT NULL,
-    tags TEXT NOT NULL,
-    dataset_ids TEXT NOT NULL,
-    time_requested_ns BIGINT,
-    time_received_ns BIGINT,
-    data TEXT NOT NULL,
-    received_at_ns BIGINT NOT NULL,
-    time_captured_ns BIGINT NOT NULL,
-    data_exact BYTEA,
+{pg_columns(READINGS_COLUMNS_DDL)},
     PRIMARY KEY (time_captured_ns, rowid)
 ) PARTITION BY RANGE (time_captured_ns);
-CREATE TABLE readings_before PARTITION OF readings FOR VALUES FROM (MINVALUE) TO ({low});
-CREATE TABLE readings_after PARTITION OF readings FOR VALUES FROM ({high}) TO (MAXVALUE);
+CREATE TABLE readings_before PARTITION OF readings FOR VALUES FROM (MINVALUE) TO ({_LOW});
+CREATE TABLE readings_after PARTITION OF readings FOR VALUES FROM ({_HIGH}) TO (MAXVALUE);
 CREATE INDEX readings_org_time ON readings(org_id, time_captured_ns, rowid);
 CREATE INDEX readings_org_component ON readings(org_id, component_name, time_captured_ns, rowid);
 CREATE INDEX readings_org_part ON readings(org_id, part_id, time_captured_ns, rowid);
 CREATE TABLE binaries(
     rowid BIGINT GENERATED ALWAYS AS IDENTITY UNIQUE,
-    binary_data_id TEXT PRIMARY KEY,
-    file_id TEXT NOT NULL,
-    upload_id TEXT NOT NULL,
-    org_id TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    part_id TEXT NOT NULL,
-    component_type TEXT NOT NULL,
-    component_name TEXT NOT NULL,
-    method_name TEXT NOT NULL,
-    method_parameters TEXT NOT NULL,
-    file_name TEXT NOT NULL,
-    file_extension TEXT NOT NULL,
-    mime_type TEXT NOT NULL,
-    tags TEXT NOT NULL,
-    dataset_ids TEXT NOT NULL,
-    time_requested_ns BIGINT,
-    time_received_ns BIGINT,
-    annotations BYTEA,
-    size BIGINT NOT NULL,
-    sha256 TEXT NOT NULL,
-    blob_path TEXT NOT NULL,
-    received_at_ns BIGINT NOT NULL,
-    location_id TEXT NOT NULL DEFAULT '',
-    robot_id TEXT NOT NULL DEFAULT '',
-    robot_name TEXT NOT NULL DEFAULT '',
-    part_name TEXT NOT NULL DEFAULT '',
-    time_captured_ns BIGINT NOT NULL
+{pg_columns(BINARIES_COLUMNS_DDL)}
 );
 CREATE INDEX binaries_org_time ON binaries(org_id, time_captured_ns, rowid);
 CREATE INDEX binaries_org_component ON binaries(org_id, component_name, time_captured_ns, rowid);
@@ -217,7 +186,7 @@ CREATE TABLE bboxes(
     PRIMARY KEY (binary_data_id, id)
 );
 CREATE INDEX bboxes_label ON bboxes(label, binary_data_id);
-""".replace(" TEXT", ' TEXT COLLATE "C"').format(low=_LOW, high=_HIGH)
+""".replace(" TEXT", ' TEXT COLLATE "C"')
 
 # Bearer tokens every replica accepts (auth.SharedTokens): digests only, never tokens.
 _V2 = """
@@ -260,19 +229,22 @@ MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-def migrate(conn: psycopg.Connection[Any]) -> int:
+def schema_version(conn: psycopg.Connection[Any]) -> int:
+    """The version the database is at; 0 before the first migration (nothing created)."""
+    if conn.execute("SELECT to_regclass('edged_schema')").fetchone() == (None,):
+        return 0
+    row = conn.execute("SELECT max(version) FROM edged_schema").fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
+
+
+def migrate(conn: psycopg.Connection[Any], url: str = "") -> int:
     """Bring the database to SCHEMA_VERSION (autocommit connection); the version found.
     The advisory lock makes replicas that start together migrate one after another."""
     conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATE_LOCK,))
     try:
         conn.execute("CREATE TABLE IF NOT EXISTS edged_schema(version INTEGER NOT NULL)")
-        row = conn.execute("SELECT max(version) FROM edged_schema").fetchone()
-        found = int(row[0]) if row and row[0] is not None else 0
-        if found > SCHEMA_VERSION:
-            raise ConfigError(
-                f"the database is at schema version {found}, newer than this edged's"
-                f" {SCHEMA_VERSION}; upgrade edged"
-            )
+        found = schema_version(conn)
+        _refuse(url, found, migrating=True)
         for version in range(found + 1, SCHEMA_VERSION + 1):
             with conn.transaction():
                 conn.execute(MIGRATIONS[version - 1])
@@ -280,6 +252,50 @@ def migrate(conn: psycopg.Connection[Any]) -> int:
         return found
     finally:
         conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATE_LOCK,))
+
+
+def _refuse(url: str, found: int, *, migrating: bool) -> None:
+    shown = redact(url) if url else "URL"
+    problem = schema_problem(
+        f"--database {shown}" if url else "the database",
+        found,
+        code=SCHEMA_VERSION,
+        migrating=migrating,
+        command=f"edged ingest migrate --database {shown}",
+    )
+    if problem:
+        raise ConfigError(problem)
+
+
+def upgrade(url: str, *, apply: bool) -> tuple[int, int]:
+    """(version found, version now), migrated when `apply` (`edged ingest migrate`);
+    ConfigError for a database we cannot reach or one newer than this edged."""
+    with _connected(url) as conn:
+        if apply:
+            return migrate(conn, url), SCHEMA_VERSION
+        found = schema_version(conn)
+        _refuse(url, found, migrating=True)
+        return found, found
+
+
+def _open_schema(url: str, *, migrating: bool) -> None:
+    with _connected(url) as conn:
+        if migrating:
+            migrate(conn, url)
+        else:
+            _refuse(url, schema_version(conn), migrating=False)
+
+
+@contextlib.contextmanager
+def _connected(url: str) -> Iterator[psycopg.Connection[Any]]:
+    """A connection; one we cannot open is a ConfigError naming the URL (redacted)."""
+    try:
+        conn = connect(url)
+    except psycopg.OperationalError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"--database {redact(url)}: cannot connect ({first})") from None
+    with conn:
+        yield conn
 
 
 # -- connections ------------------------------------------------------------------------------
@@ -375,18 +391,11 @@ class PgIndex:
         self._pool.put(conn)
 
     @classmethod
-    async def open(cls, url: str) -> PgIndex:
-        """Connect and migrate; a database we cannot reach is a ConfigError naming it."""
+    async def open(cls, url: str, *, migrate: bool = True) -> PgIndex:
+        """Connect and migrate (or, with `migrate=False`, refuse a schema other than the
+        code's); a database we cannot reach is a ConfigError naming it."""
 
-        def prepare() -> None:
-            with connect(url) as conn:
-                migrate(conn)
-
-        try:
-            await asyncio.to_thread(prepare)
-        except psycopg.OperationalError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ConfigError(f"--database {redact(url)}: cannot connect ({first})") from None
+        await asyncio.to_thread(_open_schema, url, migrating=migrate)
         return cls(url)
 
     async def close(self) -> None:
@@ -453,7 +462,13 @@ class PgIndex:
     async def drop_readings_before(self, cutoff_ns: int) -> list[str]:
         """Retention: drop the monthly partitions that end at or before `cutoff_ns` (whole
         months only; readings of a month still partly inside the window stay)."""
-        return await self.write(lambda c: _drop_partitions(c, cutoff_ns))
+        return (await self.write(lambda c: _drop_partitions(c, cutoff_ns)))[0]
+
+    async def expire_readings(self, cutoff_ns: int) -> Expired:
+        """Whole months (`drop_readings_before`), and the rows captured before 2000 once
+        the cutoff is past it: the fixed partition below the months ends there."""
+        dropped, rows = await self.write(lambda c: _drop_partitions(c, cutoff_ns))
+        return Expired(readings=rows, partitions=len(dropped))
 
 
 def _create_partitions(conn: Conn, parts: Iterable[tuple[str, int, int]]) -> None:
@@ -471,7 +486,8 @@ def _create_partitions(conn: Conn, parts: Iterable[tuple[str, int, int]]) -> Non
         )
 
 
-def _drop_partitions(conn: Conn, cutoff_ns: int) -> list[str]:
+def _drop_partitions(conn: Conn, cutoff_ns: int) -> tuple[list[str], int]:
+    """(partitions dropped, readings they and `readings_before` held)."""
     conn.execute("SET LOCAL lock_timeout = '10s'")
     conn.execute("SELECT pg_advisory_xact_lock(?)", (_PARTITION_LOCK,))
     names = [
@@ -481,14 +497,15 @@ def _drop_partitions(conn: Conn, cutoff_ns: int) -> list[str]:
             " WHERE i.inhparent = 'readings'::regclass ORDER BY c.relname"
         )
     ]
-    dropped = []
-    for name in names:
-        end = partition_end_ns(name)
-        if end is not None and end <= cutoff_ns:
-            conn.execute(f"ALTER TABLE readings DETACH PARTITION {name}")
-            conn.execute(f"DROP TABLE {name}")
-            dropped.append(name)
-    return dropped
+    dropped = [n for n in names if (end := partition_end_ns(n)) is not None and end <= cutoff_ns]
+    rows = conn.execute("DELETE FROM readings_before").rowcount if cutoff_ns >= _LOW else 0
+    # Counted before the first DETACH, which locks `readings` until the commit.
+    for name in dropped:
+        rows += int(conn.execute(f"SELECT count(*) FROM {name}").fetchone()[0])
+    for name in dropped:
+        conn.execute(f"ALTER TABLE readings DETACH PARTITION {name}")
+        conn.execute(f"DROP TABLE {name}")
+    return dropped, rows
 
 
 class PgTokens:

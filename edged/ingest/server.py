@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import time
 import weakref
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from grpclib.exceptions import GRPCError
 from grpclib.server import Server
 
 from edged.errors import ConfigError
+from edged.ingest import retention
 from edged.ingest.auth import ApiKey, AuthLimits, AuthService, KeyStore
 from edged.ingest.blobs import open_blob_store, sweep_forever
 from edged.ingest.datasets import DatasetService
@@ -54,6 +56,10 @@ class IngestSettings:
     blobs: str | None = None  # s3://BUCKET[/PREFIX]; None: blobs under data_dir
     s3_endpoint: str | None = None  # an S3-compatible endpoint URL; None: AWS S3
     database: str | None = None  # postgresql:// URL: the index there (pg.py), not in data_dir
+    migrate: bool = True  # False (--no-migrate): refuse an index at another schema version
+    retention_s: float | None = None  # --retention: readings older go (retention.py); None: off
+    retention_interval_s: float = retention.INTERVAL_S
+    clock: Callable[[], float] = time.time  # the wall clock retention measures from
     host: str = "127.0.0.1"
     port: int = 0
     keys: tuple[ApiKey, ...] = ()
@@ -132,6 +138,7 @@ class IngestServer:
         self.guard: Guard | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._blob_sweeper: asyncio.Task[None] | None = None
+        self._expirer: asyncio.Task[None] | None = None
         self._store: IngestStore | None = None
         self._server: _Server | None = None
         self._runner: QueryRunner | None = None
@@ -160,7 +167,11 @@ class IngestServer:
         s = self.settings
         blobs = open_blob_store(s.blobs, s.data_dir.absolute(), s.s3_endpoint)
         self._store = await IngestStore.open(
-            s.data_dir, synchronous=s.synchronous, database=s.database, blobs=blobs
+            s.data_dir,
+            synchronous=s.synchronous,
+            database=s.database,
+            blobs=blobs,
+            migrate=s.migrate,
         )
         if self._store.dialect == "postgresql":  # replicas accept each other's tokens
             from edged.ingest.pg import PgIndex, PgTokens
@@ -170,6 +181,16 @@ class IngestServer:
         self._blob_sweeper = asyncio.create_task(
             sweep_forever(self._store.blobs, self._store.indexed_file_ids)
         )
+        if s.retention_s is not None:
+            self._expirer = asyncio.create_task(
+                retention.expire_forever(
+                    self._store.expire_readings,
+                    s.retention_s,
+                    clock=s.clock,
+                    on_run=self.metrics.retention_ran,
+                    interval_s=s.retention_interval_s,
+                )
+            )
         set_sqlite_heap_limit(s.query_limits.sqlite_heap_bytes)
         self._runner = QueryRunner(s.query_limits)
         handlers: list[Any] = [
@@ -250,6 +271,11 @@ class IngestServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._blob_sweeper
             self._blob_sweeper = None
+        if self._expirer is not None:
+            self._expirer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._expirer
+            self._expirer = None
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), grace)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import os
 import sqlite3
@@ -37,9 +38,11 @@ from google.protobuf.any_pb2 import Any as AnyPb
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
-from edged.ingest import catalog
+from edged.errors import ConfigError
+from edged.ingest import catalog, retention
 from edged.ingest.blobs import BlobStore, BlobWriter, LocalBlobStore
 from edged.ingest.catalog import Conn
+from edged.ingest.retention import Expired
 from edged.ingest.values import decode_python, encode_struct
 
 # Bounding-box ids are chosen by the uploader (annotations) or by us (AddBoundingBox) and
@@ -60,20 +63,33 @@ CREATE TABLE IF NOT EXISTS {name}(
 """
 _BBOX_COLS = "id, binary_data_id, label, x_min, y_min, x_max, y_max, confidence"
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS uploads(
+# Columns added after the first release of the schema: ALTERed into an older index.
+ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("readings", "location_id", "TEXT NOT NULL DEFAULT ''"),
+    ("readings", "robot_id", "TEXT NOT NULL DEFAULT ''"),
+    ("readings", "robot_name", "TEXT NOT NULL DEFAULT ''"),
+    ("readings", "part_name", "TEXT NOT NULL DEFAULT ''"),
+    ("readings", "time_captured_ns", "INTEGER NOT NULL DEFAULT 0"),
+    ("readings", "data_exact", "BLOB"),
+    ("binaries", "location_id", "TEXT NOT NULL DEFAULT ''"),
+    ("binaries", "robot_id", "TEXT NOT NULL DEFAULT ''"),
+    ("binaries", "robot_name", "TEXT NOT NULL DEFAULT ''"),
+    ("binaries", "part_name", "TEXT NOT NULL DEFAULT ''"),
+    ("binaries", "time_captured_ns", "INTEGER NOT NULL DEFAULT 0"),
+)
+
+# The upload tables' columns, declared once (SQLite's type names): SQLite's SCHEMA takes
+# them through `_as_added`, pg.py's migration through `pg_columns`; each backend puts its
+# own row key in front. Every insert names time_captured_ns.
+UPLOADS_COLUMNS_DDL = """\
     upload_id TEXT PRIMARY KEY,
     org_id TEXT NOT NULL,
     item_id TEXT,
     kind TEXT NOT NULL,
     file_id TEXT NOT NULL,
     binary_data_id TEXT NOT NULL,
-    created_at_ns INTEGER NOT NULL
-);
-CREATE UNIQUE INDEX IF NOT EXISTS uploads_item ON uploads(org_id, item_id)
-    WHERE item_id IS NOT NULL;
-CREATE TABLE IF NOT EXISTS readings(
-    id INTEGER PRIMARY KEY,
+    created_at_ns INTEGER NOT NULL"""
+READINGS_COLUMNS_DDL = """\
     upload_id TEXT NOT NULL,
     org_id TEXT NOT NULL,
     location_id TEXT NOT NULL DEFAULT '',
@@ -91,10 +107,9 @@ CREATE TABLE IF NOT EXISTS readings(
     time_received_ns INTEGER,
     data TEXT NOT NULL,
     received_at_ns INTEGER NOT NULL,
-    time_captured_ns INTEGER NOT NULL DEFAULT 0,
-    data_exact BLOB
-);
-CREATE TABLE IF NOT EXISTS binaries(
+    time_captured_ns INTEGER NOT NULL,
+    data_exact BLOB"""
+BINARIES_COLUMNS_DDL = """\
     binary_data_id TEXT PRIMARY KEY,
     file_id TEXT NOT NULL,
     upload_id TEXT NOT NULL,
@@ -121,7 +136,33 @@ CREATE TABLE IF NOT EXISTS binaries(
     robot_id TEXT NOT NULL DEFAULT '',
     robot_name TEXT NOT NULL DEFAULT '',
     part_name TEXT NOT NULL DEFAULT '',
-    time_captured_ns INTEGER NOT NULL DEFAULT 0
+    time_captured_ns INTEGER NOT NULL"""
+
+
+def _as_added(table: str, columns: str) -> str:
+    """`columns` with each column of ADDED_COLUMNS declared as its ALTER adds it (with the
+    DEFAULT an ALTER needs), so a new SQLite index and a migrated one agree."""
+    added = {column: decl for t, column, decl in ADDED_COLUMNS if t == table}
+    lines = []
+    for line in columns.split(",\n"):
+        name = line.split()[0]
+        lines.append(f"    {name} {added[name]}" if name in added else line)
+    return ",\n".join(lines)
+
+
+SCHEMA = (
+    """
+CREATE TABLE IF NOT EXISTS uploads(
+{uploads}
+);
+CREATE UNIQUE INDEX IF NOT EXISTS uploads_item ON uploads(org_id, item_id)
+    WHERE item_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS readings(
+    id INTEGER PRIMARY KEY,
+{readings}
+);
+CREATE TABLE IF NOT EXISTS binaries(
+{binaries}
 );
 CREATE TABLE IF NOT EXISTS binary_tags(
     binary_data_id TEXT NOT NULL,
@@ -145,22 +186,14 @@ CREATE TABLE IF NOT EXISTS database_users(
     password_hash BLOB NOT NULL,
     updated_at_ns INTEGER NOT NULL
 );
-""" + _BBOXES.format(name="bboxes")
-
-# Columns added after the first release of the schema: ALTERed into an older index.
-ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("readings", "location_id", "TEXT NOT NULL DEFAULT ''"),
-    ("readings", "robot_id", "TEXT NOT NULL DEFAULT ''"),
-    ("readings", "robot_name", "TEXT NOT NULL DEFAULT ''"),
-    ("readings", "part_name", "TEXT NOT NULL DEFAULT ''"),
-    ("readings", "time_captured_ns", "INTEGER NOT NULL DEFAULT 0"),
-    ("readings", "data_exact", "BLOB"),
-    ("binaries", "location_id", "TEXT NOT NULL DEFAULT ''"),
-    ("binaries", "robot_id", "TEXT NOT NULL DEFAULT ''"),
-    ("binaries", "robot_name", "TEXT NOT NULL DEFAULT ''"),
-    ("binaries", "part_name", "TEXT NOT NULL DEFAULT ''"),
-    ("binaries", "time_captured_ns", "INTEGER NOT NULL DEFAULT 0"),
+""".format(
+        uploads=UPLOADS_COLUMNS_DDL,
+        readings=_as_added("readings", READINGS_COLUMNS_DDL),
+        binaries=_as_added("binaries", BINARIES_COLUMNS_DDL),
+    )
+    + _BBOXES.format(name="bboxes")
 )
+
 CAPTURED = "coalesce(time_requested_ns, time_received_ns, received_at_ns)"
 
 # Every filter is scoped to one organisation and pages in (time_captured_ns, rowid) order;
@@ -237,6 +270,7 @@ def _drop_cross_org_members(db: sqlite3.Connection) -> None:
     )
 
 
+INDEX_FILE = "ingest.sqlite3"  # under --data
 KIND_TABULAR = "tabular"
 KIND_BINARY = "binary"
 KIND_FILE = "file"
@@ -296,6 +330,64 @@ def _captured(requested: int | None, received: int | None, arrived: int) -> int:
     if requested is not None:
         return requested
     return received if received is not None else arrived
+
+
+def schema_problem(
+    where: str, found: int, *, code: int, migrating: bool, command: str
+) -> str | None:
+    """Why this edged cannot use an index at schema version `found` (None: it can). A newer
+    one is never touched (this code would misread it); an older one is migrated at start
+    unless the operator turned that off (`--no-migrate`), then `command` upgrades it."""
+    if found > code:
+        return (
+            f"{where} is at schema version {found}, newer than this edged's {code}; upgrade"
+            " edged (an older edged never writes to a newer schema)"
+        )
+    if found < code and not migrating:
+        return (
+            f"{where} is at schema version {found}, older than this edged's {code}, and"
+            f" --no-migrate is set; run `{command}` first"
+        )
+    return None
+
+
+def sqlite_version(path: Path) -> int:
+    """The index file's PRAGMA user_version; 0 for no file yet (nothing is created)."""
+    if not path.exists():
+        return 0
+    db = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
+    try:
+        return int(db.execute("PRAGMA user_version").fetchone()[0])
+    finally:
+        db.close()
+
+
+def upgrade_sqlite(path: Path, *, apply: bool) -> tuple[int, int]:
+    """(version found, version now) of the index at `path`, migrated when `apply`
+    (`edged ingest migrate --data`); ConfigError for one newer than this edged."""
+    found = sqlite_version(path)
+    _refuse_sqlite(path, found, migrating=True)
+    if not apply:
+        return found, found
+    _prepare(path)
+    return found, SCHEMA_VERSION
+
+
+def _open_sqlite(path: Path, *, migrate: bool) -> None:
+    if migrate:
+        upgrade_sqlite(path, apply=True)
+    else:
+        _refuse_sqlite(path, sqlite_version(path), migrating=False)
+
+
+def _refuse_sqlite(path: Path, found: int, *, migrating: bool) -> None:
+    command = f"edged ingest migrate --data {path.parent}"
+    where = f"the index {path}"
+    problem = schema_problem(
+        where, found, code=SCHEMA_VERSION, migrating=migrating, command=command
+    )
+    if problem:
+        raise ConfigError(problem)
 
 
 def _prepare(path: Path) -> None:
@@ -364,6 +456,10 @@ class Index(Protocol):
         """Insert rows of `READING_COLUMNS` inside `write`'s transaction."""
         ...
 
+    async def expire_readings(self, cutoff_ns: int) -> Expired:
+        """Retention (retention.py): remove readings captured before `cutoff_ns`."""
+        ...
+
     async def close(self) -> None:
         """Wait for writes in flight, then release connections."""
         ...
@@ -382,8 +478,10 @@ class SqliteIndex:
         self._writer: sqlite3.Connection | None = None
 
     @classmethod
-    async def open(cls, db_path: Path, *, synchronous: str = "FULL") -> SqliteIndex:
-        await asyncio.to_thread(_prepare, db_path)
+    async def open(
+        cls, db_path: Path, *, synchronous: str = "FULL", migrate: bool = True
+    ) -> SqliteIndex:
+        await asyncio.to_thread(functools.partial(_open_sqlite, db_path, migrate=migrate))
         return cls(db_path, synchronous=synchronous)
 
     async def close(self) -> None:
@@ -439,6 +537,30 @@ class SqliteIndex:
             f"INSERT INTO readings({READING_COLUMNS}) VALUES ({','.join('?' * 16)})", rows
         )
 
+    async def expire_readings(self, cutoff_ns: int) -> Expired:
+        """Per organisation (its time index finds the rows), `retention.BATCH` rows a
+        transaction, at most `retention.MAX_BATCHES` transactions a run."""
+        orgs = await self.read(
+            lambda c: [str(r[0]) for r in c.execute("SELECT DISTINCT org_id FROM readings")]
+        )
+
+        def delete_some(conn: Conn, org: str) -> int:
+            return conn.execute(
+                "DELETE FROM readings WHERE id IN (SELECT id FROM readings"
+                " WHERE org_id = ? AND time_captured_ns < ? LIMIT ?)",
+                (org, cutoff_ns, retention.BATCH),
+            ).rowcount
+
+        deleted, batches = 0, 0
+        for org in orgs:
+            while batches < retention.MAX_BATCHES:
+                batches += 1
+                n = await self.write(functools.partial(delete_some, org=org))
+                deleted += n
+                if n < retention.BATCH:
+                    break
+        return Expired(readings=deleted)
+
 
 class IngestStore:
     """The index (SQLite or PostgreSQL) plus the blob store; one API for the services."""
@@ -446,7 +568,7 @@ class IngestStore:
     def __init__(self, root: Path, index: Index, blobs: BlobStore | None = None) -> None:
         self.root = root
         self.blobs: BlobStore = blobs or LocalBlobStore(root)
-        self.db_path = root / "ingest.sqlite3"  # what the SQL/MQL engines read (SQLite only)
+        self.db_path = root / INDEX_FILE  # what the SQL/MQL engines read (SQLite only)
         self.index = index
 
     @classmethod
@@ -457,9 +579,11 @@ class IngestStore:
         synchronous: str = "FULL",
         database: str | None = None,
         blobs: BlobStore | None = None,
+        migrate: bool = True,
     ) -> IngestStore:
         """`database` (a postgresql:// URL) puts the index in PostgreSQL; `blobs` (default:
-        the data directory) holds the bytes."""
+        the data directory) holds the bytes; `migrate=False` (`--no-migrate`) refuses an
+        index at another schema version instead of upgrading it."""
         root = root.absolute()  # SQLite URIs and blob paths must not follow a later chdir
         blobs = blobs or LocalBlobStore(root)
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -469,13 +593,36 @@ class IngestStore:
             if database:
                 from edged.ingest.pg import PgIndex
 
-                index = await PgIndex.open(database)
+                index = await PgIndex.open(database, migrate=migrate)
             else:
-                index = await SqliteIndex.open(root / "ingest.sqlite3", synchronous=synchronous)
+                index = await SqliteIndex.open(
+                    root / INDEX_FILE, synchronous=synchronous, migrate=migrate
+                )
         except BaseException:
             await blobs.close()
             raise
         return cls(root, index, blobs)
+
+    async def expire_readings(self, cutoff_ns: int) -> Expired:
+        """Retention: readings captured before `cutoff_ns` go (retention.py)."""
+        return await self.index.expire_readings(cutoff_ns)
+
+    @staticmethod
+    async def upgrade_schema(
+        root: Path | None, database: str | None, *, apply: bool
+    ) -> tuple[int, int, int]:
+        """`edged ingest migrate`: (version found, version now, this edged's version) of
+        the index in `database` or under `root`, upgraded when `apply`."""
+        if database:
+            from edged.ingest import pg
+
+            found, now = await asyncio.to_thread(pg.upgrade, database, apply=apply)
+            return found, now, pg.SCHEMA_VERSION
+        assert root is not None
+        if apply:
+            root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        found, now = await asyncio.to_thread(upgrade_sqlite, root / INDEX_FILE, apply=apply)
+        return found, now, SCHEMA_VERSION
 
     @property
     def dialect(self) -> str:
