@@ -6,20 +6,23 @@ What the outbox and the workers decide is asserted: a waiting telemetry reading 
 leased before any further video, and one worker is kept for telemetry (before, both
 workers took video and telemetry waited behind whole files).
 
+The readings' ack delay is asserted too, with and without a bandwidth cap: the unary
+telemetry call shares the one HTTP/2 connection with the video stream, so its frames
+wait behind the video bytes already handed to the connection. The client keeps that
+backlog to about a chunk (`edged.wire.connection.bound_backlog`); before, the kernel's
+autotuned send buffer held most of a file and a reading waited as long as the file.
 Delays are measured in what the link carried meanwhile (bytes forwarded between a
-reading's enqueue and its ack), not in seconds, so machine load does not move them.
-The ack delay is still bounded by the video file in flight, not by a window: the
-unary telemetry call's frames queue behind the stream's in the one HTTP/2 connection
-(transport buffering; the bandwidth shaper's business), so it is printed, not asserted.
+reading's enqueue and its ack), not in seconds, so machine load moves them little.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -36,6 +39,8 @@ BIG = 3_000_000  # streamed (over the unary limit); bigger than any window in be
 FILES = 3
 RATE = 1024 * KiB
 READINGS = 20
+_N = TypeVar("_N", int, float)
+DELAY_BOUND = BIG // 2  # link bytes; measured ~0.5 MB without a cap (before: ~2.7 MB)
 
 
 @pytest.fixture
@@ -57,8 +62,9 @@ async def _wait(check: Any, limit_s: float, what: str) -> None:
         await asyncio.sleep(0.01)
 
 
+@pytest.mark.parametrize("cap", [0, RATE * 3 // 4], ids=["uncapped", "capped"])
 async def test_telemetry_is_not_held_up_by_a_big_low_priority_upload(
-    server: IngestServer, tmp_path: Path
+    server: IngestServer, tmp_path: Path, cap: int
 ) -> None:
     box = await Outbox.open(tmp_path / "state")
     box.priorities = {"telemetry": 10, "video": 0}
@@ -79,18 +85,21 @@ async def test_telemetry_is_not_held_up_by_a_big_low_priority_upload(
                 claim=Claim(str(path), BIG, 0, True),
                 source="video",
             )
-        settings = UploadConfig(workers=2, backoff=BackoffConfig(initial=0.01, max=0.05))
+        settings = UploadConfig(
+            workers=2, max_bandwidth=cap, backoff=BackoffConfig(initial=0.01, max=0.05)
+        )
         async with Relay(_port(server), RATE) as relay:
             ack = box.ack
             loop = asyncio.get_running_loop()
 
             async def noted(item: Item) -> None:
+                at = relay.forwarded, loop.time()  # the server's reply is in
                 seqs = _seqs(await box.readings_of(item)) if item.source == "telemetry" else []
                 await ack(item)
-                acked.append((item, relay.forwarded, loop.time()))
+                acked.append((item, *at))
                 video_inflight[0] -= item.source == "video"
                 for seq in seqs:
-                    delivered.setdefault(seq, (relay.forwarded, loop.time()))
+                    delivered.setdefault(seq, at)
 
             box.ack = noted  # type: ignore[method-assign]
             lease = box.lease
@@ -140,9 +149,17 @@ async def test_telemetry_is_not_held_up_by_a_big_low_priority_upload(
     for at in video_leases:
         waiting = [i for i, _, t in sent if t < at and leased[i] > at]
         assert not waiting, (at, waiting)
-    # Reported, not asserted (see the module docstring): the ack delay in link bytes.
-    worst = max(delivered[i][0] - at_bytes for i, at_bytes, _ in sent)
-    print(f"telemetry ack delay: worst {worst} link bytes (a video file is {BIG})")
+    # The ack delay (enqueue -> ack, in link bytes) is bounded well below a video file.
+    delays = [delivered[i][0] - at_bytes for i, at_bytes, _ in sent]
+    seconds = [delivered[i][1] - at for i, _, at in sent]
+    print(f"telemetry ack delay p99: {_p99(delays)} link bytes, {_p99(seconds):.2f} s")
+    assert _p99(delays) < DELAY_BOUND, (delays, BIG)
+
+
+def _p99(values: list[_N]) -> _N:
+    """Nearest-rank 99th percentile (of 20 values: the largest)."""
+    ordered = sorted(values)
+    return ordered[math.ceil(0.99 * len(ordered)) - 1]
 
 
 def _seqs(blobs: list[bytes]) -> list[int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,10 +18,11 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 from google.protobuf.message import Message
-from grpclib.client import Channel, Stream
+from grpclib.client import Channel, Handler, Stream
 from grpclib.const import Cardinality, Status
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
+from grpclib.protocol import H2Protocol
 from h2.exceptions import ProtocolError as H2ProtocolError
 
 from edged._proto.proto.rpc.v1 import auth_pb2
@@ -36,6 +38,13 @@ try:  # Linux: bytes of a socket not yet acknowledged by the peer
 except (ImportError, AttributeError):  # elsewhere: judged without the kernel queue
     _TIOCOUTQ = None
 
+UNSENT_BYTES = 64 * 1024
+"""Bytes of a connection our kernel may hold not yet sent (TCP_NOTSENT_LOWAT), about one
+streamed chunk: a call started behind a big upload waits for that much, not for the
+kernel's send buffer (megabytes once autotuned), before its frames go out."""
+BUFFERED_BYTES = 16 * 1024
+"""asyncio's write-buffer high-water mark for a connection (its default is 64 KiB): past
+it grpclib's writers wait, so at most one message lies above the kernel's backlog."""
 DATASYNC = "/viam.app.datasync.v1.DataSyncService/"
 _AUTH = "/proto.rpc.v1.AuthService/Authenticate"
 _AUTH_STATUSES = (Status.UNAUTHENTICATED, Status.PERMISSION_DENIED)
@@ -86,6 +95,44 @@ def client_tls_context(ca_file: Path | None = None) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_alpn_protocols(["h2"])
     return ctx
+
+
+def bound_backlog(transport: asyncio.BaseTransport) -> bool:
+    """Keep a connection's send backlog short, so one call's bytes cannot queue ahead of
+    a later call's by much more than UNSENT_BYTES: every HTTP/2 stream shares the one TCP
+    connection, and grpclib only waits for flow-control windows (`edged ingest` grants
+    4 MiB) and for asyncio's transport to resume writing. Two levers below grpclib:
+    - the kernel takes at most UNSENT_BYTES not yet sent (TCP_NOTSENT_LOWAT; Linux,
+      macOS), instead of a send buffer autotuned to megabytes; bytes in flight are not
+      limited (the congestion window governs them), so a fast link keeps its throughput;
+    - the transport pauses grpclib once it holds BUFFERED_BYTES the kernel did not take
+      (not 0: TLS transports pause at `size >= high`, and would never resume).
+    Over TLS the socket transport under the TLS layer keeps asyncio's default 64 KiB.
+    Returns False where the kernel option is missing (the backlog is then the send buffer)."""
+    if isinstance(transport, asyncio.WriteTransport):
+        transport.set_write_buffer_limits(high=BUFFERED_BYTES)
+    sock = transport.get_extra_info("socket")
+    option = getattr(socket, "TCP_NOTSENT_LOWAT", None)
+    if option is None or sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, option, UNSENT_BYTES)
+    except OSError:
+        return False
+    return True
+
+
+class _Protocol(H2Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # first: a pause may come at once
+        bound_backlog(transport)
+
+
+class _Channel(Channel):
+    """grpclib's channel whose connections keep their send backlog short (`bound_backlog`)."""
+
+    def _protocol_factory(self) -> H2Protocol:
+        return _Protocol(Handler(), self._config, self._h2_config)
 
 
 def _kernel_queued(transport: asyncio.BaseTransport) -> int:
@@ -212,7 +259,7 @@ class Connection:
         self.address = address
         host, port = parse_address(address)
         ctx = client_tls_context(ca_file) if tls else None
-        self._channel = Channel(host, port, ssl=ctx, codec=_Codec())
+        self._channel = _Channel(host, port, ssl=ctx, codec=_Codec())
         self._key_id = api_key_id
         self._key = api_key
         self._token: str | None = None
