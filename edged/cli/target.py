@@ -12,8 +12,9 @@ from typing import TypeVar
 
 from edged.daemon.config import absolute_path, load_config
 from edged.errors import ConfigError, UploadError
+from edged.wire.cloud import connect_cloud
 from edged.wire.connection import Connection, connect
-from edged.wire.keyfile import API_KEY_ENV, api_key, resolve_api_key
+from edged.wire.keyfile import API_KEY_ENV, resolve_api_key
 
 _C = TypeVar("_C", bound=Connection)
 
@@ -64,16 +65,7 @@ def open_target(
                 f"{config}: cloud.address is 'embedded', which runs inside the daemon's own"
                 " process and takes no connections; give --address of an `edged ingest`"
             )
-        secret = api_key(cloud.api_key_id, cloud.api_key_file)
-        conn = connect(
-            cloud.address,
-            kind=kind,
-            api_key_id=cloud.api_key_id if secret else None,
-            api_key=secret,
-            tls=cloud.use_tls(),
-            ca_file=cloud.ca_file,
-            timeout=timeout,
-        )
+        conn = connect_cloud(cloud, kind=kind, timeout=timeout)
         return conn, cfg.part_id
     if args.address is None:
         raise ConfigError("say which server: --address HOST:PORT or -c CONFIG")

@@ -51,10 +51,9 @@ from edged.client.data_client import (
     create_filter,
 )
 from edged.errors import AuthError, ConfigError, InvalidArgument, SourceError, UploadError
-from edged.wire.cloud import load_cloud
+from edged.wire.cloud import connect_cloud, load_cloud
 from edged.wire.connection import Connection, Raw, client_tls_context, parse_address
 from edged.wire.connection import connect as wire_connect
-from edged.wire.keyfile import API_KEY_ENV, resolve_api_key
 
 __all__ = [
     "DEFAULT_CHUNK",
@@ -648,21 +647,7 @@ class DataClient(UploadClient, DataQueries):
                 " own process and takes no connections; point cloud.address at an"
                 " `edged ingest` or DataSync server (host:port) to query it"
             )
-        secret = resolve_api_key(cloud.api_key_file) if cloud.api_key_id else None
-        if cloud.api_key_id and secret is None:
-            raise ConfigError(
-                f"{config_path}: cloud.api_key_id is set but no key was found: set"
-                f" cloud.api_key_file or {API_KEY_ENV}"
-            )
-        return wire_connect(
-            cloud.address,
-            kind=cls,
-            api_key_id=cloud.api_key_id if secret else None,
-            api_key=secret,
-            tls=cloud.use_tls(),
-            ca_file=cloud.ca_file,
-            timeout=timeout,
-        )
+        return connect_cloud(cloud, kind=cls, timeout=timeout, where=str(config_path))
 
 
 class Connecting:

@@ -39,8 +39,9 @@ from edged.errors import ConfigError, EdgedError
 from edged.ingest import require_server
 from edged.ingest.metrics import MetricsServer
 from edged.options import format_rate
+from edged.wire.cloud import connect_cloud
 from edged.wire.connection import connect
-from edged.wire.keyfile import api_key, resolve_api_key
+from edged.wire.keyfile import resolve_api_key
 
 if TYPE_CHECKING:
     from edged.ingest import IngestServer
@@ -358,14 +359,9 @@ class Daemon:
                 timeout=self.config.upload.call_timeout,
                 chunk_size=self.config.upload.chunk_size,
             )
-        secret = api_key(cloud.api_key_id, cloud.api_key_file)
-        return connect(
-            cloud.address,
+        return connect_cloud(
+            cloud,
             kind=UploadClient,
-            api_key_id=cloud.api_key_id if secret else None,
-            api_key=secret,
-            tls=cloud.use_tls(),
-            ca_file=cloud.ca_file,
             timeout=self.config.upload.call_timeout,
             chunk_size=self.config.upload.chunk_size,
         )

@@ -9,9 +9,15 @@ from __future__ import annotations
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
+from edged.errors import ConfigError
 from edged.options import Bad, FilePath, Flag, Map, Reader, Section, Text, option, parse_document
 from edged.options import read_text as _read_text
+from edged.wire.connection import Connection, connect
+from edged.wire.keyfile import api_key
+
+_C = TypeVar("_C", bound=Connection)
 
 EMBEDDED = "embedded"
 
@@ -96,3 +102,27 @@ def load_cloud(path: Path) -> CloudConfig:
     not the SDK's business and are not read. Raises ConfigErrors."""
     text = _read_text(path)
     return parse_document(text, str(path), path.absolute().parent, read_cloud)
+
+
+def connect_cloud(
+    cloud: CloudConfig, *, kind: type[_C], timeout: float | None, where: str = "", **options: Any
+) -> _C:
+    """A connection to the remote server a `cloud` section names, for the daemon, `edged
+    ... -c CONFIG` and `DataClient.from_config` alike: the key from EDGED_API_KEY or
+    cloud.api_key_file, TLS and CA as configured. `where` (the config file) prefixes a
+    missing key's ConfigError. 'embedded' is the caller's business: it has no address."""
+    assert not cloud.embedded, "an embedded server is started in-process, not connected to"
+    try:
+        secret = api_key(cloud.api_key_id, cloud.api_key_file)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}" if where else str(exc)) from None
+    return connect(
+        cloud.address,
+        kind=kind,
+        api_key_id=cloud.api_key_id if secret else None,
+        api_key=secret,
+        tls=cloud.use_tls(),
+        ca_file=cloud.ca_file,
+        timeout=timeout,
+        **options,
+    )
