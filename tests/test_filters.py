@@ -14,16 +14,7 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from edged._proto.app.data.v1 import data_pb2 as dpb
-from edged.ingest.filters import (
-    Cursor,
-    FilterError,
-    binary_where,
-    decode_token,
-    delete_tabular_where,
-    encode_token,
-    page_clause,
-    reading_where,
-)
+from edged.ingest import filters
 from edged.ingest.storage import SCHEMA, migrate
 
 S = 1_000_000_000
@@ -133,31 +124,31 @@ BINARY_CASES: list[tuple[str, dpb.Filter, set[str]]] = [
 
 @pytest.mark.parametrize(("name", "f", "want"), READING_CASES, ids=[c[0] for c in READING_CASES])
 def test_reading_filters(db: sqlite3.Connection, name: str, f: dpb.Filter, want: set[str]) -> None:
-    w = reading_where(f, "org-1")
+    w = filters.reading_where(f, "org-1")
     got = {r[0] for r in db.execute(f"SELECT upload_id FROM readings WHERE {w.sql}", w.params)}
     assert got == want
 
 
 @pytest.mark.parametrize(("name", "f", "want"), BINARY_CASES, ids=[c[0] for c in BINARY_CASES])
 def test_binary_filters(db: sqlite3.Connection, name: str, f: dpb.Filter, want: set[str]) -> None:
-    w = binary_where(f, "org-1")
+    w = filters.binary_where(f, "org-1")
     sql = f"SELECT binary_data_id FROM binaries WHERE {w.sql}"
     assert {r[0] for r in db.execute(sql, w.params)} == want
 
 
 def test_org_scope_comes_from_the_caller_not_the_filter(db: sqlite3.Connection) -> None:
-    w = binary_where(dpb.Filter(organization_ids=["org-1", "org-2"]), "org-2")
+    w = filters.binary_where(dpb.Filter(organization_ids=["org-1", "org-2"]), "org-2")
     sql = f"SELECT binary_data_id FROM binaries WHERE {w.sql}"
     assert {r[0] for r in db.execute(sql, w.params)} == {"b4"}
-    assert binary_where(None, "org-1") == binary_where(dpb.Filter(), "org-1")
+    assert filters.binary_where(None, "org-1") == filters.binary_where(dpb.Filter(), "org-1")
 
 
 def test_delete_tabular_filter(db: sqlite3.Connection) -> None:
     f = dpb.DeleteTabularFilter(component_type="sensor", tags_filter=tags(1, "a"))
-    w = delete_tabular_where(f, "org-1", 15 * S)
+    w = filters.delete_tabular_where(f, "org-1", 15 * S)
     got = {r[0] for r in db.execute(f"SELECT upload_id FROM readings WHERE {w.sql}", w.params)}
     assert got == {"r1"}
-    w = delete_tabular_where(None, "org-1", None)
+    w = filters.delete_tabular_where(None, "org-1", None)
     assert len(db.execute(f"SELECT * FROM readings WHERE {w.sql}", w.params).fetchall()) == 3
 
 
@@ -169,36 +160,36 @@ def test_delete_tabular_filter(db: sqlite3.Connection) -> None:
     ],
 )
 def test_bad_filters_name_the_field(f: dpb.Filter, field: str) -> None:
-    with pytest.raises(FilterError, match=field.replace(".", r"\.")):
-        reading_where(f, "org-1")
+    with pytest.raises(filters.FilterError, match=field.replace(".", r"\.")):
+        filters.reading_where(f, "org-1")
 
 
 def test_page_tokens_round_trip_and_reject_forgeries() -> None:
-    c = Cursor(1_714_979_289_123_456_789, 42)
-    assert decode_token(encode_token(c)) == c
-    assert decode_token("") is None
+    c = filters.Cursor(1_714_979_289_123_456_789, 42)
+    assert filters.decode_token(filters.encode_token(c)) == c
+    assert filters.decode_token("") is None
     for bad in ("42", "e1.!!!", "e1." + "bm90LWEtY3Vyc29y"):
-        with pytest.raises(FilterError, match=r"data_request\.last"):
-            decode_token(bad)
+        with pytest.raises(filters.FilterError, match=r"data_request\.last"):
+            filters.decode_token(bad)
 
 
 @pytest.mark.parametrize(
     "order", [dpb.ORDER_UNSPECIFIED, dpb.ORDER_ASCENDING, dpb.ORDER_DESCENDING]
 )
 def test_paging_visits_every_row_once(db: sqlite3.Connection, order: int) -> None:
-    w = reading_where(None, "org-1")
+    w = filters.reading_where(None, "org-1")
     seen: list[str] = []
-    cursor: Cursor | None = None
+    cursor: filters.Cursor | None = None
     while True:
-        extra, params, order_by = page_clause("readings", order, cursor)
+        extra, params, order_by = filters.page_clause("readings", order, cursor)
         sql = f"SELECT upload_id, time_captured_ns, rowid FROM readings WHERE {w.sql}"
         sql += f" AND {extra}" if extra else ""
         rows = db.execute(f"{sql} ORDER BY {order_by} LIMIT 2", (*w.params, *params)).fetchall()
         if not rows:
             break
         seen += [r[0] for r in rows]
-        cursor = Cursor(rows[-1][1], rows[-1][2])
+        cursor = filters.Cursor(rows[-1][1], rows[-1][2])
     want = ["r1", "r2", "r3"]
     assert seen == (want[::-1] if order == dpb.ORDER_DESCENDING else want)
-    with pytest.raises(FilterError, match="sort_order"):
-        page_clause("readings", 7, None)
+    with pytest.raises(filters.FilterError, match="sort_order"):
+        filters.page_clause("readings", 7, None)

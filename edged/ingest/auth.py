@@ -169,23 +169,26 @@ def key_digest(key: ApiKey) -> bytes:
     ).digest()
 
 
+@dataclass(frozen=True)
+class SharedToken:
+    """A token as every replica sees it: its digest (never the token), its key's id and
+    `key_digest`, and its expiry in wall-clock ns."""
+
+    digest: bytes
+    key_id: str
+    key_digest: bytes
+    expires_at_ns: int
+
+
 class SharedTokens(Protocol):
     """Token digests every replica can see (the PostgreSQL index, `pg.PgTokens`)."""
 
-    async def publish(
-        self,
-        digest: bytes,
-        key_id: str,
-        key_digest: bytes,
-        expires_at_ns: int,
-        keep: int,
-        now_ns: int,
-    ) -> None:
+    async def publish(self, token: SharedToken, keep: int, now_ns: int) -> None:
         """Record a token; keep at most `keep` live tokens of the key, dropping expired."""
         ...
 
-    async def lookup(self, digest: bytes, now_ns: int) -> tuple[str, bytes, int] | None:
-        """(key id, key digest, expiry in wall-clock ns) of a live token, or None."""
+    async def lookup(self, digest: bytes, now_ns: int) -> SharedToken | None:
+        """The live token with this digest, or None."""
         ...
 
 
@@ -245,10 +248,7 @@ class KeyStore:
         expires = now + int(self.limits.token_ttl_s * 1e9)
         try:
             await self.shared.publish(
-                _digest(token),
-                key.key_id,
-                key_digest(key),
-                expires,
+                SharedToken(_digest(token), key.key_id, key_digest(key), expires),
                 self.limits.max_tokens_per_key,
                 now,
             )
@@ -271,10 +271,11 @@ class KeyStore:
             return
         if found is None:
             return
-        key_id, recorded, expires_ns = found
-        key = self._keys.get(key_id)
-        left_s = min((expires_ns - self.wall_ns()) / 1e9, self.limits.token_ttl_s)
-        if key is not None and hmac.compare_digest(key_digest(key), recorded) and left_s > 0:
+        key = self._keys.get(found.key_id)
+        if key is None or not hmac.compare_digest(key_digest(key), found.key_digest):
+            return
+        left_s = min((found.expires_at_ns - self.wall_ns()) / 1e9, self.limits.token_ttl_s)
+        if left_s > 0:
             self._remember(key, d, left_s)
 
     def _remember(self, key: ApiKey, digest: bytes, ttl_s: float) -> None:

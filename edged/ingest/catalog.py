@@ -22,9 +22,9 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Protocol, TypeVar
 
 from edged.ingest.filters import BINARIES, READINGS, Cursor, Where, page_clause
 
@@ -64,9 +64,10 @@ class Conn(Protocol):
 
 
 @dataclass(frozen=True)
-class ReadingRow:
-    rowid: int
-    time_captured_ns: int
+class Capture:
+    """What captured a row, as readings and binaries both store it (one column each;
+    `method_parameters` as JSON): the row's CaptureMetadata less tags and MIME type."""
+
     org_id: str
     location_id: str
     robot_name: str
@@ -77,6 +78,20 @@ class ReadingRow:
     component_name: str
     method_name: str
     method_parameters: str
+
+
+_CAPTURE_COLS = (
+    "org_id, location_id, robot_name, robot_id, part_name, part_id, component_type,"
+    " component_name, method_name, method_parameters"
+)
+_CAPTURE_WIDTH = len(fields(Capture))
+
+
+@dataclass(frozen=True)
+class ReadingRow:
+    rowid: int
+    time_captured_ns: int
+    capture: Capture
     tags: str
     time_requested_ns: int | None
     time_received_ns: int | None
@@ -85,9 +100,8 @@ class ReadingRow:
 
 
 _READING_COLS = (
-    "rowid, time_captured_ns, org_id, location_id, robot_name, robot_id, part_name, part_id,"
-    " component_type, component_name, method_name, method_parameters, tags,"
-    " time_requested_ns, time_received_ns, data, data_exact"
+    f"rowid, time_captured_ns, {_CAPTURE_COLS}, tags, time_requested_ns, time_received_ns,"
+    " data, data_exact"
 )
 
 
@@ -95,18 +109,9 @@ _READING_COLS = (
 class BinaryRow:
     rowid: int
     time_captured_ns: int
+    capture: Capture
     binary_data_id: str
     file_id: str
-    org_id: str
-    location_id: str
-    robot_name: str
-    robot_id: str
-    part_name: str
-    part_id: str
-    component_type: str
-    component_name: str
-    method_name: str
-    method_parameters: str
     file_name: str
     file_extension: str
     mime_type: str
@@ -123,11 +128,18 @@ class BinaryRow:
 
 
 _BINARY_COLS = (
-    "rowid, time_captured_ns, binary_data_id, file_id, org_id, location_id, robot_name,"
-    " robot_id, part_name, part_id, component_type, component_name, method_name,"
-    " method_parameters, file_name, file_extension, mime_type, time_requested_ns,"
-    " time_received_ns, annotations, size, blob_path"
+    f"rowid, time_captured_ns, {_CAPTURE_COLS}, binary_data_id, file_id, file_name,"
+    " file_extension, mime_type, time_requested_ns, time_received_ns, annotations, size,"
+    " blob_path"
 )
+
+_Row = TypeVar("_Row")
+
+
+def _row(make: Callable[..., _Row], r: Sequence[Any]) -> _Row:
+    """A row selected as `rowid, time_captured_ns, <_CAPTURE_COLS>, <the rest>`."""
+    end = 2 + _CAPTURE_WIDTH
+    return make(r[0], r[1], Capture(*r[2:end]), *r[end:])
 
 
 def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
@@ -139,19 +151,42 @@ def _marks(n: int) -> str:
     return ",".join("?" * n)
 
 
+def _one(conn: Conn, sql: str, params: Sequence[Any], missing: str) -> Any:
+    """The row `sql` finds, else NotFound(`missing`): the same for an id that never
+    existed as for one in another organisation."""
+    row = conn.execute(sql, params).fetchone()
+    if row is None:
+        raise NotFound(missing)
+    return row
+
+
 # -- readers --------------------------------------------------------------------------------
+
+
+def _page(
+    make: Callable[..., _Row],
+    table: str,
+    cols: str,
+    conn: Conn,
+    where: Where,
+    order: int,
+    cursor: Cursor | None,
+    limit: int,
+) -> list[_Row]:
+    """One page of `table`'s rows that match `where`, in `order` from after `cursor`."""
+    extra, extra_params, order_by = page_clause(table, order, cursor)
+    sql = f"SELECT {cols} FROM {table} WHERE {where.sql}"
+    if extra:
+        sql += f" AND {extra}"
+    sql += f" ORDER BY {order_by} LIMIT ?"
+    rows = conn.execute(sql, (*where.params, *extra_params, limit)).fetchall()
+    return [_row(make, r) for r in rows]
 
 
 def page_readings(
     conn: Conn, where: Where, order: int, cursor: Cursor | None, limit: int
 ) -> list[ReadingRow]:
-    extra, extra_params, order_by = page_clause(READINGS, order, cursor)
-    sql = f"SELECT {_READING_COLS} FROM readings WHERE {where.sql}"
-    if extra:
-        sql += f" AND {extra}"
-    sql += f" ORDER BY {order_by} LIMIT ?"
-    rows = conn.execute(sql, (*where.params, *extra_params, limit)).fetchall()
-    return [ReadingRow(*r) for r in rows]
+    return _page(ReadingRow, READINGS, _READING_COLS, conn, where, order, cursor, limit)
 
 
 def count_readings(conn: Conn, where: Where) -> tuple[int, int]:
@@ -166,12 +201,7 @@ def count_readings(conn: Conn, where: Where) -> tuple[int, int]:
 def page_binaries(
     conn: Conn, where: Where, order: int, cursor: Cursor | None, limit: int
 ) -> list[BinaryRow]:
-    extra, extra_params, order_by = page_clause(BINARIES, order, cursor)
-    sql = f"SELECT {_BINARY_COLS} FROM binaries WHERE {where.sql}"
-    if extra:
-        sql += f" AND {extra}"
-    sql += f" ORDER BY {order_by} LIMIT ?"
-    rows = [BinaryRow(*r) for r in conn.execute(sql, (*where.params, *extra_params, limit))]
+    rows = _page(BinaryRow, BINARIES, _BINARY_COLS, conn, where, order, cursor, limit)
     _enrich(conn, rows)
     return rows
 
@@ -194,7 +224,7 @@ def binaries_by_ids(conn: Conn, org_id: str, ids: Sequence[str]) -> list[BinaryR
             f" AND binary_data_id IN ({_marks(len(part))})"
         )
         for r in conn.execute(sql, (org_id, *part)):
-            row = BinaryRow(*r)
+            row = _row(BinaryRow, r)
             found[row.binary_data_id] = row
     missing = [i for i in wanted if i not in found]
     if missing:
@@ -208,12 +238,12 @@ def resolve_file_ids(conn: Conn, org_id: str, file_ids: Sequence[str]) -> list[s
     """Legacy BinaryID.file_id -> binary_data_id within the org; NotFound otherwise."""
     out: list[str] = []
     for file_id in file_ids:
-        row = conn.execute(
+        row = _one(
+            conn,
             "SELECT binary_data_id FROM binaries WHERE org_id = ? AND file_id = ?",
             (org_id, file_id),
-        ).fetchone()
-        if row is None:
-            raise NotFound(f"binary id with file_id {file_id!r} not found")
+            f"binary id with file_id {file_id!r} not found",
+        )
         out.append(str(row[0]))
     return out
 
@@ -406,12 +436,12 @@ def create_dataset(conn: Conn, org_id: str, name: str) -> str:
 
 
 def get_dataset(conn: Conn, org_id: str, dataset_id: str) -> DatasetRow:
-    row = conn.execute(
+    row = _one(
+        conn,
         "SELECT id, org_id, name, created_on FROM datasets WHERE id = ? AND org_id = ?",
         (dataset_id, org_id),
-    ).fetchone()
-    if row is None:
-        raise NotFound(f"dataset id {dataset_id!r} not found")
+        f"dataset id {dataset_id!r} not found",
+    )
     return DatasetRow(*row)
 
 

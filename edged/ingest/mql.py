@@ -263,36 +263,43 @@ _R_DATE = 9
 _R_OTHER = 10
 
 
+# Python type -> rank, tried in this order: bool first, as a bool is also an int.
+_RANK_OF_TYPE: tuple[tuple[type | tuple[type, ...], int], ...] = (
+    (bool, _R_BOOL),
+    ((int, float), _R_NUM),
+    (str, _R_STR),
+    (dict, _R_DOC),
+    ((list, tuple), _R_ARR),
+    (bytes, _R_BIN),
+    (datetime, _R_DATE),
+)
+
+
 def _rank(v: Any) -> int:
     """MongoDB's cross-type order: null < numbers < strings < objects < arrays < ... < dates."""
     if v is None or v is MISSING:
         return _R_NULL
-    if isinstance(v, bool):
-        return _R_BOOL
-    if isinstance(v, int | float):
-        return _R_NUM
-    if isinstance(v, str):
-        return _R_STR
-    if isinstance(v, dict):
-        return _R_DOC
-    if isinstance(v, list | tuple):
-        return _R_ARR
-    if isinstance(v, bytes):
-        return _R_BIN
-    if isinstance(v, datetime):
-        return _R_DATE
+    for types, rank in _RANK_OF_TYPE:
+        if isinstance(v, types):
+            return rank
     return _R_OTHER
 
 
 def sort_key(v: Any) -> tuple[Any, ...]:
     """A total order over BSON-ish values (NaN first among numbers, as MongoDB does)."""
+    return _key(v, tuple)
+
+
+def _key(v: Any, fields: Callable[[Iterator[tuple[str, Any]]], Any]) -> tuple[Any, ...]:
+    """sort_key, or freeze's hashable key: the same but for how `fields` holds a
+    document's (name, key) pairs (in order for sorting, as a set for equality)."""
     r = _rank(v)
     if r == _R_NUM:
-        return (r, 0, 0) if math.isnan(v) else (r, 1, v)
+        return (r, 0, 0) if _is_nan(v) else (r, 1, v)
     if r == _R_DOC:
-        return (r, tuple((k, sort_key(x)) for k, x in v.items()))
+        return (r, fields((k, _key(x, fields)) for k, x in v.items()))
     if r == _R_ARR:
-        return (r, tuple(sort_key(x) for x in v))
+        return (r, tuple(_key(x, fields) for x in v))
     if r == _R_NULL:
         return (r,)
     if r == _R_OTHER:
@@ -321,19 +328,9 @@ def values_equal(a: Any, b: Any) -> bool:
 
 
 def freeze(v: Any) -> Any:
-    """A hashable stand-in with the same equality as values_equal (group keys, sets)."""
-    r = _rank(v)
-    if r == _R_DOC:
-        return (r, frozenset((k, freeze(x)) for k, x in v.items()))
-    if r == _R_ARR:
-        return (r, tuple(freeze(x) for x in v))
-    if r == _R_NULL:
-        return (r,)
-    if r == _R_OTHER:
-        return (r, type(v).__name__, str(v))
-    if _is_nan(v):
-        return (r, "NaN")  # every NaN one key, as values_equal says
-    return (r, v)
+    """A hashable stand-in with the same equality as values_equal (group keys, sets):
+    field order does not matter and every NaN is one key."""
+    return _key(v, frozenset)
 
 
 def lookup(value: Any, parts: list[str]) -> list[Any]:
@@ -607,10 +604,7 @@ def _project(spec: Any) -> Stage:
                 piece = _extract(d, parts)
                 if piece is not MISSING:
                     _merge(out, piece)
-            for parts, fn in computed:
-                value = fn(d)
-                if value is not MISSING:
-                    set_path(out, parts, value)
+            _set_computed(out, d, computed)
             yield out
 
     return run
@@ -624,13 +618,18 @@ def _add_fields(spec: Any, name: str) -> Stage:
     def run(docs: Iterator[Doc]) -> Iterator[Doc]:
         for d in docs:
             out = json_copy(d)
-            for parts, fn in fields:
-                value = fn(d)
-                if value is not MISSING:
-                    set_path(out, parts, value)
+            _set_computed(out, d, fields)
             yield out
 
     return run
+
+
+def _set_computed(out: Doc, d: Doc, fields: list[tuple[list[str], Expr]]) -> None:
+    """Each field computed from `d` into `out`; one that comes out missing is left unset."""
+    for parts, fn in fields:
+        value = fn(d)
+        if value is not MISSING:
+            set_path(out, parts, value)
 
 
 def json_copy(d: Doc) -> Doc:
@@ -1076,9 +1075,8 @@ def evaluate(
     by `max_docs`, `max_result_bytes` and the control's deadline."""
     check_pipeline_size(pipeline, max_nodes)
     try:
-        return _evaluate(
-            _aware(pipeline), read_rows, dialect, control, max_docs, max_result_bytes, max_doc_bytes
-        )
+        stream = _stream(_aware(pipeline), read_rows, dialect, control, max_doc_bytes)
+        return _collect(stream, control, max_docs, max_result_bytes)
     except RecursionError:
         raise MqlLimitExceeded("the pipeline or a document nests too deeply") from None
 
@@ -1087,32 +1085,35 @@ def too_long(control: QueryControl) -> MqlLimitExceeded:
     return MqlLimitExceeded(str(control.too_long("add a leading $match")))
 
 
-def _evaluate(
-    pipeline: list[Doc],
-    read_rows: Rows,
-    dialect: str,
-    control: QueryControl,
-    max_docs: int,
-    max_result_bytes: int,
-    max_doc_bytes: int,
-) -> list[Doc]:
+def _check(control: QueryControl) -> None:
+    if control.stopped():
+        raise too_long(control) if control.timed_out else MqlRejected("query cancelled")
+
+
+def _stream(
+    pipeline: list[Doc], read_rows: Rows, dialect: str, control: QueryControl, max_doc_bytes: int
+) -> Iterator[Doc]:
+    """The pipeline's output, lazily: the rows its leading $match selects, through its stages."""
     stages = compile_pipeline(pipeline, max_doc_bytes)
     where, args = "", list[Any]()
     if pipeline and isinstance(pipeline[0], dict) and "$match" in pipeline[0]:
         where, args = pushdown(pipeline[0]["$match"], dialect)
 
-    def check() -> None:
-        if control.stopped():
-            raise too_long(control) if control.timed_out else MqlRejected("query cancelled")
-
     def docs() -> Iterator[Doc]:
         for row in read_rows(where, args):
-            check()
+            _check(control)
             yield row_to_doc(row)
 
     stream: Iterator[Doc] = docs()
     for stage in stages:
         stream = stage(stream)
+    return stream
+
+
+def _collect(
+    stream: Iterator[Doc], control: QueryControl, max_docs: int, max_result_bytes: int
+) -> list[Doc]:
+    """The stream's documents, refused past `max_docs` or `max_result_bytes`."""
     out: list[Doc] = []
     size = 0
     for doc in stream:
@@ -1129,7 +1130,7 @@ def _evaluate(
                 f" {len(out) - 1} documents (--query-max-result-bytes);"
                 " add $limit, $project or $group"
             )
-        check()
+        _check(control)
     return out
 
 

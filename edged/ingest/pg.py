@@ -35,6 +35,7 @@ import psycopg
 from psycopg import pq
 
 from edged.errors import ConfigError
+from edged.ingest.auth import SharedToken
 from edged.ingest.catalog import Conn, Rows, Unstorable
 from edged.ingest.retention import Expired
 from edged.ingest.storage import (
@@ -515,31 +516,23 @@ class PgTokens:
     def __init__(self, index: PgIndex) -> None:
         self._index = index
 
-    async def publish(
-        self,
-        digest: bytes,
-        key_id: str,
-        key_digest: bytes,
-        expires_at_ns: int,
-        keep: int,
-        now_ns: int,
-    ) -> None:
+    async def publish(self, token: SharedToken, keep: int, now_ns: int) -> None:
         def put(conn: Conn) -> None:
             conn.execute("DELETE FROM auth_tokens WHERE expires_at_ns < ?", (now_ns,))
             conn.execute(
                 "INSERT INTO auth_tokens(digest, key_id, key_digest, expires_at_ns)"
                 " VALUES (?,?,?,?) ON CONFLICT DO NOTHING",
-                (digest, key_id, key_digest, expires_at_ns),
+                (token.digest, token.key_id, token.key_digest, token.expires_at_ns),
             )
             conn.execute(
                 "DELETE FROM auth_tokens WHERE key_id = ? AND digest NOT IN (SELECT digest"
                 " FROM auth_tokens WHERE key_id = ? ORDER BY expires_at_ns DESC LIMIT ?)",
-                (key_id, key_id, keep),
+                (token.key_id, token.key_id, keep),
             )
 
         await self._index.write(put)
 
-    async def lookup(self, digest: bytes, now_ns: int) -> tuple[str, bytes, int] | None:
+    async def lookup(self, digest: bytes, now_ns: int) -> SharedToken | None:
         row = await self._index.read(
             lambda c: c.execute(
                 "SELECT key_id, key_digest, expires_at_ns FROM auth_tokens"
@@ -547,4 +540,4 @@ class PgTokens:
                 (digest, now_ns),
             ).fetchone()
         )
-        return (str(row[0]), bytes(row[1]), int(row[2])) if row else None
+        return SharedToken(digest, str(row[0]), bytes(row[1]), int(row[2])) if row else None

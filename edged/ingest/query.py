@@ -51,7 +51,7 @@ from edged._proto.app.data.v1 import data_pb2 as dpb
 from edged.ingest import catalog
 from edged.ingest.auth import ApiKey, KeyStore
 from edged.ingest.blobs import BlobStore, BlobStoreError
-from edged.ingest.catalog import BinaryRow, Conn, NotFound, ReadingRow
+from edged.ingest.catalog import BinaryRow, Capture, Conn, NotFound, ReadingRow
 from edged.ingest.filters import (
     Cursor,
     FilterError,
@@ -126,22 +126,22 @@ def _method_parameters(text: str) -> dict[str, AnyPb]:
 
 
 def capture_metadata(
-    row: ReadingRow | BinaryRow, tags: Sequence[str], mime_type: str = ""
+    capture: Capture, tags: Sequence[str], mime_type: str = ""
 ) -> dpb.CaptureMetadata:
     meta = dpb.CaptureMetadata(
-        organization_id=row.org_id,
-        location_id=row.location_id,
-        robot_name=row.robot_name,
-        robot_id=row.robot_id,
-        part_name=row.part_name,
-        part_id=row.part_id,
-        component_type=row.component_type,
-        component_name=row.component_name,
-        method_name=row.method_name,
+        organization_id=capture.org_id,
+        location_id=capture.location_id,
+        robot_name=capture.robot_name,
+        robot_id=capture.robot_id,
+        part_name=capture.part_name,
+        part_id=capture.part_id,
+        component_type=capture.component_type,
+        component_name=capture.component_name,
+        method_name=capture.method_name,
         tags=list(tags),
         mime_type=mime_type,
     )
-    for key, packed in _method_parameters(row.method_parameters).items():
+    for key, packed in _method_parameters(capture.method_parameters).items():
         meta.method_parameters[key].CopyFrom(packed)
     return meta
 
@@ -149,25 +149,13 @@ def capture_metadata(
 def tabular_page(rows: list[ReadingRow]) -> dpb.TabularDataByFilterResponse:
     """Readings share CaptureMetadata entries by index, one per distinct metadata."""
     resp = dpb.TabularDataByFilterResponse(count=len(rows))
-    index: dict[tuple[Any, ...], int] = {}
+    index: dict[tuple[Capture, str], int] = {}
     size = 0
     for row in rows:
-        key = (
-            row.org_id,
-            row.location_id,
-            row.robot_name,
-            row.robot_id,
-            row.part_name,
-            row.part_id,
-            row.component_type,
-            row.component_name,
-            row.method_name,
-            row.method_parameters,
-            row.tags,
-        )
+        key = (row.capture, row.tags)
         if key not in index:
             index[key] = len(resp.metadata)
-            resp.metadata.append(capture_metadata(row, json.loads(row.tags)))
+            resp.metadata.append(capture_metadata(row.capture, json.loads(row.tags)))
         item = dpb.TabularData(metadata_index=index[key])
         item.data.CopyFrom(decode_struct(row.data, row.data_exact))
         if (t := ts(row.time_requested_ns)) is not None:
@@ -186,7 +174,7 @@ def binary_metadata(row: BinaryRow) -> dpb.BinaryMetadata:
     meta = dpb.BinaryMetadata(
         id=row.file_id,
         binary_data_id=row.binary_data_id,
-        capture_metadata=capture_metadata(row, row.tags, row.mime_type),
+        capture_metadata=capture_metadata(row.capture, row.tags, row.mime_type),
         file_name=row.file_name,
         file_ext=row.file_extension,
         uri="",

@@ -889,21 +889,14 @@ class IngestStore:
         if org_id is not None:
             sql, args = sql + " WHERE org_id=?", (org_id,)
         rows = await self.read(lambda c: c.execute(sql + " ORDER BY rowid", args).fetchall())
-        return [
-            StoredReading(
-                r[0],
-                r[1],
-                r[2],
-                r[3],
-                json.loads(r[4]),
-                json.loads(r[5]),
-                r[6],
-                r[7],
-                decode_python(r[8], r[10]),
-                r[9],
-            )
-            for r in rows
-        ]
+
+        def stored(r: Any) -> StoredReading:
+            v = list(r[:10])  # the row's columns, the encoded ones decoded in place
+            v[4:6] = map(json.loads, r[4:6])
+            v[8] = decode_python(r[8], r[10])
+            return StoredReading(*v)
+
+        return [stored(r) for r in rows]
 
     async def binaries(self, org_id: str | None = None) -> list[StoredBinary]:
         sql = (
@@ -917,28 +910,14 @@ class IngestStore:
         rows = await self.read(
             lambda c: c.execute(sql + " ORDER BY received_at_ns, rowid", args).fetchall()
         )
-        return [
-            StoredBinary(
-                r[0],
-                r[1],
-                r[2],
-                r[3],
-                r[4],
-                r[5],
-                r[6],
-                r[7],
-                r[8],
-                r[9],
-                json.loads(r[10]),
-                json.loads(r[11]),
-                r[12],
-                r[13],
-                r[14],
-                r[15],
-                self.root / r[16],
-            )
-            for r in rows
-        ]
+
+        def stored(r: Any) -> StoredBinary:
+            v = list(r)  # the row's columns, the encoded ones decoded in place
+            v[10:12] = map(json.loads, r[10:12])
+            v[16] = self.root / r[16]
+            return StoredBinary(*v)
+
+        return [stored(r) for r in rows]
 
     async def counts(self) -> dict[str, int]:
         def count(conn: Conn) -> dict[str, int]:

@@ -15,20 +15,13 @@ from typing import Any
 import pytest
 
 from edged.capture import CaptureWriter, open_capture
-from edged.daemon.outbox import (
-    KIND_FILE,
-    Claim,
-    ClaimRecord,
-    ClaimState,
-    FileRef,
-    Outbox,
-    Progress,
-)
+from edged.daemon.outbox import ClaimRecord, ClaimState, Outbox, Progress
 from edged.daemon.sources.base import SourceContext, quarantine
 from edged.daemon.sources.capture import CaptureConfig, CaptureSource
 from edged.daemon.sources.files import FilesConfig, file_metadata
 from edged.daemon.status_view import render
 from tests.support.capture_files import tabular_metadata, tabular_reading
+from tests.support.outbox_items import enqueue_file
 
 ODD = os.fsdecode(b"odd-\xff.bin")  # the str Python hands out for that name: '\udcff'
 
@@ -39,12 +32,7 @@ async def test_outbox_stores_and_finds_paths_that_are_not_utf8(tmp_path: Path) -
     st = path.stat()
     box = await Outbox.open(tmp_path / "state")
     try:
-        await box.enqueue_item(
-            KIND_FILE,
-            b"",
-            FileRef(str(path), 0, 100),
-            claim=Claim(str(path), st.st_size, st.st_mtime_ns),
-        )
+        await enqueue_file(box, path)
         assert await box.claim_of(str(path)) == ClaimRecord(
             str(path), ClaimState.PENDING, st.st_size, st.st_mtime_ns
         )
