@@ -350,7 +350,19 @@ class CaptureSource:
         start: int,
         claim: Claim | None,
     ) -> None:
-        outbox, meta_bytes = self.ctx.outbox, meta.SerializeToString()
+        meta_bytes = meta.SerializeToString()
+
+        async def commit(chunk: list[bytes], end: int, with_claim: Claim | None = None) -> None:
+            """Queue `chunk`, the readings up to byte `end`, with the file's progress."""
+            await self.ctx.outbox.enqueue_readings(
+                meta_bytes,
+                chunk,
+                claim=with_claim,
+                progress=self._progress(path, st, end),
+                source=self.name,
+            )
+            self.stats.readings += len(chunk)
+
         chunk: list[bytes] = []
         size, end = 0, start
         try:
@@ -358,26 +370,17 @@ class CaptureSource:
                 # A full chunk is committed only once another record follows: the last
                 # one goes with the claim, so a file of one chunk is one transaction.
                 if len(chunk) >= CHUNK_READINGS or size >= CHUNK_BYTES:
-                    await outbox.enqueue_readings(
-                        meta_bytes, chunk, progress=self._progress(path, st, end), source=self.name
-                    )
-                    self.stats.readings += len(chunk)
+                    await commit(chunk, end)
                     chunk, size = [], 0
                 chunk.append(record.raw)
                 size += len(record.raw)
                 end = record.end
         except CaptureFormatError as exc:
             if chunk:
-                await outbox.enqueue_readings(
-                    meta_bytes, chunk, progress=self._progress(path, st, end), source=self.name
-                )
-                self.stats.readings += len(chunk)
+                await commit(chunk, end)
             self._quarantine(path, st, str(exc), keep_original=False)
             raise FileNotFoundError from exc  # nothing left to retire
-        await outbox.enqueue_readings(
-            meta_bytes, chunk, claim=claim, progress=self._progress(path, st, end), source=self.name
-        )
-        self.stats.readings += len(chunk)
+        await commit(chunk, end, claim)
 
     async def _commit_binary(
         self,
