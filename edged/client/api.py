@@ -24,7 +24,6 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any, ClassVar, TypeAlias, TypeVar, cast
 
 from google.protobuf.any_pb2 import Any as AnyPb
@@ -689,12 +688,7 @@ class Connecting:
     async def __aenter__(self) -> DataClient:
         return await self._open()
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         if self._client is not None:
             self._client.close()
 
