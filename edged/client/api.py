@@ -24,7 +24,7 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypeAlias, TypeVar, cast
+from typing import Any, ClassVar, NamedTuple, TypeAlias, TypeVar, cast
 
 from google.protobuf.any_pb2 import Any as AnyPb
 from google.protobuf.struct_pb2 import Struct
@@ -213,6 +213,33 @@ def upload_metadata(
     for key, value in method_parameters(method_params).items():
         meta.method_parameters[key].CopyFrom(value)
     return meta
+
+
+class _Seed(NamedTuple):
+    """What every seed upload method takes besides its payload, in the seed's order."""
+
+    part_id: str
+    component_type: str | None
+    component_name: str | None
+    method_name: str | None
+    method_parameters: Mapping[str, Any] | None
+    tags: Sequence[str] | None
+
+    def metadata(
+        self, data_type: int, *, file_name: str | None = None, file_extension: str | None = None
+    ) -> pb.UploadMetadata:
+        part_id, component_type, component_name, method_name, params, tags = self
+        return upload_metadata(
+            part_id,
+            data_type,
+            component_type=component_type,
+            component_name=component_name,
+            method_name=method_name,
+            method_params=params,
+            tags=tags,
+            file_name=file_name,
+            file_extension=file_extension,
+        )
 
 
 async def iter_source(source: ByteSource, chunk_size: int = DEFAULT_CHUNK) -> AsyncIterator[bytes]:
@@ -431,16 +458,8 @@ class UploadClient(Connection):
                 data_request_times=(requested_at, received_at),
             )
         """
-        meta = upload_metadata(
-            part_id,
-            pb.DATA_TYPE_BINARY_SENSOR,
-            component_type=component_type,
-            component_name=component_name,
-            method_name=method_name,
-            method_params=method_parameters,
-            tags=tags,
-            file_extension=file_extension,
-        )
+        seed = _Seed(part_id, component_type, component_name, method_name, method_parameters, tags)
+        meta = seed.metadata(pb.DATA_TYPE_BINARY_SENSOR, file_extension=file_extension)
         reading = pb.SensorData(metadata=sensor_metadata(data_request_times), binary=binary_data)
         result = await self.upload_readings(meta, [reading.SerializeToString()])
         return result.binary_data_id
@@ -474,15 +493,8 @@ class UploadClient(Connection):
                 f"data_request_times has {len(data_request_times)} entries but tabular_data"
                 f" has {len(tabular_data)}; they must match",
             )
-        meta = upload_metadata(
-            part_id,
-            pb.DATA_TYPE_TABULAR_SENSOR,
-            component_type=component_type,
-            component_name=component_name,
-            method_name=method_name,
-            method_params=method_parameters,
-            tags=tags,
-        )
+        seed = _Seed(part_id, component_type, component_name, method_name, method_parameters, tags)
+        meta = seed.metadata(pb.DATA_TYPE_TABULAR_SENSOR)
         readings = []
         for i, row in enumerate(tabular_data):
             reading = pb.SensorData(
@@ -514,16 +526,8 @@ class UploadClient(Connection):
                 pointcloud_bytes, "part-1", ".pcd", component_name="lidar"
             )
         """
-        meta = upload_metadata(
-            part_id,
-            pb.DATA_TYPE_BINARY_SENSOR,
-            component_type=component_type,
-            component_name=component_name,
-            method_name=method_name,
-            method_params=method_parameters,
-            tags=tags,
-            file_extension=file_ext,
-        )
+        seed = _Seed(part_id, component_type, component_name, method_name, method_parameters, tags)
+        meta = seed.metadata(pb.DATA_TYPE_BINARY_SENSOR, file_extension=file_ext)
         result = await self.upload_binary_stream(meta, sensor_metadata(data_request_times), data)
         return result.binary_data_id
 
@@ -547,17 +551,8 @@ class UploadClient(Connection):
                 "part-1", b"run notes", file_name="notes", file_extension=".txt"
             )
         """
-        meta = upload_metadata(
-            part_id,
-            pb.DATA_TYPE_FILE,
-            component_type=component_type,
-            component_name=component_name,
-            method_name=method_name,
-            method_params=method_parameters,
-            tags=tags,
-            file_name=file_name,
-            file_extension=file_extension,
-        )
+        seed = _Seed(part_id, component_type, component_name, method_name, method_parameters, tags)
+        meta = seed.metadata(pb.DATA_TYPE_FILE, file_name=file_name, file_extension=file_extension)
         return (await self.upload_file(meta, data)).binary_data_id
 
     async def file_upload_from_path(
@@ -581,17 +576,8 @@ class UploadClient(Connection):
         if not path.is_file():
             raise FileNotFoundError(f"{filepath} is not a file")
         stem, ext = os.path.splitext(path.name)
-        meta = upload_metadata(
-            part_id,
-            pb.DATA_TYPE_FILE,
-            component_type=component_type,
-            component_name=component_name,
-            method_name=method_name,
-            method_params=method_parameters,
-            tags=tags,
-            file_name=stem,
-            file_extension=ext,
-        )
+        seed = _Seed(part_id, component_type, component_name, method_name, method_parameters, tags)
+        meta = seed.metadata(pb.DATA_TYPE_FILE, file_name=stem, file_extension=ext)
         return (await self.upload_file(meta, path)).binary_data_id
 
 
