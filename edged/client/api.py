@@ -24,7 +24,7 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple, TypeAlias, TypeVar, cast
+from typing import Any, ClassVar, NamedTuple, TypeAlias, TypeVar, Unpack, cast
 
 from google.protobuf.any_pb2 import Any as AnyPb
 from google.protobuf.struct_pb2 import Struct
@@ -51,7 +51,7 @@ from edged.client.data_client import (
 )
 from edged.errors import AuthError, ConfigError, InvalidArgument, SourceError, UploadError
 from edged.wire.cloud import load_cloud
-from edged.wire.connection import Connection, Raw, client_tls_context, parse_address
+from edged.wire.connection import Connection, Raw, Reach, client_tls_context, parse_address
 from edged.wire.connection import connect as wire_connect
 from edged.wire.keyfile import API_KEY_ENV, resolve_api_key
 
@@ -285,24 +285,9 @@ class UploadClient(Connection):
     safe for concurrent calls from many tasks."""
 
     def __init__(
-        self,
-        address: str,
-        *,
-        api_key_id: str | None = None,
-        api_key: str | None = None,
-        tls: bool = True,
-        ca_file: Path | None = None,
-        timeout: float | None = 60.0,
-        chunk_size: int = DEFAULT_CHUNK,
+        self, address: str, *, chunk_size: int = DEFAULT_CHUNK, **reach: Unpack[Reach]
     ) -> None:
-        super().__init__(
-            address,
-            api_key_id=api_key_id,
-            api_key=api_key,
-            tls=tls,
-            ca_file=ca_file,
-            timeout=timeout,
-        )
+        super().__init__(address, **reach)
         self.chunk_size = chunk_size
 
     # -- daemon layer -------------------------------------------------------------------
@@ -322,18 +307,12 @@ class UploadClient(Connection):
         body = Raw(encode_capture_request(metadata, readings))
         if pace is not None:
             await pace(len(body.data))
-
-        async def send(stream: Stream[Any, pb.DataCaptureUploadResponse]) -> None:
-            await stream.send_message(body, end=True)
-
-        reply = await self._call(
+        reply = await self.unary(
             "DataCaptureUpload",
-            Cardinality.UNARY_UNARY,
-            pb.DataCaptureUploadRequest,
+            body,
             pb.DataCaptureUploadResponse,
-            send,
             item_id=item_id,
-            timeout=timeout if timeout is not None else self.timeout,
+            timeout=timeout,
         )
         return UploadResult(reply.file_id, reply.binary_data_id)
 
@@ -423,12 +402,12 @@ class UploadClient(Connection):
 
         reply = await self._call(
             method,
-            Cardinality.STREAM_UNARY,
             type(first),
             resp_type,
             send,
             item_id=item_id,
-            timeout=timeout if timeout is not None else self.timeout,
+            timeout=timeout,
+            cardinality=Cardinality.STREAM_UNARY,
             replayable=not callable(source),
             progress=True,
             holding=None if pace is None else lambda: waits > 0,
