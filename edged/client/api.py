@@ -24,7 +24,7 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple, TypeAlias, TypeVar, Unpack, cast
+from typing import Any, ClassVar, NamedTuple, TypeAlias, TypedDict, TypeVar, Unpack, cast
 
 from google.protobuf.any_pb2 import Any as AnyPb
 from google.protobuf.struct_pb2 import Struct
@@ -76,6 +76,7 @@ __all__ = [
     "TagsFilterType",
     "UploadClient",
     "UploadError",
+    "UploadOptions",
     "UploadResult",
     "client_tls_context",
     "connect",
@@ -115,6 +116,16 @@ class FileSlice:
 Pace: TypeAlias = Callable[[int], Awaitable[None]]
 """Awaited with a message's size before it is sent (the daemon's bandwidth cap): returns
 once those bytes may go."""
+
+
+class UploadOptions(TypedDict, total=False):
+    """The keywords every daemon-layer upload takes besides its payload (`item_id`,
+    `timeout`, `pace`), for an interface the client implements (the uploader's `Sink`)."""
+
+    item_id: str | None
+    timeout: float | None
+    pace: Pace | None
+
 
 ByteSource: TypeAlias = bytes | Path | FileSlice | Callable[[], AsyncIterator[bytes]]
 """bytes, a path or a file slice are re-read from byte 0 if the call is replayed after a
