@@ -149,12 +149,17 @@ def _lookup(name: str) -> Any:
     return inspect.getattr_static(DataClient, attr)
 
 
-def _signature(name: str, obj: Any) -> str:
+def _signature(name: str, obj: Any, passed_on: Callable[..., Any] | None = None) -> str:
+    """`passed_on`: the base `__init__` that a constructor's `**kwargs` go to; its
+    keyword parameters are shown in their place."""
     title = name.removeprefix("DataClient.")
     if isinstance(obj, property):
         return f"DataClient.{title}  # property"
     fn: Callable[..., Any] = obj.__func__ if isinstance(obj, staticmethod | classmethod) else obj
     params = list(inspect.signature(fn).parameters.values())
+    if passed_on is not None and params and params[-1].kind is params[-1].VAR_KEYWORD:
+        base = inspect.signature(passed_on).parameters.values()
+        params[-1:] = [b for b in base if b.kind is b.KEYWORD_ONLY]
     if params and params[0].name in ("self", "cls"):
         params = params[1:]
     parts: list[str] = []
@@ -202,10 +207,8 @@ def render() -> str:
             obj = _lookup(name)
             chunks.append(f"### `{name.removeprefix('DataClient.')}`\n")
             if isinstance(obj, type):
-                init_fn = next(
-                    c.__dict__["__init__"] for c in obj.__mro__ if "__init__" in c.__dict__
-                )
-                init = _signature(name, init_fn).split(" -> ")[0]
+                inits = [c.__dict__["__init__"] for c in obj.__mro__ if "__init__" in c.__dict__]
+                init = _signature(name, inits[0], inits[1]).split(" -> ")[0]
                 chunks.append(f"```python\n{init.replace('def ', 'class ', 1)}\n```\n")
             else:
                 chunks.append(f"```python\n{_signature(name, obj)}\n```\n")

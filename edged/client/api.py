@@ -24,8 +24,7 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import Any, ClassVar, TypeAlias, TypeVar, cast
+from typing import Any, ClassVar, NamedTuple, TypeAlias, TypedDict, TypeVar, Unpack, cast
 
 from google.protobuf.any_pb2 import Any as AnyPb
 from google.protobuf.struct_pb2 import Struct
@@ -52,7 +51,7 @@ from edged.client.data_client import (
 )
 from edged.errors import AuthError, ConfigError, InvalidArgument, SourceError, UploadError
 from edged.wire.cloud import connect_cloud, load_cloud
-from edged.wire.connection import Connection, Raw, client_tls_context, parse_address
+from edged.wire.connection import Connection, Raw, Reach, client_tls_context, parse_address
 from edged.wire.connection import connect as wire_connect
 
 __all__ = [
@@ -76,6 +75,7 @@ __all__ = [
     "TagsFilterType",
     "UploadClient",
     "UploadError",
+    "UploadOptions",
     "UploadResult",
     "client_tls_context",
     "connect",
@@ -115,6 +115,16 @@ class FileSlice:
 Pace: TypeAlias = Callable[[int], Awaitable[None]]
 """Awaited with a message's size before it is sent (the daemon's bandwidth cap): returns
 once those bytes may go."""
+
+
+class UploadOptions(TypedDict, total=False):
+    """The keywords every daemon-layer upload takes besides its payload (`item_id`,
+    `timeout`, `pace`), for an interface the client implements (the uploader's `Sink`)."""
+
+    item_id: str | None
+    timeout: float | None
+    pace: Pace | None
+
 
 ByteSource: TypeAlias = bytes | Path | FileSlice | Callable[[], AsyncIterator[bytes]]
 """bytes, a path or a file slice are re-read from byte 0 if the call is replayed after a
@@ -215,6 +225,33 @@ def upload_metadata(
     return meta
 
 
+class _Seed(NamedTuple):
+    """What every seed upload method takes besides its payload, in the seed's order."""
+
+    part_id: str
+    component_type: str | None
+    component_name: str | None
+    method_name: str | None
+    method_parameters: Mapping[str, Any] | None
+    tags: Sequence[str] | None
+
+    def metadata(
+        self, data_type: int, *, file_name: str | None = None, file_extension: str | None = None
+    ) -> pb.UploadMetadata:
+        part_id, component_type, component_name, method_name, params, tags = self
+        return upload_metadata(
+            part_id,
+            data_type,
+            component_type=component_type,
+            component_name=component_name,
+            method_name=method_name,
+            method_params=params,
+            tags=tags,
+            file_name=file_name,
+            file_extension=file_extension,
+        )
+
+
 async def iter_source(source: ByteSource, chunk_size: int = DEFAULT_CHUNK) -> AsyncIterator[bytes]:
     """Yield a payload in pieces of at most `chunk_size` bytes; never reads it whole."""
     if isinstance(source, bytes):
@@ -258,24 +295,9 @@ class UploadClient(Connection):
     safe for concurrent calls from many tasks."""
 
     def __init__(
-        self,
-        address: str,
-        *,
-        api_key_id: str | None = None,
-        api_key: str | None = None,
-        tls: bool = True,
-        ca_file: Path | None = None,
-        timeout: float | None = 60.0,
-        chunk_size: int = DEFAULT_CHUNK,
+        self, address: str, *, chunk_size: int = DEFAULT_CHUNK, **reach: Unpack[Reach]
     ) -> None:
-        super().__init__(
-            address,
-            api_key_id=api_key_id,
-            api_key=api_key,
-            tls=tls,
-            ca_file=ca_file,
-            timeout=timeout,
-        )
+        super().__init__(address, **reach)
         self.chunk_size = chunk_size
 
     # -- daemon layer -------------------------------------------------------------------
@@ -295,18 +317,12 @@ class UploadClient(Connection):
         body = Raw(encode_capture_request(metadata, readings))
         if pace is not None:
             await pace(len(body.data))
-
-        async def send(stream: Stream[Any, pb.DataCaptureUploadResponse]) -> None:
-            await stream.send_message(body, end=True)
-
-        reply = await self._call(
+        reply = await self.unary(
             "DataCaptureUpload",
-            Cardinality.UNARY_UNARY,
-            pb.DataCaptureUploadRequest,
+            body,
             pb.DataCaptureUploadResponse,
-            send,
             item_id=item_id,
-            timeout=timeout if timeout is not None else self.timeout,
+            timeout=timeout,
         )
         return UploadResult(reply.file_id, reply.binary_data_id)
 
@@ -396,12 +412,12 @@ class UploadClient(Connection):
 
         reply = await self._call(
             method,
-            Cardinality.STREAM_UNARY,
             type(first),
             resp_type,
             send,
             item_id=item_id,
-            timeout=timeout if timeout is not None else self.timeout,
+            timeout=timeout,
+            cardinality=Cardinality.STREAM_UNARY,
             replayable=not callable(source),
             progress=True,
             holding=None if pace is None else lambda: waits > 0,
@@ -431,16 +447,8 @@ class UploadClient(Connection):
                 data_request_times=(requested_at, received_at),
             )
         """
-        meta = upload_metadata(
-            part_id,
-            pb.DATA_TYPE_BINARY_SENSOR,
-            component_type=component_type,
-            component_name=component_name,
-            method_name=method_name,
-            method_params=method_parameters,
-            tags=tags,
-            file_extension=file_extension,
-        )
+        seed = _Seed(part_id, component_type, component_name, method_name, method_parameters, tags)
+        meta = seed.metadata(pb.DATA_TYPE_BINARY_SENSOR, file_extension=file_extension)
         reading = pb.SensorData(metadata=sensor_metadata(data_request_times), binary=binary_data)
         result = await self.upload_readings(meta, [reading.SerializeToString()])
         return result.binary_data_id
@@ -474,15 +482,8 @@ class UploadClient(Connection):
                 f"data_request_times has {len(data_request_times)} entries but tabular_data"
                 f" has {len(tabular_data)}; they must match",
             )
-        meta = upload_metadata(
-            part_id,
-            pb.DATA_TYPE_TABULAR_SENSOR,
-            component_type=component_type,
-            component_name=component_name,
-            method_name=method_name,
-            method_params=method_parameters,
-            tags=tags,
-        )
+        seed = _Seed(part_id, component_type, component_name, method_name, method_parameters, tags)
+        meta = seed.metadata(pb.DATA_TYPE_TABULAR_SENSOR)
         readings = []
         for i, row in enumerate(tabular_data):
             reading = pb.SensorData(
@@ -514,16 +515,8 @@ class UploadClient(Connection):
                 pointcloud_bytes, "part-1", ".pcd", component_name="lidar"
             )
         """
-        meta = upload_metadata(
-            part_id,
-            pb.DATA_TYPE_BINARY_SENSOR,
-            component_type=component_type,
-            component_name=component_name,
-            method_name=method_name,
-            method_params=method_parameters,
-            tags=tags,
-            file_extension=file_ext,
-        )
+        seed = _Seed(part_id, component_type, component_name, method_name, method_parameters, tags)
+        meta = seed.metadata(pb.DATA_TYPE_BINARY_SENSOR, file_extension=file_ext)
         result = await self.upload_binary_stream(meta, sensor_metadata(data_request_times), data)
         return result.binary_data_id
 
@@ -547,17 +540,8 @@ class UploadClient(Connection):
                 "part-1", b"run notes", file_name="notes", file_extension=".txt"
             )
         """
-        meta = upload_metadata(
-            part_id,
-            pb.DATA_TYPE_FILE,
-            component_type=component_type,
-            component_name=component_name,
-            method_name=method_name,
-            method_params=method_parameters,
-            tags=tags,
-            file_name=file_name,
-            file_extension=file_extension,
-        )
+        seed = _Seed(part_id, component_type, component_name, method_name, method_parameters, tags)
+        meta = seed.metadata(pb.DATA_TYPE_FILE, file_name=file_name, file_extension=file_extension)
         return (await self.upload_file(meta, data)).binary_data_id
 
     async def file_upload_from_path(
@@ -581,17 +565,8 @@ class UploadClient(Connection):
         if not path.is_file():
             raise FileNotFoundError(f"{filepath} is not a file")
         stem, ext = os.path.splitext(path.name)
-        meta = upload_metadata(
-            part_id,
-            pb.DATA_TYPE_FILE,
-            component_type=component_type,
-            component_name=component_name,
-            method_name=method_name,
-            method_params=method_parameters,
-            tags=tags,
-            file_name=stem,
-            file_extension=ext,
-        )
+        seed = _Seed(part_id, component_type, component_name, method_name, method_parameters, tags)
+        meta = seed.metadata(pb.DATA_TYPE_FILE, file_name=stem, file_extension=ext)
         return (await self.upload_file(meta, path)).binary_data_id
 
 
@@ -674,12 +649,7 @@ class Connecting:
     async def __aenter__(self) -> DataClient:
         return await self._open()
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         if self._client is not None:
             self._client.close()
 

@@ -21,10 +21,10 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Unpack
 
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
-from edged.client import ByteSource, FileSlice, Pace, UploadResult
+from edged.client import ByteSource, FileSlice, Pace, UploadOptions, UploadResult
 from edged.daemon.config import UploadConfig
 from edged.daemon.metrics import DaemonMetrics
 from edged.daemon.outbox import KIND_BINARY, KIND_FILE, KIND_TABULAR, Item, Outbox
@@ -53,13 +53,7 @@ class Sink(Protocol):
     awaited with each message's size before it goes (the bandwidth cap)."""
 
     async def upload_readings(
-        self,
-        metadata: pb.UploadMetadata,
-        readings: Sequence[bytes],
-        *,
-        item_id: str | None = None,
-        timeout: float | None = None,
-        pace: Pace | None = None,
+        self, metadata: pb.UploadMetadata, readings: Sequence[bytes], **call: Unpack[UploadOptions]
     ) -> UploadResult: ...
 
     async def upload_binary_stream(
@@ -67,20 +61,11 @@ class Sink(Protocol):
         metadata: pb.UploadMetadata,
         sensor: pb.SensorMetadata,
         source: ByteSource,
-        *,
-        item_id: str | None = None,
-        timeout: float | None = None,
-        pace: Pace | None = None,
+        **call: Unpack[UploadOptions],
     ) -> UploadResult: ...
 
     async def upload_file(
-        self,
-        metadata: pb.UploadMetadata,
-        source: ByteSource,
-        *,
-        item_id: str | None = None,
-        timeout: float | None = None,
-        pace: Pace | None = None,
+        self, metadata: pb.UploadMetadata, source: ByteSource, **call: Unpack[UploadOptions]
     ) -> UploadResult: ...
 
 

@@ -14,8 +14,7 @@ import ssl
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Self, TypedDict, TypeVar
 
 from google.protobuf.message import Message
 from grpclib.client import Channel, Handler, Stream
@@ -241,6 +240,17 @@ _TRANSPORT_ERRORS = (
 )
 
 
+class Reach(TypedDict, total=False):
+    """How a `Connection` reaches and signs in to its server: its keyword arguments
+    after the address, for subclasses that add their own (`UploadClient`)."""
+
+    api_key_id: str | None
+    api_key: str | None
+    tls: bool
+    ca_file: Path | None
+    timeout: float | None
+
+
 class Connection:
     """One connection to a DataSync server; safe for concurrent calls from many tasks."""
 
@@ -269,12 +279,7 @@ class Connection:
     async def __aenter__(self) -> Self:
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
@@ -335,13 +340,13 @@ class Connection:
     async def _call(
         self,
         method: str,
-        cardinality: Cardinality,
         req_type: type[_Req],
         resp_type: type[_Resp],
         send: Callable[[Stream[_Req, _Resp]], Awaitable[None]],
         *,
         item_id: str | None,
         timeout: float | None,
+        cardinality: Cardinality = Cardinality.UNARY_UNARY,
         replayable: bool = True,
         progress: bool = False,
         holding: Callable[[], bool] | None = None,
@@ -350,10 +355,12 @@ class Connection:
         (only when `send` can run again: a consumed async source cannot).
 
         `method` is a DataSync method name, or a full `/package.Service/Method` path.
-        `timeout` bounds the whole call, or with `progress` only a stall: the call fails
-        once it has not moved for that long (client streams, whose length has no bound);
-        while `holding()` is true the sender waits on the bandwidth cap, which is no stall."""
+        `timeout` (None: the connection's) bounds the whole call, or with `progress` only
+        a stall: the call fails once it has not moved for that long (client streams,
+        whose length has no bound); while `holding()` is true the sender waits on the
+        bandwidth cap, which is no stall."""
         path = method if method.startswith("/") else DATASYNC + method
+        timeout = timeout if timeout is not None else self.timeout
         call = "upload" if path.startswith(DATASYNC) else path.rsplit("/", 1)[-1]
         for attempt in (1, 2):
             token_used = self._token
@@ -408,36 +415,27 @@ class Connection:
         raise AssertionError("unreachable")
 
     async def unary(
-        self, path: str, request: Message, resp_type: type[_Msg], *, timeout: float | None = None
+        self,
+        path: str,
+        request: Message | Raw,
+        resp_type: type[_Msg],
+        *,
+        item_id: str | None = None,
+        timeout: float | None = None,
     ) -> _Msg:
-        """One unary call to any service on this server (the query API), with the same
-        authentication, replay and error mapping as uploads."""
+        """One unary call to any service on this server (the query API, a tabular
+        upload), with the same authentication, replay and error mapping as uploads.
+        `path` as `_call`'s `method`; a `Raw` request goes as it is encoded."""
 
-        async def send(stream: Stream[Message, _Msg]) -> None:
+        async def send(stream: Stream[Message | Raw, _Msg]) -> None:
             await stream.send_message(request, end=True)
 
         return await self._call(
-            path,
-            Cardinality.UNARY_UNARY,
-            type(request),
-            resp_type,
-            send,
-            item_id=None,
-            timeout=timeout if timeout is not None else self.timeout,
+            path, type(request), resp_type, send, item_id=item_id, timeout=timeout
         )
 
 
-def connect(
-    address: str,
-    *,
-    kind: type[_C],
-    api_key_id: str | None = None,
-    api_key: str | None = None,
-    tls: bool = True,
-    ca_file: Path | None = None,
-    timeout: float | None = 60.0,
-    **options: Any,
-) -> _C:
+def connect(address: str, *, kind: type[_C], **options: Any) -> _C:
     """The one way to a server: API key -> channel -> (lazy) authentication, for the
     daemon, `edged query`, `DataClient.from_config` and SDK scripts alike. `kind` is the
     connection class to build (`Connection`, or the client's `UploadClient`/`DataClient`,
@@ -445,12 +443,4 @@ def connect(
     (`edged.wire.keyfile` resolves EDGED_API_KEY or a key file). Authentication (lazy,
     or at once via `authenticate()`), re-authentication on an expired token, and status
     -> `UploadError` mapping then happen on every call the connection makes."""
-    return kind(
-        address,
-        api_key_id=api_key_id,
-        api_key=api_key,
-        tls=tls,
-        ca_file=ca_file,
-        timeout=timeout,
-        **options,
-    )
+    return kind(address, **options)

@@ -131,6 +131,18 @@ def _changed(root: Path, path: Path, before: os.stat_result) -> bool:
     return (now.st_size, now.st_mtime_ns) != (before.st_size, before.st_mtime_ns)
 
 
+@dataclass(frozen=True)
+class _Pass:
+    """One commit pass over an open capture file: its readings from byte `start` on,
+    queued under `meta`."""
+
+    path: Path
+    st: os.stat_result
+    reader: CaptureReader
+    meta: pb.UploadMetadata
+    start: int
+
+
 class CaptureSource:
     kind = "capture"
 
@@ -312,15 +324,14 @@ class CaptureSource:
                 root=str(self.root),
                 ident=Identity.of(st),
             )
+            file = _Pass(path, st, reader, meta, start)
             if reader.metadata.type == pb.DATA_TYPE_BINARY_SENSOR:
                 if live:
                     return  # binary files are closed after one image: wait for the rename
-                referenced = await self._commit_binary(
-                    path, st, reader, meta, start, claim, committing
-                )
+                referenced = await self._commit_binary(file, claim, committing)
             else:
                 referenced = False
-                await self._commit_tabular(path, st, reader, meta, start, None if live else claim)
+                await self._commit_tabular(file, None if live else claim)
             self.stats.backpressure = False
             if reader.truncated_at is not None:
                 self.stats.truncated += 1
@@ -341,59 +352,46 @@ class CaptureSource:
             await self._retire(path, st)
         self.stats.files_done += 1
 
-    async def _commit_tabular(
-        self,
-        path: Path,
-        st: os.stat_result,
-        reader: CaptureReader,
-        meta: pb.UploadMetadata,
-        start: int,
-        claim: Claim | None,
-    ) -> None:
-        outbox, meta_bytes = self.ctx.outbox, meta.SerializeToString()
+    async def _commit_tabular(self, file: _Pass, claim: Claim | None) -> None:
+        path, st, meta_bytes = file.path, file.st, file.meta.SerializeToString()
+
+        async def commit(chunk: list[bytes], end: int, with_claim: Claim | None = None) -> None:
+            """Queue `chunk`, the readings up to byte `end`, with the file's progress."""
+            await self.ctx.outbox.enqueue_readings(
+                meta_bytes,
+                chunk,
+                claim=with_claim,
+                progress=self._progress(path, st, end),
+                source=self.name,
+            )
+            self.stats.readings += len(chunk)
+
         chunk: list[bytes] = []
-        size, end = 0, start
+        size, end = 0, file.start
         try:
-            for record in reader.read_from(start):
+            for record in file.reader.read_from(file.start):
                 # A full chunk is committed only once another record follows: the last
                 # one goes with the claim, so a file of one chunk is one transaction.
                 if len(chunk) >= CHUNK_READINGS or size >= CHUNK_BYTES:
-                    await outbox.enqueue_readings(
-                        meta_bytes, chunk, progress=self._progress(path, st, end), source=self.name
-                    )
-                    self.stats.readings += len(chunk)
+                    await commit(chunk, end)
                     chunk, size = [], 0
                 chunk.append(record.raw)
                 size += len(record.raw)
                 end = record.end
         except CaptureFormatError as exc:
             if chunk:
-                await outbox.enqueue_readings(
-                    meta_bytes, chunk, progress=self._progress(path, st, end), source=self.name
-                )
-                self.stats.readings += len(chunk)
+                await commit(chunk, end)
             self._quarantine(path, st, str(exc), keep_original=False)
             raise FileNotFoundError from exc  # nothing left to retire
-        await outbox.enqueue_readings(
-            meta_bytes, chunk, claim=claim, progress=self._progress(path, st, end), source=self.name
-        )
-        self.stats.readings += len(chunk)
+        await commit(chunk, end, claim)
 
-    async def _commit_binary(
-        self,
-        path: Path,
-        st: os.stat_result,
-        reader: CaptureReader,
-        meta: pb.UploadMetadata,
-        start: int,
-        claim: Claim,
-        committing: bool,
-    ) -> bool:
+    async def _commit_binary(self, file: _Pass, claim: Claim, committing: bool) -> bool:
         """Queue each binary reading; True if any item still reads from this file."""
+        path, st, meta = file.path, file.st, file.meta
         outbox, meta_bytes = self.ctx.outbox, meta.SerializeToString()
         referenced = committing  # an earlier run queued references to this file
         try:
-            for record in reader.read_from(start):
+            for record in file.reader.read_from(file.start):
                 progress = self._progress(path, st, record.end)
                 sensor = record.reading.metadata.SerializeToString()
                 kind = record.reading.WhichOneof("data")
@@ -414,7 +412,7 @@ class CaptureSource:
                     )
                     referenced = True
                 elif kind == "struct":
-                    await self._commit_legacy(path, reader, record.reading, meta, progress)
+                    await self._commit_legacy(path, file.reader, record.reading, meta, progress)
                 self.stats.readings += 1
         except CaptureFormatError as exc:
             self._quarantine(path, st, str(exc), keep_original=referenced)

@@ -27,7 +27,6 @@ import contextlib
 import logging
 from collections.abc import Awaitable
 from pathlib import Path
-from types import TracebackType
 from typing import Protocol
 
 from watchdog.events import (
@@ -156,12 +155,7 @@ class DirWatcher:
         self.start()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
 
