@@ -182,7 +182,7 @@ def _writer_thread(
 
 
 async def _latency(spec: dict[str, Any]) -> common.Figures:
-    from edged.daemon.outbox import Claim, Progress
+    from edged.daemon.outbox import Claim
 
     root = Path(spec["root"])
     root.mkdir(parents=True, exist_ok=True)
@@ -195,14 +195,10 @@ async def _latency(spec: dict[str, Any]) -> common.Figures:
 
     enqueue = box.enqueue_readings
 
-    async def timed_enqueue(
-        metadata: bytes,
-        readings: Sequence[bytes],
-        *,
-        claim: Claim | None = None,
-        progress: Progress | None = None,
-    ) -> None:
-        await enqueue(metadata, readings, claim=claim, progress=progress)
+    async def timed_enqueue(metadata: bytes, readings: Sequence[bytes], **kw: Any) -> None:
+        """The outbox's own call, whatever its keywords; then the claim's commit time."""
+        await enqueue(metadata, readings, **kw)
+        claim: Claim | None = kw.get("claim")
         if claim is not None:  # the file's last chunk: every reading is committed now
             committed[Path(claim.path).name] = time.monotonic()
             if len(committed) >= files:
