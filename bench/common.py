@@ -1,4 +1,5 @@
-"""Shared bench helpers: child processes, CPU%/peak RSS, medians, machine info, JSON + tables.
+"""Shared bench helpers: child processes and the `edged ingest` they upload to, CPU%/peak
+RSS, medians, machine info, JSON + tables. Benches use them as `common.X`.
 
 Every figure is a median over N runs (the machine is shared and noisy). CPU% is process
 CPU time (user+system, all threads) over wall time of the timed region, so 100 = one core
@@ -8,6 +9,7 @@ busy. Peak RSS is the kernel's high-water mark (VmHWM) of a fresh process per ru
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as dt
 import json
 import os
@@ -16,25 +18,45 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
 from tests.support.capture_files import tabular_metadata
-from tests.support.credentials import make_key_file
-from tests.support.processes import ingest_process
+from tests.support.credentials import KeyFile, make_key_file
+from tests.support.processes import ingest_process, peak_rss_bytes
+
+if TYPE_CHECKING:
+    from edged._proto.app.datasync.v1.data_sync_pb2 import UploadMetadata
+    from edged.client import UploadClient
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 MiB = 1024 * 1024
 
 Figures = dict[str, float]
+Worker = Callable[[dict[str, Any]], Coroutine[Any, Any, Figures]]
+"""One measurement in a child process: its spec in, its figures out."""
 TABULAR_META = tabular_metadata(component_name="bench", tags=[])
 """The capture metadata of the benches' tabular readings."""
+
+
+def tabular_upload_metadata(part_id: str) -> UploadMetadata:
+    """The upload header of the benches' tabular readings, sent straight by a client."""
+    from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
+    from edged.client import upload_metadata
+
+    return upload_metadata(
+        part_id,
+        pb.DATA_TYPE_TABULAR_SENSOR,
+        component_type="rdk:component:sensor",
+        component_name="bench",
+        method_name="Readings",
+    )
 
 
 # -- statistics ----------------------------------------------------------------------------
@@ -102,18 +124,15 @@ def ingest_server(
         yield server
 
 
-def api_key(directory: Path) -> tuple[str, str, Path]:
-    """(key id, secret, key file) of a fresh API key for a run's server and daemon."""
-    k = make_key_file(directory)
-    return k.key_id, k.secret, k.path
+def api_key(directory: Path) -> KeyFile:
+    """A fresh API key (id, secret, file) for a run's server, daemon and clients."""
+    return make_key_file(directory)
 
 
-def edged_config(
-    run_dir: Path, port: int, key_id: str, key_file: Path, sources: str, extra: str = ""
-) -> Path:
+def edged_config(run_dir: Path, port: int, key: KeyFile, sources: str, extra: str = "") -> Path:
     """`run_dir/edged.yaml`: a daemon sending to 127.0.0.1:`port` in plaintext with its
     state, socket and log in `run_dir`; `sources` and `extra` are YAML lines."""
-    cfg = run_dir / "edged.yaml"
+    cfg, key_id, key_file = run_dir / "edged.yaml", key.key_id, key.path
     cfg.write_text(f"""\
 part_id: bench
 state_dir: {run_dir / "state"}
@@ -141,6 +160,28 @@ def run_worker(module: str, spec: Mapping[str, Any], timeout_s: float = 900) -> 
         )
     result: dict[str, Any] = json.loads(done.stdout.decode().strip().splitlines()[-1])
     return result
+
+
+def run_client_worker(
+    module: str, data: Path, key: KeyFile, spec: Mapping[str, Any], log: Path
+) -> Figures:
+    """A fresh `edged ingest` on `data` (stderr to `log`) and one `module` worker child
+    uploading to it; the worker's spec gains what `client_for` needs and `server_pid`,
+    its figures the server's peak RSS (`rss_server_mib`)."""
+    with ingest_server(data, key.ingest_args(), log=log) as (proc, port):
+        server = {"port": port, "server_pid": proc.pid, "key_id": key.key_id, "key": key.secret}
+        figures: Figures = run_worker(module, {**spec, **server})
+        figures["rss_server_mib"] = peak_rss_bytes(proc.pid) / MiB
+    return figures
+
+
+def client_for(spec: Mapping[str, Any]) -> UploadClient:
+    """In a worker: a client of the `edged ingest` its spec names (as `run_client_worker`
+    passes it: port, key_id, key)."""
+    from edged.client import UploadClient
+
+    address = f"127.0.0.1:{spec['port']}"
+    return UploadClient(address, api_key_id=spec["key_id"], api_key=spec["key"], tls=False)
 
 
 # -- reporting -----------------------------------------------------------------------------
@@ -210,6 +251,23 @@ CLIENT_SERVER: list[Column] = [
 """CPU% and peak RSS of the client and of the server (two-process tables)."""
 
 
+def report(
+    name: str,
+    payload: Mapping[str, Any],
+    machine: Mapping[str, Any],
+    quick: bool,
+    tables: Sequence[tuple[str, Sequence[Mapping[str, Any]], Sequence[Column]]],
+) -> Path:
+    """`write_result`, then each (heading, rows, columns) as a titled table, then where
+    the figures went."""
+    out = write_result(name, payload, machine, quick=quick)
+    for heading, rows, columns in tables:
+        print(f"\n## {heading}\n")
+        print(format_table(rows, columns))
+    print(f"\nwrote {out}")
+    return out
+
+
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column]) -> str:
     """A Markdown table (readable as plain text too)."""
     cells = [[head for _, head, _ in columns]]
@@ -230,18 +288,20 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column]) -
 
 def module_main(
     prog: str,
-    worker: Callable[[dict[str, Any]], None],
+    workers: Mapping[str, Worker],
     run: Callable[[bool], Path],
     argv: list[str] | None = None,
 ) -> int:
     """`python -m bench.X [--quick]` runs the benchmark; `--worker SPEC` is one child
-    measurement (so its CPU% and RSS are its own)."""
+    measurement (so its CPU% and RSS are its own): `workers[SPEC["kind"]]`, whose figures
+    are its last stdout line (what `run_worker` reads)."""
     parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("--worker", metavar="SPEC", help="internal: run one measurement")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     if args.worker:
-        worker(json.loads(args.worker))
+        spec = json.loads(args.worker)
+        print(json.dumps(asyncio.run(workers[spec["kind"]](spec))), flush=True)
     else:
         run(args.quick)
     return 0

@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -34,28 +33,17 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
-    REPO,
-    TABULAR_META,
-    CpuMeter,
-    Figures,
-    api_key,
-    edged_config,
-    format_table,
-    ingest_server,
-    machine_info,
-    median_figures,
-    write_result,
-)
+from bench import common
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.capture import CaptureWriter
+from tests.support.credentials import KeyFile
+from tests.support.ingest_db import ingest_count
 from tests.support.processes import read_line, stop_process
 
 NAME = "compare"
 MB = 1_000_000
-MiB = 1 << 20
-INTEROP_PYTHON = REPO / ".venv-interop" / "bin" / "python"
-SEED_SCRIPT = REPO / "bench" / "seed_client.py"
+INTEROP_PYTHON = common.REPO / ".venv-interop" / "bin" / "python"
+SEED_SCRIPT = common.REPO / "bench" / "seed_client.py"
 FULL = {"files": 200, "per_file": 1000, "file_mb": 500, "ingest_calls": 200, "runs": 3}
 QUICK = {"files": 50, "per_file": 1000, "file_mb": 100, "ingest_calls": 50, "runs": 1}
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -76,7 +64,7 @@ def run_measured(cmd: Sequence[str], log: Path, timeout_s: float = 900) -> dict[
     """Run a child to its exit: wall s, CPU s (user+sys) and peak RSS from wait4, stdout."""
     with open(log, "ab") as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, cwd=REPO, env=_ENV)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, cwd=common.REPO, env=_ENV)
         assert proc.stdout is not None
         deadline = time.monotonic() + timeout_s
         out = b""
@@ -93,20 +81,19 @@ def run_measured(cmd: Sequence[str], log: Path, timeout_s: float = 900) -> dict[
     return {
         "wall_s": wall,
         "cpu_s": ru.ru_utime + ru.ru_stime,
-        "rss_mib": ru.ru_maxrss * 1024 / MiB,
+        "rss_mib": ru.ru_maxrss * 1024 / common.MiB,
         "stdout": out.decode(),
     }
 
 
 @contextlib.contextmanager
-def ack_server(tmp: Path, key_id: str, key_file: Path) -> Iterator[tuple[int, dict[str, int]]]:
+def ack_server(tmp: Path, key: KeyFile) -> Iterator[tuple[int, dict[str, int]]]:
     """`bench.acksrv` as a child; yields (port, totals filled in at exit)."""
-    cmd = [sys.executable, "-m", "bench.acksrv", "--api-key-id", key_id]
     proc = subprocess.Popen(
-        [*cmd, "--api-key-file", str(key_file)],
+        [sys.executable, "-m", "bench.acksrv", *key.ingest_args()],
         stdout=subprocess.PIPE,
         stderr=open(tmp / "acksrv.log", "wb"),  # noqa: SIM115 - the child owns it
-        cwd=REPO,
+        cwd=common.REPO,
     )
     totals: dict[str, int] = {}
     try:
@@ -121,14 +108,14 @@ def ack_server(tmp: Path, key_id: str, key_file: Path) -> Iterator[tuple[int, di
             totals.update(json.loads(rest[-1]))
 
 
-def _edged_once(run_dir: Path, port: int, key_id: str, key_file: Path, source: str) -> Figures:
-    cfg = edged_config(run_dir, port, key_id, key_file, f"  - {source}")
+def _edged_once(run_dir: Path, port: int, key: KeyFile, source: str) -> common.Figures:
+    cfg = common.edged_config(run_dir, port, key, f"  - {source}")
     cmd = [sys.executable, "-m", "edged", "run", "--until-empty", "-c", str(cfg)]
     r = run_measured(cmd, run_dir / "edged.log")
     return {k: v for k, v in r.items() if k != "stdout"}
 
 
-def _seed(args: Sequence[str], log: Path) -> Figures:
+def _seed(args: Sequence[str], log: Path) -> common.Figures:
     r = run_measured([str(INTEROP_PYTHON), str(SEED_SCRIPT), *args], log)
     inner = json.loads(r["stdout"].strip().splitlines()[-1])
     return {"wall_s": inner["wall_s"], "cpu_s": inner["cpu_s"], "rss_mib": r["rss_mib"]}
@@ -140,29 +127,28 @@ def _seed(args: Sequence[str], log: Path) -> Figures:
 def write_capture_files(root: Path, files: int, per_file: int) -> None:
     seq = 0
     for _ in range(files):
-        with CaptureWriter(root, TABULAR_META, max_file_bytes=1 << 30) as w:
+        with CaptureWriter(root, common.TABULAR_META, max_file_bytes=1 << 30) as w:
             for _ in range(per_file):
                 t = T0 + timedelta(milliseconds=seq)
                 w.write_tabular(reading(seq), time_requested=t, time_received=t)
                 seq += 1
 
 
-def tabular(tmp: Path, port: int, key: tuple[str, str, Path], p: dict[str, int], i: int) -> Figures:
-    key_id, _, key_file = key
+def tabular(tmp: Path, port: int, key: KeyFile, p: dict[str, int], i: int) -> common.Figures:
     n = p["files"] * p["per_file"]
     empty = tmp / f"empty-{i}"
     (empty / "capture").mkdir(parents=True)
-    base = _edged_once(empty, port, key_id, key_file, f"{{kind: capture, path: {empty}/capture}}")
+    base = _edged_once(empty, port, key, f"{{kind: capture, path: {empty}/capture}}")
     run_dir = tmp / f"tab-{i}"
     write_capture_files(run_dir / "capture", p["files"], p["per_file"])
     src = f"{{kind: capture, path: {run_dir}/capture}}"
-    edged = _edged_once(run_dir, port, key_id, key_file, src)
+    edged = _edged_once(run_dir, port, key, src)
     left = list((run_dir / "capture").rglob("*.capture"))
     if left:
         raise RuntimeError(f"edged left {len(left)} capture files behind")
     address = f"127.0.0.1:{port}"
     counts = [str(p["files"]), str(p["per_file"])]
-    seed = _seed(["tabular", address, key_id, str(key_file), *counts], tmp / "seed.log")
+    seed = _seed(["tabular", address, key.key_id, str(key.path), *counts], tmp / "seed.log")
     net_wall = edged["wall_s"] - base["wall_s"]
     net_cpu = edged["cpu_s"] - base["cpu_s"]
     return {
@@ -192,20 +178,19 @@ def _big_file(path: Path, mb: int) -> None:
             f.write(block)
 
 
-def file(tmp: Path, port: int, key: tuple[str, str, Path], p: dict[str, int], i: int) -> Figures:
-    key_id, _, key_file = key
+def file(tmp: Path, port: int, key: KeyFile, p: dict[str, int], i: int) -> common.Figures:
     mb = p["file_mb"]
     run_dir = tmp / f"file-{i}"
     big = run_dir / "drop" / "big.bin"
     _big_file(big, mb)
     src = f"{{kind: files, path: {run_dir}/drop, settle: 0s}}"
-    edged = _edged_once(run_dir, port, key_id, key_file, src)
+    edged = _edged_once(run_dir, port, key, src)
     if big.exists():
         raise RuntimeError(f"edged did not upload and delete {big}")
     seed_file = tmp / f"seed-{i}.bin"
     _big_file(seed_file, mb)
     address = f"127.0.0.1:{port}"
-    seed = _seed(["file", address, key_id, str(key_file), str(seed_file)], tmp / "seed.log")
+    seed = _seed(["file", address, key.key_id, str(key.path), str(seed_file)], tmp / "seed.log")
     seed_file.unlink()
     return {
         "mb": mb,
@@ -221,15 +206,7 @@ def file(tmp: Path, port: int, key: tuple[str, str, Path], p: dict[str, int], i:
 
 def _ingest_worker(spec: dict[str, Any]) -> None:
     """Child: pre-encode readings, then send `calls` 1000-reading calls from 4 tasks."""
-    from edged.client import UploadClient
-
-    meta = pb.UploadMetadata(
-        part_id="bench",
-        component_type="rdk:component:sensor",
-        component_name="bench",
-        method_name="Readings",
-        type=pb.DATA_TYPE_TABULAR_SENSOR,
-    )
+    meta = common.tabular_upload_metadata("bench")
     per, calls = int(spec["per_call"]), int(spec["calls"])
     batches = []
     for c in range(calls):
@@ -243,9 +220,7 @@ def _ingest_worker(spec: dict[str, Any]) -> None:
         batches.append(batch)
 
     async def go() -> float:
-        async with UploadClient(
-            spec["address"], api_key_id=spec["key_id"], api_key=spec["key"], tls=False
-        ) as client:
+        async with common.client_for(spec) as client:
             queue = list(enumerate(batches))
             print("ready", flush=True)
             sys.stdin.readline()  # the parent starts its meters, then says go
@@ -262,18 +237,14 @@ def _ingest_worker(spec: dict[str, Any]) -> None:
     print(json.dumps({"wall_s": asyncio.run(go())}), flush=True)
 
 
-def ingest(tmp: Path, key: tuple[str, str, Path], p: dict[str, int], i: int) -> Figures:
-    key_id, secret, key_file = key
+def ingest(tmp: Path, key: KeyFile, p: dict[str, int], i: int) -> common.Figures:
     data = tmp / f"ingest-{i}"
     n = p["ingest_calls"] * 1000
-    with ingest_server(data, ["--api-key-id", key_id, "--api-key-file", str(key_file)]) as (
-        srv,
-        port,
-    ):
+    with common.ingest_server(data, key.ingest_args()) as (srv, port):
         spec = {
-            "address": f"127.0.0.1:{port}",
-            "key_id": key_id,
-            "key": secret,
+            "port": port,
+            "key_id": key.key_id,
+            "key": key.secret,
             "calls": p["ingest_calls"],
             "per_call": 1000,
             "tasks": 4,
@@ -282,11 +253,11 @@ def ingest(tmp: Path, key: tuple[str, str, Path], p: dict[str, int], i: int) -> 
             [sys.executable, "-m", "bench.compare", "--worker", json.dumps(spec)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            cwd=REPO,
+            cwd=common.REPO,
         )
         try:
             read_line(worker, 120)
-            meter = CpuMeter({"ingest": srv.pid, "client": worker.pid})
+            meter = common.CpuMeter({"ingest": srv.pid, "client": worker.pid})
             meter.start()
             assert worker.stdin is not None
             worker.stdin.write(b"go\n")
@@ -299,11 +270,7 @@ def ingest(tmp: Path, key: tuple[str, str, Path], p: dict[str, int], i: int) -> 
             for f in (worker.stdin, worker.stdout):
                 if f:
                     f.close()
-    db = sqlite3.connect(f"file:{data / 'ingest.sqlite3'}?mode=ro", uri=True)
-    try:
-        stored = db.execute("SELECT count(*) FROM readings").fetchone()[0]
-    finally:
-        db.close()
+    stored = ingest_count(data)
     if stored != n:
         raise RuntimeError(f"ingest stored {stored} readings, expected {n}")
     return {
@@ -323,14 +290,14 @@ def run(quick: bool = False, runs: int | None = None) -> Path:
         raise SystemExit(f"{INTEROP_PYTHON} is missing: `make bench-compare` builds it")
     p = QUICK if quick else FULL
     reps = runs or p["runs"]
-    machine = machine_info()
-    tab_runs: list[Figures] = []
-    file_runs: list[Figures] = []
-    ing_runs: list[Figures] = []
+    machine = common.machine_info()
+    tab_runs: list[common.Figures] = []
+    file_runs: list[common.Figures] = []
+    ing_runs: list[common.Figures] = []
     with tempfile.TemporaryDirectory(prefix="edged-compare-") as d:
         tmp = Path(d)
-        key = api_key(tmp)
-        with ack_server(tmp, key[0], key[2]) as (port, totals):
+        key = common.api_key(tmp)
+        with ack_server(tmp, key) as (port, totals):
             for i in range(reps):
                 tab_runs.append(tabular(tmp, port, key, p, i))
                 print(f"  compare tabular: run {i + 1}/{reps} done", file=sys.stderr)
@@ -343,7 +310,7 @@ def run(quick: bool = False, runs: int | None = None) -> Path:
     acked = totals.get("readings", 0) - reps  # the seed's warm-up call sends one reading
     if acked != expected:
         raise RuntimeError(f"the ack server acknowledged {acked} readings, expected {expected}")
-    tab, fil, ing = median_figures(tab_runs), median_figures(file_runs), median_figures(ing_runs)
+    tab, fil, ing = (common.median_figures(r) for r in (tab_runs, file_runs, ing_runs))
     print(f"\n## compare: seed client vs edged, acknowledging server (median of {reps})\n")
     rows = [
         {
@@ -373,7 +340,7 @@ def run(quick: bool = False, runs: int | None = None) -> Path:
         ("cpu", "CPU%", ".0f"),
         ("rss", "peak RSS MiB", ".1f"),
     ]
-    print(format_table(rows, cols))
+    print(common.format_table(rows, cols))
     print(
         f"\nratio edged/seed readings/s: {tab['ratio_readings_per_s']:.2f}"
         f" (net of start-up {tab['ratio_net_readings_per_s']:.2f})\n"
@@ -393,7 +360,7 @@ def run(quick: bool = False, runs: int | None = None) -> Path:
         },
     ]
     print(
-        format_table(
+        common.format_table(
             frows,
             [
                 ("who", f"{p['file_mb']} MB file", ""),
@@ -405,7 +372,7 @@ def run(quick: bool = False, runs: int | None = None) -> Path:
     )
     print(f"\nratio edged/seed MB/s: {fil['ratio_mb_per_s']:.2f}\n")
     print(
-        format_table(
+        common.format_table(
             [ing],
             [
                 ("readings", "ingest readings", ",.0f"),
@@ -416,7 +383,7 @@ def run(quick: bool = False, runs: int | None = None) -> Path:
             ],
         )
     )
-    return write_result(
+    return common.write_result(
         NAME,
         {
             "params": p,

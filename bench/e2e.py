@@ -33,35 +33,22 @@ from typing import Any
 
 import psutil
 
-from bench.common import (
-    REPO,
-    TABULAR_META,
-    CpuMeter,
-    Figures,
-    api_key,
-    edged_config,
-    format_table,
-    ingest_server,
-    machine_info,
-    percentile,
-    run_n,
-    write_result,
-)
+from bench import common
 from edged.capture import CaptureWriter
+from tests.support.credentials import KeyFile
 from tests.support.ingest_db import ingest_count
 from tests.support.processes import peak_rss_bytes, stop_process
 from tests.support.waiting import wait_for
 
 NAME = "e2e"
-MiB = 1 << 20
 QUICK = {"load_s": 6.0, "saturation": 100_000, "file_mib": 200, "backlog": 100_000, "runs": 1}
 FULL = {"load_s": 20.0, "saturation": 500_000, "file_mib": 1024, "backlog": 1_000_000, "runs": 3}
 
 
-def _config(tmp: Path, port: int, key_id: str, key_file: Path, sources: str) -> Path:
+def _config(tmp: Path, port: int, key: KeyFile, sources: str) -> Path:
     """Retries start at 50 ms: a bench run measures delivery, not the default backoff."""
     extra = "upload: {backoff: {initial: 50ms, max: 1s}}\n"
-    return edged_config(tmp, port, key_id, key_file, sources, extra)
+    return common.edged_config(tmp, port, key, sources, extra)
 
 
 @contextlib.contextmanager
@@ -71,7 +58,7 @@ def _edged(cfg: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.
         [sys.executable, "-m", "edged", "run", "-c", str(cfg)],
         stdout=log,
         stderr=subprocess.STDOUT,
-        cwd=REPO,
+        cwd=common.REPO,
         env={**os.environ, **(env or {})},
     )
     try:
@@ -84,7 +71,7 @@ def _edged(cfg: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.
 def _write_backlog(root: Path, n: int, per_file: int = 1000) -> None:
     now = datetime.now(UTC)
     for first in range(0, n, per_file):
-        with CaptureWriter(root, TABULAR_META) as w:
+        with CaptureWriter(root, common.TABULAR_META) as w:
             for seq in range(first, min(n, first + per_file)):
                 w.write_tabular({"seq": seq, "v": 1.5}, time_requested=now, time_received=now)
 
@@ -92,22 +79,22 @@ def _write_backlog(root: Path, n: int, per_file: int = 1000) -> None:
 # -- scenarios -----------------------------------------------------------------------------
 
 
-def fixed_load(tmp: Path, seconds: float, rate: int = 10_000, per_file: int = 1000) -> Figures:
-    key_id, _, key_file = api_key(tmp)
+def fixed_load(
+    tmp: Path, seconds: float, rate: int = 10_000, per_file: int = 1000
+) -> common.Figures:
+    key = common.api_key(tmp)
     capture = tmp / "capture"
     capture.mkdir()
     closes: list[tuple[int, int]] = []  # (last seq of a file, close time ns)
-    with ingest_server(
-        tmp / "ingest", ["--api-key-id", key_id, "--api-key-file", str(key_file)]
-    ) as (ing, port):
-        cfg = _config(tmp, port, key_id, key_file, f"  - {{kind: capture, path: {capture}}}")
+    with common.ingest_server(tmp / "ingest", key.ingest_args()) as (ing, port):
+        cfg = _config(tmp, port, key, f"  - {{kind: capture, path: {capture}}}")
         with _edged(cfg) as proc:
             wait_for("status socket", (tmp / "edged.sock").exists, 30)
-            meter = CpuMeter({"edged": proc.pid, "ingest": ing.pid})
+            meter = common.CpuMeter({"edged": proc.pid, "ingest": ing.pid})
             meter.start()
 
             def writer() -> None:
-                w = CaptureWriter(capture, TABULAR_META, max_file_bytes=1 << 30)
+                w = CaptureWriter(capture, common.TABULAR_META, max_file_bytes=1 << 30)
                 seq, period, start = 0, per_file / rate, time.monotonic()
                 for n in range(int(seconds * rate / per_file)):
                     now = datetime.now(UTC)
@@ -140,28 +127,24 @@ def fixed_load(tmp: Path, seconds: float, rate: int = 10_000, per_file: int = 10
         "offered_readings_per_s": rate,
         "readings": total,
         "readings_per_s": total / wall,
-        "latency_p50_ms": percentile(lat, 50),
-        "latency_p99_ms": percentile(lat, 99),
+        "latency_p50_ms": common.percentile(lat, 50),
+        "latency_p99_ms": common.percentile(lat, 99),
         "latency_max_ms": max(lat),
         "cpu_edged": cpu["edged"],
         "cpu_ingest": cpu["ingest"],
-        "rss_edged_mib": rss_edged / MiB,
-        "rss_ingest_mib": rss_ingest / MiB,
+        "rss_edged_mib": rss_edged / common.MiB,
+        "rss_ingest_mib": rss_ingest / common.MiB,
     }
 
 
-def saturation(tmp: Path, n: int) -> Figures:
-    key_id, _, key_file = api_key(tmp)
+def saturation(tmp: Path, n: int) -> common.Figures:
+    key = common.api_key(tmp)
     _write_backlog(tmp / "capture", n)
-    with ingest_server(
-        tmp / "ingest", ["--api-key-id", key_id, "--api-key-file", str(key_file)]
-    ) as (ing, port):
-        cfg = _config(
-            tmp, port, key_id, key_file, f"  - {{kind: capture, path: {tmp / 'capture'}}}"
-        )
+    with common.ingest_server(tmp / "ingest", key.ingest_args()) as (ing, port):
+        cfg = _config(tmp, port, key, f"  - {{kind: capture, path: {tmp / 'capture'}}}")
         t0 = time.monotonic()
         with _edged(cfg) as proc:
-            meter = CpuMeter({"edged": proc.pid, "ingest": ing.pid})
+            meter = common.CpuMeter({"edged": proc.pid, "ingest": ing.pid})
             meter.start()
             t1 = wait_for("all stored", lambda: ingest_count(tmp / "ingest") >= n, 600, 0.2)
             _, cpu = meter.stop()
@@ -171,20 +154,18 @@ def saturation(tmp: Path, n: int) -> Figures:
         "readings_per_s": n / (t1 - t0),
         "cpu_edged": cpu["edged"],
         "cpu_ingest": cpu["ingest"],
-        "rss_edged_mib": rss / MiB,
+        "rss_edged_mib": rss / common.MiB,
     }
 
 
-def per_call(tmp: Path, seconds: float = 3.0) -> Figures:
-    key_id, secret, key_file = api_key(tmp)
-    with ingest_server(
-        tmp / "ingest", ["--api-key-id", key_id, "--api-key-file", str(key_file)]
-    ) as (_, port):
+def per_call(tmp: Path, seconds: float = 3.0) -> common.Figures:
+    key = common.api_key(tmp)
+    with common.ingest_server(tmp / "ingest", key.ingest_args()) as (_, port):
         from edged.client import UploadClient
 
         async def go() -> int:
             async with UploadClient(
-                f"127.0.0.1:{port}", api_key_id=key_id, api_key=secret, tls=False
+                f"127.0.0.1:{port}", api_key_id=key.key_id, api_key=key.secret, tls=False
             ) as c:
                 n, end = 0, time.monotonic() + seconds
                 now = datetime.now(UTC)
@@ -206,22 +187,20 @@ def per_call(tmp: Path, seconds: float = 3.0) -> Figures:
     return {"readings": n, "readings_per_s": n / wall}
 
 
-def file_drain(tmp: Path, mib: int) -> Figures:
-    key_id, _, key_file = api_key(tmp)
+def file_drain(tmp: Path, mib: int) -> common.Figures:
+    key = common.api_key(tmp)
     drop = tmp / "drop"
     drop.mkdir()
     big = drop / "big.bin"
     with open(big, "wb") as f:
-        block = os.urandom(MiB)
+        block = os.urandom(common.MiB)
         for _ in range(mib):
             f.write(block)
-    with ingest_server(
-        tmp / "ingest", ["--api-key-id", key_id, "--api-key-file", str(key_file)]
-    ) as (ing, port):
-        cfg = _config(tmp, port, key_id, key_file, f"  - {{kind: files, path: {drop}, settle: 0s}}")
+    with common.ingest_server(tmp / "ingest", key.ingest_args()) as (ing, port):
+        cfg = _config(tmp, port, key, f"  - {{kind: files, path: {drop}, settle: 0s}}")
         t0 = time.monotonic()
         with _edged(cfg) as proc:
-            meter = CpuMeter({"edged": proc.pid, "ingest": ing.pid})
+            meter = common.CpuMeter({"edged": proc.pid, "ingest": ing.pid})
             meter.start()
             t1 = wait_for("file acked and deleted", lambda: not big.exists(), 600, 0.1)
             _, cpu = meter.stop()
@@ -231,19 +210,19 @@ def file_drain(tmp: Path, mib: int) -> Figures:
         "mib_per_s": mib / (t1 - t0),
         "cpu_edged": cpu["edged"],
         "cpu_ingest": cpu["ingest"],
-        "rss_edged_mib": rss_e / MiB,
-        "rss_ingest_mib": rss_i / MiB,
+        "rss_edged_mib": rss_e / common.MiB,
+        "rss_ingest_mib": rss_i / common.MiB,
     }
 
 
-def backlog(tmp: Path, n: int) -> Figures:
-    key_id, _, key_file = api_key(tmp)
+def backlog(tmp: Path, n: int) -> common.Figures:
+    key = common.api_key(tmp)
     _write_backlog(tmp / "capture", n)
     with socket.socket() as s:  # a port nobody listens on: the server is "down"
         s.bind(("127.0.0.1", 0))
         down = s.getsockname()[1]
     src = f"  - {{kind: capture, path: {tmp / 'capture'}}}"
-    cfg = _config(tmp, down, key_id, key_file, src)
+    cfg = _config(tmp, down, key, src)
     with _edged(cfg):
         wait_for(
             "all committed to the outbox",
@@ -251,10 +230,8 @@ def backlog(tmp: Path, n: int) -> Figures:
             900,
             0.2,
         )
-    with ingest_server(
-        tmp / "ingest", ["--api-key-id", key_id, "--api-key-file", str(key_file)]
-    ) as (_, port):
-        cfg = _config(tmp, port, key_id, key_file, src)
+    with common.ingest_server(tmp / "ingest", key.ingest_args()) as (_, port):
+        cfg = _config(tmp, port, key, src)
         notify = tmp / "notify.sock"
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
             listener.bind(str(notify))
@@ -272,35 +249,37 @@ def backlog(tmp: Path, n: int) -> Figures:
         "readings": n,
         "ready_s": ready,
         "drain_readings_per_s": n / (t2 - t1),
-        "rss_edged_mib": rss / MiB,
-        "rss_edged_end_mib": rss_now / MiB,
+        "rss_edged_mib": rss / common.MiB,
+        "rss_edged_end_mib": rss_now / common.MiB,
     }
 
 
 # -- driver --------------------------------------------------------------------------------
 
 
-def _in_tmp(fn: Any, *args: Any) -> Figures:
+def _in_tmp(fn: Any, *args: Any) -> common.Figures:
     with tempfile.TemporaryDirectory(prefix="edged-e2e-") as d:
-        result: Figures = fn(Path(d), *args)
+        result: common.Figures = fn(Path(d), *args)
         return result
 
 
 def run(quick: bool = False, runs: int | None = None) -> Path:
     p = QUICK if quick else FULL
     reps = runs or int(p["runs"])
-    machine = machine_info()
-    load, load_runs = run_n(reps, lambda _: _in_tmp(fixed_load, p["load_s"]), "e2e fixed load")
-    sat, sat_runs = run_n(
+    machine = common.machine_info()
+    load, load_runs = common.run_n(
+        reps, lambda _: _in_tmp(fixed_load, p["load_s"]), "e2e fixed load"
+    )
+    sat, sat_runs = common.run_n(
         reps, lambda _: _in_tmp(saturation, int(p["saturation"])), "e2e saturation"
     )
-    call, call_runs = run_n(reps, lambda _: _in_tmp(per_call), "e2e per-call")
-    big, big_runs = run_n(1, lambda _: _in_tmp(file_drain, int(p["file_mib"])), "e2e file")
-    back, back_runs = run_n(1, lambda _: _in_tmp(backlog, int(p["backlog"])), "e2e backlog")
+    call, call_runs = common.run_n(reps, lambda _: _in_tmp(per_call), "e2e per-call")
+    big, big_runs = common.run_n(1, lambda _: _in_tmp(file_drain, int(p["file_mib"])), "e2e file")
+    back, back_runs = common.run_n(1, lambda _: _in_tmp(backlog, int(p["backlog"])), "e2e backlog")
     ratio = sat["readings_per_s"] / call["readings_per_s"]
     print("\n## e2e: capture writer → edged → edged ingest\n")
     print(
-        format_table(
+        common.format_table(
             [load],
             [
                 ("offered_readings_per_s", "offered/s", ",.0f"),
@@ -316,7 +295,7 @@ def run(quick: bool = False, runs: int | None = None) -> Path:
     )
     print()
     print(
-        format_table(
+        common.format_table(
             [{**sat, "per_call": call["readings_per_s"], "ratio": ratio}],
             [
                 ("readings", "readings", ",.0f"),
@@ -330,7 +309,7 @@ def run(quick: bool = False, runs: int | None = None) -> Path:
     )
     print()
     print(
-        format_table(
+        common.format_table(
             [big],
             [
                 ("mib", "MiB", ",.0f"),
@@ -343,7 +322,7 @@ def run(quick: bool = False, runs: int | None = None) -> Path:
     )
     print()
     print(
-        format_table(
+        common.format_table(
             [back],
             [
                 ("readings", "backlog", ",.0f"),
@@ -353,7 +332,7 @@ def run(quick: bool = False, runs: int | None = None) -> Path:
             ],
         )
     )
-    return write_result(
+    return common.write_result(
         NAME,
         {
             "fixed_load": {**load, "runs": load_runs},

@@ -30,15 +30,7 @@ from typing import Any
 
 import psutil
 
-from bench.common import (
-    CpuMeter,
-    Figures,
-    format_table,
-    ingest_server,
-    machine_info,
-    percentile,
-    write_result,
-)
+from bench import common
 from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.client import UploadClient, upload_metadata
 from tests.support.credentials import KeyFile, make_key_file
@@ -50,7 +42,6 @@ NAME = "fleet"
 ROBOTS = 50
 ORGS = 10
 READINGS_PER_CALL = 1000
-MiB = 1 << 20
 
 
 def _readings(n: int) -> list[bytes]:
@@ -137,7 +128,7 @@ async def _fleet(
     calls: int,
     files: int,
     file_size: int,
-) -> list[Figures]:
+) -> list[common.Figures]:
     readings = _readings(READINGS_PER_CALL)
     file_bytes = os.urandom(file_size)
     latencies: dict[str, list[float]] = {"tabular": [], "file": []}
@@ -157,24 +148,24 @@ async def _fleet(
         )
         for i, key in enumerate(keys)
     ]
-    rows: list[Figures] = []
+    rows: list[common.Figures] = []
     try:
         for kind in ("tabular", "file"):
             cpu0 = {name: _cpu_by_pid(pids()) for name, pids in meters.items()}
-            here = CpuMeter({"client": None})
+            here = common.CpuMeter({"client": None})
             await _all_at(phase, robots, 300)  # everyone ready: go
             t0 = time.perf_counter()
             here.start()
             await _all_at(phase, robots, 900)  # everyone done
             wall = time.perf_counter() - t0
             _, client = here.stop()
-            row: Figures = {"wall_s": wall, "cpu_client_pct": client["client"]}
+            row: common.Figures = {"wall_s": wall, "cpu_client_pct": client["client"]}
             for name, pids in meters.items():
                 spent = _cpu_since(cpu0[name], _cpu_by_pid(pids()))
                 row[f"cpu_{name}_pct"] = 100 * spent / wall
             lat = latencies[kind]
-            row["p50_ms"] = 1000 * percentile(lat, 50)
-            row["p99_ms"] = 1000 * percentile(lat, 99)
+            row["p50_ms"] = 1000 * common.percentile(lat, 50)
+            row["p99_ms"] = 1000 * common.percentile(lat, 99)
             row["calls"] = len(lat)
             if kind == "tabular":
                 row["readings_per_s"] = len(lat) * READINGS_PER_CALL / wall
@@ -241,7 +232,7 @@ def _scenario(
     try:
         with ExitStack() as stack:
             servers = [
-                stack.enter_context(ingest_server(tmp / f"replica-{replicas}-{r}", flags))
+                stack.enter_context(common.ingest_server(tmp / f"replica-{replicas}-{r}", flags))
                 for r in range(replicas)
             ]
             meters: dict[str, Callable[[], list[int]]] = {
@@ -268,8 +259,8 @@ def _scenario(
 def run(quick: bool = False, runs: int | None = None) -> Path:
     """One run per scenario (the fleet is the repetition: 50 robots x calls)."""
     del runs
-    calls, files, size = (2, 1, 256 * 1024) if quick else (10, 2, MiB)
-    machine = machine_info()
+    calls, files, size = (2, 1, 256 * 1024) if quick else (10, 2, common.MiB)
+    machine = common.machine_info()
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="edged-bench-fleet-") as tmp, _services() as (pg, s3):
         for name, value in s3.env.items():
@@ -294,10 +285,10 @@ def run(quick: bool = False, runs: int | None = None) -> Path:
         f"\nfleet ({ROBOTS} robots, {ORGS} orgs; {calls} x {READINGS_PER_CALL} readings and"
         f" {files} x {size // 1024} KiB file(s) per robot)"
     )
-    print(format_table(rows, columns))
+    print(common.format_table(rows, columns))
     spec = {"robots": ROBOTS, "orgs": ORGS, "calls_per_robot": calls}
     spec |= {"readings_per_call": READINGS_PER_CALL, "files_per_robot": files, "file_bytes": size}
-    return write_result(NAME + ("-quick" if quick else ""), {**spec, "rows": rows}, machine)
+    return common.write_result(NAME + ("-quick" if quick else ""), {**spec, "rows": rows}, machine)
 
 
 def main(argv: list[str] | None = None) -> int:

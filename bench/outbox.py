@@ -19,34 +19,19 @@ Scenarios:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import functools
-import json
 import os
 import shutil
-import sqlite3
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
-    CPU_RSS,
-    Column,
-    CpuMeter,
-    Figures,
-    MiB,
-    format_table,
-    ingest_server,
-    machine_info,
-    module_main,
-    run_n,
-    run_worker,
-    write_result,
-)
+from bench import common
+from tests.support.credentials import KeyFile
+from tests.support.ingest_db import ingest_count
 from tests.support.processes import peak_rss_bytes
 
 NAME = "outbox"
@@ -61,17 +46,17 @@ TEMPLATES = 1000  # distinct pre-encoded readings, cycled
 FULL = ((10_000, 100_000, 1_000_000), 3)
 QUICK = ((10_000, 100_000), 3)
 
-ENQUEUE_COLUMNS: list[Column] = [
+ENQUEUE_COLUMNS: list[common.Column] = [
     ("readings", "readings", ",d"),
     ("chunk", "per call", "d"),
     ("readings_per_s", "readings/s", ",.0f"),
     ("mb_per_s", "MB/s", ".2f"),
     ("calls_per_s", "calls/s", ".0f"),
-    *CPU_RSS,
+    *common.CPU_RSS,
     ("disk_mib", "outbox on disk MiB", ".1f"),
     ("disk_bytes_per_reading", "disk B/reading", ".0f"),
 ]
-DRAIN_COLUMNS: list[Column] = [
+DRAIN_COLUMNS: list[common.Column] = [
     ("readings", "backlog", ",d"),
     ("open_s", "open+recover s", ".3f"),
     ("stats_s", "stats() s", ".3f"),
@@ -90,15 +75,9 @@ DRAIN_COLUMNS: list[Column] = [
 def _templates() -> tuple[bytes, list[bytes]]:
     """(UploadMetadata bytes, TEMPLATES distinct encoded SensorData readings)."""
     from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
-    from edged.client import sensor_metadata, upload_metadata
+    from edged.client import sensor_metadata
 
-    meta = upload_metadata(
-        PART,
-        pb.DATA_TYPE_TABULAR_SENSOR,
-        component_type="rdk:component:sensor",
-        component_name="bench",
-        method_name="Readings",
-    ).SerializeToString()
+    meta = common.tabular_upload_metadata(PART).SerializeToString()
     base = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
     out: list[bytes] = []
     for i in range(TEMPLATES):
@@ -121,7 +100,7 @@ def _disk_bytes(state_dir: Path) -> int:
     return sum(p.stat().st_size for p in state_dir.glob("outbox.sqlite3*"))
 
 
-async def _enqueue(spec: dict[str, Any]) -> Figures:
+async def _enqueue(spec: dict[str, Any]) -> common.Figures:
     from edged.daemon.config import OutboxConfig
     from edged.daemon.outbox import Outbox
 
@@ -132,7 +111,7 @@ async def _enqueue(spec: dict[str, Any]) -> Figures:
     box = await Outbox.open(state, OutboxConfig(min_free_disk=0))
     total_bytes = 0
     calls = 0
-    meter = CpuMeter({"self": None})
+    meter = common.CpuMeter({"self": None})
     meter.start()
     done = 0
     while done < n:
@@ -153,16 +132,15 @@ async def _enqueue(spec: dict[str, Any]) -> Figures:
         "mb_per_s": total_bytes / 1e6 / wall,
         "calls_per_s": calls / wall,
         "cpu_pct": cpu["self"],
-        "rss_mib": peak_rss_bytes(os.getpid()) / MiB,
-        "rss_before_open_mib": rss_before / MiB,
+        "rss_mib": peak_rss_bytes(os.getpid()) / common.MiB,
+        "rss_before_open_mib": rss_before / common.MiB,
         "payload_bytes_per_reading": total_bytes / n,
-        "disk_mib": _disk_bytes(state) / MiB,
+        "disk_mib": _disk_bytes(state) / common.MiB,
         "disk_bytes_per_reading": _disk_bytes(state) / n,
     }
 
 
-async def _drain(spec: dict[str, Any]) -> Figures:
-    from edged.client import UploadClient
+async def _drain(spec: dict[str, Any]) -> common.Figures:
     from edged.daemon.config import OutboxConfig, UploadConfig
     from edged.daemon.outbox import Outbox
     from edged.daemon.uploader import Uploader
@@ -176,11 +154,9 @@ async def _drain(spec: dict[str, Any]) -> Figures:
     t0 = time.perf_counter()
     before = await box.stats()
     stats_s = time.perf_counter() - t0
-    async with UploadClient(
-        f"127.0.0.1:{spec['port']}", api_key_id=spec["key_id"], api_key=spec["key"], tls=False
-    ) as client:
+    async with common.client_for(spec) as client:
         uploader = Uploader(box, client, UploadConfig(workers=WORKERS, batch_max_readings=BATCH))
-        meter = CpuMeter({"drainer": None, "server": int(spec["server_pid"])})
+        meter = common.CpuMeter({"drainer": None, "server": int(spec["server_pid"])})
         meter.start()
         await asyncio.wait_for(uploader.run(until_empty=True), float(spec["timeout_s"]))
         wall, cpu = meter.stop()
@@ -197,31 +173,19 @@ async def _drain(spec: dict[str, Any]) -> Figures:
         "readings_per_s": before.readings / wall,
         "cpu_drainer_pct": cpu["drainer"],
         "cpu_server_pct": cpu["server"],
-        "rss_after_open_mib": rss_open / MiB,
-        "rss_drainer_mib": peak_rss_bytes(os.getpid()) / MiB,
+        "rss_after_open_mib": rss_open / common.MiB,
+        "rss_drainer_mib": peak_rss_bytes(os.getpid()) / common.MiB,
     }
-
-
-def _worker(spec: dict[str, Any]) -> None:
-    coro = _enqueue(spec) if spec["kind"] == "enqueue" else _drain(spec)
-    print(json.dumps(asyncio.run(coro)), flush=True)
 
 
 # -- driver ---------------------------------------------------------------------------------
 
 
-def _server_count(data: Path) -> int:
-    with contextlib.closing(
-        sqlite3.connect(f"file:{data / 'ingest.sqlite3'}?mode=ro", uri=True)
-    ) as db:
-        return int(db.execute("SELECT count(*) FROM readings").fetchone()[0])
-
-
-def _enqueue_run(tmp: Path, n: int, chunk: int, keep: Path | None, _run: int) -> Figures:
+def _enqueue_run(tmp: Path, n: int, chunk: int, keep: Path | None, _run: int) -> common.Figures:
     state = Path(tempfile.mkdtemp(prefix="outbox-", dir=tmp))
     try:
         spec = {"kind": "enqueue", "n": n, "chunk": chunk, "state_dir": str(state)}
-        figures = run_worker("bench.outbox", spec, timeout_s=900)
+        figures = common.run_worker("bench.outbox", spec, timeout_s=900)
         if keep is not None and not keep.exists():
             shutil.copytree(state, keep)  # the backlog the drain runs start from
         return figures
@@ -229,25 +193,14 @@ def _enqueue_run(tmp: Path, n: int, chunk: int, keep: Path | None, _run: int) ->
         shutil.rmtree(state, ignore_errors=True)
 
 
-def _drain_run(tmp: Path, backlog: Path, n: int, key_id: str, key_file: Path, _run: int) -> Figures:
+def _drain_run(tmp: Path, backlog: Path, n: int, key: KeyFile, _run: int) -> common.Figures:
     state = tmp / "drain-state"
     data = Path(tempfile.mkdtemp(prefix="ingest-", dir=tmp))
     shutil.copytree(backlog, state)
     try:
-        extra = ["--api-key-id", key_id, "--api-key-file", str(key_file)]
-        with ingest_server(data, extra, log=tmp / "ingest.log") as (proc, port):
-            spec = {
-                "kind": "drain",
-                "state_dir": str(state),
-                "port": port,
-                "server_pid": proc.pid,
-                "key_id": key_id,
-                "key": key_file.read_text().strip(),
-                "timeout_s": 600,
-            }
-            figures = run_worker("bench.outbox", spec, timeout_s=900)
-            figures["rss_server_mib"] = peak_rss_bytes(proc.pid) / MiB
-        received = _server_count(data)
+        spec = {"kind": "drain", "state_dir": str(state), "timeout_s": 600}
+        figures = common.run_client_worker("bench.outbox", data, key, spec, log=tmp / "ingest.log")
+        received = ingest_count(data)
         if received < n:
             raise RuntimeError(f"ingest stored {received} of {n} readings")
         figures["server_readings"] = float(received)
@@ -260,34 +213,31 @@ def _drain_run(tmp: Path, backlog: Path, n: int, key_id: str, key_file: Path, _r
 def run(quick: bool = False, runs: int | None = None) -> Path:
     sizes, reps = QUICK if quick else FULL
     reps = runs or reps
-    machine = machine_info()
+    machine = common.machine_info()
     enqueue: list[dict[str, Any]] = []
     drain: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="edged-bench-") as tmp_s:
         tmp = Path(tmp_s)
-        key_id = str(uuid.uuid4())
-        key_file = tmp / "api.key"
-        key_file.write_text(uuid.uuid4().hex + "\n")
-        key_file.chmod(0o600)
+        key = common.api_key(tmp)
         for n in sizes:
             backlog = tmp / f"backlog-{n}"
             for chunk in CHUNKS:
                 keep = backlog if chunk == DRAIN_CHUNK else None
-                med, all_runs = run_n(
+                med, all_runs = common.run_n(
                     reps,
                     functools.partial(_enqueue_run, tmp, n, chunk, keep),
                     f"outbox enqueue {n:,} x{chunk}",
                 )
                 enqueue.append({"readings": n, "chunk": chunk, **med, "runs": all_runs})
-            med, all_runs = run_n(
+            med, all_runs = common.run_n(
                 reps,
-                functools.partial(_drain_run, tmp, backlog, n, key_id, key_file),
+                functools.partial(_drain_run, tmp, backlog, n, key),
                 f"outbox drain {n:,}",
             )
             drain.append({"readings": n, **med, "runs": all_runs})
             shutil.rmtree(backlog, ignore_errors=True)
 
-    out = write_result(
+    return common.report(
         NAME,
         {
             "runs_per_scenario": reps,
@@ -304,18 +254,21 @@ def run(quick: bool = False, runs: int | None = None) -> Path:
             "drain": drain,
         },
         machine,
-        quick=quick,
+        quick,
+        [
+            ("outbox: enqueue (synchronous=FULL)", enqueue, ENQUEUE_COLUMNS),
+            (
+                f"outbox: drain to edged ingest ({WORKERS} workers, {BATCH} readings/batch)",
+                drain,
+                DRAIN_COLUMNS,
+            ),
+        ],
     )
-    print("\n## outbox: enqueue (synchronous=FULL)\n")
-    print(format_table(enqueue, ENQUEUE_COLUMNS))
-    print(f"\n## outbox: drain to edged ingest ({WORKERS} workers, {BATCH} readings/batch)\n")
-    print(format_table(drain, DRAIN_COLUMNS))
-    print(f"\nwrote {out}")
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    return module_main("python -m bench.outbox", _worker, run, argv)
+    workers = {"enqueue": _enqueue, "drain": _drain}
+    return common.module_main("python -m bench.outbox", workers, run, argv)
 
 
 if __name__ == "__main__":

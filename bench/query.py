@@ -34,15 +34,7 @@ from typing import Any
 
 from grpclib.client import Channel
 
-from bench.common import (
-    Column,
-    Figures,
-    MiB,
-    format_table,
-    machine_info,
-    percentile,
-    write_result,
-)
+from bench import common
 from edged._proto.app.data.v1 import data_pb2 as dpb
 from edged._proto.app.data.v1.data_grpc import DataServiceStub
 from edged.ingest import IngestServer, IngestSettings
@@ -53,7 +45,7 @@ NAME = "query"
 T0_NS = 1_767_225_600 * 1_000_000_000  # 2026-01-01
 STEP_NS = 10_000_000
 COMPONENTS = 20
-BLOB_BYTES = 1 * MiB
+BLOB_BYTES = 1 * common.MiB
 
 
 def _populate(root: Path, readings: int, blobs: int) -> None:
@@ -127,14 +119,18 @@ def _req(f: dpb.Filter | None = None, **kw: Any) -> dpb.TabularDataByFilterReque
     return dpb.TabularDataByFilterRequest(data_request=dr, **kw)
 
 
-async def _latency(call: Callable[[], Awaitable[Any]], reps: int) -> Figures:
+async def _latency(call: Callable[[], Awaitable[Any]], reps: int) -> common.Figures:
     await call()  # warm the page cache and the connection
     times: list[float] = []
     for _ in range(reps):
         start = time.perf_counter()
         await call()
         times.append((time.perf_counter() - start) * 1000)
-    return {"p50_ms": percentile(times, 50), "p99_ms": percentile(times, 99), "reps": reps}
+    return {
+        "p50_ms": common.percentile(times, 50),
+        "p99_ms": common.percentile(times, 99),
+        "reps": reps,
+    }
 
 
 async def _measure(root: Path, readings: int, reps: int) -> list[dict[str, Any]]:
@@ -183,7 +179,7 @@ async def _measure(root: Path, readings: int, reps: int) -> list[dict[str, Any]]
     return rows
 
 
-async def _export(stub: DataServiceStub) -> Figures:
+async def _export(stub: DataServiceStub) -> common.Figures:
     dr = dpb.DataRequest(limit=16)
     total = 0
     start = time.perf_counter()
@@ -196,14 +192,14 @@ async def _export(stub: DataServiceStub) -> Figures:
         total += sum(len(d.binary) for d in resp.data)
         dr.last = resp.last
     seconds = time.perf_counter() - start
-    return {"mb_per_s": total / 1e6 / seconds, "export_mib": total / MiB}
+    return {"mb_per_s": total / 1e6 / seconds, "export_mib": total / common.MiB}
 
 
 def run(quick: bool = False, runs: int | None = None) -> Path:
     readings = 100_000 if quick else 1_000_000
     blobs = 64 if quick else 256
     reps = runs or (30 if quick else 100)
-    machine = machine_info()
+    machine = common.machine_info()
     with tempfile.TemporaryDirectory(prefix="edged-bench-query-") as tmp:
         root = Path(tmp) / "ingest"
         start = time.perf_counter()
@@ -211,15 +207,15 @@ def run(quick: bool = False, runs: int | None = None) -> Path:
         setup_s = time.perf_counter() - start
         print(f"query: {readings:,} readings indexed in {setup_s:.1f}s", file=sys.stderr)
         rows = asyncio.run(_measure(root, readings, reps))
-    columns: list[Column] = [
+    columns: list[common.Column] = [
         ("scenario", "scenario", ""),
         ("p50_ms", "p50 ms", ".1f"),
         ("p99_ms", "p99 ms", ".1f"),
         ("mb_per_s", "MB/s", ".0f"),
     ]
     print(f"\nquery ({readings:,} readings, {blobs} x 1 MiB binaries, {reps} reps)")
-    print(format_table(rows, columns))
-    return write_result(
+    print(common.format_table(rows, columns))
+    return common.write_result(
         NAME,
         {"readings": readings, "binaries": blobs, "reps": reps, "rows": rows},
         machine,

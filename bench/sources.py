@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import json
 import os
 import shutil
 import subprocess
@@ -36,20 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
-    CPU_RSS,
-    Column,
-    CpuMeter,
-    Figures,
-    MiB,
-    format_table,
-    machine_info,
-    module_main,
-    percentile,
-    run_n,
-    run_worker,
-    write_result,
-)
+from bench import common
 from tests.support.processes import peak_rss_bytes
 
 NAME = "sources"
@@ -64,16 +50,16 @@ SLICES = 5  # each latency file is written in 5 groups of readings spread over i
 FULL = (2000, 200, 3)
 QUICK = (300, 60, 3)
 
-SCAN_COLUMNS: list[Column] = [
+SCAN_COLUMNS: list[common.Column] = [
     ("files", "files", ",d"),
     ("readings", "readings", ",d"),
     ("files_per_s", "files/s", ",.0f"),
     ("readings_per_s", "readings/s", ",.0f"),
     ("mib_per_s", "MiB/s", ".1f"),
     ("seconds", "s", ".2f"),
-    *CPU_RSS,
+    *common.CPU_RSS,
 ]
-LATENCY_COLUMNS: list[Column] = [
+LATENCY_COLUMNS: list[common.Column] = [
     ("load", "load", ""),
     ("files", "files", ",d"),
     ("rate", "files/s", ".0f"),
@@ -81,7 +67,7 @@ LATENCY_COLUMNS: list[Column] = [
     ("p90_ms", "p90 ms", ".1f"),
     ("p99_ms", "p99 ms", ".1f"),
     ("max_ms", "max ms", ".1f"),
-    *CPU_RSS,
+    *common.CPU_RSS,
 ]
 
 
@@ -137,12 +123,12 @@ async def _open_source(spec: dict[str, Any]) -> Any:
     return CaptureSource(CaptureConfig(path=Path(spec["root"])), ctx)
 
 
-async def _scan(spec: dict[str, Any]) -> Figures:
+async def _scan(spec: dict[str, Any]) -> common.Figures:
     source = await _open_source(spec)
     box = source.ctx.outbox
     files, readings = int(spec["files"]), int(spec["readings"])
     size = sum(p.stat().st_size for p in Path(spec["root"]).rglob("*.capture"))
-    meter = CpuMeter({"self": None})
+    meter = common.CpuMeter({"self": None})
     meter.start()
     await source.scan_once()
     wall, cpu = meter.stop()
@@ -160,9 +146,9 @@ async def _scan(spec: dict[str, Any]) -> Figures:
         "seconds": wall,
         "files_per_s": files / wall,
         "readings_per_s": readings / wall,
-        "mib_per_s": size / MiB / wall,
+        "mib_per_s": size / common.MiB / wall,
         "cpu_pct": cpu["self"],
-        "rss_mib": peak_rss_bytes(os.getpid()) / MiB,
+        "rss_mib": peak_rss_bytes(os.getpid()) / common.MiB,
     }
 
 
@@ -195,8 +181,8 @@ def _writer_thread(
     writer.close()
 
 
-async def _latency(spec: dict[str, Any]) -> Figures:
-    from edged.daemon.outbox import Claim, Progress
+async def _latency(spec: dict[str, Any]) -> common.Figures:
+    from edged.daemon.outbox import Claim
 
     root = Path(spec["root"])
     root.mkdir(parents=True, exist_ok=True)
@@ -209,14 +195,10 @@ async def _latency(spec: dict[str, Any]) -> Figures:
 
     enqueue = box.enqueue_readings
 
-    async def timed_enqueue(
-        metadata: bytes,
-        readings: Sequence[bytes],
-        *,
-        claim: Claim | None = None,
-        progress: Progress | None = None,
-    ) -> None:
-        await enqueue(metadata, readings, claim=claim, progress=progress)
+    async def timed_enqueue(metadata: bytes, readings: Sequence[bytes], **kw: Any) -> None:
+        """The outbox's own call, whatever its keywords; then the claim's commit time."""
+        await enqueue(metadata, readings, **kw)
+        claim: Claim | None = kw.get("claim")
         if claim is not None:  # the file's last chunk: every reading is committed now
             committed[Path(claim.path).name] = time.monotonic()
             if len(committed) >= files:
@@ -234,7 +216,7 @@ async def _latency(spec: dict[str, Any]) -> Figures:
     task = asyncio.create_task(source.run())
     await asyncio.wait_for(ready.wait(), 30)
     await asyncio.sleep(0.2)  # the watcher thread is running by now
-    meter = CpuMeter({"self": None})
+    meter = common.CpuMeter({"self": None})
     meter.start()
     writer = threading.Thread(
         target=_writer_thread,
@@ -257,25 +239,20 @@ async def _latency(spec: dict[str, Any]) -> Figures:
         raise RuntimeError(f"{missing} of {files} files not committed within {timeout:.0f}s")
     return {
         "seconds": wall,
-        "p50_ms": percentile(lat, 50),
-        "p90_ms": percentile(lat, 90),
-        "p99_ms": percentile(lat, 99),
+        "p50_ms": common.percentile(lat, 50),
+        "p90_ms": common.percentile(lat, 90),
+        "p99_ms": common.percentile(lat, 99),
         "max_ms": max(lat),
         "min_ms": min(lat),
         "cpu_pct": cpu["self"],
-        "rss_mib": peak_rss_bytes(os.getpid()) / MiB,
+        "rss_mib": peak_rss_bytes(os.getpid()) / common.MiB,
     }
-
-
-def _worker(spec: dict[str, Any]) -> None:
-    coro = _scan(spec) if spec["kind"] == "scan" else _latency(spec)
-    print(json.dumps(asyncio.run(coro)), flush=True)
 
 
 # -- driver ---------------------------------------------------------------------------------
 
 
-def _scan_run(tmp: Path, master: Path, files: int) -> Figures:
+def _scan_run(tmp: Path, master: Path, files: int) -> common.Figures:
     root, state = tmp / "scan-root", tmp / "scan-state"
     shutil.copytree(master, root)
     try:
@@ -286,7 +263,7 @@ def _scan_run(tmp: Path, master: Path, files: int) -> Figures:
             "files": files,
             "readings": files * READINGS_PER_FILE,
         }
-        return run_worker("bench.sources", spec, timeout_s=900)
+        return common.run_worker("bench.sources", spec, timeout_s=900)
     finally:
         shutil.rmtree(root, ignore_errors=True)
         shutil.rmtree(state, ignore_errors=True)
@@ -305,7 +282,7 @@ def _hogs(n: int) -> Any:
             proc.wait()
 
 
-def _latency_run(tmp: Path, files: int, hogs: int = 0) -> Figures:
+def _latency_run(tmp: Path, files: int, hogs: int = 0) -> common.Figures:
     root, state = tmp / "watch-root", tmp / "watch-state"
     try:
         spec = {
@@ -317,7 +294,7 @@ def _latency_run(tmp: Path, files: int, hogs: int = 0) -> Figures:
             "rate": RATE,
         }
         with _hogs(hogs):
-            return run_worker("bench.sources", spec, timeout_s=files / RATE + 120)
+            return common.run_worker("bench.sources", spec, timeout_s=files / RATE + 120)
     finally:
         shutil.rmtree(root, ignore_errors=True)
         shutil.rmtree(state, ignore_errors=True)
@@ -326,7 +303,7 @@ def _latency_run(tmp: Path, files: int, hogs: int = 0) -> Figures:
 def run(quick: bool = False, runs: int | None = None) -> Path:
     scan_files, latency_files, reps = QUICK if quick else FULL
     reps = runs or reps
-    machine = machine_info()
+    machine = common.machine_info()
     with tempfile.TemporaryDirectory(prefix="edged-bench-") as tmp_s:
         tmp = Path(tmp_s)
         master = tmp / "master"
@@ -335,11 +312,14 @@ def run(quick: bool = False, runs: int | None = None) -> Path:
         write_s = time.perf_counter() - t0
         size = sum(p.stat().st_size for p in master.rglob("*.capture"))
         print(
-            f"  sources: wrote {scan_files} capture files ({size / MiB:.1f} MiB) in {write_s:.1f}s",
+            f"  sources: wrote {scan_files} capture files ({size / common.MiB:.1f} MiB)"
+            f" in {write_s:.1f}s",
             file=sys.stderr,
             flush=True,
         )
-        med, scan_runs = run_n(reps, lambda _i: _scan_run(tmp, master, scan_files), "sources scan")
+        med, scan_runs = common.run_n(
+            reps, lambda _i: _scan_run(tmp, master, scan_files), "sources scan"
+        )
         scan = {
             "files": scan_files,
             "readings": scan_files * READINGS_PER_FILE,
@@ -350,16 +330,16 @@ def run(quick: bool = False, runs: int | None = None) -> Path:
         latency = []
         for hogs in (0, HOGS):
 
-            def once(_i: int, hogs: int = hogs) -> Figures:
+            def once(_i: int, hogs: int = hogs) -> common.Figures:
                 return _latency_run(tmp, latency_files, hogs)
 
-            med, lat_runs = run_n(reps, once, f"sources latency, {hogs} CPU hogs")
+            med, lat_runs = common.run_n(reps, once, f"sources latency, {hogs} CPU hogs")
             load = f"{hogs} CPU hog(s)" if hogs else "as is"
             latency.append(
                 {"load": load, "files": latency_files, "rate": RATE, **med, "runs": lat_runs}
             )
 
-    out = write_result(
+    return common.report(
         NAME,
         {
             "runs_per_scenario": reps,
@@ -376,18 +356,25 @@ def run(quick: bool = False, runs: int | None = None) -> Path:
             "latency": latency,
         },
         machine,
-        quick=quick,
+        quick,
+        [
+            (
+                f"sources: capture scan ({READINGS_PER_FILE} readings/file, median of {reps})",
+                [scan],
+                SCAN_COLUMNS,
+            ),
+            (
+                f"sources: detection latency (close -> committed, median of {reps})",
+                latency,
+                LATENCY_COLUMNS,
+            ),
+        ],
     )
-    print(f"\n## sources: capture scan ({READINGS_PER_FILE} readings/file, median of {reps})\n")
-    print(format_table([scan], SCAN_COLUMNS))
-    print(f"\n## sources: detection latency (close -> committed, median of {reps})\n")
-    print(format_table(latency, LATENCY_COLUMNS))
-    print(f"\nwrote {out}")
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    return module_main("python -m bench.sources", _worker, run, argv)
+    workers = {"scan": _scan, "latency": _latency}
+    return common.module_main("python -m bench.sources", workers, run, argv)
 
 
 if __name__ == "__main__":

@@ -18,32 +18,17 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
 import os
 import shutil
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
-    CLIENT_SERVER,
-    Column,
-    CpuMeter,
-    Figures,
-    MiB,
-    format_table,
-    ingest_server,
-    machine_info,
-    module_main,
-    percentile,
-    run_n,
-    run_worker,
-    write_result,
-)
+from bench import common
+from tests.support.credentials import KeyFile
 from tests.support.processes import peak_rss_bytes
 
 NAME = "wire"
@@ -55,21 +40,21 @@ PART = "bench-part"
 FULL = (200, 200, 5)
 QUICK = (40, 50, 3)
 
-TABULAR_COLUMNS: list[Column] = [
+TABULAR_COLUMNS: list[common.Column] = [
     ("path", "path", ""),
     ("tasks", "tasks", "d"),
     ("readings_per_s", "readings/s", ",.0f"),
     ("calls_per_s", "calls/s", ".1f"),
     ("p50_ms", "p50 ms", ".1f"),
     ("p99_ms", "p99 ms", ".1f"),
-    *CLIENT_SERVER,
+    *common.CLIENT_SERVER,
 ]
-FILE_COLUMNS: list[Column] = [
+FILE_COLUMNS: list[common.Column] = [
     ("path", "path", ""),
     ("size_mib", "size MiB", ".0f"),
     ("mib_per_s", "MiB/s", ".1f"),
     ("seconds", "s", ".2f"),
-    *CLIENT_SERVER,
+    *common.CLIENT_SERVER,
 ]
 
 
@@ -87,9 +72,9 @@ def _row(i: int) -> dict[str, Any]:
     }
 
 
-async def _tabular(spec: dict[str, Any]) -> Figures:
+async def _tabular(spec: dict[str, Any]) -> common.Figures:
     from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
-    from edged.client import UploadClient, sensor_metadata, upload_metadata
+    from edged.client import sensor_metadata
 
     calls, tasks, seed = int(spec["calls"]), int(spec["tasks"]), spec["path"] == "seed"
     base = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
@@ -98,13 +83,7 @@ async def _tabular(spec: dict[str, Any]) -> Figures:
         for i in range(BATCH)
     ]
     rows = [_row(i) for i in range(BATCH)]
-    meta = upload_metadata(
-        PART,
-        pb.DATA_TYPE_TABULAR_SENSOR,
-        component_type="rdk:component:sensor",
-        component_name="bench",
-        method_name="Readings",
-    )
+    meta = common.tabular_upload_metadata(PART)
     blobs: list[bytes] = []
     if not seed:  # what the daemon does at enqueue, outside the timed region
         for i, row in enumerate(rows):
@@ -113,9 +92,7 @@ async def _tabular(spec: dict[str, Any]) -> Figures:
             blobs.append(r.SerializeToString())
 
     latencies: list[float] = []
-    async with UploadClient(
-        f"127.0.0.1:{spec['port']}", api_key_id=spec["key_id"], api_key=spec["key"], tls=False
-    ) as client:
+    async with common.client_for(spec) as client:
 
         async def one_call() -> None:
             if seed:
@@ -139,7 +116,7 @@ async def _tabular(spec: dict[str, Any]) -> Figures:
                 await one_call()
                 latencies.append(time.perf_counter() - t)
 
-        meter = CpuMeter({"client": None, "server": int(spec["server_pid"])})
+        meter = common.CpuMeter({"client": None, "server": int(spec["server_pid"])})
         meter.start()
         await asyncio.gather(*(task(calls // tasks) for _ in range(tasks)))
         wall, cpu = meter.stop()
@@ -150,25 +127,23 @@ async def _tabular(spec: dict[str, Any]) -> Figures:
         "calls": done,
         "readings_per_s": done * BATCH / wall,
         "calls_per_s": done / wall,
-        "p50_ms": 1000 * percentile(latencies, 50),
-        "p99_ms": 1000 * percentile(latencies, 99),
+        "p50_ms": 1000 * common.percentile(latencies, 50),
+        "p99_ms": 1000 * common.percentile(latencies, 99),
         "cpu_client_pct": cpu["client"],
         "cpu_server_pct": cpu["server"],
-        "rss_client_mib": peak_rss_bytes(os.getpid()) / MiB,
+        "rss_client_mib": peak_rss_bytes(os.getpid()) / common.MiB,
     }
 
 
-async def _file(spec: dict[str, Any]) -> Figures:
+async def _file(spec: dict[str, Any]) -> common.Figures:
     from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
-    from edged.client import UploadClient, sensor_metadata, upload_metadata
+    from edged.client import sensor_metadata, upload_metadata
 
     path = Path(spec["file"])
     size = path.stat().st_size
-    async with UploadClient(
-        f"127.0.0.1:{spec['port']}", api_key_id=spec["key_id"], api_key=spec["key"], tls=False
-    ) as client:
+    async with common.client_for(spec) as client:
         await client.authenticate()
-        meter = CpuMeter({"client": None, "server": int(spec["server_pid"])})
+        meter = common.CpuMeter({"client": None, "server": int(spec["server_pid"])})
         meter.start()
         if spec["path"] == "file_upload_from_path":
             await client.file_upload_from_path(str(path), PART, tags=["bench"])
@@ -186,35 +161,22 @@ async def _file(spec: dict[str, Any]) -> Figures:
         wall, cpu = meter.stop()
     return {
         "seconds": wall,
-        "size_mib": size / MiB,
-        "mib_per_s": size / MiB / wall,
+        "size_mib": size / common.MiB,
+        "mib_per_s": size / common.MiB / wall,
         "cpu_client_pct": cpu["client"],
         "cpu_server_pct": cpu["server"],
-        "rss_client_mib": peak_rss_bytes(os.getpid()) / MiB,
+        "rss_client_mib": peak_rss_bytes(os.getpid()) / common.MiB,
     }
-
-
-def _worker(spec: dict[str, Any]) -> None:
-    coro = _tabular(spec) if spec["kind"] == "tabular" else _file(spec)
-    print(json.dumps(asyncio.run(coro)), flush=True)
 
 
 # -- driver --------------------------------------------------------------------------------
 
 
-def _one_run(tmp: Path, key_id: str, key_file: Path, spec: dict[str, Any]) -> Figures:
+def _one_run(tmp: Path, key: KeyFile, spec: dict[str, Any]) -> common.Figures:
     """Fresh server + fresh client for one measured run; the server's data dir is removed."""
     data = Path(tempfile.mkdtemp(prefix="ingest-", dir=tmp))
     try:
-        extra = ["--api-key-id", key_id, "--api-key-file", str(key_file)]
-        with ingest_server(data, extra, log=tmp / "ingest.log") as (proc, port):
-            key = key_file.read_text().strip()
-            figures = run_worker(
-                "bench.wire",
-                {**spec, "port": port, "server_pid": proc.pid, "key_id": key_id, "key": key},
-            )
-            figures["rss_server_mib"] = peak_rss_bytes(proc.pid) / MiB
-        return figures
+        return common.run_client_worker("bench.wire", data, key, spec, log=tmp / "ingest.log")
     finally:
         shutil.rmtree(data, ignore_errors=True)
 
@@ -222,40 +184,37 @@ def _one_run(tmp: Path, key_id: str, key_file: Path, spec: dict[str, Any]) -> Fi
 def _make_file(path: Path, mib: int) -> None:
     with open(path, "wb") as f:
         for _ in range(mib):
-            f.write(os.urandom(MiB))
+            f.write(os.urandom(common.MiB))
 
 
 def run(quick: bool = False, runs: int | None = None) -> Path:
     calls, file_mib, n = QUICK if quick else FULL
     n = runs or n
-    machine = machine_info()
+    machine = common.machine_info()
     tabular: list[dict[str, Any]] = []
     files: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="edged-bench-") as tmp_s:
         tmp = Path(tmp_s)
-        key_id = str(uuid.uuid4())
-        key_file = tmp / "api.key"
-        key_file.write_text(uuid.uuid4().hex + "\n")
-        key_file.chmod(0o600)
+        key = common.api_key(tmp)
 
-        def measure(spec: dict[str, Any]) -> Callable[[int], Figures]:
-            return lambda _run: _one_run(tmp, key_id, key_file, spec)
+        def measure(spec: dict[str, Any]) -> Callable[[int], common.Figures]:
+            return lambda _run: _one_run(tmp, key, spec)
 
         for path in ("seed", "daemon"):
             for tasks in TASKS:
                 spec = {"kind": "tabular", "path": path, "tasks": tasks, "calls": calls}
                 label = f"wire tabular {path} x{tasks}"
-                med, all_runs = run_n(n, measure(spec), label)
+                med, all_runs = common.run_n(n, measure(spec), label)
                 tabular.append({"path": path, "tasks": tasks, **med, "runs": all_runs})
 
         blob = tmp / "payload.bin"
         _make_file(blob, file_mib)
         for path in ("file_upload_from_path", "upload_binary_stream"):
             spec = {"kind": "file", "path": path, "file": str(blob)}
-            med, all_runs = run_n(n, measure(spec), f"wire {path}")
+            med, all_runs = common.run_n(n, measure(spec), f"wire {path}")
             files.append({"path": path, **med, "runs": all_runs})
 
-    out = write_result(
+    return common.report(
         NAME,
         {
             "runs_per_scenario": n,
@@ -271,18 +230,21 @@ def run(quick: bool = False, runs: int | None = None) -> Path:
             "files": files,
         },
         machine,
-        quick=quick,
+        quick,
+        [
+            (
+                f"wire: tabular ({BATCH} readings/call, {calls} calls/run, median of {n})",
+                tabular,
+                TABULAR_COLUMNS,
+            ),
+            (f"wire: files ({file_mib} MiB, median of {n})", files, FILE_COLUMNS),
+        ],
     )
-    print(f"\n## wire: tabular ({BATCH} readings/call, {calls} calls/run, median of {n})\n")
-    print(format_table(tabular, TABULAR_COLUMNS))
-    print(f"\n## wire: files ({file_mib} MiB, median of {n})\n")
-    print(format_table(files, FILE_COLUMNS))
-    print(f"\nwrote {out}")
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    return module_main("python -m bench.wire", _worker, run, argv)
+    workers = {"tabular": _tabular, "file": _file}
+    return common.module_main("python -m bench.wire", workers, run, argv)
 
 
 if __name__ == "__main__":
