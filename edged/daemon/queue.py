@@ -338,7 +338,10 @@ class Queue:
             self._item_sources(conn).add(source)
         conn.execute("UPDATE items SET lease_until=? WHERE id=?", (now + lease_s, row[0]))
         item = _item(row, priorities.get(str(row[17]), 0))
-        return replace(item, more_due=self.next_due_in(conn, now, held) == 0.0)
+        # Per-source index probes, as above (`next_due_in`'s min() walks the items of
+        # held sources too).
+        more = bool(self._unbatched_heads(conn, held) or self._due_heads(conn, now, held))
+        return replace(item, more_due=more)
 
     def _item_sources(self, conn: sqlite3.Connection) -> set[str]:
         if self._sources is None:
