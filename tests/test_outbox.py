@@ -50,6 +50,21 @@ async def test_readings_round_trip_in_order_and_ack_removes_them(box: Outbox) ->
     assert stats.counters["uploaded_readings"] == 15
 
 
+async def test_a_lease_says_whether_more_is_due(box: Outbox) -> None:
+    """Only then is another idle worker woken (one lease of nothing saved per batch)."""
+    await box.enqueue_readings(meta("a"), [reading(i) for i in range(15)])
+    await box.enqueue_item(KIND_BINARY, meta("b"), b"x")
+    got = []
+    while (item := await box.lease(lease_s=86400, max_readings=10, max_bytes=1 << 20)) is not None:
+        got.append((item.count, item.more_due))
+    assert got == [(10, True), (5, True), (1, False)]  # oldest first
+    await box.enqueue_readings(meta("a"), [reading(0)], source="a")
+    await box.enqueue_item(KIND_BINARY, meta("b"), b"x", source="b")
+    box.held = frozenset({"b"})  # its window is closed: not due for anyone
+    item = await take(box)
+    assert item is not None and item.source == "a" and not item.more_due
+
+
 async def test_batches_respect_limits_and_group_by_metadata(box: Outbox) -> None:
     await box.enqueue_readings(meta("a"), [reading(i) for i in range(25)])
     await box.enqueue_readings(meta("b"), [reading(i) for i in range(5)])

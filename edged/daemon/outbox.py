@@ -63,7 +63,7 @@ from edged.daemon.queue import (
     scalar,
 )
 from edged.daemon.safefs import Identity
-from edged.daemon.script import Script, run_script
+from edged.daemon.script import Script, on_thread, run_script
 from edged.daemon.space import CHECKPOINT_PAGES, WAL_LIMIT, Space, disk_free, unlink_own
 from edged.errors import OutboxFull
 
@@ -339,19 +339,46 @@ class Outbox:
         body's own statements. Only ever entered from an `_atomic` method, so no
         cancellation lands between BEGIN and COMMIT: aiosqlite would still run a queued
         COMMIT on its thread while the awaiting task unwinds as if it had failed."""
+        async with self._writing():
+            begin = Script()
+            begin.execute("BEGIN IMMEDIATE")
+            tidied = self._write_tidy(begin)
+            await run_script(self._db, begin)
+            yield self._db
+            end = script or Script()
+            end.execute("COMMIT")
+            await run_script(self._db, end)
+            self._tidied(tidied)
+
+    async def _tx_on(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        """`_tx` whose statements are all `fn`'s (a function of the connection): BEGIN,
+        the waiting tidy-up, `fn` and COMMIT run on the SQLite thread in one hop. For the
+        upload path's lease and ack, which run once per batch. aiosqlite's thread holds
+        the previous call's result until this one returns: a statement returning rows
+        must be read to the end or its cursor closed, or its statement is still in
+        progress at this COMMIT ("cannot commit transaction")."""
+        async with self._writing():
+            begin = Script()
+            begin.execute("BEGIN IMMEDIATE")
+            tidied = self._write_tidy(begin)
+
+            def whole(conn: sqlite3.Connection) -> _T:
+                begin.run(conn)
+                out = fn(conn)
+                conn.execute("COMMIT")
+                return out
+
+            out = await on_thread(self._db, whole)
+            self._tidied(tidied)
+            return out
+
+    @contextlib.asynccontextmanager
+    async def _writing(self) -> Any:
+        """The write lock; a transaction that failed is rolled back (whatever hop it
+        failed in) and a full disk becomes OutboxFull."""
         async with self._lock:
             try:
-                begin = Script()
-                begin.execute("BEGIN IMMEDIATE")
-                tidied = self._write_tidy(begin)
-                await run_script(self._db, begin)
-                yield self._db
-                end = script or Script()
-                end.execute("COMMIT")
-                await run_script(self._db, end)
-                for path, tidy in tidied.items():
-                    if self._tidy.get(path) is tidy:
-                        del self._tidy[path]
+                yield
             except BaseException as exc:
                 if self._db.in_transaction:
                     with contextlib.suppress(sqlite3.Error):
@@ -360,6 +387,12 @@ class Outbox:
                 if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower():
                     raise OutboxFull(f"outbox database cannot grow: {exc}") from exc
                 raise
+
+    def _tidied(self, tidied: dict[str, Tidy]) -> None:
+        """Drop the tidy-ups a committed transaction wrote (unless replaced since)."""
+        for path, tidy in tidied.items():
+            if self._tidy.get(path) is tidy:
+                del self._tidy[path]
 
     def _write_tidy(self, script: Script) -> dict[str, Tidy]:
         """Write every waiting tidy-up first in this transaction (so a write of the same
@@ -588,18 +621,20 @@ class Outbox:
         self, lease_s: float, max_readings: int, max_bytes: int, floor: int | None = None
     ) -> Item | None:
         now = self._clock()
-        async with self._tx() as db:
-            return await self.queue.lease(
-                db,
+        held, priorities, aging_s = self.held, dict(self.priorities), self.limits.priority_aging
+        return await self._tx_on(
+            lambda conn: self.queue.lease(
+                conn,
                 now,
                 lease_s,
                 max_readings,
                 max_bytes,
-                held=self.held,
-                priorities=self.priorities,
-                aging_s=self.limits.priority_aging,
+                held=held,
+                priorities=priorities,
+                aging_s=aging_s,
                 floor=floor,
             )
+        )
 
     @_atomic
     async def extend_lease(self, item: Item, seconds: float) -> None:
@@ -620,10 +655,14 @@ class Outbox:
             await self._regain_reserve()
 
     async def _ack(self, item: Item) -> None:
-        async with self._tx() as db:
-            if not await self.queue.ack(db, item):
-                return  # acknowledged already (a late duplicate): nothing to book twice
-            last_ref = item.path is not None and not await self.queue.refs_to(db, item.path)
+        def write(conn: sqlite3.Connection) -> tuple[bool, bool]:
+            if not self.queue.ack(conn, item):
+                return False, False
+            return True, item.path is not None and not self.queue.refs_to_on(conn, item.path)
+
+        acked, last_ref = await self._tx_on(write)
+        if not acked:
+            return  # acknowledged already (a late duplicate): nothing to book twice
         if item.kind == KIND_TABULAR:
             self.space.held.drop_readings(item.count, item.bytes)
         elif item.stored:
@@ -729,7 +768,7 @@ class Outbox:
             try:
                 async with self._db.execute("PRAGMA incremental_vacuum") as cur:
                     await cur.fetchall()
-                await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                await self._wal_checkpoint()
             except sqlite3.Error as exc:
                 log.warning("outbox could not give freed pages back: %s", exc)
                 return
@@ -740,9 +779,16 @@ class Outbox:
         the WAL file's space (a WAL that cannot be checkpointed can never restart)."""
         async with self._lock:
             try:
-                await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                await self._wal_checkpoint()
             except sqlite3.Error as exc:
                 log.warning("outbox checkpoint on a full disk failed: %s", exc)
+
+    async def _wal_checkpoint(self) -> None:
+        """Its result row read to the end: a cursor left open would keep the statement in
+        progress into the next hop, whose COMMIT it then fails (see `_tx_on`)."""
+        await on_thread(
+            self._db, lambda conn: conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        )
 
     async def dead_letters(self) -> list[DeadLetter]:
         return await self.queue.dead_letters()
@@ -771,7 +817,8 @@ class Outbox:
     async def next_due_in(self) -> float | None:
         """Seconds until the earliest waiting item is due (None: nothing waiting). Items
         leased right now are not waiting: counting them made idle workers spin."""
-        return await self.queue.next_due_in(self._clock(), self.held)
+        now, held = self._clock(), self.held
+        return await on_thread(self._db, lambda conn: self.queue.next_due_in(conn, now, held))
 
     # -- status ------------------------------------------------------------------------
 

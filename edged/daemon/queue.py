@@ -22,7 +22,7 @@ import hashlib
 import sqlite3
 import uuid
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiosqlite
@@ -31,7 +31,7 @@ from edged.daemon.ledger import db_path, fs_path, identity, location
 from edged.daemon.policy import batch_take
 from edged.daemon.safefs import Identity
 from edged.daemon.schedule import pick
-from edged.daemon.script import Script
+from edged.daemon.script import Script, on_thread
 
 KIND_TABULAR = "tabular"
 KIND_BINARY = "binary"
@@ -94,6 +94,8 @@ class Item(NewItem):
     """The source that queued it ("" for items queued before sources were recorded)."""
     priority: int = 0
     """Its source's configured priority (higher = sooner) when it was leased."""
+    more_due: bool = field(default=False, compare=False)
+    """Something else was due when it was leased: worth waking another idle worker."""
 
 
 @dataclass(frozen=True)
@@ -151,14 +153,23 @@ _BUMP = (
 )
 
 
+def _bumps(deltas: Mapping[str, int]) -> list[tuple[str, int]]:
+    return [(k, v) for k, v in deltas.items() if v]
+
+
 async def bump(db: aiosqlite.Connection, **deltas: int) -> None:
     """Add to the outbox's lifetime counters (in the caller's transaction)."""
-    await db.executemany(_BUMP, [(k, v) for k, v in deltas.items() if v])
+    await db.executemany(_BUMP, _bumps(deltas))
+
+
+def bump_on(conn: sqlite3.Connection, **deltas: int) -> None:
+    """`bump`, on the SQLite thread."""
+    conn.executemany(_BUMP, _bumps(deltas))
 
 
 def bump_in(script: Script, **deltas: int) -> None:
     """`bump`, as part of a script."""
-    rows = [(k, v) for k, v in deltas.items() if v]
+    rows = _bumps(deltas)
     if rows:
         script.executemany(_BUMP, rows)
 
@@ -282,11 +293,11 @@ class Queue:
         if self._sources is not None:
             self._sources.add(source)
 
-    # -- out ----------------------------------------------------------------------------
+    # -- out (each runs whole on the SQLite thread: one hop; see `script.on_thread`) ----
 
-    async def lease(
+    def lease(
         self,
-        db: aiosqlite.Connection,
+        conn: sqlite3.Connection,
         now: float,
         lease_s: float,
         max_readings: int,
@@ -301,114 +312,107 @@ class Queue:
         priority, aged by the wait) from sources not `held` (window closed, condition
         false, paused), leased until `now + lease_s`; forms a new tabular batch when
         unbatched readings win; with `floor`, only sources of at least that priority
-        (`schedule.lease_floor`). One index probe per source with items."""
+        (`schedule.lease_floor`). One index probe per source with items. The item says
+        whether something else is due now (`more_due`): only then is another idle
+        worker worth waking."""
         priorities = priorities or {}
-        if floor is not None:
-            held = {
-                *held,
-                *(s for s in await self._all_sources(db) if priorities.get(s, 0) < floor),
-            }
-        rows = await self._due_heads(db, now, held)
-        free = await self.unbatched_heads(db, held)
+        rows = self._due_heads(conn, now, held)
+        free = self._unbatched_heads(conn, held)
         candidates = [(str(r[17]), float(r[12])) for r in rows] + [
             (src, enq) for src, _, enq in free
         ]
-        chosen = pick(candidates, priorities, now, aging_s)
+        allowed = [
+            i
+            for i, (src, _) in enumerate(candidates)
+            if floor is None or priorities.get(src, 0) >= floor
+        ]
+        chosen = pick([candidates[i] for i in allowed], priorities, now, aging_s)
         if chosen is None:
             return None
+        chosen = allowed[chosen]
         if chosen < len(rows):
             row = rows[chosen]
         else:
             source, meta_id, _ = free[chosen - len(rows)]
-            row = await self._new_batch(db, meta_id, max_readings, max_bytes)
-            (await self._item_sources(db)).add(source)
-        await db.execute("UPDATE items SET lease_until=? WHERE id=?", (now + lease_s, row[0]))
-        return _item(row, priorities.get(str(row[17]), 0))
+            row = self._new_batch(conn, meta_id, max_readings, max_bytes)
+            self._item_sources(conn).add(source)
+        conn.execute("UPDATE items SET lease_until=? WHERE id=?", (now + lease_s, row[0]))
+        item = _item(row, priorities.get(str(row[17]), 0))
+        # Per-source index probes, as above (`next_due_in`'s min() walks the items of
+        # held sources too).
+        more = bool(self._unbatched_heads(conn, held) or self._due_heads(conn, now, held))
+        return replace(item, more_due=more)
 
-    async def _item_sources(self, db: aiosqlite.Connection) -> set[str]:
+    def _item_sources(self, conn: sqlite3.Connection) -> set[str]:
         if self._sources is None:
-            async with db.execute("SELECT DISTINCT coalesce(source, '') FROM items") as cur:
-                self._sources = {str(r[0]) for r in await cur.fetchall()}
+            rows = conn.execute("SELECT DISTINCT coalesce(source, '') FROM items").fetchall()
+            self._sources = {str(r[0]) for r in rows}
         return self._sources
 
-    async def _all_sources(self, db: aiosqlite.Connection) -> set[str]:
-        """Sources with items or metadata (metadata: readings maybe not yet batched)."""
-        async with db.execute("SELECT DISTINCT coalesce(source, '') FROM meta") as cur:
-            metas = {str(r[0]) for r in await cur.fetchall()}
-        return metas | await self._item_sources(db)
-
-    async def _due_heads(
-        self, db: aiosqlite.Connection, now: float, held: Collection[str]
-    ) -> list[Any]:
+    def _due_heads(self, conn: sqlite3.Connection, now: float, held: Collection[str]) -> list[Any]:
         """The first due item (by next_attempt_at, id) of each source not held."""
         heads = []
-        for source in sorted(await self._item_sources(db)):
+        for source in sorted(self._item_sources(conn)):
             if source in held:
                 continue
-            async with db.execute(
+            row = conn.execute(
                 f"SELECT {_ITEM_COLS} FROM items i JOIN meta m ON m.id=i.meta_id"
                 f" WHERE {'i.source IS NULL' if not source else 'i.source=?'} AND {_DUE}"
                 " ORDER BY i.next_attempt_at, i.id LIMIT 1",
                 ((source,) if source else ()) + (now, now),
-            ) as cur:
-                row = await cur.fetchone()
+            ).fetchone()
             if row is not None:
                 heads.append(row)
         return heads
 
-    async def unbatched_heads(
-        self, db: aiosqlite.Connection, held: Collection[str] = ()
+    def _unbatched_heads(
+        self, conn: sqlite3.Connection, held: Collection[str] = ()
     ) -> list[tuple[str, int, float]]:
         """(source, meta_id, enqueued_at) of the oldest reading in no batch, per source
         not held; one index probe per metadata (there are few: one per source,
         component and method)."""
-        async with db.execute(
+        firsts: dict[str, tuple[int, int]] = {}
+        for src, mid, first in conn.execute(
             "SELECT coalesce(m.source, ''), m.id, (SELECT r.id FROM readings r"
             " WHERE r.meta_id=m.id AND r.id > m.batched_upto ORDER BY r.id LIMIT 1) AS first"
             " FROM meta m"
-        ) as cur:
-            firsts: dict[str, tuple[int, int]] = {}
-            for src, mid, first in await cur.fetchall():
-                if first and src not in held and (src not in firsts or first < firsts[src][1]):
-                    firsts[src] = (int(mid), int(first))
+        ).fetchall():
+            if first and src not in held and (src not in firsts or first < firsts[src][1]):
+                firsts[src] = (int(mid), int(first))
         heads = []
         for src, (meta_id, first) in firsts.items():
-            async with db.execute("SELECT enqueued_at FROM readings WHERE id=?", (first,)) as cur:
-                row = await cur.fetchone()
+            row = conn.execute("SELECT enqueued_at FROM readings WHERE id=?", (first,)).fetchone()
             assert row is not None
             heads.append((src, meta_id, float(row[0])))
         return heads
 
-    async def _new_batch(
+    def _new_batch(
         self,
-        db: aiosqlite.Connection,
+        conn: sqlite3.Connection,
         meta_id: int,
         max_readings: int,
         max_bytes: int,
     ) -> Any:
         """Bind the oldest unbatched readings of one metadata to a new item, for good."""
-        async with db.execute(
+        rows = conn.execute(
             "SELECT r.id, r.size, r.enqueued_at FROM readings r JOIN meta m ON m.id=r.meta_id"
             " WHERE r.meta_id=? AND r.id > m.batched_upto ORDER BY r.id LIMIT ?",
             (meta_id, max_readings),
-        ) as cur:
-            rows = list(await cur.fetchall())
+        ).fetchall()
         n = batch_take([r[1] for r in rows], max_readings, max_bytes)
         rows = rows[:n]
         size = sum(r[1] for r in rows)
         uid = uuid.uuid4().hex
-        cur2 = await db.execute(
+        batch_id = conn.execute(
             "INSERT INTO items(uid, kind, meta_id, stored, lo, hi, count, bytes, enqueued_at,"
             " source) VALUES (?,?,?,0,?,?,?,?,?,(SELECT source FROM meta WHERE id=?))",
             (uid, KIND_TABULAR, meta_id, rows[0][0], rows[-1][0], n, size, rows[0][2], meta_id),
-        )
-        batch_id = cur2.lastrowid
-        await db.execute("UPDATE meta SET batched_upto=? WHERE id=?", (rows[-1][0], meta_id))
-        async with db.execute(
+        ).lastrowid
+        conn.execute("UPDATE meta SET batched_upto=? WHERE id=?", (rows[-1][0], meta_id))
+        return conn.execute(
             f"SELECT {_ITEM_COLS} FROM items i JOIN meta m ON m.id=i.meta_id WHERE i.id=?",
             (batch_id,),
-        ) as cur:
-            return await cur.fetchone()
+        ).fetchone()
 
     async def expire(
         self, db: aiosqlite.Connection, now: float, max_age: Mapping[str, float], limit: int
@@ -476,34 +480,42 @@ class Queue:
         return int(cur.rowcount)
 
     async def readings_of(self, item: Item) -> list[bytes]:
-        async with self._db.execute(
-            "SELECT r.data FROM items i JOIN readings r ON r.meta_id=i.meta_id"
-            " AND r.id BETWEEN i.lo AND i.hi WHERE i.id=? ORDER BY r.id",
-            (item.id,),
-        ) as cur:
-            return [bytes(r[0]) for r in await cur.fetchall()]
+        def read(conn: sqlite3.Connection) -> list[bytes]:
+            rows = conn.execute(
+                "SELECT r.data FROM items i JOIN readings r ON r.meta_id=i.meta_id"
+                " AND r.id BETWEEN i.lo AND i.hi WHERE i.id=? ORDER BY r.id",
+                (item.id,),
+            ).fetchall()
+            return [bytes(r[0]) for r in rows]
+
+        return await on_thread(self._db, read)
 
     # -- outcomes -----------------------------------------------------------------------
 
-    async def ack(self, db: aiosqlite.Connection, item: Item) -> bool:
+    def ack(self, conn: sqlite3.Connection, item: Item) -> bool:
         """Delete an acknowledged item and its readings; False if it was gone already
-        (a late duplicate ack: nothing to book twice)."""
+        (a late duplicate ack: nothing to book twice). On the SQLite thread."""
         if item.kind == KIND_TABULAR:
-            await db.execute(
+            conn.execute(
                 "DELETE FROM readings WHERE id IN (SELECT r.id FROM items i JOIN readings r"
                 " ON r.meta_id=i.meta_id AND r.id BETWEEN i.lo AND i.hi WHERE i.id=?)",
                 (item.id,),
             )
-        cur = await db.execute("DELETE FROM items WHERE id=?", (item.id,))
-        if cur.rowcount == 0:
+        if conn.execute("DELETE FROM items WHERE id=?", (item.id,)).rowcount == 0:
             return False
-        await db.execute("DELETE FROM dead_letters WHERE item_id=?", (item.id,))
-        await bump(db, uploaded_items=1, uploaded_readings=item.count, uploaded_bytes=item.bytes)
+        conn.execute("DELETE FROM dead_letters WHERE item_id=?", (item.id,))
+        bump_on(conn, uploaded_items=1, uploaded_readings=item.count, uploaded_bytes=item.bytes)
         return True
 
     async def refs_to(self, db: aiosqlite.Connection, path: str) -> int:
         """How many items still read from `path`."""
         return await scalar(db, "SELECT count(*) FROM items WHERE path=?", (db_path(path),))
+
+    def refs_to_on(self, conn: sqlite3.Connection, path: str) -> int:
+        """`refs_to` on the SQLite thread."""
+        return int(
+            conn.execute("SELECT count(*) FROM items WHERE path=?", (db_path(path),)).fetchone()[0]
+        )
 
     async def retry_later(
         self, db: aiosqlite.Connection, item: Item, at: float, error: str
@@ -579,18 +591,20 @@ class Queue:
     async def make_all_due(self, db: aiosqlite.Connection) -> None:
         await db.execute("UPDATE items SET next_attempt_at=0 WHERE next_attempt_at > 0")
 
-    async def next_due_in(self, now: float, held: Collection[str] = ()) -> float | None:
-        """Seconds until the earliest item of a source not `held` is due."""
-        if await self.unbatched_heads(self._db, held):
+    def next_due_in(
+        self, conn: sqlite3.Connection, now: float, held: Collection[str] = ()
+    ) -> float | None:
+        """Seconds until the earliest item of a source not `held` is due. On the SQLite
+        thread."""
+        if self._unbatched_heads(conn, held):
             return 0.0
         marks = ",".join("?" * len(held))
-        async with self._db.execute(
+        row = conn.execute(
             "SELECT min(next_attempt_at) FROM items i WHERE (lease_until IS NULL OR"
             " lease_until < ?) AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.item_id=i.id)"
             f" AND coalesce(source, '') NOT IN ({marks})",
             (now, *held),
-        ) as cur:
-            row = await cur.fetchone()
+        ).fetchone()
         if row is None or row[0] is None:
             return None
         return max(0.0, float(row[0]) - now)

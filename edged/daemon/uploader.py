@@ -326,8 +326,8 @@ class Uploader:
         if item is None:
             await self._idle(floored=floor is not None)
             return
-        # More may be waiting: let the next idle worker look (it leases nothing otherwise).
-        self.outbox.work_available.set()
+        if item.more_due:  # let the next idle worker look (it would lease nothing otherwise)
+            self.outbox.work_available.set()
         below = item.priority < max(priorities.values(), default=0)
         self.inflight += 1
         self.inflight_below_top += below
@@ -342,10 +342,10 @@ class Uploader:
     async def _idle(self, floored: bool = False) -> None:
         """Wait for work. One idle worker at a time waits on `work_available`, the others
         queue for that turn: an enqueue wakes one worker, which wakes the next only when
-        it found something (`_one`), instead of every worker leasing and all but one
-        finding nothing. The poll stays as a fallback for items coming due. A worker kept
-        for the top priority (`floored`) does not count lower items as due: it waits
-        for an enqueue or for a lower call to end."""
+        its lease saw more due (`Item.more_due`), instead of every worker leasing and
+        all but one finding nothing. The poll stays as a fallback for items coming due.
+        A worker kept for the top priority (`floored`) does not count lower items as
+        due: it waits for an enqueue or for a lower call to end."""
         if self._until_empty and self.inflight == 0 and await self.outbox.next_due_in() is None:
             self.stop()
             return
