@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from edged.ingest.filters import BINARIES, READINGS, Cursor, Where, page_clause
+from edged.ingest.values import BYTES_ONLY, as_stored
 
 _CHUNK = 500  # ids per IN (...) list, far below SQLite's variable limit
 
@@ -151,16 +152,30 @@ def page_readings(
         sql += f" AND {extra}"
     sql += f" ORDER BY {order_by} LIMIT ?"
     rows = conn.execute(sql, (*where.params, *extra_params, limit)).fetchall()
-    return [ReadingRow(*r) for r in rows]
+    return [_reading_row(r) for r in rows]
+
+
+def _reading_row(r: Sequence[Any]) -> ReadingRow:
+    stored: tuple[Any, ...] = as_stored(r[-2], r[-1])  # kept as Struct bytes: its JSON form
+    return ReadingRow(*r[:-2], *stored)
 
 
 def count_readings(conn: Conn, where: Where) -> tuple[int, int]:
-    """(matching readings, their data size in bytes as stored JSON)."""
+    """(matching readings, their data size in bytes as stored JSON). A row kept as Struct
+    bytes (values.BYTES_ONLY) counts its JSON's length, as when the JSON was stored."""
     row = conn.execute(
         f"SELECT count(*), coalesce(sum(length(data)), 0) FROM readings WHERE {where.sql}",
         where.params,
     ).fetchone()
-    return int(row[0]), int(row[1])
+    size = int(row[1])
+    bytes_only = conn.execute(
+        f"SELECT data_exact FROM readings WHERE ({where.sql}) AND data = ?"
+        " AND data_exact IS NOT NULL",
+        (*where.params, BYTES_ONLY),
+    )
+    for (exact,) in bytes_only:
+        size += len(as_stored(BYTES_ONLY, exact)[0]) - len(BYTES_ONLY)
+    return int(row[0]), size
 
 
 def page_binaries(

@@ -1,7 +1,8 @@
 """What `edged ingest` keeps: an index (SQLite or PostgreSQL) plus a blob store (blobs.py).
 
-Tabular readings are rows (one per reading, data as strict JSON so SQL can reach into
-it; NaN keeps the exact Struct beside it, see values.py);
+Tabular readings are rows (one per reading; SQLite keeps the Struct's bytes, which SQL
+reads as strict JSON through values.DATA_SQL, PostgreSQL strict JSON with the exact
+Struct beside it for NaN; see values.py);
 binary readings and files are blobs made durable in the blob store (a directory or a
 bucket) and only then indexed, so an acknowledged upload survives a power cut and a
 crash leaves at worst an orphan the blob store's sweep removes, never an index row
@@ -43,7 +44,7 @@ from edged.ingest import catalog, retention
 from edged.ingest.blobs import BlobStore, BlobWriter, LocalBlobStore
 from edged.ingest.catalog import Conn
 from edged.ingest.retention import Expired
-from edged.ingest.values import decode_python, encode_struct
+from edged.ingest.values import BYTES_ONLY, decode_python, stored_json
 
 # Bounding-box ids are chosen by the uploader (annotations) or by us (AddBoundingBox) and
 # are unique per binary, never across binaries: one organisation's id cannot collide with
@@ -219,8 +220,10 @@ RAW_ANY_KEY = "@edged_bytes"  # a stored method parameter kept as bytes (see any
 
 
 # PRAGMA user_version of an index whose bbox ids are per binary and whose dataset
-# memberships never cross organisations (0: an index from before both rules).
-SCHEMA_VERSION = 1
+# memberships never cross organisations (0: an index from before both rules); 2: new
+# readings may hold their Struct bytes alone (values.BYTES_ONLY), which an edged before
+# it would misread in SQL. Older rows stay as they are: readers take both forms.
+SCHEMA_VERSION = 2
 
 
 def migrate(db: sqlite3.Connection) -> None:
@@ -232,11 +235,13 @@ def migrate(db: sqlite3.Connection) -> None:
             db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
             if column == "time_captured_ns":
                 db.execute(f"UPDATE {table} SET time_captured_ns = {CAPTURED}")
-    if db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+    found = db.execute("PRAGMA user_version").fetchone()[0]
+    if found < SCHEMA_VERSION:
         db.execute("BEGIN IMMEDIATE")
         try:
-            _rekey_bboxes(db)
-            _drop_cross_org_members(db)
+            if found < 1:
+                _rekey_bboxes(db)
+                _drop_cross_org_members(db)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             db.execute("COMMIT")
         except BaseException:
@@ -430,6 +435,17 @@ READING_COLUMNS = (
     " method_parameters, tags, dataset_ids, time_requested_ns, time_received_ns, data,"
     " data_exact, received_at_ns, time_captured_ns"
 )
+_DATA_AT = 12  # `data` in READING_COLUMNS; `data_exact` follows
+
+
+def json_rows(rows: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """Rows of `READING_COLUMNS` with each reading's JSON written out, for an index that
+    queries `data` as JSON itself (PostgreSQL's jsonb)."""
+    at = _DATA_AT
+    return [
+        (*row[:at], *stored_json(row[at + 1]), *row[at + 2 :]) if row[at] == BYTES_ONLY else row
+        for row in rows
+    ]
 
 
 class Index(Protocol):
@@ -453,7 +469,9 @@ class Index(Protocol):
         ...
 
     def insert_readings(self, conn: Conn, rows: Sequence[tuple[Any, ...]]) -> None:
-        """Insert rows of `READING_COLUMNS` inside `write`'s transaction."""
+        """Insert rows of `READING_COLUMNS` inside `write`'s transaction. Each reading
+        comes as its Struct bytes (`data` = values.BYTES_ONLY, `data_exact`): SQLite
+        keeps them so, PostgreSQL writes the JSON out (`json_rows`)."""
         ...
 
     async def expire_readings(self, cutoff_ns: int) -> Expired:
@@ -748,15 +766,17 @@ class IngestStore:
             json.dumps(list(meta.dataset_ids)),
         )
         rows = []
-        for r in readings:
-            requested = ts_ns(r.metadata, "time_requested")
-            received = ts_ns(r.metadata, "time_received")
+        for r in readings:  # per reading: no JSON here, the Struct's bytes (values.py)
+            md = r.metadata
+            requested = ts_ns(md, "time_requested")
+            received = ts_ns(md, "time_received")
             rows.append(
                 (
                     *common,
                     requested,
                     received,
-                    *encode_struct(r.struct),
+                    BYTES_ONLY,
+                    r.struct.SerializeToString(),
                     now,
                     _captured(requested, received, now),
                 )
