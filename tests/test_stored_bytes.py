@@ -8,6 +8,7 @@ and every read path must give the same answer, byte for byte.
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from edged.ingest.catalog import Conn
 from edged.ingest.filters import reading_where
 from edged.ingest.mql import run_mql
 from edged.ingest.sql import run_sql
-from edged.ingest.storage import IngestStore
+from edged.ingest.storage import READING_COLUMNS, IngestStore
 from edged.ingest.values import BYTES_ONLY, stored_json, to_bson
 
 ORG = "org-bytes"
@@ -109,3 +110,25 @@ def test_the_sql_function_never_fails_a_query() -> None:
     s = Struct()
     s.update({"a": 1.0})
     assert _sql_data(BYTES_ONLY, s.SerializeToString()) == '{"a": 1.0}'
+
+
+async def test_rows_insert_in_order_whatever_they_share(tmp_path: Path) -> None:
+    """SQLite inserts one upload's readings in multi-row chunks (shared columns bound
+    once); rows of several uploads go one by one. Either way: every row, in order."""
+    store = await IngestStore.open(tmp_path / "ingest", synchronous="OFF")
+
+    def row(upload: str, i: int) -> tuple[Any, ...]:
+        common = (upload, ORG, "", "p", "t", "c", "m", "{}", "[]", "[]")
+        return (*common, i, None if i % 3 else i, BYTES_ONLY, bytes([i % 256]), 7, i)
+
+    one_upload = [row("u1", i) for i in range(1000)]  # 512 + 256 + ... + 8
+    mixed = [row("u2" if i % 2 else "u3", i) for i in range(5)]
+    try:
+        for rows in (one_upload, mixed, one_upload[:1]):
+            await store.write(functools.partial(store.index.insert_readings, rows=rows))
+        got = await store.read(
+            lambda c: c.execute(f"SELECT {READING_COLUMNS} FROM readings ORDER BY id").fetchall()
+        )
+    finally:
+        await store.close()
+    assert got == [*one_upload, *mixed, *one_upload[:1]]
