@@ -289,6 +289,18 @@ class UploadIds:
 
 
 @dataclass(frozen=True)
+class TabularWrite:
+    """A tabular upload ready to store: called inside a write transaction, it answers
+    `ids` when it stored the rows, the first upload's ids when the item id repeats."""
+
+    ids: UploadIds
+    store: Callable[[Conn], UploadIds]
+
+    def __call__(self, conn: Conn) -> UploadIds:
+        return self.store(conn)
+
+
+@dataclass(frozen=True)
 class StoredReading:
     part_id: str
     component_type: str
@@ -802,7 +814,7 @@ class IngestStore:
         readings: Sequence[pb.SensorData],
         *,
         location_id: str = "",
-    ) -> Callable[[Conn], UploadIds]:
+    ) -> TabularWrite:
         """The rows of one tabular upload, built now (and their partitions made ready),
         and the function that stores them inside a write transaction (`write`, or a group
         commit of several uploads)."""
@@ -846,7 +858,7 @@ class IngestStore:
             return ids
 
         await self.index.prepare_readings([r[-1] for r in rows])
-        return store
+        return TabularWrite(ids, store)
 
     async def store_blob(
         self,
