@@ -307,6 +307,10 @@ def _list_text(buf: bytes, pos: int, end: int, nan: list[bool]) -> str:
 
 def decode_python(text: str, exact: bytes | None) -> dict[str, Any]:
     """The stored reading as plain Python, NaN restored where `data` says null."""
+    if exact is not None and text == BYTES_ONLY:
+        value = _bytes_python(exact)
+        if value is not None:
+            return value
     text, exact = as_stored(text, exact)
     if exact is not None:
         return python_struct(Struct.FromString(exact))
@@ -316,12 +320,93 @@ def decode_python(text: str, exact: bytes | None) -> dict[str, Any]:
 
 def decode_struct(text: str, exact: bytes | None) -> Struct:
     """The stored reading as the Struct that was uploaded."""
-    text, exact = as_stored(text, exact)
-    if exact is not None:
-        return Struct.FromString(exact)
+    value = _bytes_python(exact) if exact is not None and text == BYTES_ONLY else None
+    if value is None:
+        text, exact = as_stored(text, exact)
+        if exact is not None:
+            return Struct.FromString(exact)
+        value = decode_python(text, None)
     out = Struct()
-    out.update(decode_python(text, None))
+    out.update(value)
     return out
+
+
+def _bytes_python(exact: bytes) -> dict[str, Any] | None:
+    """What decoding `struct_json(exact)`'s text gives, read from the bytes directly (no
+    JSON in between); None where that text is not the answer (a NaN, an unusual shape)."""
+    nan = [False]
+    try:
+        value = _struct_py(exact, 0, len(exact), nan)
+    except (_Unusual, IndexError, UnicodeDecodeError):
+        return None
+    return None if nan[0] else value
+
+
+def _struct_py(buf: bytes, pos: int, end: int, nan: list[bool]) -> dict[str, Any]:
+    """`_struct_text`, yielding the values instead of their JSON (same checks)."""
+    out: dict[str, Any] = {}
+    while pos < end:
+        n, kl = buf[pos + 1], buf[pos + 3]
+        if buf[pos] != 0x0A or n >= 0x80 or kl >= 0x80 or buf[pos + 2] != 0x0A:
+            stop, key, vstart = _entry(buf, pos, end)
+        else:
+            stop = pos + 2 + n
+            kstop = pos + 4 + kl
+            key = buf[pos + 4 : kstop]
+            if buf[kstop] != 0x12 or kstop + 2 + buf[kstop + 1] != stop or stop > end:
+                stop, key, vstart = _entry(buf, pos, end)
+            else:
+                vstart = kstop + 2
+        name = key.decode()
+        if name in out:
+            raise _Unusual
+        if buf[vstart] == 0x11 and vstart + 9 == stop:
+            x = _DOUBLE(buf, vstart + 1)[0]
+            if math.isnan(x):
+                nan[0] = True
+            out[name] = x
+        else:
+            out[name] = _value_py(buf, vstart, stop, nan)
+        pos = stop
+    return out
+
+
+def _value_py(buf: bytes, pos: int, end: int, nan: list[bool]) -> Any:
+    if pos >= end:
+        raise _Unusual
+    tag = buf[pos]
+    if tag == 0x11:
+        if pos + 9 != end:
+            raise _Unusual
+        x = _DOUBLE(buf, pos + 1)[0]
+        if math.isnan(x):
+            nan[0] = True
+        return x
+    if tag == 0x1A:
+        start, stop = _length(buf, pos + 1, end)
+        if stop != end:
+            raise _Unusual
+        return buf[start:stop].decode()
+    if tag in (0x20, 0x08):
+        value, stop = _varint(buf, pos + 1)
+        if stop != end:
+            raise _Unusual
+        return None if tag == 0x08 else bool(value)
+    if tag in (0x2A, 0x32):
+        start, stop = _length(buf, pos + 1, end)
+        if stop != end:
+            raise _Unusual
+        if tag == 0x2A:
+            return _struct_py(buf, start, stop, nan)
+        items = []
+        while start < stop:
+            if buf[start] != 0x0A:
+                raise _Unusual
+            vstart, vstop = _length(buf, start + 1, stop)
+            items.append(_value_py(buf, vstart, vstop, nan))
+            start = vstop
+        return items
+    raise _Unusual
 
 
 def _nul_free(value: Any) -> Any:
