@@ -157,8 +157,7 @@ class DataSyncService(data_sync_grpc.DataSyncServiceBase):
             with _dataset_errors("metadata"):
                 ids = await self._group.run(write)
             if ids == write.ids:
-                nbytes = sum(r.ByteSize() for r in req.sensor_contents)
-                stored(KIND_TABULAR, len(req.sensor_contents), nbytes)
+                stored(KIND_TABULAR, len(req.sensor_contents), write.nbytes)
         else:
             known = await self._store.find_upload(org, item_id)
             ids = known or await self._capture_binary(stream, org, item_id, req)

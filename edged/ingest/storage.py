@@ -291,10 +291,12 @@ class UploadIds:
 @dataclass(frozen=True)
 class TabularWrite:
     """A tabular upload ready to store: called inside a write transaction, it answers
-    `ids` when it stored the rows, the first upload's ids when the item id repeats."""
+    `ids` when it stored the rows, the first upload's ids when the item id repeats.
+    `nbytes`: the readings' encoded size (the stored-bytes metric)."""
 
     ids: UploadIds
     store: Callable[[Conn], UploadIds]
+    nbytes: int = 0
 
     def __call__(self, conn: Conn) -> UploadIds:
         return self.store(conn)
@@ -833,10 +835,12 @@ class IngestStore:
             json.dumps(list(meta.dataset_ids)),
         )
         rows = []
+        nbytes = 0
         for r in readings:  # per reading: no JSON here, the Struct's bytes (values.py)
             md = r.metadata
             requested = ts_ns(md, "time_requested")
             received = ts_ns(md, "time_received")
+            nbytes += r.ByteSize()  # in this loop, not one more over the readings
             rows.append(
                 (
                     *common,
@@ -858,7 +862,7 @@ class IngestStore:
             return ids
 
         await self.index.prepare_readings([r[-1] for r in rows])
-        return TabularWrite(ids, store)
+        return TabularWrite(ids, store, nbytes)
 
     async def store_blob(
         self,
