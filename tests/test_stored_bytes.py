@@ -121,7 +121,7 @@ async def test_rows_insert_in_order_whatever_they_share(tmp_path: Path) -> None:
         common = (upload, ORG, "", "p", "t", "c", "m", "{}", "[]", "[]")
         return (*common, i, None if i % 3 else i, BYTES_ONLY, bytes([i % 256]), 7, i)
 
-    one_upload = [row("u1", i) for i in range(1000)]  # 512 + 256 + ... + 8
+    one_upload = [row("u1", i) for i in range(1999)]  # 1000 + 500 + 200 + ... + 2 + 2
     mixed = [row("u2" if i % 2 else "u3", i) for i in range(5)]
     try:
         for rows in (one_upload, mixed, one_upload[:1]):

@@ -506,16 +506,15 @@ _OWN_AT = tuple(_COLUMN_NAMES.index(c) for c in _OWN)
 _SHARED_AT = tuple(i for i in range(len(_COLUMN_NAMES)) if i not in _OWN_AT)
 _shared = operator.itemgetter(*_SHARED_AT)
 _own = operator.itemgetter(*_OWN_AT)
-_MOST_ROWS = 512
+# Rows per INSERT: few sizes, so each statement is compiled once and then found in the
+# connection's statement cache (compiling a 1000-row INSERT costs ten times running it).
+# Round sizes, because batches are: the daemon and the SDK send 1000 readings a call.
+_CHUNKS = (1000, 500, 200, 100, 50, 20, 10, 5, 2, 1)
 
 
-def _most_rows(variable_limit: int) -> int:
-    """The largest power-of-two chunk (at most _MOST_ROWS) whose INSERT stays within
-    SQLite's bound-variable limit."""
-    n = _MOST_ROWS
-    while n > 1 and len(_SHARED_AT) + n * len(_OWN_AT) > variable_limit:
-        n //= 2
-    return n
+def _chunk_sizes(variable_limit: int) -> tuple[int, ...]:
+    """The `_CHUNKS` whose INSERT stays within SQLite's bound-variable limit."""
+    return tuple(n for n in _CHUNKS if len(_SHARED_AT) + n * len(_OWN_AT) <= variable_limit)
 
 
 @functools.cache
@@ -606,13 +605,13 @@ class SqliteIndex:
 
     def insert_readings(self, conn: Conn, rows: Sequence[tuple[Any, ...]]) -> None:
         """Multi-row INSERTs binding the upload's columns once (`_insert_sql`): half the
-        CPU of one statement run per row, which bound all 16 values each time. Chunks are
-        powers of two, so few statement texts exist and each is compiled once (cached)."""
+        CPU of one statement run per row, which bound all 16 values each time. Chunk
+        sizes come from `_CHUNKS`: a 1000-reading call is one statement."""
         assert isinstance(conn, sqlite3.Connection)
-        most = _most_rows(conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))
+        sizes = _chunk_sizes(conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))
         i = 0
         while i < len(rows):
-            n = min(most, 1 << ((len(rows) - i).bit_length() - 1))
+            n = next(size for size in sizes if size <= len(rows) - i)
             chunk = rows[i : i + n]
             i += n
             shared = _shared(chunk[0])
