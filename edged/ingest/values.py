@@ -200,18 +200,7 @@ def _struct_text(buf: bytes, pos: int, end: int, nan: list[bool]) -> str:
     parts = []
     keys = set()
     while pos < end:
-        # entry: 0x0A len, key: 0x0A len key, value: 0x12 len Value
-        n, kl = buf[pos + 1], buf[pos + 3]
-        if buf[pos] != 0x0A or n >= 0x80 or kl >= 0x80 or buf[pos + 2] != 0x0A:
-            stop, key, vstart = _entry(buf, pos, end)  # a long entry (or not an entry)
-        else:  # the usual short entry, read inline
-            stop = pos + 2 + n
-            kstop = pos + 4 + kl
-            key = buf[pos + 4 : kstop]
-            if buf[kstop] != 0x12 or kstop + 2 + buf[kstop + 1] != stop or stop > end:
-                stop, key, vstart = _entry(buf, pos, end)
-            else:
-                vstart = kstop + 2
+        stop, key, vstart = _next_entry(buf, pos, end)
         if key in keys:
             raise _Unusual  # a repeated key: the last one wins, and keeps the first place
         keys.add(key)
@@ -238,6 +227,19 @@ def _key_text(key: bytes) -> str:
             _KEY_TEXT.clear()  # a caller sending ever new keys only loses the cache
         _KEY_TEXT[key] = text
     return text
+
+
+def _next_entry(buf: bytes, pos: int, end: int) -> tuple[int, bytes, int]:
+    """(end, key, Value start) of the map entry at pos: the usual short entry (entry: 0x0A
+    len, key: 0x0A len key, value: 0x12 len Value, one-byte lengths) read inline."""
+    n, kl = buf[pos + 1], buf[pos + 3]
+    if buf[pos] != 0x0A or n >= 0x80 or kl >= 0x80 or buf[pos + 2] != 0x0A:
+        return _entry(buf, pos, end)  # a long entry (or not an entry)
+    stop = pos + 2 + n
+    kstop = pos + 4 + kl
+    if buf[kstop] != 0x12 or kstop + 2 + buf[kstop + 1] != stop or stop > end:
+        return _entry(buf, pos, end)
+    return stop, buf[pos + 4 : kstop], kstop + 2
 
 
 def _entry(buf: bytes, pos: int, end: int) -> tuple[int, bytes, int]:
@@ -346,17 +348,7 @@ def _struct_py(buf: bytes, pos: int, end: int, nan: list[bool]) -> dict[str, Any
     """`_struct_text`, yielding the values instead of their JSON (same checks)."""
     out: dict[str, Any] = {}
     while pos < end:
-        n, kl = buf[pos + 1], buf[pos + 3]
-        if buf[pos] != 0x0A or n >= 0x80 or kl >= 0x80 or buf[pos + 2] != 0x0A:
-            stop, key, vstart = _entry(buf, pos, end)
-        else:
-            stop = pos + 2 + n
-            kstop = pos + 4 + kl
-            key = buf[pos + 4 : kstop]
-            if buf[kstop] != 0x12 or kstop + 2 + buf[kstop + 1] != stop or stop > end:
-                stop, key, vstart = _entry(buf, pos, end)
-            else:
-                vstart = kstop + 2
+        stop, key, vstart = _next_entry(buf, pos, end)
         name = key.decode()
         if name in out:
             raise _Unusual
