@@ -8,8 +8,10 @@ and every read path must give the same answer, byte for byte.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from edged.ingest.catalog import Conn
 from edged.ingest.filters import reading_where
 from edged.ingest.mql import run_mql
 from edged.ingest.sql import run_sql
-from edged.ingest.storage import READING_COLUMNS, IngestStore
+from edged.ingest.storage import INDEX_FILE, READING_COLUMNS, IngestStore
 from edged.ingest.values import BYTES_ONLY, stored_json, to_bson
 
 ORG = "org-bytes"
@@ -132,3 +134,26 @@ async def test_rows_insert_in_order_whatever_they_share(tmp_path: Path) -> None:
     finally:
         await store.close()
     assert got == [*one_upload, *mixed, *one_upload[:1]]
+
+
+async def test_a_schema_1_index_migrates_to_2_and_its_json_rows_answer_the_same(
+    tmp_path: Path,
+) -> None:
+    """An index an edged before Struct-bytes rows wrote (JSON rows, user_version 1)."""
+    root = tmp_path / "ingest"
+    store = await IngestStore.open(root, synchronous="OFF")
+    try:
+        meta = pb.UploadMetadata(part_id="p", component_name="c", type=pb.DATA_TYPE_TABULAR_SENSOR)
+        await store.store_tabular(ORG, None, meta, _readings())
+        await store.write(_rewrite_as_json)
+        before = await _answers(store)
+    finally:
+        await store.close()
+    with contextlib.closing(sqlite3.connect(root / INDEX_FILE)) as db:
+        db.execute("PRAGMA user_version = 1")
+    store = await IngestStore.open(root, synchronous="OFF")
+    try:
+        assert await store.read(lambda c: c.execute("PRAGMA user_version").fetchone()[0]) == 2
+        assert await _answers(store) == before
+    finally:
+        await store.close()
