@@ -35,6 +35,7 @@ import psutil
 
 from bench import common
 from edged.capture import CaptureWriter
+from edged.ingest.values import DATA_SQL, register_sql_functions
 from tests.support.credentials import KeyFile
 from tests.support.ingest_db import ingest_count
 from tests.support.processes import peak_rss_bytes, stop_process
@@ -116,9 +117,11 @@ def fixed_load(
             wall, cpu = meter.stop()
             rss_edged, rss_ingest = peak_rss_bytes(proc.pid), peak_rss_bytes(ing.pid)
     db = sqlite3.connect(f"file:{tmp / 'ingest' / 'ingest.sqlite3'}?mode=ro", uri=True)
+    register_sql_functions(db)  # DATA_SQL: rows may hold the Struct's bytes alone
     received = dict(
         db.execute(
-            "SELECT CAST(json_extract(data, '$.seq') AS INTEGER), received_at_ns FROM readings"
+            f"SELECT CAST(json_extract({DATA_SQL}, '$.seq') AS INTEGER), received_at_ns"
+            " FROM readings"
         ).fetchall()
     )
     db.close()

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from edged.client import UploadClient
+from edged.ingest.storage import SCHEMA_VERSION
 from tests.support.big_files import write_big_file
 from tests.support.credentials import Certs, KeyFile, make_key_file
 from tests.support.processes import edged_cmd, ingest_process, peak_rss_bytes
@@ -42,13 +43,13 @@ def test_migrate_creates_and_checks_the_sqlite_schema(tmp_path: Path) -> None:
     data = tmp_path / "d"
     pending = _run("ingest", "migrate", "--data", str(data), "--check")
     assert pending.returncode == 1
-    assert f"--data {data}: schema 0 -> 1 pending" in pending.stdout
+    assert f"--data {data}: schema 0 -> {SCHEMA_VERSION} pending" in pending.stdout
     assert not data.exists()  # --check changes nothing
     refused = _run("ingest", "--listen", "127.0.0.1:0", "--data", str(data), "--no-migrate")
     assert refused.returncode == 2
     assert f"run `edged ingest migrate --data {data}` first" in refused.stderr
     done = _run("ingest", "migrate", "--data", str(data))
-    assert done.returncode == 0 and "schema 0 -> 1" in done.stdout, done.stderr
+    assert done.returncode == 0 and f"schema 0 -> {SCHEMA_VERSION}" in done.stdout, done.stderr
     assert _run("ingest", "migrate", "--data", str(data), "--check").returncode == 0
 
 
@@ -63,7 +64,7 @@ def test_an_index_newer_than_edged_is_refused_untouched(tmp_path: Path) -> None:
     ):
         res = _run("ingest", *args)
         assert res.returncode == 2
-        assert "is at schema version 99, newer than this edged's 1" in res.stderr
+        assert f"is at schema version 99, newer than this edged's {SCHEMA_VERSION}" in res.stderr
     with contextlib.closing(sqlite3.connect(data / "ingest.sqlite3")) as db:
         assert db.execute("PRAGMA user_version").fetchone() == (99,)
 

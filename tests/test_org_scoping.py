@@ -32,6 +32,7 @@ from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.client import UploadClient, sensor_metadata, upload_metadata
 from edged.errors import UploadError
 from edged.ingest import IngestServer, IngestStore, catalog
+from edged.ingest.storage import SCHEMA_VERSION
 from tests.support.credentials import Certs, KeyFile, make_key_file
 from tests.support.daemon import base_config, daemon, edged_ctl, status, write_config
 from tests.support.processes import ingest_process
@@ -495,7 +496,7 @@ async def test_old_data_dir_is_migrated_keeping_boxes_in_order(tmp_path: Path) -
             assert rows == [
                 boxes,
                 sorted([(ds, mine), ("never-created", theirs)]),
-                1,
+                SCHEMA_VERSION,
             ]
             # The same box id on another binary is now its own box, not a dropped one.
             if len(boxes) == 3:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Protocol, TypeVar
 
 from edged.ingest.filters import BINARIES, READINGS, Cursor, Where, page_clause
+from edged.ingest.values import BYTES_ONLY, as_stored
 
 _CHUNK = 500  # ids per IN (...) list, far below SQLite's variable limit
 
@@ -186,16 +187,31 @@ def _page(
 def page_readings(
     conn: Conn, where: Where, order: int, cursor: Cursor | None, limit: int
 ) -> list[ReadingRow]:
-    return _page(ReadingRow, READINGS, _READING_COLS, conn, where, order, cursor, limit)
+    return _page(_stored_reading, READINGS, _READING_COLS, conn, where, order, cursor, limit)
+
+
+def _stored_reading(*fields: Any) -> ReadingRow:
+    """A ReadingRow; data kept as Struct bytes reads as its JSON form (values.as_stored)."""
+    stored: tuple[Any, ...] = as_stored(fields[-2], fields[-1])
+    return ReadingRow(*fields[:-2], *stored)
 
 
 def count_readings(conn: Conn, where: Where) -> tuple[int, int]:
-    """(matching readings, their data size in bytes as stored JSON)."""
+    """(matching readings, their data size in bytes as stored JSON). A row kept as Struct
+    bytes (values.BYTES_ONLY) counts its JSON's length, as when the JSON was stored."""
     row = conn.execute(
         f"SELECT count(*), coalesce(sum(length(data)), 0) FROM readings WHERE {where.sql}",
         where.params,
     ).fetchone()
-    return int(row[0]), int(row[1])
+    size = int(row[1])
+    bytes_only = conn.execute(
+        f"SELECT data_exact FROM readings WHERE ({where.sql}) AND data = ?"
+        " AND data_exact IS NOT NULL",
+        (*where.params, BYTES_ONLY),
+    )
+    for (exact,) in bytes_only:
+        size += len(as_stored(BYTES_ONLY, exact)[0]) - len(BYTES_ONLY)
+    return int(row[0]), size
 
 
 def page_binaries(

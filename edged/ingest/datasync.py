@@ -148,37 +148,49 @@ class DataSyncService(data_sync_grpc.DataSyncServiceBase):
         assert req is not None
         check_capture_upload(req)
         item_id = _item_id(stream)
-        ids = await self._store.find_upload(org, item_id)
-        if ids is None and req.metadata.type == pb.DATA_TYPE_TABULAR_SENSOR:
-            rows = await self._store.tabular_writer(
+        if req.metadata.type == pb.DATA_TYPE_TABULAR_SENSOR:
+            # No look-up first: the storing transaction finds a repeated item id itself
+            # (and then stores nothing), which saves a read per call.
+            write = await self._store.tabular_writer(
                 org, item_id, req.metadata, req.sensor_contents, location_id=self._location(stream)
             )
             with _dataset_errors("metadata"):
-                ids = await self._group.run(rows)
-            nbytes = sum(r.ByteSize() for r in req.sensor_contents)
-            stored(KIND_TABULAR, len(req.sensor_contents), nbytes)
-        elif ids is None:
-            reading = req.sensor_contents[0]
-            blob = await self._store.new_blob(org)
-            try:
-                await blob.write(reading.binary)
-                with _dataset_errors("metadata"):
-                    ids = await self._store.store_blob(
-                        org,
-                        item_id,
-                        KIND_BINARY,
-                        req.metadata,
-                        reading.metadata,
-                        blob,
-                        mime_type_for(req.metadata, reading.metadata),
-                        location_id=self._location(stream),
-                    )
-                stored(KIND_BINARY, 1, len(reading.binary))
-            finally:
-                await asyncio.shield(blob.discard())
+                ids = await self._group.run(write)
+            if ids == write.ids:
+                stored(KIND_TABULAR, len(req.sensor_contents), write.nbytes)
+        else:
+            known = await self._store.find_upload(org, item_id)
+            ids = known or await self._capture_binary(stream, org, item_id, req)
         await stream.send_message(
             pb.DataCaptureUploadResponse(file_id=ids.file_id, binary_data_id=ids.binary_data_id)
         )
+
+    async def _capture_binary(
+        self,
+        stream: Stream[Any, Any],
+        org: str,
+        item_id: str | None,
+        req: pb.DataCaptureUploadRequest,
+    ) -> UploadIds:
+        reading = req.sensor_contents[0]
+        blob = await self._store.new_blob(org)
+        try:
+            await blob.write(reading.binary)
+            with _dataset_errors("metadata"):
+                ids = await self._store.store_blob(
+                    org,
+                    item_id,
+                    KIND_BINARY,
+                    req.metadata,
+                    reading.metadata,
+                    blob,
+                    mime_type_for(req.metadata, reading.metadata),
+                    location_id=self._location(stream),
+                )
+            stored(KIND_BINARY, 1, len(reading.binary))
+            return ids
+        finally:
+            await asyncio.shield(blob.discard())
 
     async def StreamingDataCaptureUpload(
         self,

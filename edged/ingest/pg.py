@@ -43,6 +43,7 @@ from edged.ingest.storage import (
     READING_COLUMNS,
     READINGS_COLUMNS_DDL,
     UPLOADS_COLUMNS_DDL,
+    json_rows,
     schema_problem,
 )
 
@@ -457,7 +458,7 @@ class PgIndex:
         """COPY: one round trip for the batch, however many readings it holds."""
         assert isinstance(conn, PgConn)
         with conn.raw.cursor().copy(f"COPY readings ({READING_COLUMNS}) FROM STDIN") as copy:
-            for row in rows:
+            for row in json_rows(rows):
                 copy.write_row(row)
 
     async def drop_readings_before(self, cutoff_ns: int) -> list[str]:

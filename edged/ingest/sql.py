@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from edged.ingest.limits import LimitExceeded, QueryControl, QueryLimits
+from edged.ingest.values import DATA_SQL, register_sql_functions
 
 _DEFAULTS = QueryLimits()
 DEFAULT_TIMEOUT_S = _DEFAULTS.timeout_s
@@ -56,7 +57,7 @@ VIEW_COLUMNS: tuple[tuple[str, str], ...] = (
     ("time_requested", _iso_sql("time_requested_ns")),
     ("time_received", _iso_sql("time_received_ns")),
     ("tags", "tags"),
-    ("data", "data"),
+    ("data", DATA_SQL),  # JSON text, also of rows stored as Struct bytes (values.py)
 )
 
 _ALLOWED_FIRST_WORDS = frozenset({"SELECT", "WITH", "VALUES"})
@@ -320,6 +321,7 @@ def open_readonly(db_path: Path, max_value_bytes: int = MAX_VALUE_BYTES) -> sqli
         raise FileNotFoundError(db_path)
     uri = f"{db_path.resolve().as_uri()}?mode=ro"
     conn = sqlite3.connect(uri, uri=True, isolation_level=None)
+    register_sql_functions(conn)
     conn.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)
     conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, max_value_bytes)
     conn.setlimit(sqlite3.SQLITE_LIMIT_SQL_LENGTH, MAX_QUERY_BYTES + 4096)

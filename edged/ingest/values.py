@@ -1,8 +1,9 @@
 """A tabular reading's Struct in the stored form, and back: one place for the conversion.
 
 Promised: every Struct the protocol allows stores without error and comes back exactly
-(same keys, kinds and doubles bit for bit, -0.0 included), and the `data` column is
-strict JSON, so SQLite's json functions read every row.
+(same keys, kinds and doubles bit for bit, -0.0 included), and a row's `data` as SQL sees
+it (DATA_SQL; on SQLite new rows hold only the Struct bytes, see BYTES_ONLY) is strict
+JSON, so SQLite's json functions read every row.
 
 - numbers are doubles and are written as Python's shortest round-trip form (`5.0`,
   `1e+300`, `-0.0`), as `json_format` wrote them before;
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sqlite3
 import struct as _struct
 from collections.abc import Mapping
 from json.encoder import encode_basestring_ascii as _json_str
@@ -71,17 +73,69 @@ def _strict_token(match: re.Match[str]) -> str:
 
 
 def encode_struct(struct: Struct) -> tuple[str, bytes | None]:
-    """(`data` JSON text, `data_exact` bytes or None): the stored form of one reading.
+    """(`data` JSON text, `data_exact` bytes or None): the JSON form of one reading."""
+    return stored_json(struct.SerializeToString())
 
-    Read straight from the Struct's wire bytes (`struct_json`), which gives the same
-    text as the general path below, several times faster; a shape the fast reader
-    does not take (an unset Value, a repeated key, ...) goes the general way."""
-    exact = struct.SerializeToString()
+
+def stored_json(exact: bytes) -> tuple[str, bytes | None]:
+    """(`data` JSON text, `data_exact` bytes or None) of a reading's Struct bytes.
+
+    Read straight from the wire bytes (`struct_json`), which gives the same text as the
+    general path below, several times faster; a shape the fast reader does not take (an
+    unset Value, a repeated key, ...) goes the general way."""
     try:
         text, nan = struct_json(exact)
     except _Unusual:
-        return _encode_struct_general(struct)
+        return _encode_struct_general(Struct.FromString(exact))
     return text, exact if nan else None
+
+
+# -- rows stored as Struct bytes alone -----------------------------------------------------
+# `edged ingest` on SQLite stores a reading as its Struct bytes (`data_exact`) with `data`
+# = BYTES_ONLY: writing JSON cost most of the ingest's CPU. Readers turn such a row back
+# into the (JSON, NaN bytes) pair the JSON writer would have stored (`as_stored`, the
+# same function of the same bytes), so every answer is what it was. An older row (JSON,
+# data_exact only for NaN) never has `data` = '{}' with bytes beside it: a NaN row has a
+# key. The MQL pushdown reads `data` raw: '{}' with data_exact set is one of the rows it
+# passes to Python anyway (mql._JSON_OPAQUE).
+
+BYTES_ONLY = "{}"
+
+# The `data` JSON text of a row, in SQL (SQLite, with `register_sql_functions`).
+DATA_SQL = (
+    f"CASE WHEN data = '{BYTES_ONLY}' AND data_exact IS NOT NULL"
+    " THEN edged_data(data, data_exact) ELSE data END"
+)
+
+_LAST: list[tuple[bytes, tuple[str, bytes | None]]] = [(b"", ("{}", None))]
+"""The last row `as_stored` converted: a SQL query reading `data` twice in a row
+(two json_extract calls) converts once. Replaced whole, so threads see one pair."""
+
+
+def as_stored(data: str, exact: bytes | None) -> tuple[str, bytes | None]:
+    """(`data`, `data_exact`) of a row as the JSON writer stores them: JSON text, and the
+    Struct bytes only where a NaN reads as null."""
+    if exact is None or data != BYTES_ONLY:
+        return data, exact
+    last = _LAST[0]
+    if last[0] == exact:
+        return last[1]
+    form = stored_json(exact)
+    _LAST[0] = (exact, form)
+    return form
+
+
+def _sql_data(data: Any, exact: Any) -> str | None:
+    """`edged_data(data, data_exact)`: total, so a hand-written call cannot fail a query."""
+    try:
+        return as_stored(data, exact)[0]
+    except Exception:  # bytes that are not a Struct, a value of another type
+        return None
+
+
+def register_sql_functions(conn: sqlite3.Connection) -> None:
+    """What DATA_SQL calls, on a connection that reads `data` in SQL."""
+    conn.create_function("edged_data", 2, _sql_data, deterministic=True)
 
 
 def _encode_struct_general(struct: Struct) -> tuple[str, bytes | None]:
@@ -146,18 +200,7 @@ def _struct_text(buf: bytes, pos: int, end: int, nan: list[bool]) -> str:
     parts = []
     keys = set()
     while pos < end:
-        # entry: 0x0A len, key: 0x0A len key, value: 0x12 len Value
-        n, kl = buf[pos + 1], buf[pos + 3]
-        if buf[pos] != 0x0A or n >= 0x80 or kl >= 0x80 or buf[pos + 2] != 0x0A:
-            stop, key, vstart = _entry(buf, pos, end)  # a long entry (or not an entry)
-        else:  # the usual short entry, read inline
-            stop = pos + 2 + n
-            kstop = pos + 4 + kl
-            key = buf[pos + 4 : kstop]
-            if buf[kstop] != 0x12 or kstop + 2 + buf[kstop + 1] != stop or stop > end:
-                stop, key, vstart = _entry(buf, pos, end)
-            else:
-                vstart = kstop + 2
+        stop, key, vstart = _next_entry(buf, pos, end)
         if key in keys:
             raise _Unusual  # a repeated key: the last one wins, and keeps the first place
         keys.add(key)
@@ -184,6 +227,19 @@ def _key_text(key: bytes) -> str:
             _KEY_TEXT.clear()  # a caller sending ever new keys only loses the cache
         _KEY_TEXT[key] = text
     return text
+
+
+def _next_entry(buf: bytes, pos: int, end: int) -> tuple[int, bytes, int]:
+    """(end, key, Value start) of the map entry at pos: the usual short entry (entry: 0x0A
+    len, key: 0x0A len key, value: 0x12 len Value, one-byte lengths) read inline."""
+    n, kl = buf[pos + 1], buf[pos + 3]
+    if buf[pos] != 0x0A or n >= 0x80 or kl >= 0x80 or buf[pos + 2] != 0x0A:
+        return _entry(buf, pos, end)  # a long entry (or not an entry)
+    stop = pos + 2 + n
+    kstop = pos + 4 + kl
+    if buf[kstop] != 0x12 or kstop + 2 + buf[kstop + 1] != stop or stop > end:
+        return _entry(buf, pos, end)
+    return stop, buf[pos + 4 : kstop], kstop + 2
 
 
 def _entry(buf: bytes, pos: int, end: int) -> tuple[int, bytes, int]:
@@ -253,6 +309,11 @@ def _list_text(buf: bytes, pos: int, end: int, nan: list[bool]) -> str:
 
 def decode_python(text: str, exact: bytes | None) -> dict[str, Any]:
     """The stored reading as plain Python, NaN restored where `data` says null."""
+    if exact is not None and text == BYTES_ONLY:
+        value = _bytes_python(exact)
+        if value is not None:
+            return value
+    text, exact = as_stored(text, exact)
     if exact is not None:
         return python_struct(Struct.FromString(exact))
     value = _DECODER.decode(text)
@@ -261,11 +322,83 @@ def decode_python(text: str, exact: bytes | None) -> dict[str, Any]:
 
 def decode_struct(text: str, exact: bytes | None) -> Struct:
     """The stored reading as the Struct that was uploaded."""
-    if exact is not None:
-        return Struct.FromString(exact)
+    value = _bytes_python(exact) if exact is not None and text == BYTES_ONLY else None
+    if value is None:
+        text, exact = as_stored(text, exact)
+        if exact is not None:
+            return Struct.FromString(exact)
+        value = decode_python(text, None)
     out = Struct()
-    out.update(decode_python(text, None))
+    out.update(value)
     return out
+
+
+def _bytes_python(exact: bytes) -> dict[str, Any] | None:
+    """What decoding `struct_json(exact)`'s text gives, read from the bytes directly (no
+    JSON in between); None where that text is not the answer (a NaN, an unusual shape)."""
+    nan = [False]
+    try:
+        value = _struct_py(exact, 0, len(exact), nan)
+    except (_Unusual, IndexError, UnicodeDecodeError):
+        return None
+    return None if nan[0] else value
+
+
+def _struct_py(buf: bytes, pos: int, end: int, nan: list[bool]) -> dict[str, Any]:
+    """`_struct_text`, yielding the values instead of their JSON (same checks)."""
+    out: dict[str, Any] = {}
+    while pos < end:
+        stop, key, vstart = _next_entry(buf, pos, end)
+        name = key.decode()
+        if name in out:
+            raise _Unusual
+        if buf[vstart] == 0x11 and vstart + 9 == stop:
+            x = _DOUBLE(buf, vstart + 1)[0]
+            if math.isnan(x):
+                nan[0] = True
+            out[name] = x
+        else:
+            out[name] = _value_py(buf, vstart, stop, nan)
+        pos = stop
+    return out
+
+
+def _value_py(buf: bytes, pos: int, end: int, nan: list[bool]) -> Any:
+    if pos >= end:
+        raise _Unusual
+    tag = buf[pos]
+    if tag == 0x11:
+        if pos + 9 != end:
+            raise _Unusual
+        x = _DOUBLE(buf, pos + 1)[0]
+        if math.isnan(x):
+            nan[0] = True
+        return x
+    if tag == 0x1A:
+        start, stop = _length(buf, pos + 1, end)
+        if stop != end:
+            raise _Unusual
+        return buf[start:stop].decode()
+    if tag in (0x20, 0x08):
+        value, stop = _varint(buf, pos + 1)
+        if stop != end:
+            raise _Unusual
+        return None if tag == 0x08 else bool(value)
+    if tag in (0x2A, 0x32):
+        start, stop = _length(buf, pos + 1, end)
+        if stop != end:
+            raise _Unusual
+        if tag == 0x2A:
+            return _struct_py(buf, start, stop, nan)
+        items = []
+        while start < stop:
+            if buf[start] != 0x0A:
+                raise _Unusual
+            vstart, vstop = _length(buf, start + 1, stop)
+            items.append(_value_py(buf, vstart, vstop, nan))
+            start = vstop
+        return items
+    raise _Unusual
 
 
 def _nul_free(value: Any) -> Any:

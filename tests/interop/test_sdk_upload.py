@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from edged.ingest.values import decode_python
 from tests.interop import sdk_upload as sdk
 from tests.support.credentials import Certs, KeyFile, make_key_file
 from tests.support.interop import (
@@ -127,7 +128,7 @@ def test_stock_sdk_uploads_all_five_kinds(
         assert json.loads(row["method_parameters"]) == {}
         assert row["time_requested_ns"] == ns(requested)
         assert row["time_received_ns"] == ns(received)
-        assert json.loads(row["data"]) == sent
+        assert decode_python(row["data"], row["data_exact"]) == sent  # kept as Struct bytes
     assert (
         readings[0]["time_requested_ns"] == 1_714_979_289_123_456_000
     )  # 2024-05-06T07:08:09.123456Z

@@ -6,7 +6,6 @@ Quick profile in `make test`; `make torture` runs the full one (EDGED_TORTURE=1)
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -19,6 +18,7 @@ import psutil
 from tests.reliability.common import cycles, finish_writer, record, start_writer, stop_writer
 from tests.support.credentials import KeyFile
 from tests.support.daemon import base_config, daemon, write_config
+from tests.support.ingest_db import stored_seqs
 from tests.support.processes import ingest_process
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,7 +51,7 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path, key: KeyFile) -
         with daemon(cfg, args=("--until-empty",)) as proc:
             assert proc.wait(180) == 0
     db = sqlite3.connect(f"file:{data / 'ingest.sqlite3'}?mode=ro", uri=True)
-    seqs = [int(json.loads(r[0])["seq"]) for r in db.execute("SELECT data FROM readings")]
+    seqs = stored_seqs(db)
     names = [r[0] for r in db.execute("SELECT file_name FROM binaries")]
     db.close()
     missing = set(range(written)) - set(seqs)

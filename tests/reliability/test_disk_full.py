@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import socket
 import sqlite3
 from pathlib import Path
@@ -12,6 +11,7 @@ from tests.reliability.common import record
 from tests.support.capture_files import write_capture
 from tests.support.credentials import KeyFile
 from tests.support.daemon import cloud_section, daemon, status, write_config
+from tests.support.ingest_db import stored_seqs
 from tests.support.processes import ingest_process
 from tests.support.tmpfs import needs_root, tmpfs
 from tests.support.waiting import wait_for
@@ -74,7 +74,7 @@ status:
                 proc.send_signal(15)
                 assert proc.wait(30) == 0
         db = sqlite3.connect(f"file:{tmp_path / 'ingest' / 'ingest.sqlite3'}?mode=ro", uri=True)
-        seqs = sorted(int(json.loads(r[0])["seq"]) for r in db.execute("SELECT data FROM readings"))
+        seqs = sorted(stored_seqs(db))
         db.close()
     record(
         "disk-full",

@@ -13,7 +13,6 @@ consistent with the backoff schedule, and edged's RSS flat.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import subprocess
 import time
@@ -33,6 +32,7 @@ from tests.reliability.common import (
 )
 from tests.support.credentials import KeyFile
 from tests.support.daemon import base_config, daemon, status, write_config
+from tests.support.ingest_db import stored_seqs
 from tests.support.processes import free_port
 from tests.support.waiting import wait_for
 
@@ -74,7 +74,7 @@ class RssProbe:
 def delivered(data: Path) -> tuple[list[int], list[str]]:
     db = sqlite3.connect(f"file:{data / 'ingest.sqlite3'}?mode=ro", uri=True)
     try:
-        seqs = [int(json.loads(r[0])["seq"]) for r in db.execute("SELECT data FROM readings")]
+        seqs = stored_seqs(db)
         names = [str(r[0]) for r in db.execute("SELECT file_name FROM binaries")]
     finally:
         db.close()

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import sqlite3
 from pathlib import Path
 from typing import Any
+
+from edged.ingest.values import decode_python
 
 
 def _open(data: Path) -> sqlite3.Connection:
@@ -29,7 +30,14 @@ def ingest_count(data: Path, table: str = "readings") -> int:
 def ingest_seqs(data: Path) -> list[int]:
     """The `seq` of every stored reading, sorted (see capture_files.tabular_reading)."""
     with contextlib.closing(_open(data)) as db:
-        return sorted(int(json.loads(r[0])["seq"]) for r in db.execute("SELECT data FROM readings"))
+        return sorted(stored_seqs(db))
+
+
+def stored_seqs(db: sqlite3.Connection) -> list[int]:
+    """The `seq` of every reading in the index open as `db`, in row order (rows hold JSON
+    or, since schema 2, the Struct's bytes: values.decode_python reads both)."""
+    rows = db.execute("SELECT data, data_exact FROM readings ORDER BY rowid")
+    return [int(decode_python(*r)["seq"]) for r in rows]
 
 
 def read_index(data: Path) -> dict[str, list[dict[str, Any]]]:
