@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeAlias, TypeVar
 
 from google.protobuf import json_format
 from google.protobuf.any_pb2 import Any as AnyPb
@@ -286,6 +286,10 @@ KIND_FILE = "file"
 class UploadIds:
     file_id: str
     binary_data_id: str
+
+
+# (org_id, item_id, metadata, readings): what one tabular upload stores.
+TabularUpload: TypeAlias = tuple[str, str | None, pb.UploadMetadata, Sequence[pb.SensorData]]
 
 
 @dataclass(frozen=True)
@@ -794,31 +798,15 @@ class IngestStore:
         ).fetchone()
         return UploadIds(row[0], row[1])
 
-    async def store_tabular(
-        self,
-        org_id: str,
-        item_id: str | None,
-        meta: pb.UploadMetadata,
-        readings: Sequence[pb.SensorData],
-        *,
-        location_id: str = "",
-    ) -> UploadIds:
-        return await self.write(
-            await self.tabular_writer(org_id, item_id, meta, readings, location_id=location_id)
-        )
+    async def store_tabular(self, *upload: *TabularUpload, location_id: str = "") -> UploadIds:
+        """One tabular upload in a transaction of its own (`tabular_writer`, then `write`)."""
+        return await self.write(await self.tabular_writer(*upload, location_id=location_id))
 
-    async def tabular_writer(
-        self,
-        org_id: str,
-        item_id: str | None,
-        meta: pb.UploadMetadata,
-        readings: Sequence[pb.SensorData],
-        *,
-        location_id: str = "",
-    ) -> TabularWrite:
+    async def tabular_writer(self, *upload: *TabularUpload, location_id: str = "") -> TabularWrite:
         """The rows of one tabular upload, built now (and their partitions made ready),
         and the function that stores them inside a write transaction (`write`, or a group
         commit of several uploads)."""
+        org_id, item_id, meta, readings = upload
         ids = UploadIds(file_id=uuid.uuid4().hex, binary_data_id="")
         now = time.time_ns()
         common = (
