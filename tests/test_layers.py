@@ -22,10 +22,12 @@ BASE = {
     "edged._proto",
     "edged.options",
     "edged.protocol",
+    "edged.rows",
 }
 """Foundation every layer may use: the exception hierarchy, fsync, generated protos,
 config keys declared once (`options`: the daemon's file, the SDK's `cloud` section), and
-what edged adds to the wire protocol (`protocol`: client and server both speak it)."""
+what edged adds to the wire protocol (`protocol`: client and server both speak it), and
+the multi-row INSERT both SQLite writers use (`rows`)."""
 
 ALLOWED: dict[str, set[str]] = {
     "base": set(),

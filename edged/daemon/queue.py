@@ -32,6 +32,12 @@ from edged.daemon.policy import batch_take
 from edged.daemon.safefs import Identity
 from edged.daemon.schedule import pick
 from edged.daemon.script import Script, on_thread
+from edged.rows import SharedInsert
+
+# A file's readings share their metadata and enqueue time: bound once per statement.
+_INSERT = SharedInsert(
+    "readings", ("meta_id", "data", "size", "enqueued_at"), shared=("meta_id", "enqueued_at")
+)
 
 KIND_TABULAR = "tabular"
 KIND_BINARY = "binary"
@@ -252,10 +258,7 @@ class Queue:
 
             def insert(conn: sqlite3.Connection) -> None:
                 meta_id = self._meta_id(conn, metadata, source)
-                conn.executemany(
-                    "INSERT INTO readings(meta_id, data, size, enqueued_at) VALUES (?,?,?,?)",
-                    [(meta_id, r, len(r), now) for r in readings],
-                )
+                _INSERT.run(conn, (meta_id, now), [(r, len(r)) for r in readings])
 
             script.call(insert)
         bump_in(script, enqueued_readings=len(readings))

@@ -46,6 +46,7 @@ from edged.ingest.blobs import BlobStore, BlobWriter, LocalBlobStore
 from edged.ingest.catalog import Conn
 from edged.ingest.retention import Expired
 from edged.ingest.values import BYTES_ONLY, decode_python, stored_json
+from edged.rows import SharedInsert
 
 # Bounding-box ids are chosen by the uploader (annotations) or by us (AddBoundingBox) and
 # are unique per binary, never across binaries: one organisation's id cannot collide with
@@ -506,38 +507,11 @@ _COLUMN_NAMES = tuple(c.strip() for c in READING_COLUMNS.split(","))
 # Columns every reading of one upload shares (its metadata, the BYTES_ONLY marker, the
 # arrival time) and the ones each reading has of its own.
 _OWN = ("time_requested_ns", "time_received_ns", "data_exact", "time_captured_ns")
-_OWN_AT = tuple(_COLUMN_NAMES.index(c) for c in _OWN)
-_SHARED_AT = tuple(i for i in range(len(_COLUMN_NAMES)) if i not in _OWN_AT)
+_SHARED_AT = tuple(i for i, c in enumerate(_COLUMN_NAMES) if c not in _OWN)
 _shared = operator.itemgetter(*_SHARED_AT)
-_own = operator.itemgetter(*_OWN_AT)
-# Rows per INSERT: few sizes, so each statement is compiled once and then found in the
-# connection's statement cache (compiling a 1000-row INSERT costs ten times running it).
-# Round sizes, because batches are: the daemon and the SDK send 1000 readings a call.
-_CHUNKS = (1000, 500, 200, 100, 50, 20, 10, 5, 2, 1)
-
-
-def _chunk_sizes(variable_limit: int) -> tuple[int, ...]:
-    """The `_CHUNKS` whose INSERT stays within SQLite's bound-variable limit."""
-    return tuple(n for n in _CHUNKS if len(_SHARED_AT) + n * len(_OWN_AT) <= variable_limit)
-
-
-@functools.cache
-def _insert_sql(rows: int, *, shared: bool = True) -> str:
-    """INSERT of `rows` readings: shared columns bound once as ?1..?k, then each row's own
-    values; `shared=False`: one row, every column its own value."""
-    if not shared:
-        return f"INSERT INTO readings({READING_COLUMNS}) VALUES ({','.join('?' * 16)})"
-    k, own = len(_SHARED_AT), len(_OWN_AT)
-    values = []
-    for r in range(rows):
-        slots = []
-        for col in range(len(_COLUMN_NAMES)):
-            if col in _SHARED_AT:
-                slots.append(f"?{_SHARED_AT.index(col) + 1}")
-            else:
-                slots.append(f"?{k + r * own + _OWN_AT.index(col) + 1}")
-        values.append(f"({','.join(slots)})")
-    return f"INSERT INTO readings({READING_COLUMNS}) VALUES {','.join(values)}"
+_own = operator.itemgetter(*(i for i, c in enumerate(_COLUMN_NAMES) if c in _OWN))
+_INSERT = SharedInsert("readings", _COLUMN_NAMES, tuple(_COLUMN_NAMES[i] for i in _SHARED_AT))
+_INSERT_ONE = f"INSERT INTO readings({READING_COLUMNS}) VALUES ({','.join('?' * 16)})"
 
 
 class SqliteIndex:
@@ -608,24 +582,16 @@ class SqliteIndex:
         return None
 
     def insert_readings(self, conn: Conn, rows: Sequence[tuple[Any, ...]]) -> None:
-        """Multi-row INSERTs binding the upload's columns once (`_insert_sql`): half the
-        CPU of one statement run per row, which bound all 16 values each time. Chunk
-        sizes come from `_CHUNKS`: a 1000-reading call is one statement."""
+        """One upload's readings in multi-row INSERTs binding its columns once
+        (`edged.rows`): half the CPU of a statement per row, which bound all 16 values."""
         assert isinstance(conn, sqlite3.Connection)
-        sizes = _chunk_sizes(conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))
-        i = 0
-        while i < len(rows):
-            n = next(size for size in sizes if size <= len(rows) - i)
-            chunk = rows[i : i + n]
-            i += n
-            shared = _shared(chunk[0])
-            if all(_shared(r) == shared for r in chunk):
-                params = list(shared)
-                for r in chunk:
-                    params.extend(_own(r))
-                conn.execute(_insert_sql(n), params)
-            else:  # not one upload's readings: a statement per row
-                conn.executemany(_insert_sql(1, shared=False), chunk)
+        if not rows:
+            return
+        shared = _shared(rows[0])
+        if all(_shared(r) == shared for r in rows):
+            _INSERT.run(conn, shared, [_own(r) for r in rows])
+        else:  # not one upload's readings: a statement per row
+            conn.executemany(_INSERT_ONE, rows)
 
     async def expire_readings(self, cutoff_ns: int) -> Expired:
         """Per organisation (its time index finds the rows), `retention.BATCH` rows a

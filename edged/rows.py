@@ -1,0 +1,63 @@
+"""Multi-row INSERTs for rows that share some of their values (one upload's readings in
+the ingest server, one file's readings in the outbox).
+
+`executemany` binds and steps each row on its own; here the shared values are bound once
+(?1..?k) and each row adds only its own, in one statement per chunk: about half SQLite's
+CPU per row (docs/performance.md). Chunk sizes are few and round, so each statement text
+is compiled once and then found in the connection's statement cache (compiling a
+1000-row INSERT costs ten times running it); the daemon and the SDK send 1000 readings a
+call, so a call is one statement.
+"""
+
+from __future__ import annotations
+
+import functools
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+CHUNKS = (1000, 500, 200, 100, 50, 20, 10, 5, 2, 1)
+
+
+@dataclass(frozen=True)
+class SharedInsert:
+    """INSERT INTO `table`(`columns`) where the `shared` columns have one value for all
+    rows of a call; the other columns are each row's own, in `columns` order."""
+
+    table: str
+    columns: tuple[str, ...]
+    shared: tuple[str, ...]
+
+    def run(
+        self, conn: sqlite3.Connection, shared: Sequence[Any], own: Sequence[Sequence[Any]]
+    ) -> None:
+        """Insert one row per item of `own` (its own columns' values, in `columns` order);
+        `shared` holds the shared columns' values, in `self.shared` order."""
+        width = len(self.columns) - len(self.shared)
+        limit = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+        sizes = [n for n in CHUNKS if len(self.shared) + n * width <= limit] or [1]
+        i = 0
+        while i < len(own):
+            n = next((size for size in sizes if size <= len(own) - i), 1)
+            params = list(shared)
+            for row in own[i : i + n]:
+                params.extend(row)
+            conn.execute(_sql(self, n), params)
+            i += n
+
+
+@functools.lru_cache(maxsize=64)
+def _sql(insert: SharedInsert, rows: int) -> str:
+    k = len(insert.shared)
+    own = [c for c in insert.columns if c not in insert.shared]
+    values = []
+    for r in range(rows):
+        slots = [
+            f"?{insert.shared.index(c) + 1}"
+            if c in insert.shared
+            else f"?{k + r * len(own) + own.index(c) + 1}"
+            for c in insert.columns
+        ]
+        values.append(f"({','.join(slots)})")
+    return f"INSERT INTO {insert.table}({', '.join(insert.columns)}) VALUES {','.join(values)}"
