@@ -14,8 +14,8 @@ nothing) is started once and both clients upload to it:
 - ingest: edged's `UploadClient.upload_readings` (4 tasks, 1000 readings per call) into
   a durable `edged ingest` (synchronous=FULL); readings/s stored and counted back.
 
-CPU and peak RSS of every child come from wait4() (user+system, ru_maxrss), or from
-psutil for the long-running ingest server.
+CPU of every child comes from wait4() (user+system), its peak RSS from VmHWM sampled
+while it runs; psutil measures the long-running ingest server.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -38,7 +39,7 @@ from edged._proto.app.datasync.v1 import data_sync_pb2 as pb
 from edged.capture import CaptureWriter
 from tests.support.credentials import KeyFile
 from tests.support.ingest_db import ingest_count
-from tests.support.processes import read_line, stop_process
+from tests.support.processes import peak_rss_bytes, read_line, stop_process
 
 NAME = "compare"
 MB = 1_000_000
@@ -60,12 +61,24 @@ def reading(seq: int) -> dict[str, Any]:
 # -- processes -------------------------------------------------------------------------
 
 
+def _peak_rss(pid: int, done: threading.Event, peak: list[int]) -> None:
+    """Sample the child's VmHWM until it exits. (wait4's ru_maxrss would not do: Linux
+    carries the parent's high-water mark over the fork and exec into the child's.)"""
+    while not done.wait(0.02):
+        with contextlib.suppress(OSError, RuntimeError):  # gone, or a zombie
+            peak[0] = max(peak[0], peak_rss_bytes(pid))
+
+
 def run_measured(cmd: Sequence[str], log: Path, timeout_s: float = 900) -> dict[str, Any]:
-    """Run a child to its exit: wall s, CPU s (user+sys) and peak RSS from wait4, stdout."""
+    """Run a child to its exit: wall s, CPU s (user+sys) from wait4, peak RSS (VmHWM
+    sampled while it runs), stdout."""
     with open(log, "ab") as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, cwd=common.REPO, env=_ENV)
         assert proc.stdout is not None
+        done, peak = threading.Event(), [0]
+        sampler = threading.Thread(target=_peak_rss, args=(proc.pid, done, peak), daemon=True)
+        sampler.start()
         deadline = time.monotonic() + timeout_s
         out = b""
         while chunk := proc.stdout.read(65536):
@@ -74,6 +87,8 @@ def run_measured(cmd: Sequence[str], log: Path, timeout_s: float = 900) -> dict[
                 proc.kill()
         _, status, ru = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
+        done.set()
+        sampler.join()
         proc.returncode = os.waitstatus_to_exitcode(status)
         proc.stdout.close()
     if proc.returncode != 0:
@@ -81,7 +96,7 @@ def run_measured(cmd: Sequence[str], log: Path, timeout_s: float = 900) -> dict[
     return {
         "wall_s": wall,
         "cpu_s": ru.ru_utime + ru.ru_stime,
-        "rss_mib": ru.ru_maxrss * 1024 / common.MiB,
+        "rss_mib": peak[0] / common.MiB,
         "stdout": out.decode(),
     }
 
