@@ -2,7 +2,7 @@
 the ingest server, one file's readings in the outbox).
 
 `executemany` binds and steps each row on its own; here the shared values are bound once
-(?1..?k) and each row adds only its own, in one statement per chunk: about half SQLite's
+(:v1..:vk) and each row adds only its own, in one statement per chunk: about half SQLite's
 CPU per row (docs/performance.md). Chunk sizes are few and round, so each statement text
 is compiled once and then found in the connection's statement cache (compiling a
 1000-row INSERT costs ten times running it); the daemon and the SDK send 1000 readings a
@@ -40,11 +40,18 @@ class SharedInsert:
         i = 0
         while i < len(own):
             n = next((size for size in sizes if size <= len(own) - i), 1)
-            params = list(shared)
+            values = list(shared)
             for row in own[i : i + n]:
-                params.extend(row)
-            conn.execute(_sql(self, n), params)
+                values.extend(row)
+            conn.execute(_sql(self, n), dict(zip(_names(len(values)), values, strict=True)))
             i += n
+
+
+@functools.lru_cache(maxsize=16)
+def _names(count: int) -> tuple[str, ...]:
+    """Parameter names v1..vN: named, since Python 3.12 deprecates numbered `?N`
+    placeholders bound from a sequence."""
+    return tuple(f"v{i}" for i in range(1, count + 1))
 
 
 @functools.lru_cache(maxsize=64)
@@ -54,9 +61,9 @@ def _sql(insert: SharedInsert, rows: int) -> str:
     values = []
     for r in range(rows):
         slots = [
-            f"?{insert.shared.index(c) + 1}"
+            f":v{insert.shared.index(c) + 1}"
             if c in insert.shared
-            else f"?{k + r * len(own) + own.index(c) + 1}"
+            else f":v{k + r * len(own) + own.index(c) + 1}"
             for c in insert.columns
         ]
         values.append(f"({','.join(slots)})")
