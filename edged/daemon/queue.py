@@ -34,7 +34,7 @@ from edged.daemon.schedule import pick
 from edged.daemon.script import Script, on_thread
 from edged.rows import SharedInsert
 
-# A file's readings share their metadata and enqueue time: bound once per statement.
+# A file's readings share their metadata and enqueue time: one statement per chunk.
 _INSERT = SharedInsert(
     "readings", ("meta_id", "data", "size", "enqueued_at"), shared=("meta_id", "enqueued_at")
 )
